@@ -1,0 +1,197 @@
+//! WebSocket frames, one `type`-tagged enum per direction.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS};
+
+/// Frames a client sends. Unknown fields (such as `sender` or `role`) are
+/// ignored: the sender of a message is always the connection's role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Message { content: String, client_id: String },
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// A committed message of the session, in seq order.
+    Message(ChatMessage),
+    /// To the sender only: its message with this `client_id` is committed.
+    Ack { client_id: String, seq: i64 },
+    /// The session's mode, on connect and on every change.
+    Mode { chat_mode: ChatMode },
+    /// The last frame from this connection was refused; nothing was stored.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+    },
+}
+
+/// Stable codes of `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not JSON, or a field has the wrong type.
+    InvalidJson,
+    /// The frame has no `type`, or one the server does not know.
+    UnknownType,
+    /// A binary frame; Haven speaks JSON text frames only.
+    UnsupportedFrame,
+    MissingClientId,
+    /// `client_id` is empty or longer than 64 bytes.
+    InvalidClientId,
+    /// `content` is missing, empty or only whitespace.
+    EmptyContent,
+    /// `content` is longer than 4,000 characters.
+    ContentTooLong,
+    /// The message could not be stored right now; re-send it with the same
+    /// `client_id`.
+    Unavailable,
+}
+
+/// A validated message from a client, ready to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub content: String,
+    pub client_id: String,
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub client_id: Option<String>,
+}
+
+impl FrameError {
+    fn new(code: ErrorCode, message: impl Into<String>, client_id: Option<String>) -> Self {
+        Self { code, message: message.into(), client_id }
+    }
+
+    pub fn into_frame(self) -> ServerFrame {
+        ServerFrame::Error { code: self.code, message: self.message, client_id: self.client_id }
+    }
+}
+
+/// Parses and validates one text frame from a client.
+///
+/// Errors carry the frame's `client_id` whenever it has a usable one, so the
+/// client can tell which pending message was refused.
+pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|_| FrameError::new(ErrorCode::InvalidJson, "frame is not valid JSON", None))?;
+    let Some(object) = value.as_object() else {
+        return Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object", None));
+    };
+    let client_id = match object.get("client_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => {
+            return Err(FrameError::new(ErrorCode::InvalidClientId, "client_id must be a string", None));
+        }
+    };
+    let usable_id = client_id.clone().filter(|id| valid_client_id(id));
+    match object.get("type").and_then(Value::as_str) {
+        Some("message") => {}
+        Some(other) => {
+            let message = format!("unknown frame type {:?}", truncate(other, 32));
+            return Err(FrameError::new(ErrorCode::UnknownType, message, usable_id));
+        }
+        None => return Err(FrameError::new(ErrorCode::UnknownType, "frame has no type", usable_id)),
+    }
+    let Some(client_id) = client_id else {
+        return Err(FrameError::new(ErrorCode::MissingClientId, "client_id is required", None));
+    };
+    if !valid_client_id(&client_id) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidClientId,
+            format!("client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes"),
+            None,
+        ));
+    }
+    let content = match object.get("content") {
+        Some(Value::String(content)) => content,
+        None | Some(Value::Null) => {
+            return Err(FrameError::new(ErrorCode::EmptyContent, "content is required", Some(client_id)));
+        }
+        Some(_) => {
+            return Err(FrameError::new(ErrorCode::InvalidJson, "content must be a string", Some(client_id)));
+        }
+    };
+    if content.trim().is_empty() {
+        return Err(FrameError::new(ErrorCode::EmptyContent, "content is empty", Some(client_id)));
+    }
+    if content.chars().count() > MAX_CONTENT_CHARS {
+        return Err(FrameError::new(
+            ErrorCode::ContentTooLong,
+            format!("content is longer than {MAX_CONTENT_CHARS} characters"),
+            Some(client_id),
+        ));
+    }
+    Ok(NewMessage { content: content.clone(), client_id })
+}
+
+fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_client_frame(text).unwrap_err().code
+    }
+
+    #[test]
+    fn accepts_a_message_and_ignores_a_forged_sender() {
+        let parsed =
+            parse_client_frame(r#"{"type":"message","content":"hi","client_id":"a","sender":"therapist"}"#)
+                .unwrap();
+        assert_eq!(parsed, NewMessage { content: "hi".into(), client_id: "a".into() });
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_stable_codes() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"content":"x","client_id":"a"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"shout","client_id":"a"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"message","content":"x"}"#), ErrorCode::MissingClientId);
+        assert_eq!(code(r#"{"type":"message","content":"x","client_id":""}"#), ErrorCode::InvalidClientId);
+        assert_eq!(code(r#"{"type":"message","content":"x","client_id":7}"#), ErrorCode::InvalidClientId);
+        assert_eq!(code(r#"{"type":"message","content":" \n\t","client_id":"a"}"#), ErrorCode::EmptyContent);
+        assert_eq!(code(r#"{"type":"message","client_id":"a"}"#), ErrorCode::EmptyContent);
+        assert_eq!(code(r#"{"type":"message","content":5,"client_id":"a"}"#), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn content_limit_counts_characters_not_bytes() {
+        let at_limit = "é".repeat(MAX_CONTENT_CHARS);
+        let frame = serde_json::json!({"type":"message","content":at_limit,"client_id":"a"}).to_string();
+        assert!(parse_client_frame(&frame).is_ok());
+        let over = "a".repeat(MAX_CONTENT_CHARS + 1);
+        let frame = serde_json::json!({"type":"message","content":over,"client_id":"a"}).to_string();
+        let error = parse_client_frame(&frame).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ContentTooLong);
+        assert_eq!(error.client_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn server_frames_have_the_documented_shape() {
+        let ack = serde_json::to_value(ServerFrame::Ack { client_id: "c".into(), seq: 3 }).unwrap();
+        assert_eq!(ack, serde_json::json!({"type":"ack","client_id":"c","seq":3}));
+        let mode = serde_json::to_value(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }).unwrap();
+        assert_eq!(mode, serde_json::json!({"type":"mode","chat_mode":"THERAPIST_JOINED"}));
+    }
+}

@@ -1,0 +1,131 @@
+//! Haven's wire protocol: the JSON frames exchanged on the chat WebSocket and
+//! the bodies of the HTTP API. Server, tests and future clients share these
+//! types so the contract in `docs/protocol.md` has one definition in code.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub mod api;
+mod frame;
+
+pub use frame::{ClientFrame, ErrorCode, FrameError, NewMessage, ServerFrame, parse_client_frame};
+
+/// Longest message content accepted, in Unicode scalar values (characters).
+pub const MAX_CONTENT_CHARS: usize = 4_000;
+
+/// Longest `client_id` accepted, in bytes. A UUID needs 36.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// The system message appended when a therapist takes over a session.
+pub const JOIN_MESSAGE: &str = "🧑\u{200d}⚕️ Therapist has joined. You can talk directly now.";
+
+/// WebSocket close codes Haven uses.
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down; reconnect later and resume with `since`.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The connection is not allowed: missing or invalid credential, wrong
+    /// session, role mismatch, foreign origin, session claimed by another.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// The server failed; reconnect and resume with `since`.
+    pub const INTERNAL_ERROR: u16 = 1011;
+}
+
+/// Who a connection is. Decided by the credential, never by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Therapist,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Therapist => "therapist",
+        }
+    }
+}
+
+/// Who wrote a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sender {
+    User,
+    Therapist,
+    Ai,
+    System,
+}
+
+impl Sender {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sender::User => "user",
+            Sender::Therapist => "therapist",
+            Sender::Ai => "ai",
+            Sender::System => "system",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "user" => Some(Sender::User),
+            "therapist" => Some(Sender::Therapist),
+            "ai" => Some(Sender::Ai),
+            "system" => Some(Sender::System),
+            _ => None,
+        }
+    }
+}
+
+impl From<Role> for Sender {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::User => Sender::User,
+            Role::Therapist => Sender::Therapist,
+        }
+    }
+}
+
+/// Who may speak in a session: the companion until a therapist joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ChatMode {
+    BotOnly,
+    TherapistJoined,
+}
+
+impl ChatMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatMode::BotOnly => "BOT_ONLY",
+            ChatMode::TherapistJoined => "THERAPIST_JOINED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "BOT_ONLY" => Some(ChatMode::BotOnly),
+            "THERAPIST_JOINED" => Some(ChatMode::TherapistJoined),
+            _ => None,
+        }
+    }
+}
+
+/// A committed message, as sent in `message` frames and the history API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Position in the session: 1, 2, 3, … with no gap.
+    pub seq: i64,
+    pub id: Uuid,
+    pub sender: Sender,
+    pub content: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The sender's idempotency key; absent for `ai` and `system` messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}

@@ -1,0 +1,166 @@
+//! Haven's storage interface.
+//!
+//! Everything the server persists goes through [`Store`]: methods are named
+//! for what the product does (`append_message`, `join_as_therapist`), and each
+//! multi-step write is one transaction, so the invariants Haven promises —
+//! gap-free seqs, `client_id` de-duplication, the atomic takeover — are kept by
+//! the database rather than by the caller. [`SqliteStore`] is the embedded
+//! default; a PostgreSQL implementation plugs in behind the same trait.
+
+use async_trait::async_trait;
+use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Storage failures, as callers need to tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was broken, e.g. an e-mail address already in use.
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    /// The database could not be reached or failed; the operation had no effect.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// The stored data does not make sense (e.g. an unknown enum value).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            other => StoreError::Unavailable(other),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A therapist account (without its password hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Therapist {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// What a new therapist account is made of.
+#[derive(Debug, Clone)]
+pub struct NewTherapist {
+    /// Already normalised (trimmed, lower case).
+    pub email: String,
+    pub name: String,
+    /// An argon2id PHC string.
+    pub password_hash: String,
+}
+
+/// A chat session together with its appointment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatSession {
+    pub id: Uuid,
+    pub appointment_id: Uuid,
+    pub therapist_id: Option<Uuid>,
+    pub status: AppointmentStatus,
+    pub chat_mode: ChatMode,
+    /// The seq of the newest message (0 when there is none).
+    pub last_seq: i64,
+    pub created_at: OffsetDateTime,
+    pub last_message_at: Option<OffsetDateTime>,
+}
+
+/// A message from a connection, after validation.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// `user` or `therapist`: the role of the connection it came from.
+    pub sender: Sender,
+    pub content: String,
+    pub client_id: String,
+}
+
+/// The result of [`Store::append_message`].
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// Committed now. `chat_mode` is the session's mode in the same transaction.
+    Stored { message: ChatMessage, chat_mode: ChatMode },
+    /// This `client_id` was already stored for this sender; nothing was written.
+    Duplicate { seq: i64 },
+}
+
+/// The result of [`Store::join_as_therapist`].
+#[derive(Debug, Clone)]
+pub enum JoinOutcome {
+    /// The session switched to `THERAPIST_JOINED` in this call; `message` is the
+    /// join system message committed in the same transaction.
+    Joined { message: ChatMessage },
+    /// This therapist had already joined; nothing was written.
+    AlreadyJoined,
+    /// Another therapist holds the session; nothing was written.
+    ClaimedByOther,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a therapist account. `Conflict` when the e-mail is taken.
+    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist>;
+    async fn therapists(&self) -> Result<Vec<Therapist>>;
+    async fn count_therapists(&self) -> Result<i64>;
+    /// The account and its password hash, for a login attempt.
+    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>>;
+
+    /// Records a therapist login under the hash of its token.
+    async fn create_auth_session(
+        &self,
+        therapist_id: Uuid,
+        token_hash: &[u8],
+        expires_at: OffsetDateTime,
+    ) -> Result<()>;
+    /// The therapist whose unexpired login has this token hash.
+    async fn therapist_by_token(&self, token_hash: &[u8], now: OffsetDateTime) -> Result<Option<Therapist>>;
+    /// Ends a login. Unknown hashes are not an error.
+    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()>;
+
+    /// "Chat Now": a new open, unassigned `BOT_ONLY` session whose client
+    /// credential has this token hash.
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<ChatSession>;
+    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>>;
+    /// The session a client token is bound to.
+    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>>;
+    /// Open (unassigned) sessions and those assigned to this therapist, oldest first.
+    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>>;
+
+    /// The takeover, in one transaction: claims the session for the therapist
+    /// if it is unassigned, switches it to `THERAPIST_JOINED` and appends
+    /// `join_message` as a `system` message. `NotFound` for no such session.
+    async fn join_as_therapist(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        join_message: &str,
+    ) -> Result<JoinOutcome>;
+
+    /// Appends a message from a connection with the next seq, unless its
+    /// `client_id` was already stored for this sender. `NotFound` for no such
+    /// session.
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended>;
+
+    /// Appends a companion (`ai`) reply only if the session is still
+    /// `BOT_ONLY`, checked in the same transaction as the insert. `None` means
+    /// a therapist joined first and nothing was written.
+    async fn append_companion_reply(&self, session_id: Uuid, content: &str) -> Result<Option<ChatMessage>>;
+
+    /// Up to `limit` messages with `seq > after`, in seq order.
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
+}
+
+/// Now, in UTC, as stored.
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}

@@ -1,0 +1,450 @@
+//! The embedded SQLite store.
+//!
+//! One file in WAL mode with `synchronous = FULL`: a commit has reached the
+//! disk before Haven acknowledges it. Writes go through a pool of exactly one
+//! connection, so they queue in the process instead of spinning on SQLite's
+//! busy handler, and every write transaction starts with `BEGIN IMMEDIATE`
+//! so a read-then-write can never fail to upgrade its lock (another process,
+//! such as `haven therapist add`, may write to the same file). Reads use a
+//! separate pool and see every committed write.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    Appended, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError, Therapist, now,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// Exactly one connection: SQLite has one writer at a time anyway.
+    writer: SqlitePool,
+    /// Read-only connections for everything that does not write.
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url`, e.g.
+    /// `sqlite://haven.db`, and runs pending migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let in_memory = options.get_filename().as_os_str().is_empty()
+            || url.contains(":memory:")
+            || url.contains("mode=memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
+        // An in-memory database exists only inside its one connection.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.read_only(true))
+                .await?
+        };
+        Ok(Self { writer, reader })
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Closes both pools, waiting for in-flight statements.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
+
+#[derive(FromRow)]
+struct TherapistRow {
+    id: Uuid,
+    email: String,
+    name: String,
+    created_at: OffsetDateTime,
+}
+
+impl From<TherapistRow> for Therapist {
+    fn from(row: TherapistRow) -> Self {
+        Therapist { id: row.id, email: row.email, name: row.name, created_at: row.created_at }
+    }
+}
+
+#[derive(FromRow)]
+struct SessionRow {
+    id: Uuid,
+    appointment_id: Uuid,
+    therapist_id: Option<Uuid>,
+    status: String,
+    chat_mode: String,
+    last_seq: i64,
+    created_at: OffsetDateTime,
+    last_message_at: Option<OffsetDateTime>,
+}
+
+impl TryFrom<SessionRow> for ChatSession {
+    type Error = StoreError;
+
+    fn try_from(row: SessionRow) -> Result<Self> {
+        let status = match row.status.as_str() {
+            "open" => AppointmentStatus::Open,
+            "assigned" => AppointmentStatus::Assigned,
+            other => return Err(StoreError::Corrupt(format!("status {other:?}"))),
+        };
+        Ok(ChatSession {
+            id: row.id,
+            appointment_id: row.appointment_id,
+            therapist_id: row.therapist_id,
+            status,
+            chat_mode: parse_mode(&row.chat_mode)?,
+            last_seq: row.last_seq,
+            created_at: row.created_at,
+            last_message_at: row.last_message_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct MessageRow {
+    seq: i64,
+    id: Uuid,
+    sender: String,
+    content: String,
+    created_at: OffsetDateTime,
+    client_id: Option<String>,
+}
+
+impl TryFrom<MessageRow> for ChatMessage {
+    type Error = StoreError;
+
+    fn try_from(row: MessageRow) -> Result<Self> {
+        let sender = Sender::parse(&row.sender).ok_or_else(|| StoreError::Corrupt(format!("sender {:?}", row.sender)))?;
+        Ok(ChatMessage {
+            seq: row.seq,
+            id: row.id,
+            sender,
+            content: row.content,
+            created_at: row.created_at,
+            client_id: row.client_id,
+        })
+    }
+}
+
+fn parse_mode(value: &str) -> Result<ChatMode> {
+    ChatMode::parse(value).ok_or_else(|| StoreError::Corrupt(format!("chat_mode {value:?}")))
+}
+
+const SESSION_COLUMNS: &str =
+    "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at";
+
+/// Inserts a message row; the caller has already advanced `last_seq`.
+async fn insert_message(
+    tx: &mut sqlx::SqliteConnection,
+    session_id: Uuid,
+    seq: i64,
+    sender: Sender,
+    content: &str,
+    client_id: Option<&str>,
+    created_at: OffsetDateTime,
+) -> Result<ChatMessage> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(session_id)
+    .bind(seq)
+    .bind(sender.as_str())
+    .bind(content)
+    .bind(client_id)
+    .bind(created_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(ChatMessage {
+        seq,
+        id,
+        sender,
+        content: content.to_owned(),
+        created_at,
+        client_id: client_id.map(str::to_owned),
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
+        let therapist = Therapist { id: Uuid::now_v7(), email: new.email, name: new.name, created_at: now() };
+        let inserted = sqlx::query(
+            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(therapist.id)
+        .bind(&therapist.email)
+        .bind(&therapist.name)
+        .bind(&new.password_hash)
+        .bind(therapist.created_at)
+        .execute(&self.writer)
+        .await;
+        match inserted {
+            Ok(_) => Ok(therapist),
+            Err(error) if is_unique_violation(&error) => Err(StoreError::Conflict("email already registered")),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn therapists(&self) -> Result<Vec<Therapist>> {
+        let rows: Vec<TherapistRow> =
+            sqlx::query_as("SELECT id, email, name, created_at FROM therapists ORDER BY id")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn count_therapists(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.reader).await?)
+    }
+
+    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            password_hash: String,
+        }
+        let row: Option<Row> =
+            sqlx::query_as("SELECT id, email, name, created_at, password_hash FROM therapists WHERE email = ?")
+                .bind(email)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+    }
+
+    async fn create_auth_session(
+        &self,
+        therapist_id: Uuid,
+        token_hash: &[u8],
+        expires_at: OffsetDateTime,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(therapist_id)
+        .bind(now())
+        .bind(expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn therapist_by_token(&self, token_hash: &[u8], now: OffsetDateTime) -> Result<Option<Therapist>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            expires_at: OffsetDateTime,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT t.id, t.email, t.name, t.created_at, s.expires_at
+             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
+             WHERE s.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.reader)
+        .await?;
+        // Compared here rather than in SQL: the stored text is RFC 3339, whose
+        // variable-length fractions do not sort as text.
+        Ok(row.filter(|row| row.expires_at > now).map(|row| row.therapist.into()))
+    }
+
+    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = ?")
+            .bind(token_hash)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<ChatSession> {
+        let session = ChatSession {
+            id: Uuid::now_v7(),
+            appointment_id: Uuid::now_v7(),
+            therapist_id: None,
+            status: AppointmentStatus::Open,
+            chat_mode: ChatMode::BotOnly,
+            last_seq: 0,
+            created_at: now(),
+            last_message_at: None,
+        };
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
+             VALUES (?, ?, 'open', 'BOT_ONLY', ?, ?)",
+        )
+        .bind(session.id)
+        .bind(session.appointment_id)
+        .bind(session.created_at)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)")
+            .bind(client_token_hash)
+            .bind(session.id)
+            .bind(session.created_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(session)
+    }
+
+    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
+        )))
+        .bind(session_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
+        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions
+             WHERE therapist_id IS NULL OR therapist_id = ? ORDER BY id"
+        )))
+        .bind(therapist_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn join_as_therapist(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        join_message: &str,
+    ) -> Result<JoinOutcome> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<(Option<Uuid>, String)> =
+            sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = ?")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
+        match holder {
+            Some(holder) if holder != therapist_id => return Ok(JoinOutcome::ClaimedByOther),
+            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => return Ok(JoinOutcome::AlreadyJoined),
+            _ => {}
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions
+             SET therapist_id = ?, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
+                 last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+             WHERE id = ? RETURNING last_seq",
+        )
+        .bind(therapist_id)
+        .bind(at)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = insert_message(&mut tx, session_id, seq, Sender::System, join_message, None, at).await?;
+        tx.commit().await?;
+        Ok(JoinOutcome::Joined { message })
+    }
+
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
+        let mut tx = self.begin_write().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?")
+                .bind(session_id)
+                .bind(new.sender.as_str())
+                .bind(&new.client_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(seq) = existing {
+            return Ok(Appended::Duplicate { seq });
+        }
+        let at = now();
+        let (seq, mode): (i64, String) = sqlx::query_as(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+             WHERE id = ? RETURNING last_seq, chat_mode",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        let message =
+            insert_message(&mut tx, session_id, seq, new.sender, &new.content, Some(&new.client_id), at).await?;
+        tx.commit().await?;
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
+    }
+
+    async fn append_companion_reply(&self, session_id: Uuid, content: &str) -> Result<Option<ChatMessage>> {
+        let mut tx = self.begin_write().await?;
+        let at = now();
+        // The mode check and the seq allocation are one statement inside the
+        // same transaction as the insert: a join that commits first makes this
+        // update match no row, and nothing is written.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+             WHERE id = ? AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(seq) = seq else {
+            return Ok(None);
+        };
+        let message = insert_message(&mut tx, session_id, seq, Sender::Ai, content, None, at).await?;
+        tx.commit().await?;
+        Ok(Some(message))
+    }
+
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT seq, id, sender, content, created_at, client_id FROM messages
+             WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+}

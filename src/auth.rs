@@ -1,0 +1,195 @@
+//! Credentials: how a request proves who it is.
+//!
+//! Haven uses opaque random tokens (256 bits) stored only as SHA-256 hashes.
+//! The prefix tells the kind, so a token is looked up in one table only:
+//! `hvc_…` is a client's credential for one chat session, `hvt_…` a
+//! therapist's login. Browsers carry the same tokens in HttpOnly cookies.
+//! A connection's role is the kind of its credential — never a query
+//! parameter or a field of a frame.
+
+use std::sync::OnceLock;
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::{Cookie, SameSite};
+use haven_store::{StoreError, Therapist};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::http::ApiError;
+use crate::startup::AppState;
+
+pub const CLIENT_TOKEN_PREFIX: &str = "hvc_";
+pub const THERAPIST_TOKEN_PREFIX: &str = "hvt_";
+/// Cookie holding a client's credential (set by `POST /api/sessions`).
+pub const CLIENT_COOKIE: &str = "haven_client";
+/// Cookie holding a therapist's login (set by `POST /api/auth/login`).
+pub const THERAPIST_COOKIE: &str = "haven_therapist";
+/// Shortest password accepted for a therapist account.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+/// A fresh random token with the given kind prefix.
+pub fn new_token(prefix: &str) -> String {
+    let bytes: [u8; 32] = rand::random();
+    let mut token = String::with_capacity(prefix.len() + 64);
+    token.push_str(prefix);
+    for byte in bytes {
+        token.push_str(&format!("{byte:02x}"));
+    }
+    token
+}
+
+/// What is stored instead of a token. Tokens carry 256 random bits, so a
+/// fast hash is enough; comparing hashes (in SQL or in memory) leaks nothing
+/// useful about the token through timing.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Who a valid credential belongs to.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A client's credential, bound to one chat session.
+    Client { session_id: Uuid },
+    Therapist(Therapist),
+}
+
+/// Looks a token up by its kind. `None` for unknown, malformed or expired tokens.
+pub async fn resolve(state: &AppState, token: &str) -> Result<Option<Credential>, StoreError> {
+    let hash = token_hash(token);
+    if token.starts_with(CLIENT_TOKEN_PREFIX) {
+        let session = state.store.session_for_client_token(&hash).await?;
+        Ok(session.map(|session_id| Credential::Client { session_id }))
+    } else if token.starts_with(THERAPIST_TOKEN_PREFIX) {
+        let therapist = state.store.therapist_by_token(&hash, haven_store::now()).await?;
+        Ok(therapist.map(Credential::Therapist))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The token of an `Authorization: Bearer` header, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// An auth cookie: HttpOnly, `SameSite=Strict`, for the whole site.
+pub fn auth_cookie(name: &'static str, token: String, secure: bool) -> Cookie<'static> {
+    Cookie::build((name, token)).http_only(true).same_site(SameSite::Strict).path("/").secure(secure).build()
+}
+
+/// The therapist making an API request, by bearer token or login cookie.
+pub struct AuthTherapist {
+    pub therapist: Therapist,
+    /// The token used, so logout can revoke exactly this login.
+    pub token: String,
+}
+
+impl FromRequestParts<AppState> for AuthTherapist {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = match bearer(&parts.headers) {
+            Some(token) => token.to_owned(),
+            None => CookieJar::from_headers(&parts.headers)
+                .get(THERAPIST_COOKIE)
+                .map(|cookie| cookie.value().to_owned())
+                .ok_or(ApiError::Unauthorized)?,
+        };
+        match resolve(state, &token).await? {
+            Some(Credential::Therapist(therapist)) => Ok(AuthTherapist { therapist, token }),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// Hashes a password with argon2id (default parameters, random salt) on the
+/// blocking pool, so hashing never stalls chat traffic on the async workers.
+pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|hash| hash.to_string())
+            .map_err(|error| anyhow::anyhow!("hashing the password failed: {error}"))
+    })
+    .await?
+}
+
+/// Checks a password against a stored hash. With no stored hash (unknown
+/// e-mail) it still does the same work against a dummy hash, so the answer
+/// takes as long either way.
+pub async fn verify_password(password: String, stored: Option<String>) -> bool {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    tokio::task::spawn_blocking(move || {
+        let known = stored.is_some();
+        let hash = stored.unwrap_or_else(|| {
+            DUMMY
+                .get_or_init(|| {
+                    Argon2::default().hash_password(b"no such account").map(|h| h.to_string()).unwrap_or_default()
+                })
+                .clone()
+        });
+        let matches = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
+        known && matches
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Normalises an e-mail address for storage and lookup.
+pub fn normalise_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// Checks a new account's fields; the error text is shown to the person.
+pub fn validate_new_account(email: &str, name: &str, password: &str) -> Result<(), String> {
+    let at = email.find('@');
+    if email.len() > 254 || !at.is_some_and(|at| at > 0 && at < email.len() - 1) {
+        return Err("enter a valid e-mail address".into());
+    }
+    if name.trim().is_empty() || name.chars().count() > 100 {
+        return Err("enter a name of 1 to 100 characters".into());
+    }
+    if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > 1024 {
+        return Err(format!("the password needs at least {MIN_PASSWORD_CHARS} characters"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hash_stably() {
+        let a = new_token(CLIENT_TOKEN_PREFIX);
+        let b = new_token(CLIENT_TOKEN_PREFIX);
+        assert_ne!(a, b);
+        assert!(a.starts_with("hvc_") && a.len() == 4 + 64);
+        assert_eq!(token_hash(&a), token_hash(&a));
+        assert_ne!(token_hash(&a), token_hash(&b));
+    }
+
+    #[test]
+    fn bearer_header_is_parsed_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, "bearer hvt_abc".parse().unwrap());
+        assert_eq!(bearer(&headers), Some("hvt_abc"));
+        headers.insert(AUTHORIZATION, "Basic xyz".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn new_accounts_are_validated() {
+        assert!(validate_new_account("a@b.org", "Ann", "long enough").is_ok());
+        assert!(validate_new_account("nope", "Ann", "long enough").is_err());
+        assert!(validate_new_account("a@b.org", " ", "long enough").is_err());
+        assert!(validate_new_account("a@b.org", "Ann", "short").is_err());
+    }
+}

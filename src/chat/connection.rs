@@ -1,0 +1,267 @@
+//! One admitted socket: the takeover on connect, replay from `since`, then
+//! the live loop that stores client messages and delivers session events in
+//! seq order.
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use haven_protocol::{ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame};
+use haven_store::{Appended, JoinOutcome, NewMessage, StoreError};
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{Instrument, Span, field};
+
+use super::hub::{ConnectionGuard, Event, frame_text};
+use super::{Admitted, companion};
+use crate::startup::AppState;
+
+/// Messages read from the database per query while catching up.
+const CATCH_UP_PAGE: i64 = 500;
+
+/// Runs an admitted connection until either side closes it.
+pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
+    let span = tracing::info_span!(
+        "chat",
+        session_id = %admitted.session_id,
+        role = admitted.role.as_str(),
+        chat_mode = field::Empty,
+    );
+    async move {
+        let room = state.hub.room(admitted.session_id);
+        // Subscribe before reading anything, so no event committed from here
+        // on can fall between the backlog and the live stream.
+        let events = room.subscribe();
+        let (guard, connections) = room.connect();
+        let mut connection =
+            Connection { state, admitted, socket, guard, events, last_seq: 0, mode: ChatMode::BotOnly };
+        let stop = match connection.open(connections).await {
+            Ok(()) => connection.live().await,
+            Err(stop) => stop,
+        };
+        if let Stop::Close(code, reason) = stop {
+            let frame = CloseFrame { code, reason: reason.into() };
+            let _ = connection.socket.send(Message::Close(Some(frame))).await;
+        }
+        tracing::info!("disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Why the connection loop stopped.
+enum Stop {
+    /// The peer closed or is gone; nothing more can be sent.
+    Disconnected,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+impl From<StoreError> for Stop {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(error = %error, "database error on an open connection");
+        Stop::Close(close_code::INTERNAL_ERROR, "service temporarily unavailable, reconnect")
+    }
+}
+
+impl From<axum::Error> for Stop {
+    fn from(_: axum::Error) -> Self {
+        Stop::Disconnected
+    }
+}
+
+struct Connection {
+    state: AppState,
+    admitted: Admitted,
+    socket: WebSocket,
+    /// Keeps this connection counted in its room.
+    guard: ConnectionGuard,
+    events: broadcast::Receiver<Event>,
+    /// The highest seq the client has: sent by this connection, or covered
+    /// by the `since` it connected with.
+    last_seq: i64,
+    /// The mode this connection last told the client.
+    mode: ChatMode,
+}
+
+impl Connection {
+    /// The takeover (for therapists), the `mode` frame and the replay.
+    async fn open(&mut self, connections: usize) -> Result<(), Stop> {
+        let store = self.state.store.clone();
+        let session = store
+            .chat_session(self.admitted.session_id)
+            .await?
+            .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
+        self.mode = session.chat_mode;
+        if let Some(therapist) = &self.admitted.therapist {
+            match store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await? {
+                JoinOutcome::Joined { message } => {
+                    self.mode = ChatMode::TherapistJoined;
+                    Span::current().record("chat_mode", self.mode.as_str());
+                    tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
+                    let room = self.guard.room();
+                    room.takeover.cancel();
+                    room.publish(Event::new(message, Some(ChatMode::TherapistJoined)));
+                    tracing::info!("join message sent");
+                }
+                JoinOutcome::AlreadyJoined => self.mode = ChatMode::TherapistJoined,
+                JoinOutcome::ClaimedByOther => {
+                    let reason = "session is assigned to another therapist";
+                    tracing::warn!(reason, "connection rejected");
+                    return Err(Stop::Close(close_code::POLICY_VIOLATION, reason));
+                }
+            }
+        }
+        Span::current().record("chat_mode", self.mode.as_str());
+        tracing::info!(connections, "connected");
+
+        self.send(ServerFrame::Mode { chat_mode: self.mode }).await?;
+        // Messages up to `session.last_seq` come from the database (when asked
+        // for with `since`); everything after it arrives as live events.
+        match self.admitted.since {
+            Some(since) => {
+                self.last_seq = since.clamp(0, session.last_seq);
+                self.catch_up(session.last_seq).await?;
+            }
+            None => self.last_seq = session.last_seq,
+        }
+        Ok(())
+    }
+
+    async fn live(&mut self) -> Stop {
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            let step = tokio::select! {
+                () = shutdown.cancelled() => {
+                    return Stop::Close(close_code::GOING_AWAY, "server shutting down, reconnect with since");
+                }
+                incoming = self.socket.recv() => match incoming {
+                    Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                    Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames").await,
+                    // Pings are answered by the WebSocket layer itself.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Stop::Disconnected,
+                },
+                event = self.events.recv() => match event {
+                    Ok(event) => self.deliver(event).await,
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "event stream lagged: catching up from the database");
+                        self.resync().await
+                    }
+                    Err(RecvError::Closed) => return Stop::Close(close_code::GOING_AWAY, "session closed"),
+                },
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+        }
+    }
+
+    /// A client frame: validate, store, ack, publish, then let the companion
+    /// answer only if the session is still `BOT_ONLY`.
+    async fn on_text(&mut self, text: &str) -> Result<(), Stop> {
+        let new = match parse_client_frame(text) {
+            Ok(new) => new,
+            Err(error) => {
+                tracing::info!(code = ?error.code, "frame refused");
+                return self.send(error.into_frame()).await;
+            }
+        };
+        let role = self.admitted.role;
+        tracing::info!("message received");
+        let client_id = new.client_id.clone();
+        let stored = self
+            .state
+            .store
+            .append_message(
+                self.admitted.session_id,
+                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id },
+            )
+            .await;
+        match stored {
+            Ok(Appended::Stored { message, chat_mode }) => {
+                let seq = message.seq;
+                self.send(ServerFrame::Ack { client_id, seq }).await?;
+                self.guard.room().publish(Event::new(message, None));
+                tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
+                if chat_mode == ChatMode::TherapistJoined {
+                    tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
+                } else if role == Role::User {
+                    tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
+                    companion::spawn(&self.state, self.guard.room().clone(), seq);
+                }
+                Ok(())
+            }
+            Ok(Appended::Duplicate { seq }) => {
+                tracing::info!(seq, "duplicate client_id: original ack sent again");
+                self.send(ServerFrame::Ack { client_id, seq }).await
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "message not stored");
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::Unavailable,
+                    message: "the message was not stored; send it again with the same client_id".into(),
+                    client_id: Some(client_id),
+                };
+                self.send(frame).await
+            }
+        }
+    }
+
+    async fn refuse(&mut self, code: ErrorCode, message: &str) -> Result<(), Stop> {
+        self.send(ServerFrame::Error { code, message: message.into(), client_id: None }).await
+    }
+
+    /// Sends an event's message in seq order, filling any gap from the
+    /// database first and skipping what the client already has.
+    async fn deliver(&mut self, event: Event) -> Result<(), Stop> {
+        if event.seq > self.last_seq {
+            self.catch_up(event.seq - 1).await?;
+            self.socket.send(Message::Text(event.frame)).await?;
+            self.last_seq = event.seq;
+        }
+        if let Some(mode) = event.mode {
+            self.tell_mode(mode).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every stored message with `last_seq < seq <= up_to`.
+    async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
+        while self.last_seq < up_to {
+            let page = (up_to - self.last_seq).min(CATCH_UP_PAGE);
+            let messages = self.state.store.messages_after(self.admitted.session_id, self.last_seq, page).await?;
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                let seq = message.seq;
+                self.socket.send(Message::Text(frame_text(&ServerFrame::Message(message)))).await?;
+                self.last_seq = seq;
+            }
+        }
+        Ok(())
+    }
+
+    /// After missed events: everything stored since `last_seq`, and the mode.
+    async fn resync(&mut self) -> Result<(), Stop> {
+        let session = self
+            .state
+            .store
+            .chat_session(self.admitted.session_id)
+            .await?
+            .ok_or(Stop::Close(close_code::GOING_AWAY, "session closed"))?;
+        self.catch_up(session.last_seq).await?;
+        self.tell_mode(session.chat_mode).await
+    }
+
+    async fn tell_mode(&mut self, mode: ChatMode) -> Result<(), Stop> {
+        if mode != self.mode {
+            self.mode = mode;
+            Span::current().record("chat_mode", mode.as_str());
+            self.send(ServerFrame::Mode { chat_mode: mode }).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, frame: ServerFrame) -> Result<(), Stop> {
+        Ok(self.socket.send(Message::Text(frame_text(&frame))).await?)
+    }
+}

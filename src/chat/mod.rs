@@ -1,0 +1,208 @@
+//! The chat WebSocket, `GET /api/chat/ws/{session_id}`.
+//!
+//! Admission happens here, before any frame is read: the credential decides
+//! the role (a client token → `user`, a therapist token → `therapist`), a
+//! cookie credential needs a same-site `Origin`, and `?role=` may only
+//! confirm what the credential says. A refused upgrade is completed and then
+//! closed with 1008 and the reason, and nothing is written.
+//! [`connection`] runs an admitted socket; [`companion`] produces replies.
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::{HOST, ORIGIN};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum_extra::extract::CookieJar;
+use haven_protocol::{Role, close_code};
+use haven_store::Therapist;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
+use crate::http::ApiError;
+use crate::startup::AppState;
+
+mod companion;
+mod connection;
+mod hub;
+
+pub use hub::Hub;
+
+/// Largest WebSocket message or frame accepted. A message of 4,000
+/// characters is at most 24 KiB of escaped JSON.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/chat/ws/{session_id}", get(chat_socket))
+}
+
+#[derive(Debug, Deserialize)]
+struct SocketQuery {
+    /// Accepted for compatibility; must match the credential.
+    role: Option<String>,
+    /// Replay every message with a greater seq before live traffic.
+    since: Option<i64>,
+}
+
+/// A connection that passed admission.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub session_id: Uuid,
+    pub role: Role,
+    /// Set for `therapist` connections.
+    pub therapist: Option<Therapist>,
+    pub since: Option<i64>,
+}
+
+/// Why a connection is refused. The reason is sent in the close frame.
+#[derive(Debug)]
+enum Refusal {
+    Policy(&'static str),
+    Unavailable,
+}
+
+impl From<haven_store::StoreError> for Refusal {
+    fn from(error: haven_store::StoreError) -> Self {
+        tracing::error!(error = %error, "database error while admitting a connection");
+        Refusal::Unavailable
+    }
+}
+
+async fn chat_socket(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    query: Result<Query<SocketQuery>, QueryRejection>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
+    let upgrade = upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);
+    match admit(&state, &session_id, &query, &headers).await {
+        Ok(admitted) => upgrade.on_upgrade(move |socket| connection::run(state, admitted, socket)),
+        Err(Refusal::Policy(reason)) => {
+            tracing::warn!(session_id, reason, "connection rejected");
+            upgrade.on_upgrade(move |socket| close(socket, close_code::POLICY_VIOLATION, reason))
+        }
+        Err(Refusal::Unavailable) => upgrade.on_upgrade(move |socket| {
+            close(socket, close_code::INTERNAL_ERROR, "service temporarily unavailable, retry")
+        }),
+    }
+}
+
+/// Decides who the connection is, from its credential alone.
+async fn admit(
+    state: &AppState,
+    session_id: &str,
+    query: &SocketQuery,
+    headers: &HeaderMap,
+) -> Result<Admitted, Refusal> {
+    let session_id = Uuid::parse_str(session_id).map_err(|_| Refusal::Policy("unknown session"))?;
+    let requested = match query.role.as_deref() {
+        None => None,
+        Some("user") => Some(Role::User),
+        Some("therapist") => Some(Role::Therapist),
+        Some(_) => return Err(Refusal::Policy("unknown role")),
+    };
+
+    let (token, by_cookie) = match auth::bearer(headers) {
+        Some(token) => (token.to_owned(), false),
+        None => (cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?, true),
+    };
+    // Another site can make a browser open a socket with its cookies; only
+    // the browser's Origin header tells them apart. Bearer tokens are never
+    // sent automatically, so they need no such check.
+    if by_cookie && !origin_allowed(headers, &state.settings.allowed_origins) {
+        return Err(Refusal::Policy("origin not allowed"));
+    }
+
+    let admitted = |role, therapist| Admitted { session_id, role, therapist, since: query.since };
+    match auth::resolve(state, &token).await? {
+        None => Err(Refusal::Policy("invalid or expired credential")),
+        Some(_) if requested.is_some_and(|role| role != credential_role_of(&token)) => {
+            Err(Refusal::Policy("role does not match credential"))
+        }
+        Some(Credential::Client { session_id: own }) if own != session_id => {
+            Err(Refusal::Policy("credential is for another session"))
+        }
+        Some(Credential::Client { .. }) => Ok(admitted(Role::User, None)),
+        Some(Credential::Therapist(therapist)) => {
+            let session = state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
+            if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
+                return Err(Refusal::Policy("session is assigned to another therapist"));
+            }
+            Ok(admitted(Role::Therapist, Some(therapist)))
+        }
+    }
+}
+
+fn credential_role_of(token: &str) -> Role {
+    if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) { Role::Therapist } else { Role::User }
+}
+
+/// The cookie credential for the requested role. Without `?role=` the client
+/// cookie is used if present, else the therapist cookie.
+fn cookie_token(headers: &HeaderMap, requested: Option<Role>) -> Option<String> {
+    let jar = CookieJar::from_headers(headers);
+    let value = |name| jar.get(name).map(|cookie| cookie.value().to_owned());
+    match requested {
+        Some(Role::User) => value(CLIENT_COOKIE),
+        Some(Role::Therapist) => value(THERAPIST_COOKIE),
+        None => value(CLIENT_COOKIE).or_else(|| value(THERAPIST_COOKIE)),
+    }
+}
+
+/// The request's `Origin` is this server's own (same host and port as the
+/// `Host` header) or on the allow-list.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(ORIGIN).and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+    let host = headers.get(HOST).and_then(|value| value.to_str().ok());
+    matches!((authority, host), (Some(authority), Some(host)) if authority.eq_ignore_ascii_case(host))
+}
+
+/// Completes a refused upgrade with a close frame carrying the reason.
+async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame { code, reason: reason.into() };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, host.parse().unwrap());
+        if let Some(origin) = origin {
+            headers.insert(ORIGIN, origin.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn own_origin_and_allow_list_pass_others_do_not() {
+        let allowed = vec!["https://chat.example.org".to_owned()];
+        assert!(origin_allowed(&headers(Some("http://127.0.0.1:8000"), "127.0.0.1:8000"), &allowed));
+        assert!(origin_allowed(&headers(Some("https://chat.example.org"), "10.0.0.1:8000"), &allowed));
+        assert!(!origin_allowed(&headers(Some("http://127.0.0.1:8001"), "127.0.0.1:8000"), &allowed));
+        assert!(!origin_allowed(&headers(Some("https://evil.example"), "127.0.0.1:8000"), &allowed));
+        assert!(!origin_allowed(&headers(None, "127.0.0.1:8000"), &allowed));
+    }
+}

@@ -1,0 +1,56 @@
+//! Therapist login and logout.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::Cookie;
+use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
+
+use super::{ApiError, Json};
+use crate::auth::{self, AuthTherapist, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
+use crate::startup::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/auth/login", post(login)).route("/api/auth/logout", post(logout))
+}
+
+/// `POST /api/auth/login`: a therapist token in the body and in an HttpOnly
+/// cookie. Unknown e-mail and wrong password get the same answer.
+async fn login(
+    State(state): State<AppState>,
+    jar: CookieJar,
+    Json(request): Json<LoginRequest>,
+) -> Result<(CookieJar, Json<LoginResponse>), ApiError> {
+    let email = auth::normalise_email(&request.email);
+    let account = state.store.therapist_with_password(&email).await?;
+    let (therapist, stored_hash) = match account {
+        Some((therapist, hash)) => (Some(therapist), Some(hash)),
+        None => (None, None),
+    };
+    let verified = auth::verify_password(request.password, stored_hash).await;
+    let Some(therapist) = therapist.filter(|_| verified) else {
+        tracing::warn!("login failed");
+        return Err(ApiError::InvalidCredentials);
+    };
+
+    let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
+    let expires_at = haven_store::now() + state.settings.therapist_session;
+    state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at).await?;
+    tracing::info!(therapist_id = %therapist.id, "therapist logged in");
+    let jar = jar.add(auth::auth_cookie(THERAPIST_COOKIE, token.clone(), state.settings.cookie_secure));
+    let profile = TherapistProfile { id: therapist.id, name: therapist.name, email: therapist.email };
+    Ok((jar, Json(LoginResponse { token, therapist: profile })))
+}
+
+/// `POST /api/auth/logout`: revokes the token used and clears the cookie.
+async fn logout(
+    State(state): State<AppState>,
+    jar: CookieJar,
+    caller: AuthTherapist,
+) -> Result<(StatusCode, CookieJar), ApiError> {
+    state.store.revoke_auth_session(&auth::token_hash(&caller.token)).await?;
+    tracing::info!(therapist_id = %caller.therapist.id, "therapist logged out");
+    Ok((StatusCode::NO_CONTENT, jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"))))
+}

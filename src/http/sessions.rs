@@ -1,0 +1,103 @@
+//! Chat sessions: "Chat Now" and the message history.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use axum_extra::extract::CookieJar;
+use haven_protocol::api::{CreatedSession, MessagePage};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{ApiError, Json};
+use crate::auth::{self, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
+use crate::startup::AppState;
+
+/// Default and largest page of `GET /api/sessions/{id}/messages`.
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 500;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/sessions", post(create_session))
+        .route("/api/sessions/{session_id}/messages", get(list_messages))
+}
+
+/// `POST /api/sessions`: a new `BOT_ONLY` session and its client credential,
+/// returned in the body and set as an HttpOnly cookie for browsers.
+async fn create_session(
+    State(state): State<AppState>,
+    jar: CookieJar,
+) -> Result<(StatusCode, CookieJar, Json<CreatedSession>), ApiError> {
+    let token = auth::new_token(CLIENT_TOKEN_PREFIX);
+    let session = state.store.create_chat_session(&auth::token_hash(&token)).await?;
+    tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
+    let jar = jar.add(auth::auth_cookie(CLIENT_COOKIE, token.clone(), state.settings.cookie_secure));
+    let body = CreatedSession {
+        session_id: session.id,
+        appointment_id: session.appointment_id,
+        client_token: token,
+        chat_mode: session.chat_mode,
+    };
+    Ok((StatusCode::CREATED, jar, Json(body)))
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /api/sessions/{id}/messages?after=SEQ&limit=N`: for the session's
+/// client or its assigned therapist.
+async fn list_messages(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<MessagePage>, ApiError> {
+    let Query(query) = query?;
+    let after = query.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request("invalid_query", "after must be 0 or more"));
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if limit < 1 {
+        return Err(ApiError::bad_request("invalid_query", "limit must be at least 1"));
+    }
+    let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+
+    let mut authenticated = false;
+    for token in request_tokens(&headers) {
+        match auth::resolve(&state, &token).await? {
+            Some(Credential::Client { session_id: own }) if own == session.id => {
+                return page(&state, session.id, after, limit).await;
+            }
+            Some(Credential::Therapist(therapist)) if session.therapist_id == Some(therapist.id) => {
+                return page(&state, session.id, after, limit).await;
+            }
+            Some(_) => authenticated = true,
+            None => {}
+        }
+    }
+    Err(if authenticated { ApiError::Forbidden } else { ApiError::Unauthorized })
+}
+
+async fn page(state: &AppState, session_id: Uuid, after: i64, limit: i64) -> Result<Json<MessagePage>, ApiError> {
+    let messages = state.store.messages_after(session_id, after, limit.min(MAX_PAGE)).await?;
+    Ok(Json(MessagePage { messages }))
+}
+
+/// The tokens a request offers: the bearer token alone if there is one,
+/// otherwise the client cookie and the therapist cookie.
+fn request_tokens(headers: &HeaderMap) -> Vec<String> {
+    if let Some(token) = auth::bearer(headers) {
+        return vec![token.to_owned()];
+    }
+    let jar = CookieJar::from_headers(headers);
+    [CLIENT_COOKIE, THERAPIST_COOKIE]
+        .into_iter()
+        .filter_map(|name| jar.get(name).map(|cookie| cookie.value().to_owned()))
+        .collect()
+}

@@ -1,0 +1,41 @@
+//! Haven: real-time chat for therapy support.
+//!
+//! Read in this order: [`config`] (what can be set), [`startup`] (how the
+//! service is assembled), [`http`] (the JSON API and the setup page),
+//! [`chat`] (the WebSocket: roles, takeover, ordering) and [`auth`] (how a
+//! credential becomes a role).
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+pub mod auth;
+pub mod chat;
+pub mod config;
+pub mod http;
+pub mod startup;
+pub mod telemetry;
+mod therapist_cli;
+
+use config::{Cli, Command, TherapistCommand};
+
+/// Runs one CLI command to completion.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => {
+            telemetry::init(args.log_format);
+            startup::serve(&cli.database, args).await
+        }
+        Command::Therapist { command: TherapistCommand::Add(args) } => {
+            therapist_cli::add(&cli.database, args).await
+        }
+        Command::Therapist { command: TherapistCommand::List } => therapist_cli::list(&cli.database).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Assembles the service: storage, responder, chat hub, routes, and a
+//! graceful shutdown that closes every socket and waits for in-flight work.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use haven_responder::{Companion, Responder};
+use haven_store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::chat::Hub;
+use crate::config::ServeArgs;
+use crate::http::setup::SetupToken;
+
+/// Shared state of every request and connection.
+#[derive(Clone)]
+pub struct AppState {
+    /// Everything persisted.
+    pub store: Arc<dyn Store>,
+    /// The companion that answers while a session is `BOT_ONLY`.
+    pub responder: Arc<dyn Responder>,
+    /// Live connections and events, per chat session.
+    pub hub: Arc<Hub>,
+    /// The one-time first-therapist setup token, while no account exists.
+    pub setup: Arc<SetupToken>,
+    pub settings: Arc<Settings>,
+    /// Background work (companion replies) that shutdown waits for.
+    pub tasks: TaskTracker,
+    /// Cancelled when the server shuts down; sockets close with 1001.
+    pub shutdown: CancellationToken,
+}
+
+/// Settings the handlers need, parsed once at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Origins, besides the server's own, allowed to open cookie sockets.
+    pub allowed_origins: Vec<String>,
+    pub cookie_secure: bool,
+    pub therapist_session: time::Duration,
+}
+
+/// Opens the database named by `url`, creating it and running migrations.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        let store = SqliteStore::connect(url).await.with_context(|| "opening the SQLite database")?;
+        Ok(Arc::new(store))
+    } else {
+        anyhow::bail!("unsupported database URL (expected sqlite://FILE)")
+    }
+}
+
+/// `haven serve`: runs until SIGINT or SIGTERM.
+pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let store = open_store(database).await?;
+    let setup = Arc::new(SetupToken::default());
+    let state = AppState {
+        store: store.clone(),
+        responder: Arc::new(Companion::new(Duration::from_millis(args.companion_delay_ms))),
+        hub: Arc::new(Hub::default()),
+        setup: setup.clone(),
+        settings: Arc::new(Settings {
+            allowed_origins: args.allowed_origins.iter().map(|origin| origin.trim_end_matches('/').to_owned()).collect(),
+            cookie_secure: args.cookie_secure,
+            therapist_session: time::Duration::hours(args.therapist_session_hours.into()),
+        }),
+        tasks: TaskTracker::new(),
+        shutdown: CancellationToken::new(),
+    };
+
+    let listener = TcpListener::bind(args.bind).await.with_context(|| format!("binding {}", args.bind))?;
+    let address = listener.local_addr()?;
+    let base = base_url(address);
+    tracing::info!(address = %address, responder = state.responder.name(), "listening");
+    // Printed on stdout (not logged) so scripts and people can find the port.
+    println!("Haven is listening on {base}");
+    if store.count_therapists().await? == 0 {
+        let token = setup.issue();
+        println!("No therapist account exists yet. Create the first one here (valid until used or restart):");
+        println!("  {base}/setup/{token}");
+    }
+
+    let app = crate::http::router(state.clone());
+    let shutdown = state.shutdown.clone();
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
+    server.await.context("serving")?;
+
+    // Sockets have been told to close; let companion replies in flight finish.
+    state.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks still running at shutdown");
+    }
+    Ok(())
+}
+
+/// The URL people should open: an unspecified bind address becomes localhost.
+fn base_url(address: SocketAddr) -> String {
+    if address.ip().is_unspecified() {
+        format!("http://localhost:{}", address.port())
+    } else {
+        format!("http://{address}")
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
