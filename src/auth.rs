@@ -11,9 +11,9 @@ use std::sync::OnceLock;
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use haven_store::{StoreError, Therapist};
@@ -54,7 +54,9 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 #[derive(Debug, Clone)]
 pub enum Credential {
     /// A client's credential, bound to one chat session.
-    Client { session_id: Uuid },
+    Client {
+        session_id: Uuid,
+    },
     Therapist(Therapist),
 }
 
@@ -65,7 +67,10 @@ pub async fn resolve(state: &AppState, token: &str) -> Result<Option<Credential>
         let session = state.store.session_for_client_token(&hash).await?;
         Ok(session.map(|session_id| Credential::Client { session_id }))
     } else if token.starts_with(THERAPIST_TOKEN_PREFIX) {
-        let therapist = state.store.therapist_by_token(&hash, haven_store::now()).await?;
+        let therapist = state
+            .store
+            .therapist_by_token(&hash, haven_store::now())
+            .await?;
         Ok(therapist.map(Credential::Therapist))
     } else {
         Ok(None)
@@ -81,7 +86,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// An auth cookie: HttpOnly, `SameSite=Strict`, for the whole site.
 pub fn auth_cookie(name: &'static str, token: String, secure: bool) -> Cookie<'static> {
-    Cookie::build((name, token)).http_only(true).same_site(SameSite::Strict).path("/").secure(secure).build()
+    Cookie::build((name, token))
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .path("/")
+        .secure(secure)
+        .build()
 }
 
 /// The therapist making an API request, by bearer token or login cookie.
@@ -94,7 +104,10 @@ pub struct AuthTherapist {
 impl FromRequestParts<AppState> for AuthTherapist {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = match bearer(&parts.headers) {
             Some(token) => token.to_owned(),
             None => CookieJar::from_headers(&parts.headers)
@@ -131,11 +144,16 @@ pub async fn verify_password(password: String, stored: Option<String>) -> bool {
         let hash = stored.unwrap_or_else(|| {
             DUMMY
                 .get_or_init(|| {
-                    Argon2::default().hash_password(b"no such account").map(|h| h.to_string()).unwrap_or_default()
+                    Argon2::default()
+                        .hash_password(b"no such account")
+                        .map(|h| h.to_string())
+                        .unwrap_or_default()
                 })
                 .clone()
         });
-        let matches = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
+        let matches = Argon2::default()
+            .verify_password(password.as_bytes(), hash.as_str())
+            .is_ok();
         known && matches
     })
     .await
@@ -157,7 +175,9 @@ pub fn validate_new_account(email: &str, name: &str, password: &str) -> Result<(
         return Err("enter a name of 1 to 100 characters".into());
     }
     if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > 1024 {
-        return Err(format!("the password needs at least {MIN_PASSWORD_CHARS} characters"));
+        return Err(format!(
+            "the password needs at least {MIN_PASSWORD_CHARS} characters"
+        ));
     }
     Ok(())
 }

@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "haven", version, about = "Real-time chat for therapy support")]
 pub struct Cli {
     /// Database URL. `sqlite://FILE` (created if missing).
-    #[arg(long, global = true, env = "HAVEN_DATABASE_URL", default_value = "sqlite://haven.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "HAVEN_DATABASE_URL",
+        default_value = "sqlite://haven.db"
+    )]
     pub database: String,
 
     #[command(subcommand)]
@@ -52,7 +57,11 @@ pub struct ServeArgs {
     /// Extra origins allowed to open cookie-authenticated WebSockets, e.g.
     /// `https://chat.example.org` (repeatable; comma-separated in the env var).
     /// The server's own origin is always allowed.
-    #[arg(long = "allowed-origin", env = "HAVEN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origin",
+        env = "HAVEN_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 
     /// Mark auth cookies `Secure` (set this when Haven is served over HTTPS).

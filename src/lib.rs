@@ -26,10 +26,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             telemetry::init(args.log_format);
             startup::serve(&cli.database, args).await
         }
-        Command::Therapist { command: TherapistCommand::Add(args) } => {
-            therapist_cli::add(&cli.database, args).await
-        }
-        Command::Therapist { command: TherapistCommand::List } => therapist_cli::list(&cli.database).await,
+        Command::Therapist {
+            command: TherapistCommand::Add(args),
+        } => therapist_cli::add(&cli.database, args).await,
+        Command::Therapist {
+            command: TherapistCommand::List,
+        } => therapist_cli::list(&cli.database).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

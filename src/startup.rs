@@ -46,7 +46,9 @@ pub struct Settings {
 /// Opens the database named by `url`, creating it and running migrations.
 pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
-        let store = SqliteStore::connect(url).await.with_context(|| "opening the SQLite database")?;
+        let store = SqliteStore::connect(url)
+            .await
+            .with_context(|| "opening the SQLite database")?;
         Ok(Arc::new(store))
     } else {
         anyhow::bail!("unsupported database URL (expected sqlite://FILE)")
@@ -59,11 +61,17 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     let setup = Arc::new(SetupToken::default());
     let state = AppState {
         store: store.clone(),
-        responder: Arc::new(Companion::new(Duration::from_millis(args.companion_delay_ms))),
+        responder: Arc::new(Companion::new(Duration::from_millis(
+            args.companion_delay_ms,
+        ))),
         hub: Arc::new(Hub::default()),
         setup: setup.clone(),
         settings: Arc::new(Settings {
-            allowed_origins: args.allowed_origins.iter().map(|origin| origin.trim_end_matches('/').to_owned()).collect(),
+            allowed_origins: args
+                .allowed_origins
+                .iter()
+                .map(|origin| origin.trim_end_matches('/').to_owned())
+                .collect(),
             cookie_secure: args.cookie_secure,
             therapist_session: time::Duration::hours(args.therapist_session_hours.into()),
         }),
@@ -71,31 +79,42 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         shutdown: CancellationToken::new(),
     };
 
-    let listener = TcpListener::bind(args.bind).await.with_context(|| format!("binding {}", args.bind))?;
+    let listener = TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("binding {}", args.bind))?;
     let address = listener.local_addr()?;
     let base = base_url(address);
     tracing::info!(address = %address, responder = state.responder.name(), "listening");
-    // Printed on stdout (not logged) so scripts and people can find the port.
-    println!("Haven is listening on {base}");
+    // Printed on stdout, not logged: the setup URL is a secret for the
+    // person at the console, and scripts read the address from the last line.
     if store.count_therapists().await? == 0 {
         let token = setup.issue();
-        println!("No therapist account exists yet. Create the first one here (valid until used or restart):");
+        println!(
+            "No therapist account exists yet. Create the first one here (valid until used or restart):"
+        );
         println!("  {base}/setup/{token}");
     }
+    println!("Haven is listening on {base}");
 
     let app = crate::http::router(state.clone());
     let shutdown = state.shutdown.clone();
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            shutdown.cancel();
-        });
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
     server.await.context("serving")?;
 
     // Sockets have been told to close; let companion replies in flight finish.
     state.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("background tasks still running at shutdown");
     }
     Ok(())

@@ -18,10 +18,17 @@ pub async fn add(database: &str, args: AddTherapistArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
     let password_hash = auth::hash_password(password).await?;
     let therapist = store
-        .create_therapist(NewTherapist { email, name: args.name.trim().to_owned(), password_hash })
+        .create_therapist(NewTherapist {
+            email,
+            name: args.name.trim().to_owned(),
+            password_hash,
+        })
         .await
         .context("creating the account")?;
-    println!("Created therapist {} <{}> ({})", therapist.name, therapist.email, therapist.id);
+    println!(
+        "Created therapist {} <{}> ({})",
+        therapist.name, therapist.email, therapist.id
+    );
     Ok(())
 }
 
@@ -45,7 +52,10 @@ fn read_password() -> anyhow::Result<String> {
         Ok(password)
     } else {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
     }
 }

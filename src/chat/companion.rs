@@ -18,12 +18,18 @@ const HISTORY_TURNS: i64 = 20;
 /// owned by the app's task tracker, so shutdown waits for it.
 pub fn spawn(state: &AppState, room: Arc<Room>, trigger_seq: i64) {
     let state_for_task = state.clone();
-    state.tasks.spawn(reply(state_for_task, room, trigger_seq).in_current_span());
+    state
+        .tasks
+        .spawn(reply(state_for_task, room, trigger_seq).in_current_span());
 }
 
 async fn reply(state: AppState, room: Arc<Room>, trigger_seq: i64) {
     let first = (trigger_seq - HISTORY_TURNS).max(0);
-    let history = match state.store.messages_after(room.session_id, first, trigger_seq - first).await {
+    let history = match state
+        .store
+        .messages_after(room.session_id, first, trigger_seq - first)
+        .await
+    {
         Ok(messages) => messages,
         Err(error) => {
             tracing::error!(error = %error, "companion could not read the history");
@@ -31,7 +37,13 @@ async fn reply(state: AppState, room: Arc<Room>, trigger_seq: i64) {
         }
     };
     let request = ReplyRequest {
-        history: history.into_iter().map(|message| Turn { sender: message.sender, content: message.content }).collect(),
+        history: history
+            .into_iter()
+            .map(|message| Turn {
+                sender: message.sender,
+                content: message.content,
+            })
+            .collect(),
     };
 
     let mut chunks = state.responder.reply(request);
@@ -54,13 +66,20 @@ async fn reply(state: AppState, room: Arc<Room>, trigger_seq: i64) {
         }
     }
     if text.trim().is_empty() {
-        tracing::warn!(responder = state.responder.name(), "companion returned an empty reply");
+        tracing::warn!(
+            responder = state.responder.name(),
+            "companion returned an empty reply"
+        );
         return;
     }
 
     // The check that the session is still BOT_ONLY is part of the insert's
     // transaction: a therapist who joined while we were generating wins.
-    match state.store.append_companion_reply(room.session_id, &text).await {
+    match state
+        .store
+        .append_companion_reply(room.session_id, &text)
+        .await
+    {
         Ok(Some(message)) => {
             tracing::info!(seq = message.seq, "companion reply stored");
             room.publish(Event::new(message, None));

@@ -3,7 +3,9 @@
 //! seq order.
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use haven_protocol::{ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame};
+use haven_protocol::{
+    ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame,
+};
 use haven_store::{Appended, JoinOutcome, NewMessage, StoreError};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
@@ -30,14 +32,24 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         // on can fall between the backlog and the live stream.
         let events = room.subscribe();
         let (guard, connections) = room.connect();
-        let mut connection =
-            Connection { state, admitted, socket, guard, events, last_seq: 0, mode: ChatMode::BotOnly };
+        let mut connection = Connection {
+            state,
+            admitted,
+            socket,
+            guard,
+            events,
+            last_seq: 0,
+            mode: ChatMode::BotOnly,
+        };
         let stop = match connection.open(connections).await {
             Ok(()) => connection.live().await,
             Err(stop) => stop,
         };
         if let Stop::Close(code, reason) = stop {
-            let frame = CloseFrame { code, reason: reason.into() };
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
             let _ = connection.socket.send(Message::Close(Some(frame))).await;
         }
         tracing::info!("disconnected");
@@ -57,7 +69,10 @@ enum Stop {
 impl From<StoreError> for Stop {
     fn from(error: StoreError) -> Self {
         tracing::error!(error = %error, "database error on an open connection");
-        Stop::Close(close_code::INTERNAL_ERROR, "service temporarily unavailable, reconnect")
+        Stop::Close(
+            close_code::INTERNAL_ERROR,
+            "service temporarily unavailable, reconnect",
+        )
     }
 }
 
@@ -91,7 +106,10 @@ impl Connection {
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
         self.mode = session.chat_mode;
         if let Some(therapist) = &self.admitted.therapist {
-            match store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await? {
+            match store
+                .join_as_therapist(session.id, therapist.id, JOIN_MESSAGE)
+                .await?
+            {
                 JoinOutcome::Joined { message } => {
                     self.mode = ChatMode::TherapistJoined;
                     Span::current().record("chat_mode", self.mode.as_str());
@@ -112,7 +130,10 @@ impl Connection {
         Span::current().record("chat_mode", self.mode.as_str());
         tracing::info!(connections, "connected");
 
-        self.send(ServerFrame::Mode { chat_mode: self.mode }).await?;
+        self.send(ServerFrame::Mode {
+            chat_mode: self.mode,
+        })
+        .await?;
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
         match self.admitted.since {
@@ -172,7 +193,11 @@ impl Connection {
             .store
             .append_message(
                 self.admitted.session_id,
-                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id },
+                NewMessage {
+                    sender: role.into(),
+                    content: new.content,
+                    client_id: new.client_id,
+                },
             )
             .await;
         match stored {
@@ -197,7 +222,8 @@ impl Connection {
                 tracing::error!(error = %error, "message not stored");
                 let frame = ServerFrame::Error {
                     code: ErrorCode::Unavailable,
-                    message: "the message was not stored; send it again with the same client_id".into(),
+                    message: "the message was not stored; send it again with the same client_id"
+                        .into(),
                     client_id: Some(client_id),
                 };
                 self.send(frame).await
@@ -206,7 +232,12 @@ impl Connection {
     }
 
     async fn refuse(&mut self, code: ErrorCode, message: &str) -> Result<(), Stop> {
-        self.send(ServerFrame::Error { code, message: message.into(), client_id: None }).await
+        self.send(ServerFrame::Error {
+            code,
+            message: message.into(),
+            client_id: None,
+        })
+        .await
     }
 
     /// Sends an event's message in seq order, filling any gap from the
@@ -227,13 +258,19 @@ impl Connection {
     async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
         while self.last_seq < up_to {
             let page = (up_to - self.last_seq).min(CATCH_UP_PAGE);
-            let messages = self.state.store.messages_after(self.admitted.session_id, self.last_seq, page).await?;
+            let messages = self
+                .state
+                .store
+                .messages_after(self.admitted.session_id, self.last_seq, page)
+                .await?;
             if messages.is_empty() {
                 break;
             }
             for message in messages {
                 let seq = message.seq;
-                self.socket.send(Message::Text(frame_text(&ServerFrame::Message(message)))).await?;
+                self.socket
+                    .send(Message::Text(frame_text(&ServerFrame::Message(message))))
+                    .await?;
                 self.last_seq = seq;
             }
         }

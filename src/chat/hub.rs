@@ -67,7 +67,11 @@ pub struct Event {
 impl Event {
     pub fn new(message: ChatMessage, mode: Option<ChatMode>) -> Self {
         let seq = message.seq;
-        Self { seq, frame: frame_text(&ServerFrame::Message(message)), mode }
+        Self {
+            seq,
+            frame: frame_text(&ServerFrame::Message(message)),
+            mode,
+        }
     }
 }
 
@@ -113,7 +117,10 @@ impl Drop for Room {
         if let Some(rooms) = self.rooms.upgrade() {
             let mut rooms = lock(&rooms);
             // A new room for the same session may already have replaced this one.
-            if rooms.get(&self.session_id).is_some_and(|room| room.strong_count() == 0) {
+            if rooms
+                .get(&self.session_id)
+                .is_some_and(|room| room.strong_count() == 0)
+            {
                 rooms.remove(&self.session_id);
             }
         }
@@ -139,7 +146,9 @@ impl Drop for ConnectionGuard {
 
 fn lock(rooms: &Rooms) -> std::sync::MutexGuard<'_, HashMap<Uuid, Weak<Room>>> {
     // The map stays consistent under every panic point (single insert/remove).
-    rooms.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    rooms
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

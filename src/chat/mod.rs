@@ -95,7 +95,11 @@ async fn chat_socket(
             upgrade.on_upgrade(move |socket| close(socket, close_code::POLICY_VIOLATION, reason))
         }
         Err(Refusal::Unavailable) => upgrade.on_upgrade(move |socket| {
-            close(socket, close_code::INTERNAL_ERROR, "service temporarily unavailable, retry")
+            close(
+                socket,
+                close_code::INTERNAL_ERROR,
+                "service temporarily unavailable, retry",
+            )
         }),
     }
 }
@@ -117,7 +121,10 @@ async fn admit(
 
     let (token, by_cookie) = match auth::bearer(headers) {
         Some(token) => (token.to_owned(), false),
-        None => (cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?, true),
+        None => (
+            cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?,
+            true,
+        ),
     };
     // Another site can make a browser open a socket with its cookies; only
     // the browser's Origin header tells them apart. Bearer tokens are never
@@ -126,7 +133,12 @@ async fn admit(
         return Err(Refusal::Policy("origin not allowed"));
     }
 
-    let admitted = |role, therapist| Admitted { session_id, role, therapist, since: query.since };
+    let admitted = |role, therapist| Admitted {
+        session_id,
+        role,
+        therapist,
+        since: query.since,
+    };
     match auth::resolve(state, &token).await? {
         None => Err(Refusal::Policy("invalid or expired credential")),
         Some(_) if requested.is_some_and(|role| role != credential_role_of(&token)) => {
@@ -137,8 +149,15 @@ async fn admit(
         }
         Some(Credential::Client { .. }) => Ok(admitted(Role::User, None)),
         Some(Credential::Therapist(therapist)) => {
-            let session = state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
-            if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
+            let session = state
+                .store
+                .chat_session(session_id)
+                .await?
+                .ok_or(Refusal::Policy("unknown session"))?;
+            if session
+                .therapist_id
+                .is_some_and(|holder| holder != therapist.id)
+            {
                 return Err(Refusal::Policy("session is assigned to another therapist"));
             }
             Ok(admitted(Role::Therapist, Some(therapist)))
@@ -147,7 +166,11 @@ async fn admit(
 }
 
 fn credential_role_of(token: &str) -> Role {
-    if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) { Role::Therapist } else { Role::User }
+    if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) {
+        Role::Therapist
+    } else {
+        Role::User
+    }
 }
 
 /// The cookie credential for the requested role. Without `?role=` the client
@@ -169,17 +192,25 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
         return false;
     };
     let origin = origin.trim_end_matches('/');
-    if allowed.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)) {
+    if allowed
+        .iter()
+        .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+    {
         return true;
     }
-    let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+    let authority = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
     let host = headers.get(HOST).and_then(|value| value.to_str().ok());
     matches!((authority, host), (Some(authority), Some(host)) if authority.eq_ignore_ascii_case(host))
 }
 
 /// Completes a refused upgrade with a close frame carrying the reason.
 async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let frame = CloseFrame { code, reason: reason.into() };
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
@@ -199,10 +230,22 @@ mod tests {
     #[test]
     fn own_origin_and_allow_list_pass_others_do_not() {
         let allowed = vec!["https://chat.example.org".to_owned()];
-        assert!(origin_allowed(&headers(Some("http://127.0.0.1:8000"), "127.0.0.1:8000"), &allowed));
-        assert!(origin_allowed(&headers(Some("https://chat.example.org"), "10.0.0.1:8000"), &allowed));
-        assert!(!origin_allowed(&headers(Some("http://127.0.0.1:8001"), "127.0.0.1:8000"), &allowed));
-        assert!(!origin_allowed(&headers(Some("https://evil.example"), "127.0.0.1:8000"), &allowed));
+        assert!(origin_allowed(
+            &headers(Some("http://127.0.0.1:8000"), "127.0.0.1:8000"),
+            &allowed
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://chat.example.org"), "10.0.0.1:8000"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("http://127.0.0.1:8001"), "127.0.0.1:8000"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("https://evil.example"), "127.0.0.1:8000"),
+            &allowed
+        ));
         assert!(!origin_allowed(&headers(None, "127.0.0.1:8000"), &allowed));
     }
 }

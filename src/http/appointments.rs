@@ -1,8 +1,8 @@
 //! The therapist's appointments list.
 
+use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use axum::Router;
 use haven_protocol::api::Appointment;
 
 use super::{ApiError, Json};

@@ -1,9 +1,9 @@
 //! Therapist login and logout.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use axum::Router;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
@@ -13,7 +13,9 @@ use crate::auth::{self, AuthTherapist, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX}
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/auth/login", post(login)).route("/api/auth/logout", post(logout))
+    Router::new()
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/logout", post(logout))
 }
 
 /// `POST /api/auth/login`: a therapist token in the body and in an HttpOnly
@@ -37,11 +39,28 @@ async fn login(
 
     let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
     let expires_at = haven_store::now() + state.settings.therapist_session;
-    state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at).await?;
+    state
+        .store
+        .create_auth_session(therapist.id, &auth::token_hash(&token), expires_at)
+        .await?;
     tracing::info!(therapist_id = %therapist.id, "therapist logged in");
-    let jar = jar.add(auth::auth_cookie(THERAPIST_COOKIE, token.clone(), state.settings.cookie_secure));
-    let profile = TherapistProfile { id: therapist.id, name: therapist.name, email: therapist.email };
-    Ok((jar, Json(LoginResponse { token, therapist: profile })))
+    let jar = jar.add(auth::auth_cookie(
+        THERAPIST_COOKIE,
+        token.clone(),
+        state.settings.cookie_secure,
+    ));
+    let profile = TherapistProfile {
+        id: therapist.id,
+        name: therapist.name,
+        email: therapist.email,
+    };
+    Ok((
+        jar,
+        Json(LoginResponse {
+            token,
+            therapist: profile,
+        }),
+    ))
 }
 
 /// `POST /api/auth/logout`: revokes the token used and clears the cookie.
@@ -50,7 +69,13 @@ async fn logout(
     jar: CookieJar,
     caller: AuthTherapist,
 ) -> Result<(StatusCode, CookieJar), ApiError> {
-    state.store.revoke_auth_session(&auth::token_hash(&caller.token)).await?;
+    state
+        .store
+        .revoke_auth_session(&auth::token_hash(&caller.token))
+        .await?;
     tracing::info!(therapist_id = %caller.therapist.id, "therapist logged out");
-    Ok((StatusCode::NO_CONTENT, jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"))))
+    Ok((
+        StatusCode::NO_CONTENT,
+        jar.remove(Cookie::build(THERAPIST_COOKIE).path("/")),
+    ))
 }

@@ -26,11 +26,16 @@ pub fn router(state: AppState) -> Router {
         .merge(setup::router())
         .merge(crate::chat::router())
         .fallback(not_found)
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            // The route pattern, never the URI: paths and queries can carry secrets.
-            let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
-            tracing::info_span!("http", method = %request.method(), route)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                // The route pattern, never the URI: paths and queries can carry secrets.
+                let route = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str);
+                tracing::info_span!("http", method = %request.method(), route)
+            }),
+        )
         .with_state(state)
 }
 
@@ -71,7 +76,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest { code, message: message.into() }
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -114,7 +122,10 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{error:#}"), "internal error");
         }
         let (status, code) = self.status_and_code();
-        let body = ErrorBody { error: code.to_owned(), message: self.to_string() };
+        let body = ErrorBody {
+            error: code.to_owned(),
+            message: self.to_string(),
+        };
         (status, axum::Json(body)).into_response()
     }
 }

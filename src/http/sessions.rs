@@ -1,9 +1,9 @@
 //! Chat sessions: "Chat Now" and the message history.
 
+use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::Router;
 use axum_extra::extract::CookieJar;
 use haven_protocol::api::{CreatedSession, MessagePage};
 use serde::Deserialize;
@@ -30,9 +30,16 @@ async fn create_session(
     jar: CookieJar,
 ) -> Result<(StatusCode, CookieJar, Json<CreatedSession>), ApiError> {
     let token = auth::new_token(CLIENT_TOKEN_PREFIX);
-    let session = state.store.create_chat_session(&auth::token_hash(&token)).await?;
+    let session = state
+        .store
+        .create_chat_session(&auth::token_hash(&token))
+        .await?;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
-    let jar = jar.add(auth::auth_cookie(CLIENT_COOKIE, token.clone(), state.settings.cookie_secure));
+    let jar = jar.add(auth::auth_cookie(
+        CLIENT_COOKIE,
+        token.clone(),
+        state.settings.cookie_secure,
+    ));
     let body = CreatedSession {
         session_id: session.id,
         appointment_id: session.appointment_id,
@@ -59,14 +66,24 @@ async fn list_messages(
     let Query(query) = query?;
     let after = query.after.unwrap_or(0);
     if after < 0 {
-        return Err(ApiError::bad_request("invalid_query", "after must be 0 or more"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "after must be 0 or more",
+        ));
     }
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if limit < 1 {
-        return Err(ApiError::bad_request("invalid_query", "limit must be at least 1"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be at least 1",
+        ));
     }
     let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
-    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    let session = state
+        .store
+        .chat_session(session_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
 
     let mut authenticated = false;
     for token in request_tokens(&headers) {
@@ -74,18 +91,32 @@ async fn list_messages(
             Some(Credential::Client { session_id: own }) if own == session.id => {
                 return page(&state, session.id, after, limit).await;
             }
-            Some(Credential::Therapist(therapist)) if session.therapist_id == Some(therapist.id) => {
+            Some(Credential::Therapist(therapist))
+                if session.therapist_id == Some(therapist.id) =>
+            {
                 return page(&state, session.id, after, limit).await;
             }
             Some(_) => authenticated = true,
             None => {}
         }
     }
-    Err(if authenticated { ApiError::Forbidden } else { ApiError::Unauthorized })
+    Err(if authenticated {
+        ApiError::Forbidden
+    } else {
+        ApiError::Unauthorized
+    })
 }
 
-async fn page(state: &AppState, session_id: Uuid, after: i64, limit: i64) -> Result<Json<MessagePage>, ApiError> {
-    let messages = state.store.messages_after(session_id, after, limit.min(MAX_PAGE)).await?;
+async fn page(
+    state: &AppState,
+    session_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Json<MessagePage>, ApiError> {
+    let messages = state
+        .store
+        .messages_after(session_id, after, limit.min(MAX_PAGE))
+        .await?;
     Ok(Json(MessagePage { messages }))
 }
 

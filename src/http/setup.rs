@@ -5,11 +5,11 @@
 use std::sync::Mutex;
 
 use axum::Form;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use haven_store::NewTherapist;
 use serde::Deserialize;
 
@@ -55,12 +55,17 @@ impl SetupToken {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<[u8; 32]>> {
         // The guarded value is a plain Option; a poisoned lock still holds a valid one.
-        self.hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.hash
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/setup/{token}", get(setup_form).post(create_first_therapist))
+    Router::new().route(
+        "/setup/{token}",
+        get(setup_form).post(create_first_therapist),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,7 +79,11 @@ async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) ->
     if !state.setup.is_valid(&token) {
         return invalid_link();
     }
-    page(StatusCode::OK, "Create the first therapist account", &form(None))
+    page(
+        StatusCode::OK,
+        "Create the first therapist account",
+        &form(None),
+    )
 }
 
 async fn create_first_therapist(
@@ -87,7 +96,11 @@ async fn create_first_therapist(
     }
     let email = auth::normalise_email(&input.email);
     if let Err(problem) = auth::validate_new_account(&email, &input.name, &input.password) {
-        return page(StatusCode::BAD_REQUEST, "Create the first therapist account", &form(Some(&problem)));
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Create the first therapist account",
+            &form(Some(&problem)),
+        );
     }
     if !state.setup.take(&token) {
         return invalid_link();
@@ -109,7 +122,11 @@ async fn create_first_therapist(
         Err(SetupError::Failed(error)) => {
             state.setup.restore(&token);
             tracing::error!(error = format!("{error:#}"), "setup failed");
-            page(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", "<p>Please try again.</p>")
+            page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "<p>Please try again.</p>",
+            )
         }
     }
 }
@@ -121,13 +138,27 @@ enum SetupError {
 }
 
 async fn create(state: &AppState, email: String, input: SetupForm) -> Result<(), SetupError> {
-    let count = state.store.count_therapists().await.map_err(|error| SetupError::Failed(error.into()))?;
+    let count = state
+        .store
+        .count_therapists()
+        .await
+        .map_err(|error| SetupError::Failed(error.into()))?;
     if count > 0 {
         return Err(SetupError::AlreadyDone);
     }
-    let password_hash = auth::hash_password(input.password).await.map_err(SetupError::Failed)?;
-    let new = NewTherapist { email, name: input.name.trim().to_owned(), password_hash };
-    state.store.create_therapist(new).await.map_err(|error| SetupError::Failed(error.into()))?;
+    let password_hash = auth::hash_password(input.password)
+        .await
+        .map_err(SetupError::Failed)?;
+    let new = NewTherapist {
+        email,
+        name: input.name.trim().to_owned(),
+        password_hash,
+    };
+    state
+        .store
+        .create_therapist(new)
+        .await
+        .map_err(|error| SetupError::Failed(error.into()))?;
     Ok(())
 }
 
@@ -141,7 +172,9 @@ fn invalid_link() -> Response {
 }
 
 fn form(problem: Option<&str>) -> String {
-    let problem = problem.map(|text| format!("<p role=\"alert\">{}</p>", escape(text))).unwrap_or_default();
+    let problem = problem
+        .map(|text| format!("<p role=\"alert\">{}</p>", escape(text)))
+        .unwrap_or_default();
     format!(
         "{problem}<form method=\"post\">\
          <p><label>Name <input name=\"name\" required maxlength=\"100\"></label></p>\
@@ -162,5 +195,8 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

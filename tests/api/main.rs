@@ -1,1 +1,10 @@
+//! Haven's integration suite: the real binary, a fresh SQLite file per test,
+//! real WebSocket clients.
 
+mod admission;
+mod api;
+mod chat;
+mod cli;
+mod durability;
+mod helpers;
+mod privacy;

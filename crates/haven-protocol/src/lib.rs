@@ -125,7 +125,7 @@ pub struct ChatMessage {
     pub content: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
-    /// The sender's idempotency key; absent for `ai` and `system` messages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The sender's idempotency key; `null` for `ai` and `system` messages.
+    #[serde(default)]
     pub client_id: Option<String>,
 }

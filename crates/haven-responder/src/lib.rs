@@ -30,7 +30,11 @@ pub struct ReplyRequest {
 impl ReplyRequest {
     /// The client's newest message, if the history has one.
     pub fn last_user_message(&self) -> Option<&str> {
-        self.history.iter().rev().find(|turn| turn.sender == Sender::User).map(|turn| turn.content.as_str())
+        self.history
+            .iter()
+            .rev()
+            .find(|turn| turn.sender == Sender::User)
+            .map(|turn| turn.content.as_str())
     }
 }
 

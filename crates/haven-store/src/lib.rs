@@ -89,7 +89,10 @@ pub struct NewMessage {
 #[derive(Debug, Clone)]
 pub enum Appended {
     /// Committed now. `chat_mode` is the session's mode in the same transaction.
-    Stored { message: ChatMessage, chat_mode: ChatMode },
+    Stored {
+        message: ChatMessage,
+        chat_mode: ChatMode,
+    },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
 }
@@ -123,7 +126,11 @@ pub trait Store: Send + Sync + 'static {
         expires_at: OffsetDateTime,
     ) -> Result<()>;
     /// The therapist whose unexpired login has this token hash.
-    async fn therapist_by_token(&self, token_hash: &[u8], now: OffsetDateTime) -> Result<Option<Therapist>>;
+    async fn therapist_by_token(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<Option<Therapist>>;
     /// Ends a login. Unknown hashes are not an error.
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()>;
 
@@ -154,10 +161,19 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a companion (`ai`) reply only if the session is still
     /// `BOT_ONLY`, checked in the same transaction as the insert. `None` means
     /// a therapist joined first and nothing was written.
-    async fn append_companion_reply(&self, session_id: Uuid, content: &str) -> Result<Option<ChatMessage>>;
+    async fn append_companion_reply(
+        &self,
+        session_id: Uuid,
+        content: &str,
+    ) -> Result<Option<ChatMessage>>;
 
     /// Up to `limit` messages with `seq > after`, in seq order.
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
+    async fn messages_after(
+        &self,
+        session_id: Uuid,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ChatMessage>>;
 }
 
 /// Now, in UTC, as stored.

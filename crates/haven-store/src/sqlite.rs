@@ -19,7 +19,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    Appended, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError, Therapist, now,
+    Appended, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError,
+    Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -49,7 +50,10 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|error| StoreError::Unavailable(error.into()))?;
         // An in-memory database exists only inside its one connection.
         let reader = if in_memory {
             writer.clone()
@@ -83,7 +87,12 @@ struct TherapistRow {
 
 impl From<TherapistRow> for Therapist {
     fn from(row: TherapistRow) -> Self {
-        Therapist { id: row.id, email: row.email, name: row.name, created_at: row.created_at }
+        Therapist {
+            id: row.id,
+            email: row.email,
+            name: row.name,
+            created_at: row.created_at,
+        }
     }
 }
 
@@ -135,7 +144,8 @@ impl TryFrom<MessageRow> for ChatMessage {
     type Error = StoreError;
 
     fn try_from(row: MessageRow) -> Result<Self> {
-        let sender = Sender::parse(&row.sender).ok_or_else(|| StoreError::Corrupt(format!("sender {:?}", row.sender)))?;
+        let sender = Sender::parse(&row.sender)
+            .ok_or_else(|| StoreError::Corrupt(format!("sender {:?}", row.sender)))?;
         Ok(ChatMessage {
             seq: row.seq,
             id: row.id,
@@ -195,7 +205,12 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        let therapist = Therapist { id: Uuid::now_v7(), email: new.email, name: new.name, created_at: now() };
+        let therapist = Therapist {
+            id: Uuid::now_v7(),
+            email: new.email,
+            name: new.name,
+            created_at: now(),
+        };
         let inserted = sqlx::query(
             "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -208,7 +223,9 @@ impl Store for SqliteStore {
         .await;
         match inserted {
             Ok(_) => Ok(therapist),
-            Err(error) if is_unique_violation(&error) => Err(StoreError::Conflict("email already registered")),
+            Err(error) if is_unique_violation(&error) => {
+                Err(StoreError::Conflict("email already registered"))
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -222,7 +239,9 @@ impl Store for SqliteStore {
     }
 
     async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.reader).await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists")
+            .fetch_one(&self.reader)
+            .await?)
     }
 
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
@@ -232,11 +251,12 @@ impl Store for SqliteStore {
             therapist: TherapistRow,
             password_hash: String,
         }
-        let row: Option<Row> =
-            sqlx::query_as("SELECT id, email, name, created_at, password_hash FROM therapists WHERE email = ?")
-                .bind(email)
-                .fetch_optional(&self.reader)
-                .await?;
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, email, name, created_at, password_hash FROM therapists WHERE email = ?",
+        )
+        .bind(email)
+        .fetch_optional(&self.reader)
+        .await?;
         Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
     }
 
@@ -259,7 +279,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn therapist_by_token(&self, token_hash: &[u8], now: OffsetDateTime) -> Result<Option<Therapist>> {
+    async fn therapist_by_token(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<Option<Therapist>> {
         #[derive(FromRow)]
         struct Row {
             #[sqlx(flatten)]
@@ -276,7 +300,9 @@ impl Store for SqliteStore {
         .await?;
         // Compared here rather than in SQL: the stored text is RFC 3339, whose
         // variable-length fractions do not sort as text.
-        Ok(row.filter(|row| row.expires_at > now).map(|row| row.therapist.into()))
+        Ok(row
+            .filter(|row| row.expires_at > now)
+            .map(|row| row.therapist.into()))
     }
 
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
@@ -309,12 +335,14 @@ impl Store for SqliteStore {
         .bind(session.created_at)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)")
-            .bind(client_token_hash)
-            .bind(session.id)
-            .bind(session.created_at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(client_token_hash)
+        .bind(session.id)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(session)
     }
@@ -330,10 +358,12 @@ impl Store for SqliteStore {
     }
 
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&self.reader)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
+                .bind(token_hash)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
     }
 
     async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
@@ -362,7 +392,9 @@ impl Store for SqliteStore {
         let (holder, mode) = current.ok_or(StoreError::NotFound)?;
         match holder {
             Some(holder) if holder != therapist_id => return Ok(JoinOutcome::ClaimedByOther),
-            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => return Ok(JoinOutcome::AlreadyJoined),
+            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
+                return Ok(JoinOutcome::AlreadyJoined);
+            }
             _ => {}
         }
         let at = now();
@@ -378,20 +410,30 @@ impl Store for SqliteStore {
         .bind(session_id)
         .fetch_one(&mut *tx)
         .await?;
-        let message = insert_message(&mut tx, session_id, seq, Sender::System, join_message, None, at).await?;
+        let message = insert_message(
+            &mut tx,
+            session_id,
+            seq,
+            Sender::System,
+            join_message,
+            None,
+            at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(JoinOutcome::Joined { message })
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
         let mut tx = self.begin_write().await?;
-        let existing: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?")
-                .bind(session_id)
-                .bind(new.sender.as_str())
-                .bind(&new.client_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some(seq) = existing {
             return Ok(Appended::Duplicate { seq });
         }
@@ -406,13 +448,28 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        let message =
-            insert_message(&mut tx, session_id, seq, new.sender, &new.content, Some(&new.client_id), at).await?;
+        let message = insert_message(
+            &mut tx,
+            session_id,
+            seq,
+            new.sender,
+            &new.content,
+            Some(&new.client_id),
+            at,
+        )
+        .await?;
         tx.commit().await?;
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
+        Ok(Appended::Stored {
+            message,
+            chat_mode: parse_mode(&mode)?,
+        })
     }
 
-    async fn append_companion_reply(&self, session_id: Uuid, content: &str) -> Result<Option<ChatMessage>> {
+    async fn append_companion_reply(
+        &self,
+        session_id: Uuid,
+        content: &str,
+    ) -> Result<Option<ChatMessage>> {
         let mut tx = self.begin_write().await?;
         let at = now();
         // The mode check and the seq allocation are one statement inside the
@@ -430,12 +487,18 @@ impl Store for SqliteStore {
         let Some(seq) = seq else {
             return Ok(None);
         };
-        let message = insert_message(&mut tx, session_id, seq, Sender::Ai, content, None, at).await?;
+        let message =
+            insert_message(&mut tx, session_id, seq, Sender::Ai, content, None, at).await?;
         tx.commit().await?;
         Ok(Some(message))
     }
 
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
+    async fn messages_after(
+        &self,
+        session_id: Uuid,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ChatMessage>> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT seq, id, sender, content, created_at, client_id FROM messages
              WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",

@@ -1,0 +1,352 @@
+//! The JSON API and bad input on the socket.
+
+use haven_protocol::api::{Appointment, AppointmentStatus};
+use haven_protocol::{ChatMode, ErrorCode, MAX_CONTENT_CHARS, ServerFrame};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{PASSWORD, TestApp};
+
+async fn error_body(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    let body: Value = response.json().await.expect("JSON error body");
+    assert!(
+        body["error"].is_string() && body["message"].is_string(),
+        "{body}"
+    );
+    body
+}
+
+#[tokio::test]
+async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .post(app.url("/api/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    let token = body["client_token"].as_str().unwrap();
+    assert!(token.len() >= 36, "at least 128 random bits");
+    assert_eq!(body["chat_mode"], "BOT_ONLY");
+    assert!(body["session_id"].is_string() && body["appointment_id"].is_string());
+    assert!(
+        cookie.starts_with(&format!("haven_client={token}")),
+        "{cookie}"
+    );
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
+}
+
+#[tokio::test]
+async fn login_answers_unknown_email_and_wrong_password_alike() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let unknown = error_body(app.login("nobody@clinic.test", PASSWORD).await, 401).await;
+    let wrong = error_body(app.login("tess@clinic.test", "not the password").await, 401).await;
+    assert_eq!(unknown, wrong);
+    assert_eq!(unknown["error"], "invalid_credentials");
+
+    let response = app.login("  Tess@Clinic.test ", PASSWORD).await;
+    assert_eq!(response.status(), 200);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["therapist"]["email"], "tess@clinic.test");
+    assert_eq!(body["therapist"]["name"], "Tess");
+    assert!(body["token"].as_str().unwrap().starts_with("hvt_"));
+    assert!(
+        cookie.starts_with("haven_therapist=") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+
+    let malformed = app
+        .http
+        .post(app.url("/api/auth/login"))
+        .body("{")
+        .header("content-type", "application/json");
+    error_body(malformed.send().await.unwrap(), 400).await;
+}
+
+#[tokio::test]
+async fn logout_revokes_the_token_for_the_api_and_the_socket() {
+    let app = TestApp::spawn().await;
+    let therapist = app.therapist("Tess").await;
+    let list = || {
+        app.http
+            .get(app.url("/api/appointments"))
+            .bearer_auth(&therapist.token)
+            .send()
+    };
+    assert_eq!(list().await.unwrap().status(), 200);
+    let logout = app
+        .http
+        .post(app.url("/api/auth/logout"))
+        .bearer_auth(&therapist.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 204);
+    error_body(list().await.unwrap(), 401).await;
+
+    let session = app.create_session().await;
+    let mut socket = app.connect(session.session_id, &therapist.token).await;
+    assert_eq!(
+        socket.closed().await,
+        (1008, "invalid or expired credential".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn appointments_show_open_sessions_and_the_callers_own_only() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let omar = app.therapist("Omar").await;
+    let taken = app.create_session().await;
+    let open = app.create_session().await;
+    let mut desk = app.connect(taken.session_id, &tess.token).await;
+    desk.mode().await;
+    desk.message().await;
+
+    let list = |token: String| {
+        let request = app
+            .http
+            .get(app.url("/api/appointments"))
+            .bearer_auth(token);
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<Vec<Appointment>>()
+                .await
+                .unwrap()
+        }
+    };
+    let for_tess = list(tess.token.clone()).await;
+    let for_omar = list(omar.token.clone()).await;
+    let ids = |rows: &[Appointment]| rows.iter().map(|row| row.session_id).collect::<Vec<_>>();
+    assert_eq!(ids(&for_tess), vec![taken.session_id, open.session_id]);
+    assert_eq!(ids(&for_omar), vec![open.session_id]);
+
+    let own = &for_tess[0];
+    assert_eq!(own.appointment_id, taken.appointment_id);
+    assert_eq!(
+        (own.status, own.chat_mode, own.therapist_id),
+        (
+            AppointmentStatus::Assigned,
+            ChatMode::TherapistJoined,
+            Some(tess.therapist.id)
+        )
+    );
+    assert!(own.last_message_at.is_some());
+    let waiting = &for_omar[0];
+    assert_eq!(
+        (waiting.status, waiting.chat_mode, waiting.therapist_id),
+        (AppointmentStatus::Open, ChatMode::BotOnly, None)
+    );
+    assert!(waiting.last_message_at.is_none());
+
+    // A client credential is not a therapist's.
+    let as_client = app
+        .http
+        .get(app.url("/api/appointments"))
+        .bearer_auth(&open.client_token)
+        .send()
+        .await
+        .unwrap();
+    error_body(as_client, 401).await;
+    error_body(
+        app.http
+            .get(app.url("/api/appointments"))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn message_history_pages_by_seq_for_the_client_and_its_therapist_only() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let other = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    for (round, text) in ["one", "two", "three"].into_iter().enumerate() {
+        let id = client.send_message(text).await;
+        client.ack(&id).await;
+        client.until_seq(2 * (round as i64 + 1)).await;
+    }
+
+    let get = |query: &str, token: &str| {
+        app.http
+            .get(app.url(&format!(
+                "/api/sessions/{}/messages{query}",
+                session.session_id
+            )))
+            .bearer_auth(token)
+            .send()
+    };
+    let page: Value = get("?after=2&limit=3", &session.client_token)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+    let (question, reply) = (&page["messages"][0], &page["messages"][1]);
+    for field in ["seq", "id", "sender", "content", "created_at", "client_id"] {
+        assert!(reply.get(field).is_some(), "{field} missing in {reply}");
+    }
+    assert_eq!(
+        (reply["sender"].as_str(), reply["client_id"].is_null()),
+        (Some("ai"), true)
+    );
+    assert_eq!(
+        (question["sender"].as_str(), question["content"].as_str()),
+        (Some("user"), Some("two"))
+    );
+    assert!(question["client_id"].is_string());
+    let all: Value = get("", &session.client_token)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["messages"].as_array().unwrap().len(), 6);
+
+    error_body(get("", &other.client_token).await.unwrap(), 403).await;
+    let stranger = app.therapist("Omar").await;
+    error_body(get("", &stranger.token).await.unwrap(), 403).await;
+    error_body(get("?limit=0", &session.client_token).await.unwrap(), 400).await;
+    error_body(get("?after=abc", &session.client_token).await.unwrap(), 400).await;
+    let anonymous = app
+        .http
+        .get(app.url(&format!("/api/sessions/{}/messages", session.session_id)));
+    error_body(anonymous.send().await.unwrap(), 401).await;
+    let unknown = app
+        .http
+        .get(app.url("/api/sessions/not-a-session/messages"))
+        .bearer_auth(&session.client_token);
+    error_body(unknown.send().await.unwrap(), 404).await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+
+    let too_long = "x".repeat(MAX_CONTENT_CHARS + 1);
+    let cases = [
+        (
+            Message::Text("{not json".into()),
+            ErrorCode::InvalidJson,
+            None,
+        ),
+        (
+            Message::Text(
+                json!({"type": "shout", "client_id": "c1"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::UnknownType,
+            Some("c1"),
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": "hi"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::MissingClientId,
+            None,
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": "  \n", "client_id": "c2"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::EmptyContent,
+            Some("c2"),
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": "", "client_id": "c3"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::EmptyContent,
+            Some("c3"),
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": too_long, "client_id": "c4"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::ContentTooLong,
+            Some("c4"),
+        ),
+        (
+            Message::Binary(vec![1, 2, 3].into()),
+            ErrorCode::UnsupportedFrame,
+            None,
+        ),
+    ];
+    for (frame, expected, client_id) in cases {
+        client.send_raw(frame).await;
+        match client.frame().await {
+            ServerFrame::Error {
+                code,
+                client_id: echoed,
+                message,
+            } => {
+                assert_eq!(code, expected, "{message}");
+                assert_eq!(echoed.as_deref(), client_id);
+                assert!(!message.is_empty());
+            }
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    }
+    let exact = "y".repeat(MAX_CONTENT_CHARS);
+    let id = client.send_message(&exact).await;
+    let (seq, before) = client.ack(&id).await;
+    assert_eq!(seq, 1, "nothing was stored before: {before:?}");
+}
+
+#[tokio::test]
+async fn unknown_routes_get_a_json_404_and_health_answers() {
+    let app = TestApp::spawn().await;
+    error_body(
+        app.http
+            .get(app.url("/api/nothing-here"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}

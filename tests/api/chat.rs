@@ -1,0 +1,325 @@
+//! The takeover loop: companion until a therapist joins, then silence.
+
+use std::collections::HashSet;
+
+use haven_protocol::{ChatMode, JOIN_MESSAGE, Sender, ServerFrame};
+use serde_json::Value;
+
+use crate::helpers::{Options, TestApp, message_of, messages, session_of};
+
+#[tokio::test]
+async fn user_hello_gets_a_companion_reply_stored_as_seqs_1_and_2() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    assert_eq!(session.chat_mode, ChatMode::BotOnly);
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(client.mode().await, ChatMode::BotOnly);
+
+    let client_id = client.send_message("hello").await;
+    let (seq, before) = client.ack(&client_id).await;
+    assert_eq!(seq, 1);
+    assert!(before.is_empty(), "nothing precedes the ack: {before:?}");
+    let own = client.message().await;
+    assert_eq!(
+        (own.seq, own.sender, own.content.as_str()),
+        (1, Sender::User, "hello")
+    );
+    assert_eq!(own.client_id.as_deref(), Some(client_id.as_str()));
+    let reply = client.message().await;
+    assert_eq!((reply.seq, reply.sender), (2, Sender::Ai));
+    assert!(
+        reply.content.contains("automated companion"),
+        "{}",
+        reply.content
+    );
+
+    let history = app.history(session.session_id, &session.client_token).await;
+    let stored: Vec<_> = history
+        .iter()
+        .map(|m| (m.seq, m.sender, m.content.clone()))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            (1, Sender::User, "hello".to_owned()),
+            (2, Sender::Ai, reply.content.clone())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn therapist_join_reaches_every_client_tab_and_is_stored() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut tabs = Vec::new();
+    for _ in 0..2 {
+        let mut tab = app.connect(session.session_id, &session.client_token).await;
+        assert_eq!(tab.mode().await, ChatMode::BotOnly);
+        tabs.push(tab);
+    }
+    let therapist = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    let joined = desk.message().await;
+    assert_eq!(
+        (joined.seq, joined.sender, joined.content.as_str()),
+        (1, Sender::System, JOIN_MESSAGE)
+    );
+
+    for tab in &mut tabs {
+        assert_eq!(tab.message().await, joined);
+        assert_eq!(tab.mode().await, ChatMode::TherapistJoined);
+    }
+
+    let appointments: Vec<Value> = app
+        .http
+        .get(app.url("/api/appointments"))
+        .bearer_auth(&therapist.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = appointments
+        .iter()
+        .find(|row| row["session_id"] == session.session_id.to_string())
+        .unwrap();
+    assert_eq!(row["chat_mode"], "THERAPIST_JOINED");
+    assert_eq!(row["status"], "assigned");
+    assert_eq!(row["therapist_id"], therapist.therapist.id.to_string());
+
+    // A reconnect of the same therapist is not a new transition.
+    desk.close().await;
+    let mut again = app.connect(session.session_id, &therapist.token).await;
+    assert_eq!(again.mode().await, ChatMode::TherapistJoined);
+    let id = again.send_message("I'm here").await;
+    let (seq, _) = again.ack(&id).await;
+    assert_eq!(seq, 2, "no second join message was stored");
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert_eq!(
+        history
+            .iter()
+            .filter(|m| m.sender == Sender::System)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn after_the_join_user_messages_reach_the_therapist_and_the_companion_stays_silent() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let therapist = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+    desk.message().await;
+    client.until_seq(1).await;
+
+    let question = client.send_message("is anyone there?").await;
+    client.ack(&question).await;
+    let received = desk.message().await;
+    assert_eq!(
+        (received.sender, received.content.as_str()),
+        (Sender::User, "is anyone there?")
+    );
+
+    // The server decides synchronously, before handling the next frame;
+    // its log says which way it went.
+    let sid = session.session_id.to_string();
+    app.logs
+        .wait_for(1, |event| {
+            message_of(event) == "companion will not respond"
+                && session_of(event).as_deref() == Some(&sid)
+        })
+        .await;
+    let answer = desk.send_message("Yes, I'm Tess. I'm here.").await;
+    desk.ack(&answer).await;
+
+    let frames = client.until_seq(3).await;
+    let seen: Vec<_> = messages(&frames)
+        .iter()
+        .map(|m| (m.seq, m.sender))
+        .collect();
+    assert_eq!(seen, vec![(2, Sender::User), (3, Sender::Therapist)]);
+    assert!(
+        app.logs
+            .matching(|event| message_of(event) == "generating companion reply")
+            .is_empty()
+    );
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert!(
+        history.iter().all(|m| m.sender != Sender::Ai),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion_reply() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    // Some companion history first.
+    let hello = client.send_message("hello").await;
+    client.ack(&hello).await;
+    client.until_seq(2).await;
+
+    let therapist = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+    desk.message().await;
+    let id = desk
+        .send_message("Hi, I'm Tess, a therapist at the clinic.")
+        .await;
+    let (seq, _) = desk.ack(&id).await;
+    assert_eq!(seq, 4);
+
+    let frames = client.until_seq(4).await;
+    let last = messages(&frames).last().copied().cloned().unwrap();
+    assert_eq!(
+        (last.sender, last.content.as_str()),
+        (
+            Sender::Therapist,
+            "Hi, I'm Tess, a therapist at the clinic."
+        )
+    );
+    assert!(frames.contains(&ServerFrame::Mode {
+        chat_mode: ChatMode::TherapistJoined
+    }));
+    let history = app.history(session.session_id, &session.client_token).await;
+    let senders: Vec<_> = history.iter().map(|m| m.sender).collect();
+    assert_eq!(
+        senders,
+        vec![Sender::User, Sender::Ai, Sender::System, Sender::Therapist]
+    );
+}
+
+#[tokio::test]
+async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let therapist = app.therapist("Tess").await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut tab = app.connect(session.session_id, &session.client_token).await;
+        tab.mode().await;
+        tabs.push(tab);
+    }
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+
+    // Everyone sends at once, without waiting for each other.
+    const ROUNDS: usize = 5;
+    for round in 0..ROUNDS {
+        for (index, tab) in tabs.iter_mut().enumerate() {
+            tab.send_message(&format!("tab {index} round {round}"))
+                .await;
+        }
+        desk.send_message(&format!("therapist round {round}")).await;
+    }
+    let total = 1 + (ROUNDS * 4) as i64;
+
+    let mut sequences = Vec::new();
+    for socket in tabs.iter_mut().chain(std::iter::once(&mut desk)) {
+        let frames = socket.until_seq(total).await;
+        let seen: Vec<_> = messages(&frames).iter().map(|m| (m.seq, m.id)).collect();
+        let seqs: Vec<i64> = seen.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "every message once, in seq order"
+        );
+        sequences.push(seen);
+    }
+    assert!(
+        sequences.windows(2).all(|pair| pair[0] == pair[1]),
+        "all sockets saw the same frames"
+    );
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert_eq!(history.len() as i64, total);
+    assert!(history.iter().all(|m| m.sender != Sender::Ai));
+}
+
+#[tokio::test]
+async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
+    const SESSIONS: usize = 12;
+    let app = TestApp::spawn_with(Options {
+        companion_delay_ms: 300,
+        ..Options::default()
+    })
+    .await;
+    let therapist = app.therapist("Tess").await;
+
+    let mut clients = Vec::new();
+    for _ in 0..SESSIONS {
+        let session = app.create_session().await;
+        let mut client = app.connect(session.session_id, &session.client_token).await;
+        client.mode().await;
+        clients.push((session, client));
+    }
+    // Every client asks; every reply is now pending in the slow companion.
+    for (_, client) in &mut clients {
+        let id = client.send_message("hello, is someone there?").await;
+        client.ack(&id).await;
+    }
+    // The therapist joins every session while the replies are pending.
+    let mut desks = Vec::new();
+    for (session, _) in &clients {
+        let mut desk = app.connect(session.session_id, &therapist.token).await;
+        assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+        desks.push(desk);
+    }
+    // Each pending reply ends one way or another; wait until all have.
+    let outcomes = [
+        "companion reply cancelled: therapist joined",
+        "companion reply discarded: therapist joined",
+        "companion reply stored",
+    ];
+    let ended = app
+        .logs
+        .wait_for(SESSIONS, |event| outcomes.contains(&message_of(event)))
+        .await;
+    let silenced = ended
+        .iter()
+        .filter(|event| message_of(event) != "companion reply stored")
+        .count();
+    assert!(
+        silenced > 0,
+        "the join overtook no pending reply: the race was not exercised"
+    );
+
+    let mut seen_sessions = HashSet::new();
+    for ((session, client), desk) in clients.iter_mut().zip(&mut desks) {
+        // A message sent now is delivered after anything published before it.
+        let id = desk.send_message("I'm here now.").await;
+        let (last, _) = desk.ack(&id).await;
+        let frames = client.until_seq(last).await;
+        let delivered = messages(&frames);
+        let join = delivered
+            .iter()
+            .position(|m| m.sender == Sender::System)
+            .expect("join message delivered");
+        assert!(
+            delivered[join..].iter().all(|m| m.sender != Sender::Ai),
+            "an ai message was delivered after the join: {delivered:?}"
+        );
+        let history = app.history(session.session_id, &session.client_token).await;
+        let join_seq = history
+            .iter()
+            .find(|m| m.sender == Sender::System)
+            .unwrap()
+            .seq;
+        assert!(
+            history
+                .iter()
+                .filter(|m| m.seq > join_seq)
+                .all(|m| m.sender != Sender::Ai),
+            "{history:?}"
+        );
+        seen_sessions.insert(session.session_id);
+    }
+    assert_eq!(seen_sessions.len(), SESSIONS);
+}

@@ -1,0 +1,454 @@
+//! The test harness: each test starts the real `haven` binary on port 0 with
+//! a fresh SQLite file, talks to it over HTTP and real WebSockets, and reads
+//! its JSON logs from standard error.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use haven_protocol::api::{CreatedSession, LoginResponse, MessagePage};
+use haven_protocol::{ChatMessage, ChatMode, ServerFrame};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+/// How long any single expected event may take before the test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Server options a test can set.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub companion_delay_ms: u64,
+    pub allowed_origins: Vec<String>,
+}
+
+/// A running `haven serve` and the database it owns.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub address: String,
+    /// The setup URL printed at start, if the server printed one.
+    pub setup_url: Option<String>,
+    pub logs: Logs,
+    pub http: reqwest::Client,
+    pub dir: TempDir,
+    options: Options,
+    child: Child,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (child, address, setup_url, logs) = start(&database_url(&dir), &options).await;
+        TestApp {
+            address,
+            setup_url,
+            logs,
+            http: reqwest::Client::new(),
+            dir,
+            options,
+            child,
+        }
+    }
+
+    /// Kills the server with SIGKILL (no graceful shutdown) and starts a new
+    /// one on the same database file.
+    pub async fn restart(&mut self) {
+        self.child.kill().await.expect("kill server");
+        let (child, address, setup_url, logs) =
+            start(&database_url(&self.dir), &self.options).await;
+        self.child = child;
+        self.address = address;
+        self.setup_url = setup_url;
+        self.logs = logs;
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.dir.path().join("haven.db")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Runs `haven --database … ARGS` with `stdin` piped in.
+    pub async fn cli(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_haven"))
+            .arg("--database")
+            .arg(database_url(&self.dir))
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run haven");
+        let mut input = child.stdin.take().expect("stdin");
+        input
+            .write_all(stdin.as_bytes())
+            .await
+            .expect("write stdin");
+        drop(input);
+        child.wait_with_output().await.expect("haven output")
+    }
+
+    /// Creates a therapist account with `haven therapist add`.
+    pub async fn add_therapist(&self, email: &str, name: &str) {
+        let output = self
+            .cli(
+                &["therapist", "add", "--email", email, "--name", name],
+                &format!("{PASSWORD}\n"),
+            )
+            .await;
+        assert!(
+            output.status.success(),
+            "therapist add failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/auth/login"))
+            .json(&json!({ "email": email, "password": password }))
+            .send()
+            .await
+            .expect("login request")
+    }
+
+    /// A new therapist account, logged in.
+    pub async fn therapist(&self, name: &str) -> LoginResponse {
+        let email = format!("{}@clinic.test", name.to_lowercase());
+        self.add_therapist(&email, name).await;
+        let response = self.login(&email, PASSWORD).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("login body")
+    }
+
+    /// "Chat Now".
+    pub async fn create_session(&self) -> CreatedSession {
+        let response = self
+            .http
+            .post(self.url("/api/sessions"))
+            .send()
+            .await
+            .expect("create session");
+        assert_eq!(response.status(), 201);
+        response.json().await.expect("session body")
+    }
+
+    /// The whole history through the API, with `token` as bearer.
+    pub async fn history(&self, session_id: Uuid, token: &str) -> Vec<ChatMessage> {
+        let response = self
+            .http
+            .get(self.url(&format!("/api/sessions/{session_id}/messages?limit=500")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("history request");
+        assert_eq!(response.status(), 200, "history refused");
+        response
+            .json::<MessagePage>()
+            .await
+            .expect("history body")
+            .messages
+    }
+
+    /// A socket for the session, authenticated with a bearer token.
+    pub async fn connect(&self, session_id: Uuid, token: &str) -> Ws {
+        self.connect_with(
+            &format!("/api/chat/ws/{session_id}"),
+            &[("authorization", format!("Bearer {token}"))],
+        )
+        .await
+    }
+
+    /// A socket to `path_and_query` with exactly these extra headers.
+    pub async fn connect_with(&self, path_and_query: &str, headers: &[(&str, String)]) -> Ws {
+        let url = format!(
+            "{}{path_and_query}",
+            self.address.replace("http://", "ws://")
+        );
+        let mut request = url.into_client_request().expect("ws request");
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value).expect("header value"));
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket handshake");
+        Ws { stream }
+    }
+}
+
+fn database_url(dir: &TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("haven.db").display())
+}
+
+async fn start(database: &str, options: &Options) -> (Child, String, Option<String>, Logs) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
+    command
+        .args([
+            "--database",
+            database,
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .arg("--companion-delay-ms")
+        .arg(options.companion_delay_ms.to_string())
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for origin in &options.allowed_origins {
+        command.arg("--allowed-origin").arg(origin);
+    }
+    let mut child = command.spawn().expect("start haven");
+
+    let logs = Logs::default();
+    let stderr = child.stderr.take().expect("stderr");
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.push(line);
+        }
+    });
+
+    // The server prints the setup notice (if any) and then, last, the
+    // address it listens on.
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let read_start = async {
+        let mut setup_url = None;
+        while let Some(line) = stdout.next_line().await.expect("read stdout") {
+            if let Some(address) = line.strip_prefix("Haven is listening on ") {
+                return (address.trim().to_owned(), setup_url, stdout);
+            }
+            if line.contains("/setup/") {
+                setup_url = Some(line.trim().to_owned());
+            }
+        }
+        panic!("server exited before listening");
+    };
+    let (address, setup_url, mut stdout) = tokio::time::timeout(EVENT_TIMEOUT, read_start)
+        .await
+        .expect("server did not start");
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    (child, address, setup_url, logs)
+}
+
+/// The server's log lines, parsed as JSON.
+#[derive(Clone, Default)]
+pub struct Logs {
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: Arc<watch::Sender<usize>>,
+}
+
+impl Logs {
+    fn push(&self, line: String) {
+        let mut lines = self.lines.lock().unwrap();
+        lines.push(line);
+        let count = lines.len();
+        drop(lines);
+        self.changed.send_replace(count);
+    }
+
+    /// Every line so far, raw.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Log events (JSON objects) matching `predicate`.
+    pub fn matching(&self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|event| predicate(event))
+            .collect()
+    }
+
+    /// Waits until at least `count` events match `predicate`.
+    pub async fn wait_for(&self, count: usize, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut changes = self.changed.subscribe();
+        let wait = async {
+            loop {
+                let found = self.matching(&predicate);
+                if found.len() >= count {
+                    return found;
+                }
+                changes.changed().await.expect("log reader ended");
+            }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {count} log events; logs:\n{}",
+                    self.text()
+                )
+            })
+    }
+}
+
+/// A log event's message.
+pub fn message_of(event: &Value) -> &str {
+    event["message"].as_str().unwrap_or_default()
+}
+
+/// A log event's session, from its own fields or its span's.
+pub fn session_of(event: &Value) -> Option<String> {
+    event
+        .get("session_id")
+        .or_else(|| event.get("span").and_then(|span| span.get("session_id")))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// A client-side WebSocket speaking Haven's protocol.
+pub struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a socket received next.
+#[derive(Debug)]
+pub enum Received {
+    Frame(ServerFrame),
+    Closed(Option<CloseFrame>),
+}
+
+impl Ws {
+    /// Sends a chat message with a fresh `client_id`, which it returns.
+    pub async fn send_message(&mut self, content: &str) -> String {
+        let client_id = Uuid::now_v7().to_string();
+        self.send_json(json!({ "type": "message", "content": content, "client_id": client_id }))
+            .await;
+        client_id
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_raw(Message::Text(value.to_string().into())).await;
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.stream.send(message).await.expect("send frame");
+    }
+
+    /// The next frame or close, failing the test after [`EVENT_TIMEOUT`].
+    pub async fn receive(&mut self) -> Received {
+        loop {
+            let next = tokio::time::timeout(EVENT_TIMEOUT, self.stream.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    let frame = serde_json::from_str(&text)
+                        .unwrap_or_else(|error| panic!("bad frame {text}: {error}"));
+                    return Received::Frame(frame);
+                }
+                Some(Ok(Message::Close(frame))) => return Received::Closed(frame),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("unexpected websocket message {other:?}"),
+                Some(Err(error)) => panic!("websocket error: {error}"),
+                None => return Received::Closed(None),
+            }
+        }
+    }
+
+    pub async fn frame(&mut self) -> ServerFrame {
+        match self.receive().await {
+            Received::Frame(frame) => frame,
+            Received::Closed(close) => panic!("socket closed unexpectedly: {close:?}"),
+        }
+    }
+
+    pub async fn message(&mut self) -> ChatMessage {
+        match self.frame().await {
+            ServerFrame::Message(message) => message,
+            other => panic!("expected a message frame, got {other:?}"),
+        }
+    }
+
+    pub async fn mode(&mut self) -> ChatMode {
+        match self.frame().await {
+            ServerFrame::Mode { chat_mode } => chat_mode,
+            other => panic!("expected a mode frame, got {other:?}"),
+        }
+    }
+
+    /// Waits for the ack of `client_id`, returning its seq; other frames
+    /// before it are returned too, in order.
+    pub async fn ack(&mut self, client_id: &str) -> (i64, Vec<ServerFrame>) {
+        let mut before = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::Ack {
+                    client_id: acked,
+                    seq,
+                } if acked == client_id => return (seq, before),
+                other => before.push(other),
+            }
+        }
+    }
+
+    /// Frames up to and including the message with seq `seq`.
+    pub async fn until_seq(&mut self, seq: i64) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.frame().await;
+            let done = matches!(&frame, ServerFrame::Message(message) if message.seq >= seq);
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+
+    /// Expects the server to close the socket; returns the close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        match self.receive().await {
+            Received::Closed(Some(frame)) => (frame.code.into(), frame.reason.to_string()),
+            Received::Closed(None) => panic!("closed without a close frame"),
+            Received::Frame(frame) => panic!("expected a close, got {frame:?}"),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}
+
+/// Only the message frames of `frames`.
+pub fn messages(frames: &[ServerFrame]) -> Vec<&ChatMessage> {
+    frames
+        .iter()
+        .filter_map(|frame| match frame {
+            ServerFrame::Message(message) => Some(message),
+            _ => None,
+        })
+        .collect()
+}
