@@ -511,3 +511,95 @@ impl Store for SqliteStore {
         rows.into_iter().map(TryInto::try_into).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        (SqliteStore::connect(&url).await.unwrap(), dir)
+    }
+
+    async fn therapist(store: &SqliteStore, email: &str) -> Therapist {
+        let new = NewTherapist { email: email.into(), name: "T".into(), password_hash: "x".into() };
+        store.create_therapist(new).await.unwrap()
+    }
+
+    fn user_message(client_id: &str) -> NewMessage {
+        NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into() }
+    }
+
+    #[tokio::test]
+    async fn a_companion_reply_after_the_join_is_not_written() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let tess = therapist(&store, "t@x").await;
+        assert!(store.append_companion_reply(session.id, "before").await.unwrap().is_some());
+        let JoinOutcome::Joined { message } = store.join_as_therapist(session.id, tess.id, "joined").await.unwrap()
+        else {
+            panic!("expected a join");
+        };
+        assert_eq!((message.seq, message.sender), (2, Sender::System));
+        assert!(store.append_companion_reply(session.id, "too late").await.unwrap().is_none());
+        let history = store.messages_after(session.id, 0, 10).await.unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(store.chat_session(session.id).await.unwrap().unwrap().last_seq, 2);
+    }
+
+    #[tokio::test]
+    async fn join_is_once_per_transition_and_exclusive() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let tess = therapist(&store, "t@x").await;
+        let omar = therapist(&store, "o@x").await;
+        assert!(matches!(store.join_as_therapist(session.id, tess.id, "j").await, Ok(JoinOutcome::Joined { .. })));
+        assert!(matches!(store.join_as_therapist(session.id, tess.id, "j").await, Ok(JoinOutcome::AlreadyJoined)));
+        assert!(matches!(store.join_as_therapist(session.id, omar.id, "j").await, Ok(JoinOutcome::ClaimedByOther)));
+        assert!(matches!(store.join_as_therapist(Uuid::now_v7(), tess.id, "j").await, Err(StoreError::NotFound)));
+        let stored = store.chat_session(session.id).await.unwrap().unwrap();
+        assert_eq!((stored.therapist_id, stored.chat_mode, stored.last_seq), (Some(tess.id), ChatMode::TherapistJoined, 1));
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_gap_free_seqs_and_duplicates_are_not_stored() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let writers = (0..40).map(|n| {
+            let store = store.clone();
+            // Every id is sent twice, concurrently.
+            tokio::spawn(async move { store.append_message(session.id, user_message(&format!("c{}", n % 20))).await })
+        });
+        let mut stored = Vec::new();
+        let mut duplicates = 0;
+        for writer in writers {
+            match writer.await.unwrap().unwrap() {
+                Appended::Stored { message, .. } => stored.push(message.seq),
+                Appended::Duplicate { .. } => duplicates += 1,
+            }
+        }
+        stored.sort_unstable();
+        assert_eq!(stored, (1..=20).collect::<Vec<_>>());
+        assert_eq!(duplicates, 20);
+        let seqs: Vec<i64> = store.messages_after(session.id, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn expired_logins_and_unknown_sessions_find_nothing() {
+        let (store, _dir) = store().await;
+        let tess = therapist(&store, "t@x").await;
+        let now = now();
+        store.create_auth_session(tess.id, b"live", now + time::Duration::hours(1)).await.unwrap();
+        store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1)).await.unwrap();
+        assert_eq!(store.therapist_by_token(b"live", now).await.unwrap().map(|t| t.id), Some(tess.id));
+        assert!(store.therapist_by_token(b"old", now).await.unwrap().is_none());
+        store.revoke_auth_session(b"live").await.unwrap();
+        assert!(store.therapist_by_token(b"live", now).await.unwrap().is_none());
+        assert!(matches!(
+            store.append_message(Uuid::now_v7(), user_message("a")).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+}
