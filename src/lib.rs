@@ -13,6 +13,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod http;
+pub mod pages;
 pub mod startup;
 pub mod telemetry;
 mod therapist_cli;

@@ -64,7 +64,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         responder: Arc::new(Companion::new(Duration::from_millis(
             args.companion_delay_ms,
         ))),
-        hub: Arc::new(Hub::default()),
+        hub: Arc::new(Hub::new()),
         setup: setup.clone(),
         settings: Arc::new(Settings {
             allowed_origins: args
@@ -96,7 +96,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     }
     println!("Haven is listening on {base}");
 
-    let app = crate::http::router(state.clone());
+    let app = crate::http::router(state.clone())?;
     let shutdown = state.shutdown.clone();
     let server = axum::serve(
         listener,

@@ -118,6 +118,7 @@ impl Connection {
                     room.takeover.cancel();
                     room.publish(Event::new(message, Some(ChatMode::TherapistJoined)));
                     tracing::info!("join message sent");
+                    self.state.hub.appointments_changed();
                 }
                 JoinOutcome::AlreadyJoined => self.mode = ChatMode::TherapistJoined,
                 JoinOutcome::ClaimedByOther => {

@@ -25,16 +25,41 @@ const ROOM_CAPACITY: usize = 256;
 
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
-/// All rooms of this process.
-#[derive(Default)]
+/// All rooms of this process, and the therapists' dashboard feed.
 pub struct Hub {
     /// Rooms are owned by their connections and companion tasks; the map
     /// holds weak references and a room removes itself when the last owner
     /// drops it.
     rooms: Arc<Rooms>,
+    /// Ticks whenever the appointments list may have changed (a session was
+    /// created, joined or written to). Carries no data: dashboards re-read
+    /// the list through the API, which applies each therapist's rights.
+    appointments: broadcast::Sender<()>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Hub {
+    pub fn new() -> Self {
+        Self {
+            rooms: Arc::default(),
+            appointments: broadcast::channel(16).0,
+        }
+    }
+
+    /// Tells open dashboards to refresh.
+    pub fn appointments_changed(&self) {
+        let _ = self.appointments.send(());
+    }
+
+    pub fn watch_appointments(&self) -> broadcast::Receiver<()> {
+        self.appointments.subscribe()
+    }
+
     /// The room of a session, created on first use.
     pub fn room(&self, session_id: Uuid) -> Arc<Room> {
         let mut rooms = lock(&self.rooms);

@@ -1,16 +1,23 @@
 //! The therapist's appointments list.
 
 use axum::Router;
+use std::convert::Infallible;
+
 use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
+use futures_util::Stream;
 use haven_protocol::api::Appointment;
+use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, Json};
 use crate::auth::AuthTherapist;
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/appointments", get(list_appointments))
+    Router::new()
+        .route("/api/appointments", get(list_appointments))
+        .route("/api/appointments/events", get(appointment_events))
 }
 
 /// `GET /api/appointments`: open sessions and the caller's own, oldest first.
@@ -32,4 +39,30 @@ async fn list_appointments(
         })
         .collect();
     Ok(Json(appointments))
+}
+
+/// `GET /api/appointments/events`: server-sent `changed` events whenever the
+/// list may have changed; the dashboard then re-reads `/api/appointments`.
+async fn appointment_events(
+    State(state): State<AppState>,
+    _caller: AuthTherapist,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let changes = state.hub.watch_appointments();
+    let shutdown = state.shutdown.clone();
+    let events =
+        futures_util::stream::unfold((changes, shutdown), |(mut changes, shutdown)| async move {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                next = changes.recv() => next,
+            };
+            match next {
+                // A lagged receiver missed some ticks; one refresh covers them all.
+                Ok(()) | Err(RecvError::Lagged(_)) => Some((
+                    Ok(SseEvent::default().event("changed").data("{}")),
+                    (changes, shutdown),
+                )),
+                Err(RecvError::Closed) => None,
+            }
+        });
+    Sse::new(events).keep_alive(KeepAlive::default())
 }

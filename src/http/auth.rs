@@ -7,6 +7,7 @@ use axum::routing::post;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
+use haven_store::Therapist;
 
 use super::{ApiError, Json};
 use crate::auth::{self, AuthTherapist, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
@@ -25,25 +26,7 @@ async fn login(
     jar: CookieJar,
     Json(request): Json<LoginRequest>,
 ) -> Result<(CookieJar, Json<LoginResponse>), ApiError> {
-    let email = auth::normalise_email(&request.email);
-    let account = state.store.therapist_with_password(&email).await?;
-    let (therapist, stored_hash) = match account {
-        Some((therapist, hash)) => (Some(therapist), Some(hash)),
-        None => (None, None),
-    };
-    let verified = auth::verify_password(request.password, stored_hash).await;
-    let Some(therapist) = therapist.filter(|_| verified) else {
-        tracing::warn!("login failed");
-        return Err(ApiError::InvalidCredentials);
-    };
-
-    let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
-    let expires_at = haven_store::now() + state.settings.therapist_session;
-    state
-        .store
-        .create_auth_session(therapist.id, &auth::token_hash(&token), expires_at)
-        .await?;
-    tracing::info!(therapist_id = %therapist.id, "therapist logged in");
+    let (therapist, token) = start_login(&state, &request.email, request.password).await?;
     let jar = jar.add(auth::auth_cookie(
         THERAPIST_COOKIE,
         token.clone(),
@@ -61,6 +44,34 @@ async fn login(
             therapist: profile,
         }),
     ))
+}
+
+/// Checks a password and records a new login; shared by the API and the
+/// login page. Returns the account and its new token.
+pub(crate) async fn start_login(
+    state: &AppState,
+    email: &str,
+    password: String,
+) -> Result<(Therapist, String), ApiError> {
+    let email = auth::normalise_email(email);
+    let account = state.store.therapist_with_password(&email).await?;
+    let (therapist, stored_hash) = match account {
+        Some((therapist, hash)) => (Some(therapist), Some(hash)),
+        None => (None, None),
+    };
+    let verified = auth::verify_password(password, stored_hash).await;
+    let Some(therapist) = therapist.filter(|_| verified) else {
+        tracing::warn!("login failed");
+        return Err(ApiError::InvalidCredentials);
+    };
+    let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
+    let expires_at = haven_store::now() + state.settings.therapist_session;
+    state
+        .store
+        .create_auth_session(therapist.id, &auth::token_hash(&token), expires_at)
+        .await?;
+    tracing::info!(therapist_id = %therapist.id, "therapist logged in");
+    Ok((therapist, token))
 }
 
 /// `POST /api/auth/logout`: revokes the token used and clears the cookie.

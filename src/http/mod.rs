@@ -1,31 +1,66 @@
 //! The HTTP surface: one module per resource, each with its own `router()`.
 
+use anyhow::Context;
 use axum::Router;
 use axum::extract::{FromRequest, MatchedPath, Request};
-use axum::http::StatusCode;
+use axum::http::header::{
+    CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use haven_protocol::api::ApiError as ErrorBody;
 use haven_store::StoreError;
+use tower_http::csrf::CsrfLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::startup::AppState;
 
 mod appointments;
-mod auth;
+pub(crate) mod auth;
 mod sessions;
 pub mod setup;
 
-/// Every route of the service.
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// What pages and scripts may load: only this origin, no inline code.
+/// `connect-src 'self'` covers the same-origin WebSocket.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// Every route of the service, with its security layers.
+pub fn router(state: AppState) -> anyhow::Result<Router> {
+    // Cross-site POSTs with cookies are refused (Sec-Fetch-Site / Origin);
+    // non-browser clients send neither header and pass.
+    let mut csrf = CsrfLayer::new();
+    for origin in &state.settings.allowed_origins {
+        csrf = csrf
+            .add_trusted_origin(origin)
+            .with_context(|| format!("allowed origin {origin:?}"))?;
+    }
+    let csrf = csrf.with_rejection_response(|_| ApiError::CrossSiteRequest.into_response());
+    let header =
+        |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
+
+    Ok(Router::new()
         .route("/healthz", get(healthz))
         .merge(sessions::router())
         .merge(auth::router())
         .merge(appointments::router())
         .merge(setup::router())
         .merge(crate::chat::router())
+        .merge(crate::pages::router())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(csrf)
+        .layer(header(
+            CONTENT_SECURITY_POLICY_HEADER,
+            CONTENT_SECURITY_POLICY,
+        ))
+        .layer(header(X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .layer(header(REFERRER_POLICY, "same-origin"))
+        .layer(header(X_FRAME_OPTIONS, "DENY"))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 // The route pattern, never the URI: paths and queries can carry secrets.
@@ -36,15 +71,24 @@ pub fn router(state: AppState) -> Router {
                 tracing::info_span!("http", method = %request.method(), route)
             }),
         )
-        .with_state(state)
+        .with_state(state))
 }
 
 async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound
+/// A page for browsers, JSON for API clients.
+async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
+    if crate::pages::wants_html(&headers, uri.path()) {
+        crate::pages::not_found_page()
+    } else {
+        ApiError::NotFound.into_response()
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// An API error: always JSON `{"error": code, "message": text}`.
@@ -64,6 +108,11 @@ pub enum ApiError {
     Forbidden,
     #[error("not found")]
     NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A browser request from another site carrying this site's cookies.
+    #[error("cross-site request refused")]
+    CrossSiteRequest,
     #[error("{0}")]
     Conflict(String),
     /// The database is unreachable; nothing was changed, retry later.
@@ -89,6 +138,8 @@ impl ApiError {
             ApiError::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::CrossSiteRequest => (StatusCode::FORBIDDEN, "cross_site_request"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

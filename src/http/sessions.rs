@@ -35,6 +35,7 @@ async fn create_session(
         .create_chat_session(&auth::token_hash(&token))
         .await?;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
+    state.hub.appointments_changed();
     let jar = jar.add(auth::auth_cookie(
         CLIENT_COOKIE,
         token.clone(),

@@ -523,12 +523,20 @@ mod tests {
     }
 
     async fn therapist(store: &SqliteStore, email: &str) -> Therapist {
-        let new = NewTherapist { email: email.into(), name: "T".into(), password_hash: "x".into() };
+        let new = NewTherapist {
+            email: email.into(),
+            name: "T".into(),
+            password_hash: "x".into(),
+        };
         store.create_therapist(new).await.unwrap()
     }
 
     fn user_message(client_id: &str) -> NewMessage {
-        NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into() }
+        NewMessage {
+            sender: Sender::User,
+            content: "hi".into(),
+            client_id: client_id.into(),
+        }
     }
 
     #[tokio::test]
@@ -536,16 +544,39 @@ mod tests {
         let (store, _dir) = store().await;
         let session = store.create_chat_session(b"client").await.unwrap();
         let tess = therapist(&store, "t@x").await;
-        assert!(store.append_companion_reply(session.id, "before").await.unwrap().is_some());
-        let JoinOutcome::Joined { message } = store.join_as_therapist(session.id, tess.id, "joined").await.unwrap()
+        assert!(
+            store
+                .append_companion_reply(session.id, "before")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let JoinOutcome::Joined { message } = store
+            .join_as_therapist(session.id, tess.id, "joined")
+            .await
+            .unwrap()
         else {
             panic!("expected a join");
         };
         assert_eq!((message.seq, message.sender), (2, Sender::System));
-        assert!(store.append_companion_reply(session.id, "too late").await.unwrap().is_none());
+        assert!(
+            store
+                .append_companion_reply(session.id, "too late")
+                .await
+                .unwrap()
+                .is_none()
+        );
         let history = store.messages_after(session.id, 0, 10).await.unwrap();
         assert_eq!(history.len(), 2);
-        assert_eq!(store.chat_session(session.id).await.unwrap().unwrap().last_seq, 2);
+        assert_eq!(
+            store
+                .chat_session(session.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seq,
+            2
+        );
     }
 
     #[tokio::test]
@@ -554,12 +585,27 @@ mod tests {
         let session = store.create_chat_session(b"client").await.unwrap();
         let tess = therapist(&store, "t@x").await;
         let omar = therapist(&store, "o@x").await;
-        assert!(matches!(store.join_as_therapist(session.id, tess.id, "j").await, Ok(JoinOutcome::Joined { .. })));
-        assert!(matches!(store.join_as_therapist(session.id, tess.id, "j").await, Ok(JoinOutcome::AlreadyJoined)));
-        assert!(matches!(store.join_as_therapist(session.id, omar.id, "j").await, Ok(JoinOutcome::ClaimedByOther)));
-        assert!(matches!(store.join_as_therapist(Uuid::now_v7(), tess.id, "j").await, Err(StoreError::NotFound)));
+        assert!(matches!(
+            store.join_as_therapist(session.id, tess.id, "j").await,
+            Ok(JoinOutcome::Joined { .. })
+        ));
+        assert!(matches!(
+            store.join_as_therapist(session.id, tess.id, "j").await,
+            Ok(JoinOutcome::AlreadyJoined)
+        ));
+        assert!(matches!(
+            store.join_as_therapist(session.id, omar.id, "j").await,
+            Ok(JoinOutcome::ClaimedByOther)
+        ));
+        assert!(matches!(
+            store.join_as_therapist(Uuid::now_v7(), tess.id, "j").await,
+            Err(StoreError::NotFound)
+        ));
         let stored = store.chat_session(session.id).await.unwrap().unwrap();
-        assert_eq!((stored.therapist_id, stored.chat_mode, stored.last_seq), (Some(tess.id), ChatMode::TherapistJoined, 1));
+        assert_eq!(
+            (stored.therapist_id, stored.chat_mode, stored.last_seq),
+            (Some(tess.id), ChatMode::TherapistJoined, 1)
+        );
     }
 
     #[tokio::test]
@@ -569,7 +615,11 @@ mod tests {
         let writers = (0..40).map(|n| {
             let store = store.clone();
             // Every id is sent twice, concurrently.
-            tokio::spawn(async move { store.append_message(session.id, user_message(&format!("c{}", n % 20))).await })
+            tokio::spawn(async move {
+                store
+                    .append_message(session.id, user_message(&format!("c{}", n % 20)))
+                    .await
+            })
         });
         let mut stored = Vec::new();
         let mut duplicates = 0;
@@ -582,7 +632,13 @@ mod tests {
         stored.sort_unstable();
         assert_eq!(stored, (1..=20).collect::<Vec<_>>());
         assert_eq!(duplicates, 20);
-        let seqs: Vec<i64> = store.messages_after(session.id, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
+        let seqs: Vec<i64> = store
+            .messages_after(session.id, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
     }
 
@@ -591,14 +647,41 @@ mod tests {
         let (store, _dir) = store().await;
         let tess = therapist(&store, "t@x").await;
         let now = now();
-        store.create_auth_session(tess.id, b"live", now + time::Duration::hours(1)).await.unwrap();
-        store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1)).await.unwrap();
-        assert_eq!(store.therapist_by_token(b"live", now).await.unwrap().map(|t| t.id), Some(tess.id));
-        assert!(store.therapist_by_token(b"old", now).await.unwrap().is_none());
+        store
+            .create_auth_session(tess.id, b"live", now + time::Duration::hours(1))
+            .await
+            .unwrap();
+        store
+            .create_auth_session(tess.id, b"old", now - time::Duration::seconds(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .therapist_by_token(b"live", now)
+                .await
+                .unwrap()
+                .map(|t| t.id),
+            Some(tess.id)
+        );
+        assert!(
+            store
+                .therapist_by_token(b"old", now)
+                .await
+                .unwrap()
+                .is_none()
+        );
         store.revoke_auth_session(b"live").await.unwrap();
-        assert!(store.therapist_by_token(b"live", now).await.unwrap().is_none());
+        assert!(
+            store
+                .therapist_by_token(b"live", now)
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(matches!(
-            store.append_message(Uuid::now_v7(), user_message("a")).await,
+            store
+                .append_message(Uuid::now_v7(), user_message("a"))
+                .await,
             Err(StoreError::NotFound)
         ));
     }

@@ -1,0 +1,233 @@
+// The chat page: one WebSocket per tab, replayed from the last seq seen.
+//
+// Every message carries a seq; the page renders seqs in order and drops any
+// it has already shown, so a reconnect (which asks for `since` = last seq)
+// shows no gap and nothing twice. The tab's own messages show at once as
+// pending, keyed by their client_id, and are confirmed by the server's ack
+// and message frame; un-acked ones are re-sent after a reconnect with the
+// same client_id, which the server de-duplicates.
+
+const root = document.getElementById("chat");
+const sessionId = root.dataset.sessionId;
+const therapistView = root.dataset.view === "therapist";
+const ownSender = therapistView ? "therapist" : "user";
+
+const list = document.getElementById("messages");
+const announcer = document.getElementById("announcer");
+const connection = document.getElementById("connection");
+const banner = document.getElementById("mode-banner");
+const form = document.getElementById("composer");
+const input = document.getElementById("message-input");
+const composerError = document.getElementById("composer-error");
+const therapistIcon = document.getElementById("therapist-icon");
+
+const MAX_CHARS = 4000;
+const state = {
+  lastSeq: 0,
+  socket: null,
+  attempts: 0,
+  stopped: false,
+  /** client_id → { element, content, acked } */
+  pending: new Map(),
+};
+
+const LABELS = {
+  user: therapistView ? "Client" : "You",
+  therapist: "Therapist",
+  ai: "Automated companion",
+  system: "",
+};
+
+function uuid() {
+  if (window.crypto.randomUUID) return window.crypto.randomUUID();
+  const bytes = window.crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+function setConnection(kind, text) {
+  connection.dataset.state = kind;
+  connection.textContent = text;
+}
+
+function buildMessage(sender, content) {
+  const item = document.createElement("li");
+  item.className = `msg msg--${sender}`;
+  item.dataset.sender = sender;
+  if (LABELS[sender]) {
+    const label = document.createElement("span");
+    label.className = "msg__label";
+    if (sender === "therapist") label.append(therapistIcon.content.cloneNode(true));
+    label.append(LABELS[sender]);
+    item.append(label);
+  }
+  const body = document.createElement("span");
+  body.className = "msg__body";
+  body.textContent = content;
+  item.append(body);
+  return item;
+}
+
+/** Confirmed messages go before the first pending one, so the list stays in seq order. */
+function placeConfirmed(element) {
+  const firstPending = [...list.querySelectorAll(".msg--pending")].find((item) => item !== element);
+  list.insertBefore(element, firstPending ?? null);
+}
+
+function render(message) {
+  if (message.seq <= state.lastSeq) return;
+  state.lastSeq = message.seq;
+  const mine = message.sender === ownSender && message.client_id && state.pending.get(message.client_id);
+  let element;
+  if (mine) {
+    state.pending.delete(message.client_id);
+    element = mine.element;
+    element.classList.remove("msg--pending");
+    element.querySelector(".msg__state")?.remove();
+  } else {
+    element = buildMessage(message.sender, message.content);
+    announce(message);
+  }
+  element.dataset.seq = String(message.seq);
+  element.dataset.clientId = message.client_id ?? "";
+  placeConfirmed(element);
+  element.scrollIntoView({ block: "nearest" });
+}
+
+function announce(message) {
+  // Announce what arrives live, not a replayed history.
+  if (Date.now() - Date.parse(message.created_at) > 60_000) return;
+  const who = message.sender === "system" ? "" : `${LABELS[message.sender]}: `;
+  announcer.textContent = `${who}${message.content}`;
+}
+
+function showMode(mode) {
+  banner.dataset.mode = mode;
+  if (mode === "THERAPIST_JOINED") {
+    banner.textContent = therapistView
+      ? "You have joined this chat. The automated companion is silent."
+      : "A therapist has joined. You are now talking with a person from the clinic.";
+  } else {
+    banner.textContent = therapistView
+      ? "The automated companion is answering until you join."
+      : "You are talking with Haven's automated companion. A therapist can join this chat.";
+  }
+}
+
+function handle(frame) {
+  switch (frame.type) {
+    case "message":
+      render(frame);
+      break;
+    case "ack": {
+      const entry = state.pending.get(frame.client_id);
+      if (entry) {
+        entry.acked = true;
+        const note = entry.element.querySelector(".msg__state");
+        if (note) note.textContent = "Sent";
+      }
+      break;
+    }
+    case "mode":
+      showMode(frame.chat_mode);
+      break;
+    case "error": {
+      const entry = frame.client_id && state.pending.get(frame.client_id);
+      if (entry) {
+        state.pending.delete(frame.client_id);
+        entry.element.classList.add("msg--failed");
+        const note = entry.element.querySelector(".msg__state");
+        if (note) note.textContent = "Not sent";
+      }
+      composerError.textContent = frame.message;
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+function send(clientId, content) {
+  if (state.socket?.readyState === WebSocket.OPEN) {
+    state.socket.send(JSON.stringify({ type: "message", content, client_id: clientId }));
+  }
+}
+
+const REFUSALS = {
+  "missing credential": "This chat link is no longer valid in this browser.",
+  "invalid or expired credential": "This chat link is no longer valid.",
+  "credential is for another session": "This chat link is no longer valid in this browser.",
+  "session is assigned to another therapist": "Another therapist has taken this chat.",
+  "unknown session": "This chat does not exist.",
+};
+
+function connect() {
+  const scheme = window.location.protocol === "https:" ? "wss" : "ws";
+  const params = new URLSearchParams({ since: String(state.lastSeq), role: ownSender });
+  const socket = new WebSocket(`${scheme}://${window.location.host}/api/chat/ws/${encodeURIComponent(sessionId)}?${params}`);
+  state.socket = socket;
+  setConnection("connecting", state.attempts ? "Reconnecting…" : "Connecting…");
+
+  socket.addEventListener("open", () => {
+    state.attempts = 0;
+    setConnection("open", "Connected");
+    for (const [clientId, entry] of state.pending) {
+      if (!entry.acked) send(clientId, entry.content);
+    }
+  });
+  socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
+  socket.addEventListener("close", (event) => {
+    if (state.socket !== socket) return;
+    state.socket = null;
+    if (event.code === 1008) {
+      state.stopped = true;
+      setConnection("closed", REFUSALS[event.reason] ?? "This chat is not available.");
+      form.querySelector("button").disabled = true;
+      return;
+    }
+    const delay = Math.min(15_000, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);
+    state.attempts += 1;
+    setConnection("connecting", `Connection lost. Reconnecting in ${Math.ceil(delay / 1000)} s…`);
+    window.setTimeout(connect, delay);
+  });
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const content = input.value;
+  composerError.textContent = "";
+  if (!content.trim()) {
+    composerError.textContent = "Write a message first.";
+    return;
+  }
+  if ([...content].length > MAX_CHARS) {
+    composerError.textContent = `Messages can be up to ${MAX_CHARS} characters.`;
+    return;
+  }
+  if (state.stopped) return;
+  const clientId = uuid();
+  const element = buildMessage(ownSender, content);
+  element.classList.add("msg--pending");
+  element.dataset.clientId = clientId;
+  const note = document.createElement("span");
+  note.className = "msg__state";
+  note.textContent = "Sending…";
+  element.append(note);
+  list.append(element);
+  element.scrollIntoView({ block: "nearest" });
+  state.pending.set(clientId, { element, content, acked: false });
+  send(clientId, content);
+  input.value = "";
+  input.focus();
+});
+
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+
+connect();

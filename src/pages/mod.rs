@@ -1,0 +1,339 @@
+//! The web app: server-rendered pages (askama templates in `templates/`)
+//! and the static assets they load (`assets/`, embedded in the binary).
+//!
+//! Pages only choose what to show; every right is checked again by the API
+//! and the socket. `?therapist=true` picks the therapist's view of a chat,
+//! but the therapist's identity comes from the login cookie alone.
+
+use askama::Template;
+use axum::Form;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::Cookie;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
+use crate::http::ApiError;
+use crate::startup::AppState;
+
+mod assets;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(home))
+        .route("/chat/{session_id}", get(chat))
+        .route("/therapist", get(dashboard))
+        .route("/therapist/login", get(login_form).post(login))
+        .route("/therapist/logout", post(logout))
+        .route("/assets/{file}", get(assets::serve))
+}
+
+#[derive(Template)]
+#[template(path = "home.html")]
+struct HomePage;
+
+#[derive(Template)]
+#[template(path = "chat.html")]
+struct ChatPage {
+    session_id: Uuid,
+    therapist_view: bool,
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage<'a> {
+    problem: Option<&'a str>,
+    next: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard.html")]
+struct DashboardPage {
+    name: String,
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    title: &'a str,
+    detail: &'a str,
+}
+
+/// Renders a template; a template that fails to render is a server error page.
+fn page(status: StatusCode, template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(error) => {
+            tracing::error!(error = %error, "template failed to render");
+            server_error()
+        }
+    }
+}
+
+/// A friendly HTML error page.
+pub fn error_page(status: StatusCode, title: &str, detail: &str) -> Response {
+    match (ErrorPage { title, detail }).render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(_) => (status, title.to_owned()).into_response(),
+    }
+}
+
+pub fn not_found_page() -> Response {
+    error_page(
+        StatusCode::NOT_FOUND,
+        "Page not found",
+        "There is nothing at this address.",
+    )
+}
+
+fn server_error() -> Response {
+    error_page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Something went wrong",
+        "Haven could not show this page. Please try again in a moment.",
+    )
+}
+
+fn unavailable(error: impl Into<ApiError>) -> Response {
+    // Logs the cause (ApiError does) and shows a page instead of JSON.
+    let _ = error.into();
+    error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Haven is busy",
+        "Haven cannot reach its database right now. Please try again in a moment.",
+    )
+}
+
+async fn home() -> Response {
+    page(StatusCode::OK, &HomePage)
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatQuery {
+    therapist: Option<String>,
+}
+
+/// `/chat/{id}` for the session's client; `/chat/{id}?therapist=true` for a
+/// logged-in therapist (others are sent to the login page).
+async fn chat(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    Query(query): Query<ChatQuery>,
+    jar: CookieJar,
+) -> Response {
+    let Ok(session_id) = Uuid::parse_str(&session_id) else {
+        return not_found_page();
+    };
+    let session = match state.store.chat_session(session_id).await {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            return error_page(
+                StatusCode::NOT_FOUND,
+                "Chat not found",
+                "This chat does not exist.",
+            );
+        }
+        Err(error) => return unavailable(error),
+    };
+    let therapist_view = query.therapist.as_deref() == Some("true");
+    let cookie = |name| jar.get(name).map(|cookie| cookie.value().to_owned());
+
+    if therapist_view {
+        let here = format!("/chat/{session_id}?therapist=true");
+        let Some(token) = cookie(THERAPIST_COOKIE) else {
+            return Redirect::to(&login_url(&here)).into_response();
+        };
+        return match auth::resolve(&state, &token).await {
+            Ok(Some(Credential::Therapist(therapist))) => {
+                if session
+                    .therapist_id
+                    .is_some_and(|holder| holder != therapist.id)
+                {
+                    return error_page(
+                        StatusCode::FORBIDDEN,
+                        "This chat is taken",
+                        "Another therapist has joined this chat.",
+                    );
+                }
+                page(
+                    StatusCode::OK,
+                    &ChatPage {
+                        session_id,
+                        therapist_view: true,
+                    },
+                )
+            }
+            Ok(_) => Redirect::to(&login_url(&here)).into_response(),
+            Err(error) => unavailable(error),
+        };
+    }
+
+    let invalid_link = || {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "This chat link is no longer valid",
+            "This chat can only be opened in the browser that started it. You can start a new chat from the home page.",
+        )
+    };
+    let Some(token) = cookie(CLIENT_COOKIE) else {
+        return invalid_link();
+    };
+    match auth::resolve(&state, &token).await {
+        Ok(Some(Credential::Client { session_id: own })) if own == session_id => page(
+            StatusCode::OK,
+            &ChatPage {
+                session_id,
+                therapist_view: false,
+            },
+        ),
+        Ok(_) => invalid_link(),
+        Err(error) => unavailable(error),
+    }
+}
+
+/// `/therapist/login?next=PATH` with a local path only.
+fn login_url(next: &str) -> String {
+    let mut url = String::from("/therapist/login?next=");
+    url.extend(next.bytes().map(|byte| match byte {
+        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+            (byte as char).to_string()
+        }
+        other => format!("%{other:02X}"),
+    }));
+    url
+}
+
+/// Only same-site paths may be a redirect target.
+fn local_path(next: Option<&str>) -> &str {
+    match next {
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+            path
+        }
+        _ => "/therapist",
+    }
+}
+
+async fn dashboard(State(state): State<AppState>, jar: CookieJar) -> Response {
+    let Some(token) = jar
+        .get(THERAPIST_COOKIE)
+        .map(|cookie| cookie.value().to_owned())
+    else {
+        return Redirect::to("/therapist/login").into_response();
+    };
+    match auth::resolve(&state, &token).await {
+        Ok(Some(Credential::Therapist(therapist))) => page(
+            StatusCode::OK,
+            &DashboardPage {
+                name: therapist.name,
+            },
+        ),
+        Ok(_) => Redirect::to("/therapist/login").into_response(),
+        Err(error) => unavailable(error),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct NextQuery {
+    next: Option<String>,
+}
+
+async fn login_form(Query(query): Query<NextQuery>) -> Response {
+    page(
+        StatusCode::OK,
+        &LoginPage {
+            problem: None,
+            next: local_path(query.next.as_deref()),
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    email: String,
+    password: String,
+    next: Option<String>,
+}
+
+/// The login form: on success the HttpOnly cookie is set and the browser is
+/// sent on to `next` (the dashboard by default).
+async fn login(
+    State(state): State<AppState>,
+    jar: CookieJar,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let next = local_path(form.next.as_deref()).to_owned();
+    match crate::http::auth::start_login(&state, &form.email, form.password).await {
+        Ok((_, token)) => {
+            let jar = jar.add(auth::auth_cookie(
+                THERAPIST_COOKIE,
+                token,
+                state.settings.cookie_secure,
+            ));
+            (jar, Redirect::to(&next)).into_response()
+        }
+        Err(ApiError::InvalidCredentials) => {
+            let problem = Some("The e-mail address or password is incorrect.");
+            page(
+                StatusCode::UNAUTHORIZED,
+                &LoginPage {
+                    problem,
+                    next: &next,
+                },
+            )
+        }
+        Err(error) => unavailable(error),
+    }
+}
+
+async fn logout(State(state): State<AppState>, jar: CookieJar) -> Response {
+    if let Some(cookie) = jar.get(THERAPIST_COOKIE) {
+        if let Err(error) = state
+            .store
+            .revoke_auth_session(&auth::token_hash(cookie.value()))
+            .await
+        {
+            return unavailable(error);
+        }
+    }
+    let jar = jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"));
+    (jar, Redirect::to("/therapist/login")).into_response()
+}
+
+/// Whether a request wants a page rather than JSON (for the 404 fallback).
+pub fn wants_html(headers: &HeaderMap, path: &str) -> bool {
+    !path.starts_with("/api/")
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|accept| accept.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/html"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_paths_are_redirect_targets() {
+        assert_eq!(
+            local_path(Some("/chat/x?therapist=true")),
+            "/chat/x?therapist=true"
+        );
+        assert_eq!(local_path(Some("//evil.example")), "/therapist");
+        assert_eq!(local_path(Some("https://evil.example")), "/therapist");
+        assert_eq!(local_path(Some("/\\evil.example")), "/therapist");
+        assert_eq!(local_path(None), "/therapist");
+    }
+
+    #[test]
+    fn login_url_encodes_the_query() {
+        assert_eq!(
+            login_url("/chat/a?therapist=true"),
+            "/therapist/login?next=/chat/a%3Ftherapist%3Dtrue"
+        );
+    }
+}
