@@ -1,8 +1,13 @@
 // The therapist's appointments list, kept live by server-sent events.
+//
+// Rows are updated in place, keyed by session, so a refresh never moves
+// keyboard focus or replaces the link someone is about to press.
 
 const body = document.querySelector("#appointments tbody");
 const status = document.getElementById("appointments-status");
 let appointments = [];
+
+const COLUMNS = ["Session", "Status", "Mode", "Waiting", "Last activity"];
 
 function ago(iso) {
   if (!iso) return "—";
@@ -13,42 +18,59 @@ function ago(iso) {
   return `${hours} h ${minutes % 60} min`;
 }
 
-function cell(label, text) {
-  const td = document.createElement("td");
-  td.dataset.label = label;
-  td.textContent = text;
-  return td;
-}
-
-function row(appointment) {
+function newRow(sessionId) {
   const tr = document.createElement("tr");
-  tr.dataset.sessionId = appointment.session_id;
-  tr.dataset.chatMode = appointment.chat_mode;
-  const short = appointment.session_id.slice(-6);
-  const mine = appointment.status === "assigned";
-  tr.append(
-    cell("Session", `#${short}`),
-    cell("Status", mine ? "Yours" : "Waiting"),
-    cell("Mode", appointment.chat_mode === "THERAPIST_JOINED" ? "Therapist joined" : "Companion"),
-    cell("Waiting", ago(appointment.created_at)),
-    cell("Last activity", ago(appointment.last_message_at)),
-  );
+  tr.dataset.sessionId = sessionId;
+  for (const label of COLUMNS) {
+    const td = document.createElement("td");
+    td.dataset.label = label;
+    tr.append(td);
+  }
   const action = document.createElement("td");
   const link = document.createElement("a");
   link.className = "button button--primary";
-  link.href = `/chat/${encodeURIComponent(appointment.session_id)}?therapist=true`;
-  link.textContent = mine ? "Open chat" : "Join Chat";
-  link.setAttribute("aria-label", `${link.textContent}, session ${short}`);
+  link.href = `/chat/${encodeURIComponent(sessionId)}?therapist=true`;
   action.append(link);
   tr.append(action);
   return tr;
 }
 
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function fill(tr, appointment) {
+  const short = appointment.session_id.slice(-6);
+  const mine = appointment.status === "assigned";
+  tr.dataset.chatMode = appointment.chat_mode;
+  const values = [
+    `#${short}`,
+    mine ? "Yours" : "Waiting",
+    appointment.chat_mode === "THERAPIST_JOINED" ? "Therapist joined" : "Companion",
+    ago(appointment.created_at),
+    ago(appointment.last_message_at),
+  ];
+  values.forEach((value, index) => setText(tr.cells[index], value));
+  const link = tr.querySelector("a");
+  setText(link, mine ? "Open chat" : "Join Chat");
+  link.setAttribute("aria-label", `${link.textContent}, session ${short}`);
+}
+
 function render() {
-  body.replaceChildren(...appointments.map(row));
-  status.textContent = appointments.length
-    ? `${appointments.length} appointment${appointments.length === 1 ? "" : "s"}`
-    : "No open sessions right now.";
+  const rows = new Map([...body.rows].map((tr) => [tr.dataset.sessionId, tr]));
+  appointments.forEach((appointment, index) => {
+    const tr = rows.get(appointment.session_id) ?? newRow(appointment.session_id);
+    rows.delete(appointment.session_id);
+    fill(tr, appointment);
+    if (body.rows[index] !== tr) body.insertBefore(tr, body.rows[index] ?? null);
+  });
+  for (const gone of rows.values()) gone.remove();
+  setText(
+    status,
+    appointments.length
+      ? `${appointments.length} appointment${appointments.length === 1 ? "" : "s"}`
+      : "No open sessions right now.",
+  );
 }
 
 async function refresh() {

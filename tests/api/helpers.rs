@@ -55,7 +55,8 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (child, address, setup_url, logs) = start(&database_url(&dir), &options).await;
+        let (child, address, setup_url, logs) =
+            start(&database_url(&dir), "127.0.0.1:0", &options).await;
         TestApp {
             address,
             setup_url,
@@ -68,11 +69,23 @@ impl TestApp {
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown) and starts a new
-    /// one on the same database file.
+    /// one on the same database file and the same port, so open pages and
+    /// clients can reconnect to it.
     pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Kills the server with SIGKILL.
+    pub async fn stop(&mut self) {
         self.child.kill().await.expect("kill server");
+    }
+
+    /// Starts the server again after [`TestApp::stop`], on the same file and port.
+    pub async fn start_again(&mut self) {
+        let bind = self.address.trim_start_matches("http://").to_owned();
         let (child, address, setup_url, logs) =
-            start(&database_url(&self.dir), &self.options).await;
+            start(&database_url(&self.dir), &bind, &self.options).await;
         self.child = child;
         self.address = address;
         self.setup_url = setup_url;
@@ -203,7 +216,11 @@ fn database_url(dir: &TempDir) -> String {
     format!("sqlite://{}", dir.path().join("haven.db").display())
 }
 
-async fn start(database: &str, options: &Options) -> (Child, String, Option<String>, Logs) {
+async fn start(
+    database: &str,
+    bind: &str,
+    options: &Options,
+) -> (Child, String, Option<String>, Logs) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
     command
         .args([
@@ -211,7 +228,7 @@ async fn start(database: &str, options: &Options) -> (Child, String, Option<Stri
             database,
             "serve",
             "--bind",
-            "127.0.0.1:0",
+            bind,
             "--log-format",
             "json",
         ])

@@ -3,6 +3,7 @@
 
 mod admission;
 mod api;
+mod browser;
 mod chat;
 mod cli;
 mod durability;

@@ -1,0 +1,722 @@
+//! The web app in a real headless Chromium, driven through chromedriver.
+//!
+//! Each browser is its own WebDriver session with its own profile, so the
+//! client and the therapist have separate cookie jars, as two people would.
+//! Screenshots of every step land in `target/browser-screenshots/`.
+//! Chromium, chromedriver and axe-core (`npm ci --prefix tests/browser`) are
+//! required: a missing one fails the test, it never skips.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use fantoccini::elements::Element;
+use fantoccini::wd::Capabilities;
+use fantoccini::{Client, ClientBuilder, Locator};
+use haven_protocol::{ChatMode, Sender};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use crate::helpers::{EVENT_TIMEOUT, PASSWORD, TestApp, message_of, session_of};
+
+const ENTER: &str = "\u{E007}";
+
+/// One chromedriver process for a test; every browser it starts is separate.
+struct Driver {
+    url: String,
+    /// Killed on drop; each browser is closed by its test, which also ends
+    /// its Chromium processes.
+    _process: Child,
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver is required for the browser tests (apt-get install chromium chromium-driver)");
+        let url = format!("http://127.0.0.1:{port}");
+        let ready = async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, ready)
+            .await
+            .expect("chromedriver did not start");
+        Driver {
+            url,
+            _process: process,
+        }
+    }
+
+    /// A new browser with an empty profile.
+    async fn browser(&self) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut options = json!({
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--disable-quic", "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.path().display()),
+            ]
+        });
+        if let Ok(binary) = std::env::var("CHROMIUM") {
+            options["binary"] = json!(binary);
+        }
+        let mut capabilities = Capabilities::new();
+        capabilities.insert("goog:chromeOptions".into(), options);
+        let client = ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("chromium is required for the browser tests (apt-get install chromium chromium-driver)");
+        Browser { client, profile }
+    }
+}
+
+struct Browser {
+    client: Client,
+    profile: TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // A test that fails never reaches `close`: end this browser's
+        // processes, found by their unique profile directory.
+        let pattern = format!("user-data-dir={}", self.profile.path().display());
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
+    }
+}
+
+/// A rendered message as the page shows it.
+#[derive(Debug)]
+struct Shown {
+    /// Distance from the list's left and right edges, and of its centre from the list's centre.
+    left: f64,
+    right: f64,
+    centre: f64,
+    /// `rgb(r, g, b)` of the bubble's computed background.
+    background: (u8, u8, u8, f64),
+    label: Option<String>,
+    has_icon: bool,
+}
+
+impl Browser {
+    async fn goto(&self, app: &TestApp, path: &str) {
+        self.client.goto(&app.url(path)).await.expect("navigate");
+    }
+
+    async fn find(&self, css: &str) -> Element {
+        self.client
+            .wait()
+            .at_most(EVENT_TIMEOUT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|error| {
+                panic!("no element {css}: {error}");
+            })
+    }
+
+    async fn js(&self, script: &str, args: Vec<Value>) -> Value {
+        self.client
+            .execute(script, args)
+            .await
+            .unwrap_or_else(|error| panic!("script failed: {error}\n{script}"))
+    }
+
+    /// Waits, on DOM changes, until the JavaScript expression `condition` is
+    /// true in the page (arguments are available as `args`).
+    async fn until(&self, condition: &str, args: Vec<Value>) {
+        let script = format!(
+            "const args = arguments[0]; const done = arguments[arguments.length - 1];
+             const check = () => {{ try {{ return Boolean({condition}); }} catch (e) {{ return false; }} }};
+             if (check()) {{ done(true); return; }}
+             const observer = new MutationObserver(() => {{
+               if (check()) {{ observer.disconnect(); clearTimeout(timer); done(true); }}
+             }});
+             observer.observe(document, {{ subtree: true, childList: true, attributes: true, characterData: true }});
+             const timer = setTimeout(() => {{ observer.disconnect(); done(check()); }}, {timeout});",
+            timeout = EVENT_TIMEOUT.as_millis()
+        );
+        let met = self
+            .client
+            .execute_async(&script, vec![Value::Array(args)])
+            .await
+            .unwrap_or_else(|error| panic!("waiting for `{condition}` failed: {error}"));
+        if met != Value::Bool(true) {
+            let page = self.js("return document.body.innerText", vec![]).await;
+            panic!(
+                "timed out waiting for `{condition}`; page shows:\n{}",
+                page.as_str().unwrap_or_default()
+            );
+        }
+    }
+
+    async fn until_connected(&self) {
+        self.until(
+            "document.getElementById('connection').dataset.state === 'open'",
+            vec![],
+        )
+        .await;
+    }
+
+    /// Types into the message box and presses Enter.
+    async fn say(&self, text: &str) {
+        let input = self.find("#message-input").await;
+        input.send_keys(text).await.unwrap();
+        input.send_keys(ENTER).await.unwrap();
+    }
+
+    /// Waits for a confirmed message from `sender` with exactly `text`.
+    async fn until_message(&self, sender: &str, text: &str) {
+        self.until(
+            "[...document.querySelectorAll('#messages .msg[data-seq]')].some(m => m.dataset.sender === args[0] && m.querySelector('.msg__body').textContent === args[1])",
+            vec![json!(sender), json!(text)],
+        )
+        .await;
+    }
+
+    /// Where and how the first message from `sender` with `text` is drawn.
+    async fn shown(&self, sender: &str, text: &str) -> Shown {
+        let value = self
+            .js(
+                "const [sender, text] = arguments;
+                 const el = [...document.querySelectorAll('#messages .msg')]
+                   .find(m => m.dataset.sender === sender && m.querySelector('.msg__body').textContent === text);
+                 const list = document.getElementById('messages').getBoundingClientRect();
+                 const box = el.getBoundingClientRect();
+                 const label = el.querySelector('.msg__label');
+                 return {
+                   left: box.left - list.left, right: list.right - box.right,
+                   centre: (box.left + box.right) / 2 - (list.left + list.right) / 2,
+                   background: getComputedStyle(el).backgroundColor,
+                   label: label ? label.textContent.trim() : null,
+                   has_icon: Boolean(label && label.querySelector('svg')),
+                 };",
+                vec![json!(sender), json!(text)],
+            )
+            .await;
+        Shown {
+            left: value["left"].as_f64().unwrap(),
+            right: value["right"].as_f64().unwrap(),
+            centre: value["centre"].as_f64().unwrap(),
+            background: parse_rgb(value["background"].as_str().unwrap()),
+            label: value["label"].as_str().map(str::to_owned),
+            has_icon: value["has_icon"].as_bool().unwrap(),
+        }
+    }
+
+    /// `(seq, sender, text)` of every confirmed message on the page, in page order.
+    async fn transcript(&self) -> Vec<(i64, String, String)> {
+        let value = self
+            .js(
+                "return [...document.querySelectorAll('#messages .msg[data-seq]')]
+                   .map(m => [Number(m.dataset.seq), m.dataset.sender, m.querySelector('.msg__body').textContent]);",
+                vec![],
+            )
+            .await;
+        serde_json::from_value(value).unwrap()
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        let value = self
+            .js(
+                "return document.querySelectorAll(arguments[0]).length",
+                vec![json!(css)],
+            )
+            .await;
+        value.as_u64().unwrap() as usize
+    }
+
+    async fn path(&self) -> String {
+        self.client.current_url().await.unwrap().path().to_owned()
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let directory =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
+        std::fs::create_dir_all(&directory).unwrap();
+        let png = self.client.screenshot().await.expect("screenshot");
+        std::fs::write(directory.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn close(self) {
+        let _ = self.client.clone().close().await;
+    }
+}
+
+fn parse_rgb(css: &str) -> (u8, u8, u8, f64) {
+    let inner = css
+        .trim_start_matches("rgba(")
+        .trim_start_matches("rgb(")
+        .trim_end_matches(')');
+    let parts: Vec<f64> = inner
+        .split(',')
+        .map(|part| part.trim().parse().unwrap())
+        .collect();
+    (
+        parts[0] as u8,
+        parts[1] as u8,
+        parts[2] as u8,
+        parts.get(3).copied().unwrap_or(1.0),
+    )
+}
+
+fn is_blue((r, g, b, a): (u8, u8, u8, f64)) -> bool {
+    a > 0.9 && b as i32 > r as i32 + 60 && b as i32 > g as i32 + 40
+}
+
+fn is_green((r, g, b, a): (u8, u8, u8, f64)) -> bool {
+    a > 0.9 && g as i32 > r as i32 + 15 && g as i32 > b as i32 + 10
+}
+
+fn is_gray((r, g, b, a): (u8, u8, u8, f64)) -> bool {
+    a > 0.9 && r.abs_diff(g) < 16 && g.abs_diff(b) < 16 && r.abs_diff(b) < 16
+}
+
+/// Opens `/`, clicks "Chat Now" and waits for the chat to connect; returns the session id.
+async fn chat_now(app: &TestApp, browser: &Browser) -> String {
+    browser.goto(app, "/").await;
+    browser.find("#chat-now").await.click().await.unwrap();
+    // Waiting for an element of the next page survives the navigation; a
+    // script waiting in the old page would not.
+    browser.find("#chat").await;
+    browser.until_connected().await;
+    browser.path().await.trim_start_matches("/chat/").to_owned()
+}
+
+async fn log_in(app: &TestApp, browser: &Browser, email: &str) {
+    browser.goto(app, "/therapist/login").await;
+    browser.find("#email").await.send_keys(email).await.unwrap();
+    browser
+        .find("#password")
+        .await
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    browser
+        .find("form.stack button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser.find("#appointments").await;
+}
+
+#[tokio::test]
+async fn the_reference_procedure_works_in_a_real_browser() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+
+    // 1. Chat Now, hello, the companion answers.
+    let client = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    client.until_message("user", "hello").await;
+    client
+        .until(
+            "document.querySelector('#messages .msg--ai[data-seq]')",
+            vec![],
+        )
+        .await;
+    let own = client.shown("user", "hello").await;
+    assert!(
+        own.right < 2.0 && own.left > 40.0,
+        "the user's message is on the right: {own:?}"
+    );
+    assert!(
+        is_blue(own.background),
+        "the user's message is blue: {own:?}"
+    );
+    let reply = client
+        .transcript()
+        .await
+        .into_iter()
+        .find(|(_, sender, _)| sender == "ai")
+        .unwrap()
+        .2;
+    let companion = client.shown("ai", &reply).await;
+    assert!(
+        companion.left < 2.0 && companion.right > 40.0,
+        "the companion is on the left: {companion:?}"
+    );
+    assert!(
+        is_gray(companion.background),
+        "the companion is gray: {companion:?}"
+    );
+    assert!(
+        companion
+            .label
+            .as_deref()
+            .is_some_and(|label| label.contains("Automated companion")),
+        "{companion:?}"
+    );
+    client.screenshot("1-client-hello").await;
+
+    // Two more tabs of the same client, open before the therapist joins.
+    let first_tab = client.client.window().await.unwrap();
+    let mut tabs = vec![first_tab.clone()];
+    for _ in 0..2 {
+        let tab = client.client.new_window(true).await.unwrap().handle;
+        client.client.switch_to_window(tab.clone()).await.unwrap();
+        client.goto(&app, &format!("/chat/{session_id}")).await;
+        client.until_connected().await;
+        client.until_message("user", "hello").await;
+        tabs.push(tab);
+    }
+
+    // 2. The therapist, in a separate browser, joins from the dashboard.
+    let therapist = driver.browser().await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    let row = format!("#appointments tr[data-session-id='{session_id}']");
+    therapist.find(&format!("{row} a")).await;
+    therapist.screenshot("2-dashboard").await;
+    let join = therapist.find(&format!("{row} a")).await;
+    assert_eq!(join.text().await.unwrap(), "Join Chat");
+    join.click()
+        .await
+        .expect("the row's link stays the same element while the list updates");
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    therapist
+        .until(
+            "document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'",
+            vec![],
+        )
+        .await;
+    for tab in &tabs {
+        client.client.switch_to_window(tab.clone()).await.unwrap();
+        client.until("[...document.querySelectorAll('#messages .msg--system')].some(m => m.textContent.includes('Therapist has joined'))", vec![]).await;
+        client
+            .until(
+                "document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'",
+                vec![],
+            )
+            .await;
+    }
+    client
+        .client
+        .switch_to_window(first_tab.clone())
+        .await
+        .unwrap();
+    let joined = client
+        .transcript()
+        .await
+        .into_iter()
+        .find(|(_, sender, _)| sender == "system")
+        .unwrap()
+        .2;
+    let notice = client.shown("system", &joined).await;
+    assert!(
+        notice.centre.abs() < 4.0,
+        "the system message is centred: {notice:?}"
+    );
+    client.screenshot("2-client-sees-join").await;
+
+    // 3. The client asks; the therapist sees it; the companion stays silent.
+    client.say("are you there?").await;
+    therapist.until_message("user", "are you there?").await;
+    app.logs
+        .wait_for(1, |event| {
+            message_of(event) == "companion will not respond"
+                && session_of(event).as_deref() == Some(&session_id)
+        })
+        .await;
+    therapist.screenshot("3-therapist-sees-question").await;
+
+    // 4. The therapist answers: left, green, labelled, with the stethoscope.
+    therapist.say("Yes, I'm here to help").await;
+    for tab in &tabs {
+        client.client.switch_to_window(tab.clone()).await.unwrap();
+        client
+            .until_message("therapist", "Yes, I'm here to help")
+            .await;
+        let answer = client.shown("therapist", "Yes, I'm here to help").await;
+        assert!(
+            answer.left < 2.0 && answer.right > 40.0,
+            "the therapist is on the left: {answer:?}"
+        );
+        assert!(
+            is_green(answer.background),
+            "the therapist is green: {answer:?}"
+        );
+        assert_eq!(answer.label.as_deref(), Some("Therapist"));
+        assert!(answer.has_icon, "the stethoscope icon is shown");
+        assert_eq!(
+            client.count("#messages .msg--ai").await,
+            1,
+            "no companion reply after the join"
+        );
+    }
+    assert_eq!(
+        therapist.count("#messages .msg--ai").await,
+        1,
+        "only the reply from before the join"
+    );
+    client.screenshot("4-client-sees-therapist").await;
+
+    // 5. Three client tabs and the therapist show the same conversation.
+    let expected = therapist.transcript().await;
+    assert_eq!(
+        expected.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    for (index, tab) in tabs.iter().enumerate() {
+        client.client.switch_to_window(tab.clone()).await.unwrap();
+        assert_eq!(client.transcript().await, expected, "tab {index}");
+        client.screenshot(&format!("5-client-tab-{index}")).await;
+    }
+    let history = app
+        .history(session_id.parse().unwrap(), &therapist_token(&app).await)
+        .await;
+    assert_eq!(history.len(), expected.len());
+    client.close().await;
+    therapist.close().await;
+}
+
+/// A fresh API login of the test therapist.
+async fn therapist_token(app: &TestApp) -> String {
+    let response: Value = app
+        .login("tess@clinic.test", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    response["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_dropped_connection_resumes_with_no_gap_and_no_duplicate() {
+    let mut app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    client
+        .until(
+            "document.querySelector('#messages .msg--ai[data-seq]')",
+            vec![],
+        )
+        .await;
+
+    // The server dies; the page notices and keeps what is typed meanwhile.
+    app.stop().await;
+    client
+        .until(
+            "document.getElementById('connection').dataset.state === 'connecting'",
+            vec![],
+        )
+        .await;
+    client.say("typed while the connection was down").await;
+    client
+        .until("document.querySelector('#messages .msg--pending')", vec![])
+        .await;
+    app.start_again().await;
+
+    // While the page is away, the therapist joins and writes.
+    let token = therapist_token(&app).await;
+    let mut desk = app.connect(session_id.parse().unwrap(), &token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    for text in ["first while you were away", "second while you were away"] {
+        let id = desk.send_message(text).await;
+        desk.ack(&id).await;
+    }
+
+    client.until_connected().await;
+    client
+        .until_message("user", "typed while the connection was down")
+        .await;
+    client
+        .until_message("therapist", "second while you were away")
+        .await;
+    let history = app.history(session_id.parse().unwrap(), &token).await;
+    let shown = client.transcript().await;
+    let stored: Vec<_> = history
+        .iter()
+        .map(|m| (m.seq, m.sender.as_str().to_owned(), m.content.clone()))
+        .collect();
+    assert_eq!(
+        shown, stored,
+        "the page shows the stored conversation exactly once, in order"
+    );
+    assert!(history.iter().any(|m| m.sender == Sender::User && m.content == "typed while the connection was down"));
+    assert_eq!(client.count("#messages .msg--pending").await, 0);
+    client.screenshot("resume-after-drop").await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_client_opening_the_therapist_url_gets_no_therapist_rights() {
+    let app = TestApp::spawn().await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+
+    client
+        .goto(&app, &format!("/chat/{session_id}?therapist=true"))
+        .await;
+    assert_eq!(client.path().await, "/therapist/login");
+    assert_eq!(
+        client.find("h1").await.text().await.unwrap(),
+        "Therapist login"
+    );
+    // The client's own view still works, and the session was not taken over.
+    client.goto(&app, &format!("/chat/{session_id}")).await;
+    client.until_connected().await;
+    assert_eq!(
+        client
+            .js(
+                "return document.getElementById('mode-banner').dataset.mode",
+                vec![]
+            )
+            .await,
+        json!("BOT_ONLY")
+    );
+    let created: Value = client
+        .js("return fetch(location.pathname.replace('/chat/', '/api/sessions/') + '/messages').then(r => r.json())", vec![])
+        .await;
+    assert_eq!(created["messages"], json!([]), "nothing was written");
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_foreign_origin_websocket_with_valid_cookies_is_refused() {
+    let app = TestApp::spawn().await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+
+    // Another site on the same host (so the browser sends Haven's cookies).
+    let socket_url = format!(
+        "{}/api/chat/ws/{session_id}",
+        app.address.replace("http://", "ws://")
+    );
+    let page = format!(
+        "<!doctype html><title>evil</title><script>
+           const ws = new WebSocket({socket_url:?});
+           ws.onmessage = (e) => {{ document.title = 'message ' + e.data; }};
+           ws.onclose = (e) => {{ if (!document.title.startsWith('message')) document.title = 'closed ' + e.code + ' ' + e.reason; }};
+         </script>"
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil = format!("http://{}", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+    client.client.goto(&evil).await.unwrap();
+    client
+        .until(
+            "document.title.startsWith('closed') || document.title.startsWith('message')",
+            vec![],
+        )
+        .await;
+    let title = client.client.title().await.unwrap();
+    assert_eq!(
+        title, "closed 1008 origin not allowed",
+        "the cookie was sent, and refused for its origin"
+    );
+    server.abort();
+    client.close().await;
+}
+
+#[tokio::test]
+async fn every_page_passes_axe_and_fits_a_phone() {
+    let axe_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser/node_modules/axe-core/axe.min.js");
+    let axe = std::fs::read_to_string(&axe_path).unwrap_or_else(|_| {
+        panic!(
+            "axe-core is required: run `npm ci --prefix tests/browser` ({})",
+            axe_path.display()
+        )
+    });
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let therapist = driver.browser().await;
+
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    client
+        .until(
+            "document.querySelector('#messages .msg--ai[data-seq]')",
+            vec![],
+        )
+        .await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.find("#appointments tbody tr a").await;
+
+    let pages: [(&Browser, &str, String); 7] = [
+        (&client, "home", "/".into()),
+        (&client, "client-chat", format!("/chat/{session_id}")),
+        (&client, "not-found", "/no/such/page".into()),
+        (&therapist, "login", "/therapist/login".into()),
+        (&therapist, "dashboard", "/therapist".into()),
+        (
+            &therapist,
+            "invalid-chat-link",
+            format!("/chat/{session_id}"),
+        ),
+        (
+            &therapist,
+            "therapist-chat",
+            format!("/chat/{session_id}?therapist=true"),
+        ),
+    ];
+    for (browser, name, path) in pages {
+        for (width, height) in [(1280, 900), (360, 740)] {
+            browser.client.set_window_size(width, height).await.unwrap();
+            browser.goto(&app, &path).await;
+            browser.find("main h1").await;
+            if path.starts_with("/chat/") && name != "invalid-chat-link" {
+                browser.until_connected().await;
+            }
+            let overflow = browser
+                .js(
+                    "return document.documentElement.scrollWidth - window.innerWidth",
+                    vec![],
+                )
+                .await;
+            assert!(
+                overflow.as_i64().unwrap() <= 0,
+                "{name} scrolls sideways at {width}px: {overflow}"
+            );
+            browser.js(&format!("{axe}\nreturn true;"), vec![]).await;
+            let serious = browser
+                .client
+                .execute_async(
+                    "const done = arguments[arguments.length - 1];
+                     axe.run(document).then(result => done(result.violations
+                       .filter(v => v.impact === 'serious' || v.impact === 'critical')
+                       .map(v => ({ id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' ')) }))));",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            assert_eq!(serious, json!([]), "axe on {name} at {width}px");
+            browser.screenshot(&format!("page-{name}-{width}")).await;
+        }
+    }
+    client.close().await;
+    therapist.close().await;
+}
