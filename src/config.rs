@@ -42,9 +42,11 @@ pub enum TherapistCommand {
 
 #[derive(Debug, Args)]
 pub struct AddTherapistArgs {
-    #[arg(long)]
+    /// The login e-mail address (stored in lower case).
+    #[arg(long, env = "HAVEN_THERAPIST_EMAIL")]
     pub email: String,
-    #[arg(long)]
+    /// The name clients and colleagues see.
+    #[arg(long, env = "HAVEN_THERAPIST_NAME")]
     pub name: String,
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{Instrument, Span, field};
 
 use super::hub::{ConnectionGuard, Event, frame_text};
-use super::{Admitted, companion};
+use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
 
 /// Messages read from the database per query while catching up.
@@ -20,6 +20,8 @@ const CATCH_UP_PAGE: i64 = 500;
 
 /// Runs an admitted connection until either side closes it.
 pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
+    // Shutdown waits for this socket to send its close frame.
+    let _running = state.tasks.token();
     let span = tracing::info_span!(
         "chat",
         session_id = %admitted.session_id,
@@ -73,6 +75,31 @@ impl From<StoreError> for Stop {
             close_code::INTERNAL_ERROR,
             "service temporarily unavailable, reconnect",
         )
+    }
+}
+
+fn too_big() -> Stop {
+    tracing::info!("message too big: closing");
+    Stop::Close(close_code::MESSAGE_TOO_BIG, "message too big")
+}
+
+/// A frame that could not be read: too big (1009), not UTF-8 (1007), or a
+/// broken connection.
+fn read_failure(error: axum::Error) -> Stop {
+    match error
+        .into_inner()
+        .downcast::<tungstenite::Error>()
+        .map(|error| *error)
+    {
+        Ok(tungstenite::Error::Capacity(_)) => too_big(),
+        Ok(tungstenite::Error::Utf8(_)) => {
+            tracing::info!("invalid UTF-8: closing");
+            Stop::Close(close_code::INVALID_PAYLOAD, "invalid UTF-8")
+        }
+        Ok(tungstenite::Error::Protocol(_)) => {
+            Stop::Close(close_code::PROTOCOL_ERROR, "protocol error")
+        }
+        _ => Stop::Disconnected,
     }
 }
 
@@ -155,11 +182,14 @@ impl Connection {
                     return Stop::Close(close_code::GOING_AWAY, "server shutting down, reconnect with since");
                 }
                 incoming = self.socket.recv() => match incoming {
+                    Some(Ok(Message::Text(text))) if text.len() > MAX_MESSAGE_BYTES => return too_big(),
+                    Some(Ok(Message::Binary(bytes))) if bytes.len() > MAX_MESSAGE_BYTES => return too_big(),
                     Some(Ok(Message::Text(text))) => self.on_text(&text).await,
                     Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames").await,
                     // Pings are answered by the WebSocket layer itself.
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Stop::Disconnected,
+                    Some(Ok(Message::Close(_))) | None => return Stop::Disconnected,
+                    Some(Err(error)) => return read_failure(error),
                 },
                 event = self.events.recv() => match event {
                     Ok(event) => self.deliver(event).await,
@@ -204,8 +234,11 @@ impl Connection {
         match stored {
             Ok(Appended::Stored { message, chat_mode }) => {
                 let seq = message.seq;
-                self.send(ServerFrame::Ack { client_id, seq }).await?;
+                // The message is committed: it is published and answered even
+                // if this client is already gone and never sees its ack.
+                let acked = self.send(ServerFrame::Ack { client_id, seq }).await;
                 self.guard.room().publish(Event::new(message, None));
+                self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if chat_mode == ChatMode::TherapistJoined {
                     tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
@@ -213,7 +246,7 @@ impl Connection {
                     tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
                     companion::spawn(&self.state, self.guard.room().clone(), seq);
                 }
-                Ok(())
+                acked
             }
             Ok(Appended::Duplicate { seq }) => {
                 tracing::info!(seq, "duplicate client_id: original ack sent again");
@@ -244,8 +277,12 @@ impl Connection {
     /// Sends an event's message in seq order, filling any gap from the
     /// database first and skipping what the client already has.
     async fn deliver(&mut self, event: Event) -> Result<(), Stop> {
-        if event.seq > self.last_seq {
-            self.catch_up(event.seq - 1).await?;
+        if event.seq > self.last_seq + 1 {
+            // Out of order or missed: the database has everything up to here,
+            // and the mode that goes with it.
+            return self.resync().await;
+        }
+        if event.seq == self.last_seq + 1 {
             self.socket.send(Message::Text(event.frame)).await?;
             self.last_seq = event.seq;
         }

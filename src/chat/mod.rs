@@ -9,6 +9,7 @@
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -31,9 +32,15 @@ mod hub;
 
 pub use hub::Hub;
 
-/// Largest WebSocket message or frame accepted. A message of 4,000
-/// characters is at most 24 KiB of escaped JSON.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest WebSocket message accepted; a larger one closes the socket with
+/// 1009. A message of 4,000 characters is at most 24 KiB of escaped JSON.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// What the WebSocket layer itself reads before giving up. It is larger than
+/// [`MAX_MESSAGE_BYTES`] so that an oversized message is read whole and Haven
+/// can answer it with a clean 1009 close; a frame beyond even this limit
+/// cannot be drained, so its sender may see the connection reset instead.
+const TRANSPORT_LIMIT_BYTES: usize = 1024 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat/ws/{session_id}", get(chat_socket))
@@ -76,31 +83,40 @@ async fn chat_socket(
     Path(session_id): Path<String>,
     query: Result<Query<SocketQuery>, QueryRejection>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let query = match query {
         Ok(Query(query)) => query,
         Err(rejection) => return ApiError::from(rejection).into_response(),
     };
+    let Ok(upgrade) = upgrade else {
+        return ApiError::bad_request("websocket_required", "this endpoint is a WebSocket")
+            .into_response();
+    };
     let upgrade = upgrade
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
+        .max_message_size(TRANSPORT_LIMIT_BYTES)
+        .max_frame_size(TRANSPORT_LIMIT_BYTES)
         .read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);
     match admit(&state, &session_id, &query, &headers).await {
         Ok(admitted) => upgrade.on_upgrade(move |socket| connection::run(state, admitted, socket)),
-        Err(Refusal::Policy(reason)) => {
-            tracing::warn!(session_id, reason, "connection rejected");
-            upgrade.on_upgrade(move |socket| close(socket, close_code::POLICY_VIOLATION, reason))
+        Err(refusal) => {
+            let (code, reason) = match refusal {
+                Refusal::Policy(reason) => (close_code::POLICY_VIOLATION, reason),
+                Refusal::Unavailable => (
+                    close_code::INTERNAL_ERROR,
+                    "service temporarily unavailable, retry",
+                ),
+            };
+            // The path's session id is logged only if it is one.
+            let session_id = Uuid::parse_str(&session_id)
+                .ok()
+                .map(tracing::field::display);
+            let role = query.role.as_deref().unwrap_or("from credential");
+            tracing::warn!(session_id, role, reason, "connection rejected");
+            upgrade.on_upgrade(move |socket| close(socket, code, reason))
         }
-        Err(Refusal::Unavailable) => upgrade.on_upgrade(move |socket| {
-            close(
-                socket,
-                close_code::INTERNAL_ERROR,
-                "service temporarily unavailable, retry",
-            )
-        }),
     }
 }
 

@@ -79,44 +79,33 @@ async fn list_messages(
             "limit must be at least 1",
         ));
     }
+    // Who is asking comes first: without a credential nothing is revealed,
+    // not even whether the session exists.
+    let mut credentials = Vec::new();
+    for token in request_tokens(&headers) {
+        if let Some(credential) = auth::resolve(&state, &token).await? {
+            credentials.push(credential);
+        }
+    }
+    if credentials.is_empty() {
+        return Err(ApiError::Unauthorized);
+    }
     let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
     let session = state
         .store
         .chat_session(session_id)
         .await?
         .ok_or(ApiError::NotFound)?;
-
-    let mut authenticated = false;
-    for token in request_tokens(&headers) {
-        match auth::resolve(&state, &token).await? {
-            Some(Credential::Client { session_id: own }) if own == session.id => {
-                return page(&state, session.id, after, limit).await;
-            }
-            Some(Credential::Therapist(therapist))
-                if session.therapist_id == Some(therapist.id) =>
-            {
-                return page(&state, session.id, after, limit).await;
-            }
-            Some(_) => authenticated = true,
-            None => {}
-        }
+    let allowed = credentials.iter().any(|credential| match credential {
+        Credential::Client { session_id: own } => *own == session.id,
+        Credential::Therapist(therapist) => session.therapist_id == Some(therapist.id),
+    });
+    if !allowed {
+        return Err(ApiError::Forbidden);
     }
-    Err(if authenticated {
-        ApiError::Forbidden
-    } else {
-        ApiError::Unauthorized
-    })
-}
-
-async fn page(
-    state: &AppState,
-    session_id: Uuid,
-    after: i64,
-    limit: i64,
-) -> Result<Json<MessagePage>, ApiError> {
     let messages = state
         .store
-        .messages_after(session_id, after, limit.min(MAX_PAGE))
+        .messages_after(session.id, after, limit.min(MAX_PAGE))
         .await?;
     Ok(Json(MessagePage { messages }))
 }

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use axum::Form;
 use axum::Router;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -79,6 +80,16 @@ async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) ->
     if !state.setup.is_valid(&token) {
         return invalid_link();
     }
+    // An account made meanwhile with `haven therapist add` ends the setup.
+    if state
+        .store
+        .count_therapists()
+        .await
+        .map_or(true, |count| count > 0)
+    {
+        state.setup.revoke();
+        return invalid_link();
+    }
     page(
         StatusCode::OK,
         "Create the first therapist account",
@@ -89,11 +100,19 @@ async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) ->
 async fn create_first_therapist(
     State(state): State<AppState>,
     Path(token): Path<String>,
-    Form(input): Form<SetupForm>,
+    input: Result<Form<SetupForm>, FormRejection>,
 ) -> Response {
     if !state.setup.is_valid(&token) {
         return invalid_link();
     }
+    let Ok(Form(input)) = input else {
+        let problem = "fill in the name, e-mail and password fields";
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Create the first therapist account",
+            &form(Some(problem)),
+        );
+    };
     let email = auth::normalise_email(&input.email);
     if let Err(problem) = auth::validate_new_account(&email, &input.name, &input.password) {
         return page(

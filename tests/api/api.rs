@@ -33,7 +33,11 @@ async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie(
         .to_owned();
     let body: Value = response.json().await.unwrap();
     let token = body["client_token"].as_str().unwrap();
-    assert!(token.len() >= 36, "at least 128 random bits");
+    let secret = token.strip_prefix("hvc_").expect("a client token");
+    assert!(
+        secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_hexdigit()),
+        "at least 128 random bits"
+    );
     assert_eq!(body["chat_mode"], "BOT_ONLY");
     assert!(body["session_id"].is_string() && body["appointment_id"].is_string());
     assert!(
@@ -333,6 +337,24 @@ async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
     let id = client.send_message(&exact).await;
     let (seq, before) = client.ack(&id).await;
     assert_eq!(seq, 1, "nothing was stored before: {before:?}");
+
+    // A frame beyond the 64 KiB limit closes the socket with 1009; nothing is stored.
+    let huge = json!({"type": "message", "content": "z".repeat(70_000), "client_id": "huge"});
+    client
+        .send_raw(Message::Text(huge.to_string().into()))
+        .await;
+    let (code, _) = loop {
+        if let crate::helpers::Received::Closed(Some(frame)) = client.receive().await {
+            break (u16::from(frame.code), frame.reason);
+        }
+    };
+    assert_eq!(code, 1009);
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert!(
+        history
+            .iter()
+            .all(|m| m.client_id.as_deref() != Some("huge"))
+    );
 }
 
 #[tokio::test]
@@ -349,4 +371,19 @@ async fn unknown_routes_get_a_json_404_and_health_answers() {
     .await;
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    error_body(
+        app.http
+            .delete(app.url("/api/sessions"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+    )
+    .await;
+    let session = app.create_session().await;
+    let plain_get = app
+        .http
+        .get(app.url(&format!("/api/chat/ws/{}", session.session_id)))
+        .send();
+    error_body(plain_get.await.unwrap(), 400).await;
 }

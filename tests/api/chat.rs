@@ -189,6 +189,14 @@ async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion
     assert!(frames.contains(&ServerFrame::Mode {
         chat_mode: ChatMode::TherapistJoined
     }));
+    let generated = app
+        .logs
+        .matching(|event| message_of(event) == "generating companion reply");
+    assert_eq!(
+        generated.len(),
+        1,
+        "only the client's hello started a reply"
+    );
     let history = app.history(session.session_id, &session.client_token).await;
     let senders: Vec<_> = history.iter().map(|m| m.sender).collect();
     assert_eq!(
@@ -208,39 +216,69 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
         tab.mode().await;
         tabs.push(tab);
     }
+    // Every tab talks to the companion at once; the therapist joins while
+    // those replies are being written.
+    for (index, tab) in tabs.iter_mut().enumerate() {
+        tab.send_message(&format!("tab {index} before the join"))
+            .await;
+    }
     let mut desk = app.connect(session.session_id, &therapist.token).await;
-    desk.mode().await;
-
-    // Everyone sends at once, without waiting for each other.
-    const ROUNDS: usize = 5;
-    for round in 0..ROUNDS {
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    for round in 0..4 {
         for (index, tab) in tabs.iter_mut().enumerate() {
             tab.send_message(&format!("tab {index} round {round}"))
                 .await;
         }
         desk.send_message(&format!("therapist round {round}")).await;
     }
-    let total = 1 + (ROUNDS * 4) as i64;
+    let last = desk.send_message("that's all").await;
+    let (total, _) = desk.ack(&last).await;
 
-    let mut sequences = Vec::new();
-    for socket in tabs.iter_mut().chain(std::iter::once(&mut desk)) {
-        let frames = socket.until_seq(total).await;
-        let seen: Vec<_> = messages(&frames).iter().map(|m| (m.seq, m.id)).collect();
-        let seqs: Vec<i64> = seen.iter().map(|(seq, _)| *seq).collect();
+    let mut transcripts = Vec::new();
+    for tab in &mut tabs {
+        // Acks go to their sender only; every other frame goes to every tab.
+        let frames: Vec<ServerFrame> = tab
+            .until_seq(total)
+            .await
+            .into_iter()
+            .filter(|frame| !matches!(frame, ServerFrame::Ack { .. }))
+            .collect();
+        let seqs: Vec<i64> = messages(&frames).iter().map(|m| m.seq).collect();
         assert_eq!(
             seqs,
             (1..=total).collect::<Vec<_>>(),
             "every message once, in seq order"
         );
-        sequences.push(seen);
+        transcripts.push(frames);
     }
     assert!(
-        sequences.windows(2).all(|pair| pair[0] == pair[1]),
-        "all sockets saw the same frames"
+        transcripts.windows(2).all(|pair| pair[0] == pair[1]),
+        "all tabs saw the same frames in the same order"
     );
-    let history = app.history(session.session_id, &session.client_token).await;
-    assert_eq!(history.len() as i64, total);
-    assert!(history.iter().all(|m| m.sender != Sender::Ai));
+    let joined = transcripts[0]
+        .iter()
+        .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System))
+        .unwrap();
+    assert_eq!(
+        transcripts[0][joined + 1],
+        ServerFrame::Mode {
+            chat_mode: ChatMode::TherapistJoined
+        }
+    );
+    let after_join = &transcripts[0][joined..];
+    assert!(
+        messages(after_join).iter().all(|m| m.sender != Sender::Ai),
+        "no companion after the join"
+    );
+
+    let desk_frames = desk.until_seq(total).await;
+    let desk_messages = messages(&desk_frames);
+    let client_messages = messages(&transcripts[0]);
+    assert_eq!(
+        desk_messages,
+        client_messages[client_messages.len() - desk_messages.len()..],
+        "the therapist sees the same stream"
+    );
 }
 
 #[tokio::test]

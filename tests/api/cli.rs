@@ -131,3 +131,30 @@ async fn first_run_prints_a_one_time_setup_url_that_creates_the_first_account() 
         "no setup URL once an account exists"
     );
 }
+
+#[tokio::test]
+async fn the_setup_url_stops_working_once_an_account_exists() {
+    let app = TestApp::spawn().await;
+    let setup_url = app
+        .setup_url
+        .clone()
+        .expect("a fresh server prints a setup URL");
+    app.add_therapist("ana@clinic.test", "Ana").await;
+    assert_eq!(app.http.get(&setup_url).send().await.unwrap().status(), 404);
+    let fields = [
+        ("name", "Eve"),
+        ("email", "eve@clinic.test"),
+        ("password", PASSWORD),
+    ];
+    assert_eq!(
+        app.http
+            .post(&setup_url)
+            .form(&fields)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(app.login("eve@clinic.test", PASSWORD).await.status(), 401);
+}

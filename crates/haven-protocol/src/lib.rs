@@ -22,13 +22,17 @@ pub const JOIN_MESSAGE: &str = "🧑\u{200d}⚕️ Therapist has joined. You can
 
 /// WebSocket close codes Haven uses.
 pub mod close_code {
-    /// Normal closure.
-    pub const NORMAL: u16 = 1000;
     /// The server is shutting down; reconnect later and resume with `since`.
     pub const GOING_AWAY: u16 = 1001;
     /// The connection is not allowed: missing or invalid credential, wrong
     /// session, role mismatch, foreign origin, session claimed by another.
     pub const POLICY_VIOLATION: u16 = 1008;
+    /// The frame broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message or frame was larger than 64 KiB.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server failed; reconnect and resume with `since`.
     pub const INTERNAL_ERROR: u16 = 1011;
 }
