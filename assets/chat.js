@@ -1,5 +1,9 @@
 // The chat page: one WebSocket per tab, replayed from the last seq seen.
 //
+// A companion reply streams in as `ai_delta` frames into a provisional
+// bubble keyed by its reply_id; the committed `message` with that reply_id
+// replaces it, `ai_cancelled` or the therapist's join message removes it.
+//
 // Every message carries a seq; the page renders seqs in order and drops any
 // it has already shown, so a reconnect (which asks for `since` = last seq)
 // shows no gap and nothing twice. The tab's own messages show at once as
@@ -29,6 +33,8 @@ const state = {
   stopped: false,
   /** client_id → { element, content, acked } */
   pending: new Map(),
+  /** reply_id → the bubble of a reply still being generated */
+  streaming: new Map(),
 };
 
 const LABELS = {
@@ -70,15 +76,45 @@ function buildMessage(sender, content) {
   return item;
 }
 
-/** Confirmed messages go before the first pending one, so the list stays in seq order. */
+/** Confirmed messages go before the first provisional one (pending or
+ * streaming), so the list stays in seq order. */
 function placeConfirmed(element) {
-  const firstPending = [...list.querySelectorAll(".msg--pending")].find((item) => item !== element);
-  list.insertBefore(element, firstPending ?? null);
+  const firstProvisional = [...list.querySelectorAll(".msg--pending, .msg--streaming")].find((item) => item !== element);
+  list.insertBefore(element, firstProvisional ?? null);
+}
+
+function dropStreaming(replyId) {
+  state.streaming.get(replyId)?.remove();
+  state.streaming.delete(replyId);
+}
+
+function dropAllStreaming() {
+  for (const replyId of [...state.streaming.keys()]) dropStreaming(replyId);
+}
+
+function streamDelta(replyId, delta) {
+  let element = state.streaming.get(replyId);
+  if (!element) {
+    element = buildMessage("ai", "");
+    element.classList.add("msg--streaming");
+    element.dataset.replyId = replyId;
+    element.setAttribute("aria-busy", "true");
+    // After confirmed messages, before this tab's own pending ones.
+    const firstPending = list.querySelector(".msg--pending");
+    list.insertBefore(element, firstPending);
+    state.streaming.set(replyId, element);
+  }
+  element.querySelector(".msg__body").textContent += delta;
+  element.scrollIntoView({ block: "nearest" });
 }
 
 function render(message) {
   if (message.seq <= state.lastSeq) return;
   state.lastSeq = message.seq;
+  if (message.reply_id) dropStreaming(message.reply_id);
+  // A system message (the join message, or an outage notice) ends the
+  // companion's turn: no partial reply survives it.
+  if (message.sender === "system") dropAllStreaming();
   const mine = message.sender === ownSender && message.client_id && state.pending.get(message.client_id);
   let element;
   if (mine) {
@@ -132,6 +168,13 @@ function handle(frame) {
     }
     case "mode":
       showMode(frame.chat_mode);
+      if (frame.chat_mode === "THERAPIST_JOINED") dropAllStreaming();
+      break;
+    case "ai_delta":
+      streamDelta(frame.reply_id, frame.delta);
+      break;
+    case "ai_cancelled":
+      dropStreaming(frame.reply_id);
       break;
     case "error": {
       const entry = frame.client_id && state.pending.get(frame.client_id);
@@ -172,6 +215,8 @@ function connect() {
 
   socket.addEventListener("open", () => {
     state.attempts = 0;
+    // Deltas are not replayed: a reply still generating arrives whole.
+    dropAllStreaming();
     setConnection("open", "Connected");
     for (const [clientId, entry] of state.pending) {
       if (!entry.acked) send(clientId, entry.content);

@@ -74,13 +74,84 @@ pub struct ServeArgs {
     #[arg(long, env = "HAVEN_THERAPIST_SESSION_HOURS", default_value_t = 12)]
     pub therapist_session_hours: u32,
 
-    /// Milliseconds the built-in companion waits before replying (0 = at once).
-    #[arg(long, env = "HAVEN_COMPANION_DELAY_MS", default_value_t = 0)]
-    pub companion_delay_ms: u64,
-
     /// Log format on standard error.
     #[arg(long, env = "HAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub ai: AiArgs,
+}
+
+/// Who answers clients while no therapist has joined.
+#[derive(Debug, Clone, Args)]
+pub struct AiArgs {
+    /// The companion: the built-in offline one, or a language model.
+    #[arg(long, env = "HAVEN_AI_PROVIDER", value_enum, default_value_t = AiProvider::Companion)]
+    pub ai_provider: AiProvider,
+
+    /// The provider's API root including its version path. Defaults:
+    /// `https://generativelanguage.googleapis.com/v1beta` (gemini),
+    /// `https://api.openai.com/v1` (openai).
+    #[arg(long, env = "HAVEN_AI_BASE_URL")]
+    pub ai_base_url: Option<String>,
+
+    /// The model. Defaults: `gemini-2.5-flash` (gemini), `gpt-4o-mini` (openai).
+    #[arg(long, env = "HAVEN_AI_MODEL")]
+    pub ai_model: Option<String>,
+
+    /// The provider's API key. When unset, gemini reads `GEMINI_API_KEY` and
+    /// openai reads `OPENAI_API_KEY`. Never logged or shown.
+    #[arg(long, env = "HAVEN_AI_API_KEY", hide_env_values = true)]
+    pub ai_api_key: Option<ApiKey>,
+
+    /// Seconds a whole companion reply may take before it is given up.
+    #[arg(long, env = "HAVEN_AI_TIMEOUT", default_value_t = 60)]
+    pub ai_timeout: u64,
+
+    /// A file with the system prompt, replacing the shipped one.
+    #[arg(long, env = "HAVEN_AI_SYSTEM_PROMPT")]
+    pub ai_system_prompt: Option<std::path::PathBuf>,
+
+    /// How many characters of recent conversation the model sees.
+    #[arg(long, env = "HAVEN_AI_HISTORY_CHARS", default_value_t = 8_000)]
+    pub ai_history_chars: usize,
+
+    /// Extra attempts after HTTP 429, 5xx or an unreachable provider, before
+    /// the first word of a reply (with back-off: 250 ms, 500 ms, …).
+    #[arg(long, env = "HAVEN_AI_RETRIES", default_value_t = 2)]
+    pub ai_retries: u32,
+
+    /// Milliseconds the built-in companion waits before replying (0 = at once).
+    #[arg(long, env = "HAVEN_COMPANION_DELAY_MS", default_value_t = 0)]
+    pub companion_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AiProvider {
+    /// The built-in offline companion.
+    Companion,
+    /// Google Gemini (Generative Language API).
+    Gemini,
+    /// Any OpenAI-compatible Chat Completions server (OpenAI, Ollama, vLLM).
+    Openai,
+}
+
+/// An API key: parsed from the command line or environment, never printed.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl std::str::FromStr for ApiKey {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(ApiKey(value.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use haven_responder::{Companion, Responder};
+use haven_responder::prompt::DEFAULT_SYSTEM_PROMPT;
+use haven_responder::{Companion, LlmResponder, LlmSettings, Provider, Responder};
 use haven_store::{SqliteStore, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::chat::Hub;
-use crate::config::ServeArgs;
+use crate::config::{AiArgs, AiProvider, ServeArgs};
 use crate::http::setup::SetupToken;
 
 /// Shared state of every request and connection.
@@ -55,15 +56,72 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The companion the configuration asks for.
+fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
+    let (provider, base_url, model, key_variable) = match ai.ai_provider {
+        AiProvider::Companion => {
+            return Ok(Arc::new(Companion::new(Duration::from_millis(
+                ai.companion_delay_ms,
+            ))));
+        }
+        AiProvider::Gemini => (
+            Provider::Gemini,
+            "https://generativelanguage.googleapis.com/v1beta",
+            "gemini-2.5-flash",
+            "GEMINI_API_KEY",
+        ),
+        AiProvider::Openai => (
+            Provider::OpenAi,
+            "https://api.openai.com/v1",
+            "gpt-4o-mini",
+            "OPENAI_API_KEY",
+        ),
+    };
+    let api_key = ai
+        .ai_api_key
+        .as_ref()
+        .map(|key| key.0.clone())
+        .or_else(|| std::env::var(key_variable).ok())
+        .filter(|key| !key.trim().is_empty());
+    if provider == Provider::Gemini && api_key.is_none() {
+        anyhow::bail!(
+            "the gemini companion needs an API key: set HAVEN_AI_API_KEY or {key_variable}"
+        );
+    }
+    let system_prompt = match &ai.ai_system_prompt {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the system prompt {}", path.display()))?,
+        None => DEFAULT_SYSTEM_PROMPT.to_owned(),
+    };
+    let settings = LlmSettings {
+        provider,
+        base_url: ai
+            .ai_base_url
+            .clone()
+            .unwrap_or_else(|| base_url.to_owned()),
+        model: ai.ai_model.clone().unwrap_or_else(|| model.to_owned()),
+        api_key,
+        timeout: Duration::from_secs(ai.ai_timeout.max(1)),
+        system_prompt,
+        history_chars: ai.ai_history_chars.max(1),
+        retries: ai.ai_retries,
+    };
+    tracing::info!(
+        provider = provider.name(),
+        model = settings.model,
+        base_url = settings.base_url,
+        "companion uses a language model"
+    );
+    Ok(Arc::new(LlmResponder::new(settings)?))
+}
+
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
     let setup = Arc::new(SetupToken::default());
     let state = AppState {
         store: store.clone(),
-        responder: Arc::new(Companion::new(Duration::from_millis(
-            args.companion_delay_ms,
-        ))),
+        responder: build_responder(&args.ai)?,
         hub: Arc::new(Hub::new()),
         setup: setup.clone(),
         settings: Arc::new(Settings {

@@ -11,7 +11,9 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default level.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // genai's own logs can quote provider responses; they stay off unless asked for.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,genai=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

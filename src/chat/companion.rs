@@ -1,41 +1,106 @@
-//! Companion replies: generated off the connection's task, committed only if
-//! the session is still `BOT_ONLY`, and abandoned as soon as a therapist
-//! takes over.
+//! Companion replies: one generation at a time per session, streamed to
+//! clients as `ai_delta` frames, committed only if the session is still
+//! `BOT_ONLY`, and abandoned the moment a therapist takes over.
+//!
+//! Client messages that arrive while a reply is being generated do not
+//! start replies of their own: when the current reply ends, one more reply
+//! is generated, which sees (and answers) all of them.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use haven_protocol::{ChatMessage, Sender};
 use haven_responder::{ReplyRequest, Turn};
+use haven_store::BotMessage;
 use tracing::Instrument;
+use uuid::Uuid;
 
-use super::hub::{Event, Room};
+use super::hub::{Finished, Room};
 use crate::startup::AppState;
 
-/// How many of the latest messages the companion sees.
-const HISTORY_TURNS: i64 = 20;
+/// How many of the latest messages are read for the companion; the
+/// responder then keeps what fits its budget.
+const HISTORY_MESSAGES: i64 = 50;
 
-/// Starts a reply to the client message with seq `trigger_seq`. The task is
+/// Told to the client when the model fails. A therapist can still join.
+pub const UNAVAILABLE_NOTICE: &str = "The companion is unavailable right now. Your message is saved, and a therapist can still join this chat.";
+
+/// Asks the companion to answer the session's newest messages. The task is
 /// owned by the app's task tracker, so shutdown waits for it.
-pub fn spawn(state: &AppState, room: Arc<Room>, trigger_seq: i64) {
-    let state_for_task = state.clone();
-    state
-        .tasks
-        .spawn(reply(state_for_task, room, trigger_seq).in_current_span());
+pub fn spawn(state: &AppState, room: &Arc<Room>) {
+    let Some(reply_id) = room.start_generation() else {
+        tracing::info!("companion busy: the reply being generated will be followed by one more");
+        return;
+    };
+    let task = run(state.clone(), room.clone(), reply_id);
+    state.tasks.spawn(task.in_current_span());
 }
 
-async fn reply(state: AppState, room: Arc<Room>, trigger_seq: i64) {
-    let first = (trigger_seq - HISTORY_TURNS).max(0);
-    let history = match state
+async fn run(state: AppState, room: Arc<Room>, mut reply_id: Uuid) {
+    // The newest client message the previous reply of this run saw.
+    let mut answered_through = None;
+    loop {
+        let (outcome, seen) = generate(&state, &room, reply_id, answered_through).await;
+        answered_through = seen.or(answered_through);
+        let (finished, failed) = match outcome {
+            Ok(finished) => (finished, false),
+            Err(()) => (Finished::Abandoned, true),
+        };
+        // The partial text is withdrawn before the notice explains why.
+        let next = room.finish_generation(reply_id, finished);
+        if failed {
+            tell_unavailable(&state, &room).await;
+        }
+        match next {
+            Some(next) => reply_id = next,
+            None => return,
+        }
+    }
+}
+
+/// One reply: stream it, then commit it if the session is still `BOT_ONLY`.
+/// `Err` means the model failed and the client should be told. Also returns
+/// the seq of the newest client message the model was shown.
+async fn generate(
+    state: &AppState,
+    room: &Room,
+    reply_id: Uuid,
+    answered_through: Option<i64>,
+) -> (Result<Finished, ()>, Option<i64>) {
+    let mut history = match state
         .store
-        .messages_after(room.session_id, first, trigger_seq - first)
+        .recent_messages(room.session_id, HISTORY_MESSAGES)
         .await
     {
         Ok(messages) => messages,
         Err(error) => {
             tracing::error!(error = %error, "companion could not read the history");
-            return;
+            return (Ok(Finished::Abandoned), None);
         }
     };
+    // Client messages that arrived while the previous reply was generated
+    // were stored before it; put them after it, where the model answers them.
+    if let Some(through) = answered_through {
+        let unanswered =
+            |message: &ChatMessage| message.sender == Sender::User && message.seq > through;
+        let (late, mut ordered): (Vec<_>, Vec<_>) = history.into_iter().partition(unanswered);
+        ordered.extend(late);
+        history = ordered;
+    }
+    let seen = history
+        .iter()
+        .filter(|message| message.sender == Sender::User)
+        .map(|message| message.seq)
+        .max();
+    (stream_reply(state, room, reply_id, history).await, seen)
+}
+
+async fn stream_reply(
+    state: &AppState,
+    room: &Room,
+    reply_id: Uuid,
+    history: Vec<ChatMessage>,
+) -> Result<Finished, ()> {
     let request = ReplyRequest {
         history: history
             .into_iter()
@@ -46,45 +111,85 @@ async fn reply(state: AppState, room: Arc<Room>, trigger_seq: i64) {
             .collect(),
     };
 
+    let responder = state.responder.name();
     let mut chunks = state.responder.reply(request);
     let mut text = String::new();
     loop {
-        tokio::select! {
+        // Dropping `chunks` on takeover closes the provider request at once.
+        let chunk = tokio::select! {
             biased;
             () = room.takeover.cancelled() => {
                 tracing::info!("companion reply cancelled: therapist joined");
-                return;
+                return Ok(Finished::Abandoned);
             }
-            chunk = chunks.next() => match chunk {
-                Some(Ok(chunk)) => text.push_str(&chunk),
-                Some(Err(error)) => {
-                    tracing::warn!(responder = state.responder.name(), error = %error, "companion failed");
-                    return;
+            chunk = chunks.next() => chunk,
+        };
+        match chunk {
+            Some(Ok(delta)) => {
+                text.push_str(&delta);
+                if !room.publish_delta(reply_id, delta) {
+                    tracing::info!("companion reply cancelled: therapist joined");
+                    return Ok(Finished::Abandoned);
                 }
-                None => break,
-            },
+            }
+            Some(Err(error)) => {
+                // The error names the failure only, never anyone's words.
+                tracing::warn!(responder, error = %error, "companion failed");
+                return Err(());
+            }
+            None => break,
         }
     }
     if text.trim().is_empty() {
         tracing::warn!(
-            responder = state.responder.name(),
-            "companion returned an empty reply"
+            responder,
+            error = "the model returned no text",
+            "companion failed"
         );
-        return;
+        return Err(());
     }
 
     // The check that the session is still BOT_ONLY is part of the insert's
     // transaction: a therapist who joined while we were generating wins.
     match state
         .store
-        .append_companion_reply(room.session_id, &text)
+        .append_if_bot_only(
+            room.session_id,
+            BotMessage::Reply {
+                id: reply_id,
+                content: text,
+            },
+        )
         .await
     {
         Ok(Some(message)) => {
-            tracing::info!(seq = message.seq, "companion reply stored");
-            room.publish(Event::new(message, None));
+            tracing::info!(seq = message.seq, responder, "companion reply stored");
+            Ok(Finished::Committed(message))
         }
-        Ok(None) => tracing::info!("companion reply discarded: therapist joined"),
-        Err(error) => tracing::error!(error = %error, "companion reply not stored"),
+        Ok(None) => {
+            tracing::info!("companion reply discarded: therapist joined");
+            Ok(Finished::Abandoned)
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "companion reply not stored");
+            Ok(Finished::Abandoned)
+        }
+    }
+}
+
+/// Stores and publishes the "companion unavailable" notice, unless a
+/// therapist joined meanwhile.
+async fn tell_unavailable(state: &AppState, room: &Room) {
+    let notice = BotMessage::Notice {
+        content: UNAVAILABLE_NOTICE.to_owned(),
+    };
+    match state
+        .store
+        .append_if_bot_only(room.session_id, notice)
+        .await
+    {
+        Ok(Some(message)) => room.publish(message),
+        Ok(None) => {}
+        Err(error) => tracing::error!(error = %error, "companion notice not stored"),
     }
 }

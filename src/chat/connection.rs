@@ -10,6 +10,7 @@ use haven_store::{Appended, JoinOutcome, NewMessage, StoreError};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{Instrument, Span, field};
+use uuid::Uuid;
 
 use super::hub::{ConnectionGuard, Event, frame_text};
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
@@ -33,6 +34,9 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         // Subscribe before reading anything, so no event committed from here
         // on can fall between the backlog and the live stream.
         let events = room.subscribe();
+        // A reply already streaming is not joined halfway: this connection
+        // gets it as the committed message.
+        let skipped_reply = room.reply_in_flight();
         let (guard, connections) = room.connect();
         let mut connection = Connection {
             state,
@@ -42,6 +46,7 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             events,
             last_seq: 0,
             mode: ChatMode::BotOnly,
+            skipped_reply,
         };
         let stop = match connection.open(connections).await {
             Ok(()) => connection.live().await,
@@ -121,6 +126,8 @@ struct Connection {
     last_seq: i64,
     /// The mode this connection last told the client.
     mode: ChatMode,
+    /// The reply that was streaming when this connection opened.
+    skipped_reply: Option<Uuid>,
 }
 
 impl Connection {
@@ -141,9 +148,7 @@ impl Connection {
                     self.mode = ChatMode::TherapistJoined;
                     Span::current().record("chat_mode", self.mode.as_str());
                     tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
-                    let room = self.guard.room();
-                    room.takeover.cancel();
-                    room.publish(Event::new(message, Some(ChatMode::TherapistJoined)));
+                    self.guard.room().takeover(message);
                     tracing::info!("join message sent");
                     self.state.hub.appointments_changed();
                 }
@@ -237,14 +242,14 @@ impl Connection {
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
                 let acked = self.send(ServerFrame::Ack { client_id, seq }).await;
-                self.guard.room().publish(Event::new(message, None));
+                self.guard.room().publish(message);
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if chat_mode == ChatMode::TherapistJoined {
                     tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
                 } else if role == Role::User {
                     tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
-                    companion::spawn(&self.state, self.guard.room().clone(), seq);
+                    companion::spawn(&self.state, self.guard.room());
                 }
                 acked
             }
@@ -277,14 +282,23 @@ impl Connection {
     /// Sends an event's message in seq order, filling any gap from the
     /// database first and skipping what the client already has.
     async fn deliver(&mut self, event: Event) -> Result<(), Stop> {
-        if event.seq > self.last_seq + 1 {
+        let Some(seq) = event.seq else {
+            // A companion delta. After the join message (this connection's
+            // mode is THERAPIST_JOINED exactly once it has sent it) none may
+            // follow, whatever order the events raced in.
+            if self.mode == ChatMode::BotOnly && event.reply_id != self.skipped_reply {
+                self.socket.send(Message::Text(event.frame)).await?;
+            }
+            return Ok(());
+        };
+        if seq > self.last_seq + 1 {
             // Out of order or missed: the database has everything up to here,
             // and the mode that goes with it.
             return self.resync().await;
         }
-        if event.seq == self.last_seq + 1 {
+        if seq == self.last_seq + 1 {
             self.socket.send(Message::Text(event.frame)).await?;
-            self.last_seq = event.seq;
+            self.last_seq = seq;
         }
         if let Some(mode) = event.mode {
             self.tell_mode(mode).await?;

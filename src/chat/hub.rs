@@ -1,17 +1,20 @@
 //! Live fan-out within one process: one room per chat session with a
-//! broadcast channel of committed events.
+//! broadcast channel of events.
 //!
-//! Events are published only after their transaction committed, and every
-//! event carries the message's seq. A receiver that sees a seq beyond the
-//! next one it expects (a concurrent writer published out of order, or the
-//! channel lagged) reads the missing messages from the database, which has
-//! them already; one that sees a seq it has delivered drops it. So the
-//! channel may reorder or drop, and clients still see every message once, in
-//! order.
+//! Two kinds of event travel through a room:
+//! - **Messages**, published only after their transaction committed, each
+//!   with its seq. A receiver that sees a seq beyond the next one it expects
+//!   (a concurrent writer published out of order, or the channel lagged)
+//!   reads the missing messages from the database, which has them already;
+//!   one that sees a seq it has delivered drops it. So the channel may
+//!   reorder or drop, and clients still see every message once, in order.
+//! - **Companion deltas** (`ai_delta`, `ai_cancelled`), which are not stored.
+//!   They are published under the room's generation lock, which the takeover
+//!   also takes: once the join message is published, no delta follows it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use haven_protocol::{ChatMessage, ChatMode, ServerFrame};
@@ -71,6 +74,7 @@ impl Hub {
             session_id,
             events,
             takeover: CancellationToken::new(),
+            generation: Mutex::default(),
             connections: AtomicUsize::new(0),
             rooms: Arc::downgrade(&self.rooms),
         });
@@ -79,23 +83,37 @@ impl Hub {
     }
 }
 
-/// One committed message, ready to send, plus the mode it left the session in.
+/// Something to send to every connection of a session.
 #[derive(Debug, Clone)]
 pub struct Event {
-    pub seq: i64,
-    /// The `message` frame, serialised once for every receiver.
+    /// The message's seq; `None` for companion deltas, which are not stored.
+    pub seq: Option<i64>,
+    /// The frame, serialised once for every receiver.
     pub frame: Utf8Bytes,
     /// Set when this message changed the session's mode (the join message).
     pub mode: Option<ChatMode>,
+    /// The companion reply a delta belongs to.
+    pub reply_id: Option<Uuid>,
 }
 
 impl Event {
-    pub fn new(message: ChatMessage, mode: Option<ChatMode>) -> Self {
-        let seq = message.seq;
+    /// A committed message.
+    pub fn message(message: ChatMessage, mode: Option<ChatMode>) -> Self {
+        let seq = Some(message.seq);
         Self {
             seq,
             frame: frame_text(&ServerFrame::Message(message)),
             mode,
+            reply_id: None,
+        }
+    }
+
+    fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
+        Self {
+            seq: None,
+            frame: frame_text(frame),
+            mode: None,
+            reply_id: Some(reply_id),
         }
     }
 }
@@ -106,14 +124,34 @@ pub fn frame_text(frame: &ServerFrame) -> Utf8Bytes {
     serde_json::to_string(frame).unwrap_or_default().into()
 }
 
+/// The companion's state in one session, in this process.
+#[derive(Debug, Default)]
+struct Generation {
+    /// A therapist has joined: no generation may start or speak again.
+    joined: bool,
+    /// The reply being generated, if any. One at a time per session.
+    in_flight: Option<Uuid>,
+    /// Client messages arrived while a reply was being generated; the next
+    /// reply answers all of them.
+    more_to_answer: bool,
+}
+
+/// How a generation ended, for [`Room::finish_generation`].
+pub enum Finished {
+    /// The reply was committed as this message.
+    Committed(ChatMessage),
+    /// No reply was committed; clients drop the partial text.
+    Abandoned,
+}
+
 /// Live state of one chat session in this process.
 pub struct Room {
     pub session_id: Uuid,
     events: broadcast::Sender<Event>,
-    /// Cancelled when a therapist takes over, stopping companion replies in
-    /// flight. The database check at commit is what guarantees silence; this
-    /// only saves the work.
+    /// Cancelled when a therapist takes over, stopping the reply in flight
+    /// (and with it the provider request).
     pub takeover: CancellationToken,
+    generation: Mutex<Generation>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
 }
@@ -123,10 +161,97 @@ impl Room {
         self.events.subscribe()
     }
 
-    /// Sends a committed event to every connection of the session here.
-    pub fn publish(&self, event: Event) {
+    /// Sends a committed message to every connection of the session here.
+    pub fn publish(&self, message: ChatMessage) {
+        self.send(Event::message(message, None));
+    }
+
+    fn send(&self, event: Event) {
         // No receivers is fine: nobody is connected right now.
         let _ = self.events.send(event);
+    }
+
+    /// The takeover, as seen by this room: no reply may start or stream
+    /// after this; a reply in flight is cancelled and its partial text
+    /// withdrawn before the join message goes out.
+    pub fn takeover(&self, join_message: ChatMessage) {
+        let mut generation = self.generation();
+        generation.joined = true;
+        if let Some(reply_id) = generation.in_flight.take() {
+            self.send(Event::companion(
+                reply_id,
+                &ServerFrame::AiCancelled { reply_id },
+            ));
+        }
+        self.takeover.cancel();
+        self.send(Event::message(
+            join_message,
+            Some(ChatMode::TherapistJoined),
+        ));
+    }
+
+    /// Starts a companion reply unless one is running (then the running one
+    /// is asked to answer again when done) or a therapist joined. Returns the
+    /// new reply's id.
+    pub fn start_generation(&self) -> Option<Uuid> {
+        let mut generation = self.generation();
+        if generation.joined {
+            return None;
+        }
+        if generation.in_flight.is_some() {
+            generation.more_to_answer = true;
+            return None;
+        }
+        let reply_id = Uuid::now_v7();
+        generation.in_flight = Some(reply_id);
+        Some(reply_id)
+    }
+
+    /// The reply being generated right now, if any.
+    pub fn reply_in_flight(&self) -> Option<Uuid> {
+        self.generation().in_flight
+    }
+
+    /// Streams a piece of reply `reply_id`. `false` means the reply was
+    /// cancelled (a therapist joined) and must stop.
+    pub fn publish_delta(&self, reply_id: Uuid, delta: String) -> bool {
+        let generation = self.generation();
+        if generation.joined || generation.in_flight != Some(reply_id) {
+            return false;
+        }
+        self.send(Event::companion(
+            reply_id,
+            &ServerFrame::AiDelta { reply_id, delta },
+        ));
+        true
+    }
+
+    /// Ends reply `reply_id`: publishes its message, or withdraws its partial
+    /// text. Returns the id of a follow-up reply to generate now, when client
+    /// messages arrived meanwhile.
+    pub fn finish_generation(&self, reply_id: Uuid, finished: Finished) -> Option<Uuid> {
+        let mut generation = self.generation();
+        let current = generation.in_flight == Some(reply_id);
+        if current {
+            generation.in_flight = None;
+        }
+        match finished {
+            Finished::Committed(message) => self.send(Event::message(message, None)),
+            // After a takeover the withdrawal already went out, before the join.
+            Finished::Abandoned if current => {
+                self.send(Event::companion(
+                    reply_id,
+                    &ServerFrame::AiCancelled { reply_id },
+                ));
+            }
+            Finished::Abandoned => {}
+        }
+        if generation.joined || !std::mem::take(&mut generation.more_to_answer) {
+            return None;
+        }
+        let next = Uuid::now_v7();
+        generation.in_flight = Some(next);
+        Some(next)
     }
 
     /// Counts a connection until the returned guard drops; also returns the
@@ -134,6 +259,13 @@ impl Room {
     pub fn connect(self: &Arc<Self>) -> (ConnectionGuard, usize) {
         let count = self.connections.fetch_add(1, Ordering::SeqCst) + 1;
         (ConnectionGuard { room: self.clone() }, count)
+    }
+
+    fn generation(&self) -> MutexGuard<'_, Generation> {
+        // Every update leaves the state consistent; a panic cannot tear it.
+        self.generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -169,11 +301,9 @@ impl Drop for ConnectionGuard {
     }
 }
 
-fn lock(rooms: &Rooms) -> std::sync::MutexGuard<'_, HashMap<Uuid, Weak<Room>>> {
+fn lock(rooms: &Rooms) -> MutexGuard<'_, HashMap<Uuid, Weak<Room>>> {
     // The map stays consistent under every panic point (single insert/remove).
-    rooms
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    rooms.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -188,5 +318,54 @@ mod tests {
         assert!(Arc::ptr_eq(&room, &hub.room(id)));
         drop(room);
         assert!(lock(&hub.rooms).is_empty());
+    }
+
+    #[test]
+    fn one_generation_at_a_time_and_a_follow_up_for_messages_that_came_meanwhile() {
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let first = room.start_generation().expect("starts");
+        assert_eq!(room.start_generation(), None, "one at a time");
+        assert_eq!(room.start_generation(), None);
+        let follow_up = room
+            .finish_generation(first, Finished::Abandoned)
+            .expect("answers what came meanwhile");
+        assert_eq!(
+            room.finish_generation(follow_up, Finished::Abandoned),
+            None,
+            "only one follow-up"
+        );
+    }
+
+    #[test]
+    fn after_the_takeover_no_delta_is_published_and_nothing_starts() {
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let mut events = room.subscribe();
+        let reply = room.start_generation().unwrap();
+        assert!(room.publish_delta(reply, "Hel".into()));
+        let join = ChatMessage {
+            seq: 1,
+            id: Uuid::now_v7(),
+            sender: haven_protocol::Sender::System,
+            content: "joined".into(),
+            created_at: time::OffsetDateTime::now_utc(),
+            client_id: None,
+            reply_id: None,
+        };
+        room.takeover(join);
+        assert!(
+            !room.publish_delta(reply, "lo".into()),
+            "no delta after the join"
+        );
+        assert_eq!(room.start_generation(), None);
+        assert_eq!(room.finish_generation(reply, Finished::Abandoned), None);
+
+        let kinds: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|event| {
+                serde_json::from_str::<serde_json::Value>(&event.frame).unwrap()["type"].to_string()
+            })
+            .collect();
+        assert_eq!(kinds, ["\"ai_delta\"", "\"ai_cancelled\"", "\"message\""]);
     }
 }

@@ -291,14 +291,13 @@ async fn login(
 }
 
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> Response {
-    if let Some(cookie) = jar.get(THERAPIST_COOKIE) {
-        if let Err(error) = state
+    if let Some(cookie) = jar.get(THERAPIST_COOKIE)
+        && let Err(error) = state
             .store
             .revoke_auth_session(&auth::token_hash(cookie.value()))
             .await
-        {
-            return unavailable(error);
-        }
+    {
+        return unavailable(error);
     }
     let jar = jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"));
     (jar, Redirect::to("/therapist/login")).into_response()

@@ -340,6 +340,18 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
             .iter()
             .position(|m| m.sender == Sender::System)
             .expect("join message delivered");
+        let join_frame = frames
+            .iter()
+            .position(
+                |frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System),
+            )
+            .unwrap();
+        assert!(
+            !frames[join_frame..]
+                .iter()
+                .any(|frame| matches!(frame, ServerFrame::AiDelta { .. })),
+            "a companion delta was delivered after the join: {frames:?}"
+        );
         assert!(
             delivered[join..].iter().all(|m| m.sender != Sender::Ai),
             "an ai message was delivered after the join: {delivered:?}"

@@ -33,6 +33,10 @@ pub const PASSWORD: &str = "correct horse battery";
 pub struct Options {
     pub companion_delay_ms: u64,
     pub allowed_origins: Vec<String>,
+    /// More `serve` arguments, e.g. `--ai-provider openai`.
+    pub args: Vec<String>,
+    /// Environment variables for the server process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running `haven serve` and the database it owns.
@@ -243,6 +247,9 @@ async fn start(
     for origin in &options.allowed_origins {
         command.arg("--allowed-origin").arg(origin);
     }
+    command
+        .args(&options.args)
+        .envs(options.env.iter().map(|(name, value)| (name, value)));
     let mut child = command.spawn().expect("start haven");
 
     let logs = Logs::default();
@@ -403,10 +410,15 @@ impl Ws {
         }
     }
 
+    /// The next `message` frame, passing over the companion's streaming
+    /// frames (`ai_delta`, `ai_cancelled`) that may precede it.
     pub async fn message(&mut self) -> ChatMessage {
-        match self.frame().await {
-            ServerFrame::Message(message) => message,
-            other => panic!("expected a message frame, got {other:?}"),
+        loop {
+            match self.frame().await {
+                ServerFrame::Message(message) => return message,
+                ServerFrame::AiDelta { .. } | ServerFrame::AiCancelled { .. } => {}
+                other => panic!("expected a message frame, got {other:?}"),
+            }
         }
     }
 

@@ -8,4 +8,6 @@ mod chat;
 mod cli;
 mod durability;
 mod helpers;
+mod mock_llm;
 mod privacy;
+mod providers;

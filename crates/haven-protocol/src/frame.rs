@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS};
 
@@ -23,6 +24,13 @@ pub enum ServerFrame {
     Ack { client_id: String, seq: i64 },
     /// The session's mode, on connect and on every change.
     Mode { chat_mode: ChatMode },
+    /// A piece of a companion reply being generated. Append `delta` to the
+    /// partial text of `reply_id`; the `message` frame with the same
+    /// `reply_id` replaces it.
+    AiDelta { reply_id: Uuid, delta: String },
+    /// The reply `reply_id` ended without a message (a therapist joined, or
+    /// the model failed): drop its partial text.
+    AiCancelled { reply_id: Uuid },
     /// The last frame from this connection was refused; nothing was stored.
     Error {
         code: ErrorCode,

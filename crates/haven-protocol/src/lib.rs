@@ -132,4 +132,8 @@ pub struct ChatMessage {
     /// The sender's idempotency key; `null` for `ai` and `system` messages.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// For `ai` messages: the `reply_id` of the `ai_delta` frames this
+    /// message replaces (it equals `id`). Absent for other senders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_id: Option<Uuid>,
 }

@@ -10,8 +10,11 @@ use futures_util::stream::BoxStream;
 use haven_protocol::Sender;
 
 mod companion;
+mod llm;
+pub mod prompt;
 
 pub use companion::Companion;
+pub use llm::{LlmResponder, LlmSettings, Provider};
 
 /// One turn of the conversation, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,10 +41,40 @@ impl ReplyRequest {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a reply could not be produced. The texts name the failure only:
+/// they never contain what was written or the provider's response body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponderError {
-    #[error("responder unavailable: {0}")]
-    Unavailable(String),
+    #[error("the model did not answer in time")]
+    Timeout,
+    #[error("the provider is rate limiting (HTTP 429)")]
+    RateLimited,
+    #[error("the provider failed (HTTP {0})")]
+    ServerError(u16),
+    #[error("the provider refused the API key")]
+    Unauthorized,
+    #[error("the provider rejected the request (HTTP {0})")]
+    Rejected(u16),
+    #[error("the provider could not be reached")]
+    Unreachable,
+    #[error("the provider sent a malformed stream")]
+    Malformed,
+    #[error("the provider's stream was cut off")]
+    Truncated,
+    #[error("the model returned no text")]
+    Empty,
+    #[error("{0}")]
+    Misconfigured(&'static str),
+}
+
+impl ResponderError {
+    /// Worth another attempt, if no text has been shown yet.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited | Self::ServerError(_) | Self::Unreachable
+        )
+    }
 }
 
 /// Produces companion replies.

@@ -85,6 +85,15 @@ pub struct NewMessage {
     pub client_id: String,
 }
 
+/// A message written on the companion's side of a `BOT_ONLY` session.
+#[derive(Debug, Clone)]
+pub enum BotMessage {
+    /// A companion reply; its `id` is the `reply_id` its deltas carried.
+    Reply { id: Uuid, content: String },
+    /// A `system` notice to the client.
+    Notice { content: String },
+}
+
 /// The result of [`Store::append_message`].
 #[derive(Debug, Clone)]
 pub enum Appended {
@@ -158,14 +167,18 @@ pub trait Store: Send + Sync + 'static {
     /// session.
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended>;
 
-    /// Appends a companion (`ai`) reply only if the session is still
-    /// `BOT_ONLY`, checked in the same transaction as the insert. `None` means
-    /// a therapist joined first and nothing was written.
-    async fn append_companion_reply(
+    /// Appends a message from the companion's side — an `ai` reply, or a
+    /// `system` notice such as "the companion is unavailable" — only if the
+    /// session is still `BOT_ONLY`, checked in the same transaction as the
+    /// insert. `None` means a therapist joined first and nothing was written.
+    async fn append_if_bot_only(
         &self,
         session_id: Uuid,
-        content: &str,
+        message: BotMessage,
     ) -> Result<Option<ChatMessage>>;
+
+    /// The newest `limit` messages, in seq order.
+    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>>;
 
     /// Up to `limit` messages with `seq > after`, in seq order.
     async fn messages_after(

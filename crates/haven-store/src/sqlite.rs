@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    Appended, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError,
-    Therapist, now,
+    Appended, BotMessage, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store,
+    StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -153,6 +153,7 @@ impl TryFrom<MessageRow> for ChatMessage {
             content: row.content,
             created_at: row.created_at,
             client_id: row.client_id,
+            reply_id: (sender == Sender::Ai).then_some(row.id),
         })
     }
 }
@@ -164,38 +165,46 @@ fn parse_mode(value: &str) -> Result<ChatMode> {
 const SESSION_COLUMNS: &str =
     "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at";
 
-/// Inserts a message row; the caller has already advanced `last_seq`.
-async fn insert_message(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
+/// A message about to be stored; `reply_id` is set for companion replies.
+fn new_message(
+    id: Uuid,
     seq: i64,
     sender: Sender,
     content: &str,
     client_id: Option<&str>,
     created_at: OffsetDateTime,
-) -> Result<ChatMessage> {
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(session_id)
-    .bind(seq)
-    .bind(sender.as_str())
-    .bind(content)
-    .bind(client_id)
-    .bind(created_at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(ChatMessage {
+) -> ChatMessage {
+    ChatMessage {
         seq,
         id,
         sender,
         content: content.to_owned(),
         created_at,
         client_id: client_id.map(str::to_owned),
-    })
+        reply_id: (sender == Sender::Ai).then_some(id),
+    }
+}
+
+/// Inserts a message row; the caller has already advanced `last_seq`.
+async fn insert_message(
+    tx: &mut sqlx::SqliteConnection,
+    session_id: Uuid,
+    message: &ChatMessage,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(message.id)
+    .bind(session_id)
+    .bind(message.seq)
+    .bind(message.sender.as_str())
+    .bind(&message.content)
+    .bind(message.client_id.as_deref())
+    .bind(message.created_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -410,16 +419,8 @@ impl Store for SqliteStore {
         .bind(session_id)
         .fetch_one(&mut *tx)
         .await?;
-        let message = insert_message(
-            &mut tx,
-            session_id,
-            seq,
-            Sender::System,
-            join_message,
-            None,
-            at,
-        )
-        .await?;
+        let message = new_message(Uuid::now_v7(), seq, Sender::System, join_message, None, at);
+        insert_message(&mut tx, session_id, &message).await?;
         tx.commit().await?;
         Ok(JoinOutcome::Joined { message })
     }
@@ -448,16 +449,15 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        let message = insert_message(
-            &mut tx,
-            session_id,
+        let message = new_message(
+            Uuid::now_v7(),
             seq,
             new.sender,
             &new.content,
             Some(&new.client_id),
             at,
-        )
-        .await?;
+        );
+        insert_message(&mut tx, session_id, &message).await?;
         tx.commit().await?;
         Ok(Appended::Stored {
             message,
@@ -465,10 +465,10 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn append_companion_reply(
+    async fn append_if_bot_only(
         &self,
         session_id: Uuid,
-        content: &str,
+        message: BotMessage,
     ) -> Result<Option<ChatMessage>> {
         let mut tx = self.begin_write().await?;
         let at = now();
@@ -487,10 +487,30 @@ impl Store for SqliteStore {
         let Some(seq) = seq else {
             return Ok(None);
         };
-        let message =
-            insert_message(&mut tx, session_id, seq, Sender::Ai, content, None, at).await?;
+        let message = match &message {
+            BotMessage::Reply { id, content } => {
+                new_message(*id, seq, Sender::Ai, content, None, at)
+            }
+            BotMessage::Notice { content } => {
+                new_message(Uuid::now_v7(), seq, Sender::System, content, None, at)
+            }
+        };
+        insert_message(&mut tx, session_id, &message).await?;
         tx.commit().await?;
         Ok(Some(message))
+    }
+
+    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT seq, id, sender, content, created_at, client_id FROM (
+                 SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?
+             ) ORDER BY seq",
+        )
+        .bind(session_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
     }
 
     async fn messages_after(
@@ -544,12 +564,18 @@ mod tests {
         let (store, _dir) = store().await;
         let session = store.create_chat_session(b"client").await.unwrap();
         let tess = therapist(&store, "t@x").await;
-        assert!(
-            store
-                .append_companion_reply(session.id, "before")
-                .await
-                .unwrap()
-                .is_some()
+        let reply = |content: &str| BotMessage::Reply {
+            id: Uuid::now_v7(),
+            content: content.into(),
+        };
+        let stored = store
+            .append_if_bot_only(session.id, reply("before"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored.sender, stored.reply_id),
+            (Sender::Ai, Some(stored.id))
         );
         let JoinOutcome::Joined { message } = store
             .join_as_therapist(session.id, tess.id, "joined")
@@ -561,7 +587,17 @@ mod tests {
         assert_eq!((message.seq, message.sender), (2, Sender::System));
         assert!(
             store
-                .append_companion_reply(session.id, "too late")
+                .append_if_bot_only(session.id, reply("too late"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let notice = BotMessage::Notice {
+            content: "unavailable".into(),
+        };
+        assert!(
+            store
+                .append_if_bot_only(session.id, notice)
                 .await
                 .unwrap()
                 .is_none()

@@ -1,0 +1,186 @@
+//! What a language model is shown: the system prompt and the session's
+//! recent turns, within a character budget.
+
+use haven_protocol::Sender;
+
+use crate::Turn;
+
+/// The system prompt shipped with Haven (`prompts/companion.md`).
+pub const DEFAULT_SYSTEM_PROMPT: &str = include_str!("../prompts/companion.md");
+
+/// Who says a line, as a chat model understands it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    /// The client, and notes about the conversation.
+    User,
+    /// The companion itself.
+    Assistant,
+}
+
+/// One message of the model's conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptLine {
+    pub speaker: Speaker,
+    pub text: String,
+}
+
+/// Marks a therapist's words, which are never the companion's own.
+const THERAPIST_PREFIX: &str = "[The therapist, a human clinician, wrote:]";
+/// Put after a therapist's last words when the client speaks again, so the
+/// model knows the human part of the conversation ended.
+pub const HAND_BACK_MARKER: &str =
+    "[The therapist has left the chat. You are the automated companion again.]";
+
+/// The newest turns that fit in `budget_chars`, oldest first, as model lines.
+///
+/// - Client messages are the user's; companion messages the assistant's.
+/// - A therapist's messages are quoted as user-side notes, and followed by
+///   [`HAND_BACK_MARKER`] when the client spoke after them.
+/// - System messages (join notices, outage notices) are left out.
+/// - Consecutive lines of one speaker are merged: some providers require
+///   turns to alternate.
+/// - The newest turn is always kept, cut to the budget if it alone is longer.
+pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
+    let mut lines: Vec<PromptLine> = Vec::new();
+    let mut therapist_spoke = false;
+    for turn in history {
+        let (speaker, text) = match turn.sender {
+            Sender::System => continue,
+            Sender::Ai => (Speaker::Assistant, turn.content.clone()),
+            Sender::Therapist => {
+                therapist_spoke = true;
+                (
+                    Speaker::User,
+                    format!("{THERAPIST_PREFIX} {}", turn.content),
+                )
+            }
+            Sender::User if therapist_spoke => {
+                therapist_spoke = false;
+                (
+                    Speaker::User,
+                    format!("{HAND_BACK_MARKER}\n{}", turn.content),
+                )
+            }
+            Sender::User => (Speaker::User, turn.content.clone()),
+        };
+        lines.push(PromptLine { speaker, text });
+    }
+
+    // Keep the newest lines within the budget.
+    let mut kept = Vec::new();
+    let mut used = 0;
+    for line in lines.into_iter().rev() {
+        let size = line.text.chars().count();
+        if kept.is_empty() && size > budget_chars {
+            let start = size - budget_chars;
+            kept.push(PromptLine {
+                speaker: line.speaker,
+                text: line.text.chars().skip(start).collect(),
+            });
+            break;
+        }
+        if used + size > budget_chars {
+            break;
+        }
+        used += size;
+        kept.push(line);
+    }
+    kept.reverse();
+    // A conversation the model can answer starts with the user.
+    while kept
+        .first()
+        .is_some_and(|line| line.speaker == Speaker::Assistant)
+    {
+        kept.remove(0);
+    }
+
+    let mut merged: Vec<PromptLine> = Vec::new();
+    for line in kept {
+        match merged.last_mut() {
+            Some(last) if last.speaker == line.speaker => {
+                last.text.push_str("\n\n");
+                last.text.push_str(&line.text);
+            }
+            _ => merged.push(line),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(sender: Sender, content: &str) -> Turn {
+        Turn {
+            sender,
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn maps_senders_and_drops_system_lines() {
+        let history = [
+            turn(Sender::User, "hi"),
+            turn(Sender::Ai, "hello"),
+            turn(Sender::System, "notice"),
+            turn(Sender::User, "again"),
+        ];
+        let lines = conversation(&history, 1_000);
+        let shape: Vec<_> = lines
+            .iter()
+            .map(|line| (line.speaker, line.text.as_str()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (Speaker::User, "hi"),
+                (Speaker::Assistant, "hello"),
+                (Speaker::User, "again")
+            ]
+        );
+    }
+
+    #[test]
+    fn therapist_words_are_quoted_and_followed_by_a_hand_back_marker() {
+        let history = [
+            turn(Sender::User, "hi"),
+            turn(Sender::Therapist, "I'm Tess"),
+            turn(Sender::User, "bye Tess"),
+        ];
+        let lines = conversation(&history, 1_000);
+        assert_eq!(lines.len(), 1, "merged into one user line");
+        let text = &lines[0].text;
+        assert!(
+            text.contains("[The therapist, a human clinician, wrote:] I'm Tess"),
+            "{text}"
+        );
+        let marker = text.find(HAND_BACK_MARKER).expect("marker");
+        assert!(marker < text.find("bye Tess").unwrap());
+    }
+
+    #[test]
+    fn keeps_the_newest_turns_within_the_budget() {
+        let history = [
+            turn(Sender::User, "aaaaaaaaaa"),
+            turn(Sender::Ai, "bbbbbbbbbb"),
+            turn(Sender::User, "cccccccccc"),
+        ];
+        let lines = conversation(&history, 15);
+        assert_eq!(
+            lines,
+            vec![PromptLine {
+                speaker: Speaker::User,
+                text: "cccccccccc".into()
+            }]
+        );
+        let cut = conversation(&[turn(Sender::User, "0123456789")], 4);
+        assert_eq!(cut[0].text, "6789");
+    }
+
+    #[test]
+    fn the_shipped_prompt_says_it_is_automated_and_not_a_clinician() {
+        assert!(DEFAULT_SYSTEM_PROMPT.contains("automated companion"));
+        assert!(DEFAULT_SYSTEM_PROMPT.contains("not a clinician"));
+    }
+}
