@@ -720,3 +720,58 @@ async fn every_page_passes_axe_and_fits_a_phone() {
     client.close().await;
     therapist.close().await;
 }
+
+#[tokio::test]
+async fn the_chat_page_shows_a_reply_as_it_streams() {
+    let mock = crate::mock_llm::MockLlm::start().await;
+    let chunks: Vec<String> = [
+        "That sounds ",
+        "hard. ",
+        "I'm here ",
+        "to listen. ",
+        "What happened?",
+    ]
+    .map(String::from)
+    .to_vec();
+    let script = crate::mock_llm::Script {
+        chunks: chunks.clone(),
+        chunk_delay: std::time::Duration::from_millis(250),
+        ..Default::default()
+    };
+    mock.script("", script);
+    let args = [
+        "--ai-provider",
+        "openai",
+        "--ai-base-url",
+        &mock.openai_url(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        args,
+        ..Default::default()
+    })
+    .await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    chat_now(&app, &client).await;
+    client.say("my day was awful").await;
+
+    // Part of the reply is on the page before the rest has been generated.
+    client
+        .until(
+            "(() => { const m = document.querySelector('#messages .msg--streaming'); return m && m.textContent.includes(args[0]) && !m.textContent.includes(args[1]); })()",
+            vec![json!(chunks[0]), json!(chunks[4])],
+        )
+        .await;
+    client.screenshot("streaming-reply").await;
+    let full = chunks.concat();
+    client.until_message("ai", &full).await;
+    assert_eq!(
+        client.count("#messages .msg--streaming").await,
+        0,
+        "the committed message replaced the partial one"
+    );
+    assert_eq!(client.count("#messages .msg--ai").await, 1);
+    client.close().await;
+}
