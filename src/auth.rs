@@ -67,10 +67,8 @@ pub async fn resolve(state: &AppState, token: &str) -> Result<Option<Credential>
         let session = state.store.session_for_client_token(&hash).await?;
         Ok(session.map(|session_id| Credential::Client { session_id }))
     } else if token.starts_with(THERAPIST_TOKEN_PREFIX) {
-        let therapist = state
-            .store
-            .therapist_by_token(&hash, haven_store::now())
-            .await?;
+        let therapist =
+            state.store.therapist_by_token(&hash, haven_store::now(), state.settings.therapist_idle).await?;
         Ok(therapist.map(Credential::Therapist))
     } else {
         Ok(None)
@@ -86,12 +84,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// An auth cookie: HttpOnly, `SameSite=Strict`, for the whole site.
 pub fn auth_cookie(name: &'static str, token: String, secure: bool) -> Cookie<'static> {
-    Cookie::build((name, token))
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .path("/")
-        .secure(secure)
-        .build()
+    Cookie::build((name, token)).http_only(true).same_site(SameSite::Strict).path("/").secure(secure).build()
 }
 
 /// The therapist making an API request, by bearer token or login cookie.
@@ -104,10 +97,7 @@ pub struct AuthTherapist {
 impl FromRequestParts<AppState> for AuthTherapist {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = match bearer(&parts.headers) {
             Some(token) => token.to_owned(),
             None => CookieJar::from_headers(&parts.headers)
@@ -151,9 +141,7 @@ pub async fn verify_password(password: String, stored: Option<String>) -> bool {
                 })
                 .clone()
         });
-        let matches = Argon2::default()
-            .verify_password(password.as_bytes(), hash.as_str())
-            .is_ok();
+        let matches = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
         known && matches
     })
     .await
@@ -175,9 +163,7 @@ pub fn validate_new_account(email: &str, name: &str, password: &str) -> Result<(
         return Err("enter a name of 1 to 100 characters".into());
     }
     if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > 1024 {
-        return Err(format!(
-            "the password needs at least {MIN_PASSWORD_CHARS} characters"
-        ));
+        return Err(format!("the password needs at least {MIN_PASSWORD_CHARS} characters"));
     }
     Ok(())
 }

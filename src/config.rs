@@ -9,12 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "haven", version, about = "Real-time chat for therapy support")]
 pub struct Cli {
     /// Database URL. `sqlite://FILE` (created if missing).
-    #[arg(
-        long,
-        global = true,
-        env = "HAVEN_DATABASE_URL",
-        default_value = "sqlite://haven.db"
-    )]
+    #[arg(long, global = true, env = "HAVEN_DATABASE_URL", default_value = "sqlite://haven.db")]
     pub database: String,
 
     #[command(subcommand)]
@@ -38,6 +33,17 @@ pub enum TherapistCommand {
     Add(AddTherapistArgs),
     /// List therapist accounts.
     List,
+    /// Set a new password (read from standard input) and end every login.
+    Passwd(AccountArgs),
+    /// Disable an account: it can no longer log in, and every login ends.
+    Disable(AccountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AccountArgs {
+    /// The account's e-mail address.
+    #[arg(long, env = "HAVEN_THERAPIST_EMAIL")]
+    pub email: String,
 }
 
 #[derive(Debug, Args)]
@@ -59,11 +65,7 @@ pub struct ServeArgs {
     /// Extra origins allowed to open cookie-authenticated WebSockets, e.g.
     /// `https://chat.example.org` (repeatable; comma-separated in the env var).
     /// The server's own origin is always allowed.
-    #[arg(
-        long = "allowed-origin",
-        env = "HAVEN_ALLOWED_ORIGINS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "allowed-origin", env = "HAVEN_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
     /// Mark auth cookies `Secure` (set this when Haven is served over HTTPS).
@@ -80,6 +82,66 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub ai: AiArgs,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits against abuse and failure; the defaults suit a clinic behind one
+/// NAT address.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Messages per second one connection may send (sustained).
+    #[arg(long, env = "HAVEN_MESSAGE_RATE", default_value_t = 10)]
+    pub message_rate: u32,
+
+    /// Messages one connection may send in a burst.
+    #[arg(long, env = "HAVEN_MESSAGE_BURST", default_value_t = 20)]
+    pub message_burst: u32,
+
+    /// Refused (rate-limited) messages within 10 s after which the socket is
+    /// closed with 1008.
+    #[arg(long, env = "HAVEN_RATE_LIMIT_REFUSALS", default_value_t = 50)]
+    pub refusals_before_close: usize,
+
+    /// New chat sessions one IP address may create per minute.
+    #[arg(long, env = "HAVEN_SESSIONS_PER_IP_PER_MINUTE", default_value_t = 120)]
+    pub sessions_per_ip_per_minute: u32,
+
+    /// Open WebSockets per IP address.
+    #[arg(long, env = "HAVEN_MAX_SOCKETS_PER_IP", default_value_t = 200)]
+    pub max_sockets_per_ip: usize,
+
+    /// Open WebSockets per credential (a client's tabs, a therapist's windows).
+    #[arg(long, env = "HAVEN_MAX_SOCKETS_PER_CREDENTIAL", default_value_t = 20)]
+    pub max_sockets_per_credential: usize,
+
+    /// Failed logins, per account or per IP, after which logins are refused
+    /// (HTTP 429) until the window has passed.
+    #[arg(long, env = "HAVEN_LOGIN_FAILURES", default_value_t = 10)]
+    pub login_failures: usize,
+
+    /// The window for counting failed logins, in minutes.
+    #[arg(long, env = "HAVEN_LOGIN_LOCK_MINUTES", default_value_t = 15)]
+    pub login_lock_minutes: u64,
+
+    /// Password hashes computed at once; more logins wait their turn.
+    #[arg(long, env = "HAVEN_PASSWORD_HASH_WORKERS", default_value_t = 2)]
+    pub password_hash_workers: usize,
+
+    /// Seconds between pings on each WebSocket. A socket silent for two
+    /// intervals is dropped, and each ping re-checks its credential.
+    #[arg(long, env = "HAVEN_HEARTBEAT_SECONDS", default_value_t = 20)]
+    pub heartbeat_seconds: u64,
+
+    /// Frames queued for one socket; a client that stops reading is
+    /// disconnected when its queue is full.
+    #[arg(long, env = "HAVEN_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Minutes a therapist login may go unused before it ends.
+    #[arg(long, env = "HAVEN_THERAPIST_IDLE_MINUTES", default_value_t = 30)]
+    pub therapist_idle_minutes: u64,
 }
 
 /// Who answers clients while no therapist has joined.

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod pages;
 pub mod startup;
 pub mod telemetry;
@@ -27,12 +28,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             telemetry::init(args.log_format);
             startup::serve(&cli.database, args).await
         }
-        Command::Therapist {
-            command: TherapistCommand::Add(args),
-        } => therapist_cli::add(&cli.database, args).await,
-        Command::Therapist {
-            command: TherapistCommand::List,
-        } => therapist_cli::list(&cli.database).await,
+        Command::Therapist { command: TherapistCommand::Add(args) } => {
+            therapist_cli::add(&cli.database, args).await
+        }
+        Command::Therapist { command: TherapistCommand::List } => therapist_cli::list(&cli.database).await,
+        Command::Therapist { command: TherapistCommand::Passwd(args) } => {
+            therapist_cli::passwd(&cli.database, args).await
+        }
+        Command::Therapist { command: TherapistCommand::Disable(args) } => {
+            therapist_cli::disable(&cli.database, args).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::chat::Hub;
 use crate::config::{AiArgs, AiProvider, ServeArgs};
 use crate::http::setup::SetupToken;
+use crate::limits::Limits;
 
 /// Shared state of every request and connection.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct AppState {
     /// The one-time first-therapist setup token, while no account exists.
     pub setup: Arc<SetupToken>,
     pub settings: Arc<Settings>,
+    /// Rate and concurrency limits.
+    pub limits: Arc<Limits>,
     /// Background work (companion replies) that shutdown waits for.
     pub tasks: TaskTracker,
     /// Cancelled when the server shuts down; sockets close with 1001.
@@ -41,15 +44,16 @@ pub struct Settings {
     /// Origins, besides the server's own, allowed to open cookie sockets.
     pub allowed_origins: Vec<String>,
     pub cookie_secure: bool,
+    /// A therapist login's absolute lifetime.
     pub therapist_session: time::Duration,
+    /// How long a therapist login may go unused.
+    pub therapist_idle: time::Duration,
 }
 
 /// Opens the database named by `url`, creating it and running migrations.
 pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
-        let store = SqliteStore::connect(url)
-            .await
-            .with_context(|| "opening the SQLite database")?;
+        let store = SqliteStore::connect(url).await.with_context(|| "opening the SQLite database")?;
         Ok(Arc::new(store))
     } else {
         anyhow::bail!("unsupported database URL (expected sqlite://FILE)")
@@ -60,9 +64,7 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
     let (provider, base_url, model, key_variable) = match ai.ai_provider {
         AiProvider::Companion => {
-            return Ok(Arc::new(Companion::new(Duration::from_millis(
-                ai.companion_delay_ms,
-            ))));
+            return Ok(Arc::new(Companion::new(Duration::from_millis(ai.companion_delay_ms))));
         }
         AiProvider::Gemini => (
             Provider::Gemini,
@@ -70,12 +72,9 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
             "gemini-2.5-flash",
             "GEMINI_API_KEY",
         ),
-        AiProvider::Openai => (
-            Provider::OpenAi,
-            "https://api.openai.com/v1",
-            "gpt-4o-mini",
-            "OPENAI_API_KEY",
-        ),
+        AiProvider::Openai => {
+            (Provider::OpenAi, "https://api.openai.com/v1", "gpt-4o-mini", "OPENAI_API_KEY")
+        }
     };
     let api_key = ai
         .ai_api_key
@@ -84,9 +83,7 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
         .or_else(|| std::env::var(key_variable).ok())
         .filter(|key| !key.trim().is_empty());
     if provider == Provider::Gemini && api_key.is_none() {
-        anyhow::bail!(
-            "the gemini companion needs an API key: set HAVEN_AI_API_KEY or {key_variable}"
-        );
+        anyhow::bail!("the gemini companion needs an API key: set HAVEN_AI_API_KEY or {key_variable}");
     }
     let system_prompt = match &ai.ai_system_prompt {
         Some(path) => std::fs::read_to_string(path)
@@ -95,10 +92,7 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
     };
     let settings = LlmSettings {
         provider,
-        base_url: ai
-            .ai_base_url
-            .clone()
-            .unwrap_or_else(|| base_url.to_owned()),
+        base_url: ai.ai_base_url.clone().unwrap_or_else(|| base_url.to_owned()),
         model: ai.ai_model.clone().unwrap_or_else(|| model.to_owned()),
         api_key,
         timeout: Duration::from_secs(ai.ai_timeout.max(1)),
@@ -132,14 +126,14 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
                 .collect(),
             cookie_secure: args.cookie_secure,
             therapist_session: time::Duration::hours(args.therapist_session_hours.into()),
+            therapist_idle: time::Duration::minutes(args.limits.therapist_idle_minutes.max(1) as i64),
         }),
+        limits: Arc::new(Limits::new(args.limits.clone())),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     };
 
-    let listener = TcpListener::bind(args.bind)
-        .await
-        .with_context(|| format!("binding {}", args.bind))?;
+    let listener = TcpListener::bind(args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let address = listener.local_addr()?;
     let base = base_url(address);
     tracing::info!(address = %address, responder = state.responder.name(), "listening");
@@ -147,32 +141,24 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     // person at the console, and scripts read the address from the last line.
     if store.count_therapists().await? == 0 {
         let token = setup.issue();
-        println!(
-            "No therapist account exists yet. Create the first one here (valid until used or restart):"
-        );
+        println!("No therapist account exists yet. Create the first one here (valid until used or restart):");
         println!("  {base}/setup/{token}");
     }
     println!("Haven is listening on {base}");
 
     let app = crate::http::router(state.clone())?;
     let shutdown = state.shutdown.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        shutdown.cancel();
-    });
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
     server.await.context("serving")?;
 
     // Sockets have been told to close; let companion replies in flight finish.
     state.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait()).await.is_err() {
         tracing::warn!("background tasks still running at shutdown");
     }
     Ok(())

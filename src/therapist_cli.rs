@@ -6,7 +6,7 @@ use anyhow::Context;
 use haven_store::NewTherapist;
 
 use crate::auth;
-use crate::config::AddTherapistArgs;
+use crate::config::{AccountArgs, AddTherapistArgs};
 use crate::startup::open_store;
 
 /// Creates an account. The password comes from standard input: prompted
@@ -18,17 +18,33 @@ pub async fn add(database: &str, args: AddTherapistArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
     let password_hash = auth::hash_password(password).await?;
     let therapist = store
-        .create_therapist(NewTherapist {
-            email,
-            name: args.name.trim().to_owned(),
-            password_hash,
-        })
+        .create_therapist(NewTherapist { email, name: args.name.trim().to_owned(), password_hash })
         .await
         .context("creating the account")?;
-    println!(
-        "Created therapist {} <{}> ({})",
-        therapist.name, therapist.email, therapist.id
-    );
+    println!("Created therapist {} <{}> ({})", therapist.name, therapist.email, therapist.id);
+    Ok(())
+}
+
+/// Sets a new password and ends the account's logins; a running server
+/// closes their sockets at its next heartbeat.
+pub async fn passwd(database: &str, args: AccountArgs) -> anyhow::Result<()> {
+    let password = read_password()?;
+    let email = auth::normalise_email(&args.email);
+    auth::validate_new_account(&email, "-", &password).map_err(anyhow::Error::msg)?;
+    let store = open_store(database).await?;
+    let password_hash = auth::hash_password(password).await?;
+    let therapist =
+        store.set_password(&email, &password_hash).await?.context("no account with that e-mail")?;
+    println!("Password changed for {} <{}>; every login has ended.", therapist.name, therapist.email);
+    Ok(())
+}
+
+/// Disables an account and ends its logins.
+pub async fn disable(database: &str, args: AccountArgs) -> anyhow::Result<()> {
+    let store = open_store(database).await?;
+    let email = auth::normalise_email(&args.email);
+    let therapist = store.disable_therapist(&email).await?.context("no account with that e-mail")?;
+    println!("Disabled {} <{}>; every login has ended.", therapist.name, therapist.email);
     Ok(())
 }
 
@@ -39,7 +55,8 @@ pub async fn list(database: &str) -> anyhow::Result<()> {
         println!("No therapist accounts. Create one with: haven therapist add --email E --name N");
     }
     for therapist in therapists {
-        println!("{}\t{}\t{}", therapist.id, therapist.email, therapist.name);
+        let state = if therapist.disabled { "\tdisabled" } else { "" };
+        println!("{}\t{}\t{}{state}", therapist.id, therapist.email, therapist.name);
     }
     Ok(())
 }
@@ -52,10 +69,7 @@ fn read_password() -> anyhow::Result<String> {
         Ok(password)
     } else {
         let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
+        std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
     }
 }

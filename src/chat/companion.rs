@@ -67,11 +67,7 @@ async fn generate(
     reply_id: Uuid,
     answered_through: Option<i64>,
 ) -> (Result<Finished, ()>, Option<i64>) {
-    let mut history = match state
-        .store
-        .recent_messages(room.session_id, HISTORY_MESSAGES)
-        .await
-    {
+    let mut history = match state.store.recent_messages(room.session_id, HISTORY_MESSAGES).await {
         Ok(messages) => messages,
         Err(error) => {
             tracing::error!(error = %error, "companion could not read the history");
@@ -81,17 +77,13 @@ async fn generate(
     // Client messages that arrived while the previous reply was generated
     // were stored before it; put them after it, where the model answers them.
     if let Some(through) = answered_through {
-        let unanswered =
-            |message: &ChatMessage| message.sender == Sender::User && message.seq > through;
+        let unanswered = |message: &ChatMessage| message.sender == Sender::User && message.seq > through;
         let (late, mut ordered): (Vec<_>, Vec<_>) = history.into_iter().partition(unanswered);
         ordered.extend(late);
         history = ordered;
     }
-    let seen = history
-        .iter()
-        .filter(|message| message.sender == Sender::User)
-        .map(|message| message.seq)
-        .max();
+    let seen =
+        history.iter().filter(|message| message.sender == Sender::User).map(|message| message.seq).max();
     (stream_reply(state, room, reply_id, history).await, seen)
 }
 
@@ -104,10 +96,7 @@ async fn stream_reply(
     let request = ReplyRequest {
         history: history
             .into_iter()
-            .map(|message| Turn {
-                sender: message.sender,
-                content: message.content,
-            })
+            .map(|message| Turn { sender: message.sender, content: message.content })
             .collect(),
     };
 
@@ -141,11 +130,7 @@ async fn stream_reply(
         }
     }
     if text.trim().is_empty() {
-        tracing::warn!(
-            responder,
-            error = "the model returned no text",
-            "companion failed"
-        );
+        tracing::warn!(responder, error = "the model returned no text", "companion failed");
         return Err(());
     }
 
@@ -153,13 +138,7 @@ async fn stream_reply(
     // transaction: a therapist who joined while we were generating wins.
     match state
         .store
-        .append_if_bot_only(
-            room.session_id,
-            BotMessage::Reply {
-                id: reply_id,
-                content: text,
-            },
-        )
+        .append_if_bot_only(room.session_id, BotMessage::Reply { id: reply_id, content: text })
         .await
     {
         Ok(Some(message)) => {
@@ -180,14 +159,8 @@ async fn stream_reply(
 /// Stores and publishes the "companion unavailable" notice, unless a
 /// therapist joined meanwhile.
 async fn tell_unavailable(state: &AppState, room: &Room) {
-    let notice = BotMessage::Notice {
-        content: UNAVAILABLE_NOTICE.to_owned(),
-    };
-    match state
-        .store
-        .append_if_bot_only(room.session_id, notice)
-        .await
-    {
+    let notice = BotMessage::Notice { content: UNAVAILABLE_NOTICE.to_owned() };
+    match state.store.append_if_bot_only(room.session_id, notice).await {
         Ok(Some(message)) => room.publish(message),
         Ok(None) => {}
         Err(error) => tracing::error!(error = %error, "companion notice not stored"),

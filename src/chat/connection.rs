@@ -1,23 +1,42 @@
 //! One admitted socket: the takeover on connect, replay from `since`, then
 //! the live loop that stores client messages and delivers session events in
 //! seq order.
+//!
+//! Frames to the client go through a bounded queue drained by a writer task,
+//! so a client that stops reading fills only its own queue: it is
+//! disconnected when the queue is full and can resume later with `since`.
+//! A heartbeat pings the client, drops a silent one, and re-checks the
+//! credential, so expired, revoked and disabled logins lose their sockets.
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use haven_protocol::{
-    ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame,
-};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use governor::DefaultDirectRateLimiter;
+use haven_protocol::{ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame};
 use haven_store::{Appended, JoinOutcome, NewMessage, StoreError};
-use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 use uuid::Uuid;
 
-use super::hub::{ConnectionGuard, Event, frame_text};
+use super::hub::{ConnectionGuard, Event, Revocation, frame_text};
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
 
 /// Messages read from the database per query while catching up.
 const CATCH_UP_PAGE: i64 = 500;
+
+/// How long a replay may wait for room in a full queue before the client
+/// counts as not reading.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The window over which refused (rate-limited) messages are counted.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Runs an admitted connection until either side closes it.
 pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
@@ -34,30 +53,42 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         // Subscribe before reading anything, so no event committed from here
         // on can fall between the backlog and the live stream.
         let events = room.subscribe();
+        let revocations = state.hub.watch_revocations();
         // A reply already streaming is not joined halfway: this connection
         // gets it as the committed message.
         let skipped_reply = room.reply_in_flight();
         let (guard, connections) = room.connect();
+        let (sink, incoming) = socket.split();
+        let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
+        let messages = state.limits.message_limiter();
         let mut connection = Connection {
             state,
             admitted,
-            socket,
+            incoming,
+            outbound,
             guard,
             events,
+            revocations,
             last_seq: 0,
             mode: ChatMode::BotOnly,
             skipped_reply,
+            messages,
+            refusals: VecDeque::new(),
+            last_heard: Instant::now(),
         };
         let stop = match connection.open(connections).await {
             Ok(()) => connection.live().await,
             Err(stop) => stop,
         };
-        if let Stop::Close(code, reason) = stop {
-            let frame = CloseFrame {
-                code,
-                reason: reason.into(),
-            };
-            let _ = connection.socket.send(Message::Close(Some(frame))).await;
+        match stop {
+            Stop::Close(code, reason) => {
+                connection.outbound.close(Some(CloseFrame { code, reason: reason.into() })).await
+            }
+            Stop::Disconnected => connection.outbound.close(None).await,
+            Stop::SlowConsumer => {
+                tracing::warn!("client is not reading: disconnected");
+                connection.outbound.abort();
+            }
         }
         tracing::info!("disconnected");
     }
@@ -69,6 +100,8 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
 enum Stop {
     /// The peer closed or is gone; nothing more can be sent.
     Disconnected,
+    /// The client stopped reading and its queue is full: drop it.
+    SlowConsumer,
     /// Close with this code and reason.
     Close(u16, &'static str),
 }
@@ -76,10 +109,7 @@ enum Stop {
 impl From<StoreError> for Stop {
     fn from(error: StoreError) -> Self {
         tracing::error!(error = %error, "database error on an open connection");
-        Stop::Close(
-            close_code::INTERNAL_ERROR,
-            "service temporarily unavailable, reconnect",
-        )
+        Stop::Close(close_code::INTERNAL_ERROR, "service temporarily unavailable, reconnect")
     }
 }
 
@@ -91,36 +121,82 @@ fn too_big() -> Stop {
 /// A frame that could not be read: too big (1009), not UTF-8 (1007), or a
 /// broken connection.
 fn read_failure(error: axum::Error) -> Stop {
-    match error
-        .into_inner()
-        .downcast::<tungstenite::Error>()
-        .map(|error| *error)
-    {
+    match error.into_inner().downcast::<tungstenite::Error>().map(|error| *error) {
         Ok(tungstenite::Error::Capacity(_)) => too_big(),
         Ok(tungstenite::Error::Utf8(_)) => {
             tracing::info!("invalid UTF-8: closing");
             Stop::Close(close_code::INVALID_PAYLOAD, "invalid UTF-8")
         }
-        Ok(tungstenite::Error::Protocol(_)) => {
-            Stop::Close(close_code::PROTOCOL_ERROR, "protocol error")
-        }
+        Ok(tungstenite::Error::Protocol(_)) => Stop::Close(close_code::PROTOCOL_ERROR, "protocol error"),
         _ => Stop::Disconnected,
     }
 }
 
-impl From<axum::Error> for Stop {
-    fn from(_: axum::Error) -> Self {
-        Stop::Disconnected
+/// The socket's sending half: a bounded queue and the task that drains it.
+struct Outbound {
+    queue: mpsc::Sender<Message>,
+    writer: JoinHandle<()>,
+}
+
+impl Outbound {
+    fn start(mut sink: SplitSink<WebSocket, Message>, capacity: usize) -> Self {
+        let (queue, mut frames) = mpsc::channel::<Message>(capacity.max(1));
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = frames.recv().await {
+                let closing = matches!(frame, Message::Close(_));
+                if sink.send(frame).await.is_err() || closing {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        Self { queue, writer }
+    }
+
+    /// Queues a frame without waiting: a full queue means the client stopped
+    /// reading.
+    fn push(&self, frame: Message) -> Result<(), Stop> {
+        self.queue.try_send(frame).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => Stop::SlowConsumer,
+            mpsc::error::TrySendError::Closed(_) => Stop::Disconnected,
+        })
+    }
+
+    /// Queues a frame of a replay, waiting a while for room.
+    async fn push_patiently(&self, frame: Message) -> Result<(), Stop> {
+        match tokio::time::timeout(REPLAY_PATIENCE, self.queue.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Disconnected),
+            Err(_) => Err(Stop::SlowConsumer),
+        }
+    }
+
+    /// Sends what is queued, then the close frame if any, within a bound.
+    async fn close(self, frame: Option<CloseFrame>) {
+        if let Some(frame) = frame {
+            let _ = self.queue.try_send(Message::Close(Some(frame)));
+        }
+        drop(self.queue);
+        let mut writer = self.writer;
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+            writer.abort();
+        }
+    }
+
+    fn abort(self) {
+        self.writer.abort();
     }
 }
 
 struct Connection {
     state: AppState,
     admitted: Admitted,
-    socket: WebSocket,
+    incoming: SplitStream<WebSocket>,
+    outbound: Outbound,
     /// Keeps this connection counted in its room.
     guard: ConnectionGuard,
     events: broadcast::Receiver<Event>,
+    revocations: broadcast::Receiver<Revocation>,
     /// The highest seq the client has: sent by this connection, or covered
     /// by the `since` it connected with.
     last_seq: i64,
@@ -128,6 +204,12 @@ struct Connection {
     mode: ChatMode,
     /// The reply that was streaming when this connection opened.
     skipped_reply: Option<Uuid>,
+    /// This connection's message rate.
+    messages: DefaultDirectRateLimiter,
+    /// When messages were refused for going over the rate, within the window.
+    refusals: VecDeque<Instant>,
+    /// When the client last sent anything (a frame or a pong).
+    last_heard: Instant,
 }
 
 impl Connection {
@@ -140,10 +222,7 @@ impl Connection {
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
         self.mode = session.chat_mode;
         if let Some(therapist) = &self.admitted.therapist {
-            match store
-                .join_as_therapist(session.id, therapist.id, JOIN_MESSAGE)
-                .await?
-            {
+            match store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await? {
                 JoinOutcome::Joined { message } => {
                     self.mode = ChatMode::TherapistJoined;
                     Span::current().record("chat_mode", self.mode.as_str());
@@ -163,10 +242,7 @@ impl Connection {
         Span::current().record("chat_mode", self.mode.as_str());
         tracing::info!(connections, "connected");
 
-        self.send(ServerFrame::Mode {
-            chat_mode: self.mode,
-        })
-        .await?;
+        self.send(ServerFrame::Mode { chat_mode: self.mode })?;
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
         match self.admitted.since {
@@ -181,21 +257,26 @@ impl Connection {
 
     async fn live(&mut self) -> Stop {
         let shutdown = self.state.shutdown.clone();
+        let period = Duration::from_secs(self.state.limits.settings.heartbeat_seconds.max(1));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
         loop {
             let step = tokio::select! {
                 () = shutdown.cancelled() => {
                     return Stop::Close(close_code::GOING_AWAY, "server shutting down, reconnect with since");
                 }
-                incoming = self.socket.recv() => match incoming {
-                    Some(Ok(Message::Text(text))) if text.len() > MAX_MESSAGE_BYTES => return too_big(),
-                    Some(Ok(Message::Binary(bytes))) if bytes.len() > MAX_MESSAGE_BYTES => return too_big(),
-                    Some(Ok(Message::Text(text))) => self.on_text(&text).await,
-                    Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames").await,
-                    // Pings are answered by the WebSocket layer itself.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                    Some(Ok(Message::Close(_))) | None => return Stop::Disconnected,
-                    Some(Err(error)) => return read_failure(error),
-                },
+                incoming = self.incoming.next() => {
+                    self.last_heard = Instant::now();
+                    match incoming {
+                        Some(Ok(Message::Text(text))) if text.len() > MAX_MESSAGE_BYTES => return too_big(),
+                        Some(Ok(Message::Binary(bytes))) if bytes.len() > MAX_MESSAGE_BYTES => return too_big(),
+                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                        Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames"),
+                        // Pings are answered by the WebSocket layer itself.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                        Some(Ok(Message::Close(_))) | None => return Stop::Disconnected,
+                        Some(Err(error)) => return read_failure(error),
+                    }
+                }
                 event = self.events.recv() => match event {
                     Ok(event) => self.deliver(event).await,
                     Err(RecvError::Lagged(missed)) => {
@@ -204,6 +285,16 @@ impl Connection {
                     }
                     Err(RecvError::Closed) => return Stop::Close(close_code::GOING_AWAY, "session closed"),
                 },
+                revoked = self.revocations.recv() => match revoked {
+                    Ok(revocation) if self.uses(revocation) => {
+                        tracing::info!("credential revoked: closing");
+                        return Stop::Close(close_code::POLICY_VIOLATION, "credential revoked");
+                    }
+                    // Missed revocations are caught by the heartbeat's re-check.
+                    Ok(_) | Err(RecvError::Lagged(_)) => Ok(()),
+                    Err(RecvError::Closed) => Ok(()),
+                },
+                _ = heartbeat.tick() => self.beat(period).await,
             };
             if let Err(stop) = step {
                 return stop;
@@ -211,14 +302,57 @@ impl Connection {
         }
     }
 
+    /// Whether a revocation concerns this connection's credential.
+    fn uses(&self, revocation: Revocation) -> bool {
+        match revocation {
+            Revocation::Login(hash) => hash == self.admitted.token_hash,
+            Revocation::Therapist(id) => self.admitted.therapist.as_ref().is_some_and(|t| t.id == id),
+        }
+    }
+
+    /// Drops a client silent for two periods, re-checks the credential, pings.
+    async fn beat(&mut self, period: Duration) -> Result<(), Stop> {
+        if self.last_heard.elapsed() > 2 * period {
+            tracing::info!("heartbeat timeout: closing");
+            return Err(Stop::Close(close_code::GOING_AWAY, "heartbeat timeout"));
+        }
+        let store = &self.state.store;
+        let hash = &self.admitted.token_hash;
+        let valid = match self.admitted.role {
+            Role::Therapist => store
+                .therapist_by_token(hash, haven_store::now(), self.state.settings.therapist_idle)
+                .await
+                .map(|therapist| therapist.is_some()),
+            Role::User => store
+                .session_for_client_token(hash)
+                .await
+                .map(|session| session == Some(self.admitted.session_id)),
+        };
+        match valid {
+            Ok(false) => {
+                tracing::info!("credential expired or revoked: closing");
+                return Err(Stop::Close(close_code::POLICY_VIOLATION, "credential expired or revoked"));
+            }
+            // A database outage is not the client's fault: keep the socket.
+            Err(error) => tracing::warn!(error = %error, "credential re-check failed"),
+            Ok(true) => {}
+        }
+        self.outbound.push(Message::Ping(Default::default()))
+    }
+
     /// A client frame: validate, store, ack, publish, then let the companion
     /// answer only if the session is still `BOT_ONLY`.
     async fn on_text(&mut self, text: &str) -> Result<(), Stop> {
-        let new = match parse_client_frame(text) {
+        let parsed = parse_client_frame(text);
+        if self.messages.check().is_err() {
+            let client_id = parsed.ok().map(|new| new.client_id);
+            return self.refuse_over_rate(client_id);
+        }
+        let new = match parsed {
             Ok(new) => new,
             Err(error) => {
                 tracing::info!(code = ?error.code, "frame refused");
-                return self.send(error.into_frame()).await;
+                return self.send(error.into_frame());
             }
         };
         let role = self.admitted.role;
@@ -229,11 +363,7 @@ impl Connection {
             .store
             .append_message(
                 self.admitted.session_id,
-                NewMessage {
-                    sender: role.into(),
-                    content: new.content,
-                    client_id: new.client_id,
-                },
+                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id },
             )
             .await;
         match stored {
@@ -241,7 +371,7 @@ impl Connection {
                 let seq = message.seq;
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
-                let acked = self.send(ServerFrame::Ack { client_id, seq }).await;
+                let acked = self.send(ServerFrame::Ack { client_id, seq });
                 self.guard.room().publish(message);
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
@@ -255,28 +385,42 @@ impl Connection {
             }
             Ok(Appended::Duplicate { seq }) => {
                 tracing::info!(seq, "duplicate client_id: original ack sent again");
-                self.send(ServerFrame::Ack { client_id, seq }).await
+                self.send(ServerFrame::Ack { client_id, seq })
             }
             Err(error) => {
                 tracing::error!(error = %error, "message not stored");
                 let frame = ServerFrame::Error {
                     code: ErrorCode::Unavailable,
-                    message: "the message was not stored; send it again with the same client_id"
-                        .into(),
+                    message: "the message was not stored; send it again with the same client_id".into(),
                     client_id: Some(client_id),
                 };
-                self.send(frame).await
+                self.send(frame)
             }
         }
     }
 
-    async fn refuse(&mut self, code: ErrorCode, message: &str) -> Result<(), Stop> {
+    /// A message over the rate: refused, not stored; it may be sent again
+    /// later with the same `client_id`. Too many refusals close the socket.
+    fn refuse_over_rate(&mut self, client_id: Option<String>) -> Result<(), Stop> {
+        let now = Instant::now();
+        while self.refusals.front().is_some_and(|first| now.duration_since(*first) > REFUSAL_WINDOW) {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back(now);
+        if self.refusals.len() > self.state.limits.settings.refusals_before_close {
+            tracing::warn!("rate limit exceeded repeatedly: closing");
+            return Err(Stop::Close(close_code::POLICY_VIOLATION, "rate limit exceeded"));
+        }
+        tracing::info!("message refused: rate limited");
         self.send(ServerFrame::Error {
-            code,
-            message: message.into(),
-            client_id: None,
+            code: ErrorCode::RateLimited,
+            message: "too many messages; send it again later with the same client_id".into(),
+            client_id,
         })
-        .await
+    }
+
+    fn refuse(&mut self, code: ErrorCode, message: &str) -> Result<(), Stop> {
+        self.send(ServerFrame::Error { code, message: message.into(), client_id: None })
     }
 
     /// Sends an event's message in seq order, filling any gap from the
@@ -287,7 +431,7 @@ impl Connection {
             // mode is THERAPIST_JOINED exactly once it has sent it) none may
             // follow, whatever order the events raced in.
             if self.mode == ChatMode::BotOnly && event.reply_id != self.skipped_reply {
-                self.socket.send(Message::Text(event.frame)).await?;
+                self.outbound.push(Message::Text(event.frame))?;
             }
             return Ok(());
         };
@@ -297,11 +441,11 @@ impl Connection {
             return self.resync().await;
         }
         if seq == self.last_seq + 1 {
-            self.socket.send(Message::Text(event.frame)).await?;
+            self.outbound.push(Message::Text(event.frame))?;
             self.last_seq = seq;
         }
         if let Some(mode) = event.mode {
-            self.tell_mode(mode).await?;
+            self.tell_mode(mode)?;
         }
         Ok(())
     }
@@ -310,18 +454,15 @@ impl Connection {
     async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
         while self.last_seq < up_to {
             let page = (up_to - self.last_seq).min(CATCH_UP_PAGE);
-            let messages = self
-                .state
-                .store
-                .messages_after(self.admitted.session_id, self.last_seq, page)
-                .await?;
+            let messages =
+                self.state.store.messages_after(self.admitted.session_id, self.last_seq, page).await?;
             if messages.is_empty() {
                 break;
             }
             for message in messages {
                 let seq = message.seq;
-                self.socket
-                    .send(Message::Text(frame_text(&ServerFrame::Message(message))))
+                self.outbound
+                    .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
                     .await?;
                 self.last_seq = seq;
             }
@@ -338,19 +479,19 @@ impl Connection {
             .await?
             .ok_or(Stop::Close(close_code::GOING_AWAY, "session closed"))?;
         self.catch_up(session.last_seq).await?;
-        self.tell_mode(session.chat_mode).await
+        self.tell_mode(session.chat_mode)
     }
 
-    async fn tell_mode(&mut self, mode: ChatMode) -> Result<(), Stop> {
+    fn tell_mode(&mut self, mode: ChatMode) -> Result<(), Stop> {
         if mode != self.mode {
             self.mode = mode;
             Span::current().record("chat_mode", mode.as_str());
-            self.send(ServerFrame::Mode { chat_mode: mode }).await?;
+            self.send(ServerFrame::Mode { chat_mode: mode })?;
         }
         Ok(())
     }
 
-    async fn send(&mut self, frame: ServerFrame) -> Result<(), Stop> {
-        Ok(self.socket.send(Message::Text(frame_text(&frame))).await?)
+    fn send(&self, frame: ServerFrame) -> Result<(), Stop> {
+        self.outbound.push(Message::Text(frame_text(&frame)))
     }
 }

@@ -38,6 +38,17 @@ pub struct Hub {
     /// created, joined or written to). Carries no data: dashboards re-read
     /// the list through the API, which applies each therapist's rights.
     appointments: broadcast::Sender<()>,
+    /// Therapist logins that just ended: their sockets close with 1008.
+    revocations: broadcast::Sender<Revocation>,
+}
+
+/// A therapist credential that is no longer valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// One login (by its token hash), e.g. at logout.
+    Login([u8; 32]),
+    /// Every login of a therapist, e.g. after a password change.
+    Therapist(Uuid),
 }
 
 impl Default for Hub {
@@ -51,7 +62,18 @@ impl Hub {
         Self {
             rooms: Arc::default(),
             appointments: broadcast::channel(16).0,
+            revocations: broadcast::channel(64).0,
         }
+    }
+
+    /// Closes the sockets that use a revoked credential, in this process.
+    /// (Other processes notice at their next heartbeat, which re-checks.)
+    pub fn revoke(&self, revocation: Revocation) {
+        let _ = self.revocations.send(revocation);
+    }
+
+    pub fn watch_revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
     }
 
     /// Tells open dashboards to refresh.
@@ -100,21 +122,11 @@ impl Event {
     /// A committed message.
     pub fn message(message: ChatMessage, mode: Option<ChatMode>) -> Self {
         let seq = Some(message.seq);
-        Self {
-            seq,
-            frame: frame_text(&ServerFrame::Message(message)),
-            mode,
-            reply_id: None,
-        }
+        Self { seq, frame: frame_text(&ServerFrame::Message(message)), mode, reply_id: None }
     }
 
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
-        Self {
-            seq: None,
-            frame: frame_text(frame),
-            mode: None,
-            reply_id: Some(reply_id),
-        }
+        Self { seq: None, frame: frame_text(frame), mode: None, reply_id: Some(reply_id) }
     }
 }
 
@@ -178,16 +190,10 @@ impl Room {
         let mut generation = self.generation();
         generation.joined = true;
         if let Some(reply_id) = generation.in_flight.take() {
-            self.send(Event::companion(
-                reply_id,
-                &ServerFrame::AiCancelled { reply_id },
-            ));
+            self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
         self.takeover.cancel();
-        self.send(Event::message(
-            join_message,
-            Some(ChatMode::TherapistJoined),
-        ));
+        self.send(Event::message(join_message, Some(ChatMode::TherapistJoined)));
     }
 
     /// Starts a companion reply unless one is running (then the running one
@@ -219,10 +225,7 @@ impl Room {
         if generation.joined || generation.in_flight != Some(reply_id) {
             return false;
         }
-        self.send(Event::companion(
-            reply_id,
-            &ServerFrame::AiDelta { reply_id, delta },
-        ));
+        self.send(Event::companion(reply_id, &ServerFrame::AiDelta { reply_id, delta }));
         true
     }
 
@@ -239,10 +242,7 @@ impl Room {
             Finished::Committed(message) => self.send(Event::message(message, None)),
             // After a takeover the withdrawal already went out, before the join.
             Finished::Abandoned if current => {
-                self.send(Event::companion(
-                    reply_id,
-                    &ServerFrame::AiCancelled { reply_id },
-                ));
+                self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
             }
             Finished::Abandoned => {}
         }
@@ -263,9 +263,7 @@ impl Room {
 
     fn generation(&self) -> MutexGuard<'_, Generation> {
         // Every update leaves the state consistent; a panic cannot tear it.
-        self.generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.generation.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -274,10 +272,7 @@ impl Drop for Room {
         if let Some(rooms) = self.rooms.upgrade() {
             let mut rooms = lock(&rooms);
             // A new room for the same session may already have replaced this one.
-            if rooms
-                .get(&self.session_id)
-                .is_some_and(|room| room.strong_count() == 0)
-            {
+            if rooms.get(&self.session_id).is_some_and(|room| room.strong_count() == 0) {
                 rooms.remove(&self.session_id);
             }
         }
@@ -327,14 +322,9 @@ mod tests {
         let first = room.start_generation().expect("starts");
         assert_eq!(room.start_generation(), None, "one at a time");
         assert_eq!(room.start_generation(), None);
-        let follow_up = room
-            .finish_generation(first, Finished::Abandoned)
-            .expect("answers what came meanwhile");
-        assert_eq!(
-            room.finish_generation(follow_up, Finished::Abandoned),
-            None,
-            "only one follow-up"
-        );
+        let follow_up =
+            room.finish_generation(first, Finished::Abandoned).expect("answers what came meanwhile");
+        assert_eq!(room.finish_generation(follow_up, Finished::Abandoned), None, "only one follow-up");
     }
 
     #[test]
@@ -354,17 +344,12 @@ mod tests {
             reply_id: None,
         };
         room.takeover(join);
-        assert!(
-            !room.publish_delta(reply, "lo".into()),
-            "no delta after the join"
-        );
+        assert!(!room.publish_delta(reply, "lo".into()), "no delta after the join");
         assert_eq!(room.start_generation(), None);
         assert_eq!(room.finish_generation(reply, Finished::Abandoned), None);
 
         let kinds: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
-            .map(|event| {
-                serde_json::from_str::<serde_json::Value>(&event.frame).unwrap()["type"].to_string()
-            })
+            .map(|event| serde_json::from_str::<serde_json::Value>(&event.frame).unwrap()["type"].to_string())
             .collect();
         assert_eq!(kinds, ["\"ai_delta\"", "\"ai_cancelled\"", "\"message\""]);
     }

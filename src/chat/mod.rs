@@ -7,11 +7,13 @@
 //! closed with 1008 and the reason, and nothing is written.
 //! [`connection`] runs an admitted socket; [`companion`] produces replies.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::{HOST, ORIGIN};
 use axum::response::{IntoResponse, Response};
@@ -24,13 +26,14 @@ use uuid::Uuid;
 
 use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
 use crate::http::ApiError;
+use crate::limits::SocketSlots;
 use crate::startup::AppState;
 
 mod companion;
 mod connection;
 mod hub;
 
-pub use hub::Hub;
+pub use hub::{Hub, Revocation};
 
 /// Largest WebSocket message accepted; a larger one closes the socket with
 /// 1009. A message of 4,000 characters is at most 24 KiB of escaped JSON.
@@ -55,13 +58,17 @@ struct SocketQuery {
 }
 
 /// A connection that passed admission.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Admitted {
     pub session_id: Uuid,
     pub role: Role,
     /// Set for `therapist` connections.
     pub therapist: Option<Therapist>,
     pub since: Option<i64>,
+    /// The credential's hash, to check it again while the socket is open.
+    pub token_hash: [u8; 32],
+    /// This socket's place under the per-IP and per-credential limits.
+    pub slots: SocketSlots,
 }
 
 /// Why a connection is refused. The reason is sent in the close frame.
@@ -82,6 +89,7 @@ async fn chat_socket(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
     query: Result<Query<SocketQuery>, QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -90,8 +98,7 @@ async fn chat_socket(
         Err(rejection) => return ApiError::from(rejection).into_response(),
     };
     let Ok(upgrade) = upgrade else {
-        return ApiError::bad_request("websocket_required", "this endpoint is a WebSocket")
-            .into_response();
+        return ApiError::bad_request("websocket_required", "this endpoint is a WebSocket").into_response();
     };
     let upgrade = upgrade
         .max_message_size(TRANSPORT_LIMIT_BYTES)
@@ -99,20 +106,17 @@ async fn chat_socket(
         .read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);
-    match admit(&state, &session_id, &query, &headers).await {
+    match admit(&state, &session_id, &query, &headers, peer.ip()).await {
         Ok(admitted) => upgrade.on_upgrade(move |socket| connection::run(state, admitted, socket)),
         Err(refusal) => {
             let (code, reason) = match refusal {
                 Refusal::Policy(reason) => (close_code::POLICY_VIOLATION, reason),
-                Refusal::Unavailable => (
-                    close_code::INTERNAL_ERROR,
-                    "service temporarily unavailable, retry",
-                ),
+                Refusal::Unavailable => {
+                    (close_code::INTERNAL_ERROR, "service temporarily unavailable, retry")
+                }
             };
             // The path's session id is logged only if it is one.
-            let session_id = Uuid::parse_str(&session_id)
-                .ok()
-                .map(tracing::field::display);
+            let session_id = Uuid::parse_str(&session_id).ok().map(tracing::field::display);
             let role = query.role.as_deref().unwrap_or("from credential");
             tracing::warn!(session_id, role, reason, "connection rejected");
             upgrade.on_upgrade(move |socket| close(socket, code, reason))
@@ -126,6 +130,7 @@ async fn admit(
     session_id: &str,
     query: &SocketQuery,
     headers: &HeaderMap,
+    ip: IpAddr,
 ) -> Result<Admitted, Refusal> {
     let session_id = Uuid::parse_str(session_id).map_err(|_| Refusal::Policy("unknown session"))?;
     let requested = match query.role.as_deref() {
@@ -137,10 +142,7 @@ async fn admit(
 
     let (token, by_cookie) = match auth::bearer(headers) {
         Some(token) => (token.to_owned(), false),
-        None => (
-            cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?,
-            true,
-        ),
+        None => (cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?, true),
     };
     // Another site can make a browser open a socket with its cookies; only
     // the browser's Origin header tells them apart. Bearer tokens are never
@@ -149,11 +151,11 @@ async fn admit(
         return Err(Refusal::Policy("origin not allowed"));
     }
 
-    let admitted = |role, therapist| Admitted {
-        session_id,
-        role,
-        therapist,
-        since: query.since,
+    let token_hash = auth::token_hash(&token);
+    let admitted = |role, therapist| -> Result<Admitted, Refusal> {
+        let slots =
+            state.limits.open_socket(ip, token_hash).ok_or(Refusal::Policy("too many connections"))?;
+        Ok(Admitted { session_id, role, therapist, since: query.since, token_hash, slots })
     };
     match auth::resolve(state, &token).await? {
         None => Err(Refusal::Policy("invalid or expired credential")),
@@ -163,30 +165,20 @@ async fn admit(
         Some(Credential::Client { session_id: own }) if own != session_id => {
             Err(Refusal::Policy("credential is for another session"))
         }
-        Some(Credential::Client { .. }) => Ok(admitted(Role::User, None)),
+        Some(Credential::Client { .. }) => admitted(Role::User, None),
         Some(Credential::Therapist(therapist)) => {
-            let session = state
-                .store
-                .chat_session(session_id)
-                .await?
-                .ok_or(Refusal::Policy("unknown session"))?;
-            if session
-                .therapist_id
-                .is_some_and(|holder| holder != therapist.id)
-            {
+            let session =
+                state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
+            if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
                 return Err(Refusal::Policy("session is assigned to another therapist"));
             }
-            Ok(admitted(Role::Therapist, Some(therapist)))
+            admitted(Role::Therapist, Some(therapist))
         }
     }
 }
 
 fn credential_role_of(token: &str) -> Role {
-    if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) {
-        Role::Therapist
-    } else {
-        Role::User
-    }
+    if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) { Role::Therapist } else { Role::User }
 }
 
 /// The cookie credential for the requested role. Without `?role=` the client
@@ -208,25 +200,17 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
         return false;
     };
     let origin = origin.trim_end_matches('/');
-    if allowed
-        .iter()
-        .any(|allowed| allowed.eq_ignore_ascii_case(origin))
-    {
+    if allowed.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)) {
         return true;
     }
-    let authority = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"));
+    let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
     let host = headers.get(HOST).and_then(|value| value.to_str().ok());
     matches!((authority, host), (Some(authority), Some(host)) if authority.eq_ignore_ascii_case(host))
 }
 
 /// Completes a refused upgrade with a close frame carrying the reason.
 async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
+    let frame = CloseFrame { code, reason: reason.into() };
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
@@ -246,22 +230,10 @@ mod tests {
     #[test]
     fn own_origin_and_allow_list_pass_others_do_not() {
         let allowed = vec!["https://chat.example.org".to_owned()];
-        assert!(origin_allowed(
-            &headers(Some("http://127.0.0.1:8000"), "127.0.0.1:8000"),
-            &allowed
-        ));
-        assert!(origin_allowed(
-            &headers(Some("https://chat.example.org"), "10.0.0.1:8000"),
-            &allowed
-        ));
-        assert!(!origin_allowed(
-            &headers(Some("http://127.0.0.1:8001"), "127.0.0.1:8000"),
-            &allowed
-        ));
-        assert!(!origin_allowed(
-            &headers(Some("https://evil.example"), "127.0.0.1:8000"),
-            &allowed
-        ));
+        assert!(origin_allowed(&headers(Some("http://127.0.0.1:8000"), "127.0.0.1:8000"), &allowed));
+        assert!(origin_allowed(&headers(Some("https://chat.example.org"), "10.0.0.1:8000"), &allowed));
+        assert!(!origin_allowed(&headers(Some("http://127.0.0.1:8001"), "127.0.0.1:8000"), &allowed));
+        assert!(!origin_allowed(&headers(Some("https://evil.example"), "127.0.0.1:8000"), &allowed));
         assert!(!origin_allowed(&headers(None, "127.0.0.1:8000"), &allowed));
     }
 }

@@ -49,20 +49,18 @@ async fn appointment_events(
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let changes = state.hub.watch_appointments();
     let shutdown = state.shutdown.clone();
-    let events =
-        futures_util::stream::unfold((changes, shutdown), |(mut changes, shutdown)| async move {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return None,
-                next = changes.recv() => next,
-            };
-            match next {
-                // A lagged receiver missed some ticks; one refresh covers them all.
-                Ok(()) | Err(RecvError::Lagged(_)) => Some((
-                    Ok(SseEvent::default().event("changed").data("{}")),
-                    (changes, shutdown),
-                )),
-                Err(RecvError::Closed) => None,
+    let events = futures_util::stream::unfold((changes, shutdown), |(mut changes, shutdown)| async move {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            next = changes.recv() => next,
+        };
+        match next {
+            // A lagged receiver missed some ticks; one refresh covers them all.
+            Ok(()) | Err(RecvError::Lagged(_)) => {
+                Some((Ok(SseEvent::default().event("changed").data("{}")), (changes, shutdown)))
             }
-        });
+            Err(RecvError::Closed) => None,
+        }
+    });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -2,10 +2,10 @@
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{FromRequest, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request};
 use axum::http::header::{
-    CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY,
-    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+    X_FRAME_OPTIONS,
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,9 @@ pub(crate) mod auth;
 mod sessions;
 pub mod setup;
 
+/// The largest request body accepted (login, setup forms).
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
 /// What pages and scripts may load: only this origin, no inline code.
 /// `connect-src 'self'` covers the same-origin WebSocket.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
@@ -35,13 +38,10 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
     // non-browser clients send neither header and pass.
     let mut csrf = CsrfLayer::new();
     for origin in &state.settings.allowed_origins {
-        csrf = csrf
-            .add_trusted_origin(origin)
-            .with_context(|| format!("allowed origin {origin:?}"))?;
+        csrf = csrf.add_trusted_origin(origin).with_context(|| format!("allowed origin {origin:?}"))?;
     }
     let csrf = csrf.with_rejection_response(|_| ApiError::CrossSiteRequest.into_response());
-    let header =
-        |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
+    let header = |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
 
     Ok(Router::new()
         .route("/healthz", get(healthz))
@@ -52,25 +52,19 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
         .merge(crate::chat::router())
         .merge(crate::pages::router())
         .fallback(not_found)
+        // API bodies are small; anything larger is refused with 413.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(csrf)
-        .layer(header(
-            CONTENT_SECURITY_POLICY_HEADER,
-            CONTENT_SECURITY_POLICY,
-        ))
+        .layer(header(CONTENT_SECURITY_POLICY_HEADER, CONTENT_SECURITY_POLICY))
         .layer(header(X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .layer(header(REFERRER_POLICY, "same-origin"))
         .layer(header(X_FRAME_OPTIONS, "DENY"))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                // The route pattern, never the URI: paths and queries can carry secrets.
-                let route = request
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map_or("unmatched", MatchedPath::as_str);
-                tracing::info_span!("http", method = %request.method(), route)
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            // The route pattern, never the URI: paths and queries can carry secrets.
+            let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+            tracing::info_span!("http", method = %request.method(), route)
+        }))
         .with_state(state))
 }
 
@@ -115,6 +109,12 @@ pub enum ApiError {
     CrossSiteRequest,
     #[error("{0}")]
     Conflict(String),
+    /// Too many requests; retry after the given time.
+    #[error("too many requests; retry later")]
+    TooManyRequests { retry_after: std::time::Duration },
+    /// The request body is larger than the API accepts.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
     /// The database is unreachable; nothing was changed, retry later.
     #[error("service temporarily unavailable")]
     Unavailable,
@@ -125,10 +125,7 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest {
-            code,
-            message: message.into(),
-        }
+        ApiError::BadRequest { code, message: message.into() }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -141,6 +138,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::CrossSiteRequest => (StatusCode::FORBIDDEN, "cross_site_request"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -173,11 +172,12 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{error:#}"), "internal error");
         }
         let (status, code) = self.status_and_code();
-        let body = ErrorBody {
-            error: code.to_owned(),
-            message: self.to_string(),
-        };
-        (status, axum::Json(body)).into_response()
+        let body = ErrorBody { error: code.to_owned(), message: self.to_string() };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::TooManyRequests { retry_after } = self {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after_value(retry_after));
+        }
+        response
     }
 }
 
@@ -192,8 +192,17 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
     }
 }
 
+/// Whole seconds, rounded up, for a `Retry-After` header.
+pub fn retry_after_value(wait: std::time::Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
+}
+
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::PayloadTooLarge;
+        }
         ApiError::bad_request("invalid_json", rejection.body_text())
     }
 }

@@ -1,7 +1,9 @@
 //! Chat sessions: "Chat Now" and the message history.
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
@@ -27,20 +29,18 @@ pub fn router() -> Router<AppState> {
 /// returned in the body and set as an HttpOnly cookie for browsers.
 async fn create_session(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: CookieJar,
 ) -> Result<(StatusCode, CookieJar, Json<CreatedSession>), ApiError> {
+    state.limits.new_session(peer.ip()).map_err(|retry_after| {
+        tracing::warn!("chat session refused: too many from this address");
+        ApiError::TooManyRequests { retry_after }
+    })?;
     let token = auth::new_token(CLIENT_TOKEN_PREFIX);
-    let session = state
-        .store
-        .create_chat_session(&auth::token_hash(&token))
-        .await?;
+    let session = state.store.create_chat_session(&auth::token_hash(&token)).await?;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
     state.hub.appointments_changed();
-    let jar = jar.add(auth::auth_cookie(
-        CLIENT_COOKIE,
-        token.clone(),
-        state.settings.cookie_secure,
-    ));
+    let jar = jar.add(auth::auth_cookie(CLIENT_COOKIE, token.clone(), state.settings.cookie_secure));
     let body = CreatedSession {
         session_id: session.id,
         appointment_id: session.appointment_id,
@@ -67,17 +67,11 @@ async fn list_messages(
     let Query(query) = query?;
     let after = query.after.unwrap_or(0);
     if after < 0 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "after must be 0 or more",
-        ));
+        return Err(ApiError::bad_request("invalid_query", "after must be 0 or more"));
     }
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if limit < 1 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be at least 1",
-        ));
+        return Err(ApiError::bad_request("invalid_query", "limit must be at least 1"));
     }
     // Who is asking comes first: without a credential nothing is revealed,
     // not even whether the session exists.
@@ -91,11 +85,7 @@ async fn list_messages(
         return Err(ApiError::Unauthorized);
     }
     let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
-    let session = state
-        .store
-        .chat_session(session_id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
     let allowed = credentials.iter().any(|credential| match credential {
         Credential::Client { session_id: own } => *own == session.id,
         Credential::Therapist(therapist) => session.therapist_id == Some(therapist.id),
@@ -103,10 +93,7 @@ async fn list_messages(
     if !allowed {
         return Err(ApiError::Forbidden);
     }
-    let messages = state
-        .store
-        .messages_after(session.id, after, limit.min(MAX_PAGE))
-        .await?;
+    let messages = state.store.messages_after(session.id, after, limit.min(MAX_PAGE)).await?;
     Ok(Json(MessagePage { messages }))
 }
 

@@ -56,17 +56,12 @@ impl SetupToken {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<[u8; 32]>> {
         // The guarded value is a plain Option; a poisoned lock still holds a valid one.
-        self.hash
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/setup/{token}",
-        get(setup_form).post(create_first_therapist),
-    )
+    Router::new().route("/setup/{token}", get(setup_form).post(create_first_therapist))
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,20 +76,11 @@ async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) ->
         return invalid_link();
     }
     // An account made meanwhile with `haven therapist add` ends the setup.
-    if state
-        .store
-        .count_therapists()
-        .await
-        .map_or(true, |count| count > 0)
-    {
+    if state.store.count_therapists().await.map_or(true, |count| count > 0) {
         state.setup.revoke();
         return invalid_link();
     }
-    page(
-        StatusCode::OK,
-        "Create the first therapist account",
-        &form(None),
-    )
+    page(StatusCode::OK, "Create the first therapist account", &form(None))
 }
 
 async fn create_first_therapist(
@@ -107,19 +93,11 @@ async fn create_first_therapist(
     }
     let Ok(Form(input)) = input else {
         let problem = "fill in the name, e-mail and password fields";
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Create the first therapist account",
-            &form(Some(problem)),
-        );
+        return page(StatusCode::BAD_REQUEST, "Create the first therapist account", &form(Some(problem)));
     };
     let email = auth::normalise_email(&input.email);
     if let Err(problem) = auth::validate_new_account(&email, &input.name, &input.password) {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Create the first therapist account",
-            &form(Some(&problem)),
-        );
+        return page(StatusCode::BAD_REQUEST, "Create the first therapist account", &form(Some(&problem)));
     }
     if !state.setup.take(&token) {
         return invalid_link();
@@ -141,11 +119,7 @@ async fn create_first_therapist(
         Err(SetupError::Failed(error)) => {
             state.setup.restore(&token);
             tracing::error!(error = format!("{error:#}"), "setup failed");
-            page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Something went wrong",
-                "<p>Please try again.</p>",
-            )
+            page(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", "<p>Please try again.</p>")
         }
     }
 }
@@ -157,27 +131,13 @@ enum SetupError {
 }
 
 async fn create(state: &AppState, email: String, input: SetupForm) -> Result<(), SetupError> {
-    let count = state
-        .store
-        .count_therapists()
-        .await
-        .map_err(|error| SetupError::Failed(error.into()))?;
+    let count = state.store.count_therapists().await.map_err(|error| SetupError::Failed(error.into()))?;
     if count > 0 {
         return Err(SetupError::AlreadyDone);
     }
-    let password_hash = auth::hash_password(input.password)
-        .await
-        .map_err(SetupError::Failed)?;
-    let new = NewTherapist {
-        email,
-        name: input.name.trim().to_owned(),
-        password_hash,
-    };
-    state
-        .store
-        .create_therapist(new)
-        .await
-        .map_err(|error| SetupError::Failed(error.into()))?;
+    let password_hash = auth::hash_password(input.password).await.map_err(SetupError::Failed)?;
+    let new = NewTherapist { email, name: input.name.trim().to_owned(), password_hash };
+    state.store.create_therapist(new).await.map_err(|error| SetupError::Failed(error.into()))?;
     Ok(())
 }
 
@@ -191,9 +151,7 @@ fn invalid_link() -> Response {
 }
 
 fn form(problem: Option<&str>) -> String {
-    let problem = problem
-        .map(|text| format!("<p role=\"alert\">{}</p>", escape(text)))
-        .unwrap_or_default();
+    let problem = problem.map(|text| format!("<p role=\"alert\">{}</p>", escape(text))).unwrap_or_default();
     format!(
         "{problem}<form method=\"post\">\
          <p><label>Name <input name=\"name\" required maxlength=\"100\"></label></p>\
@@ -214,8 +172,5 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -6,38 +6,18 @@ use axum::response::{IntoResponse, Response};
 
 /// Name, content type and contents of every asset.
 const ASSETS: [(&str, &str, &str); 4] = [
-    (
-        "app.css",
-        "text/css; charset=utf-8",
-        include_str!("../../assets/app.css"),
-    ),
-    (
-        "home.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../assets/home.js"),
-    ),
-    (
-        "chat.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../assets/chat.js"),
-    ),
-    (
-        "dashboard.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../assets/dashboard.js"),
-    ),
+    ("app.css", "text/css; charset=utf-8", include_str!("../../assets/app.css")),
+    ("home.js", "text/javascript; charset=utf-8", include_str!("../../assets/home.js")),
+    ("chat.js", "text/javascript; charset=utf-8", include_str!("../../assets/chat.js")),
+    ("dashboard.js", "text/javascript; charset=utf-8", include_str!("../../assets/dashboard.js")),
 ];
 
 pub async fn serve(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
-        Some((_, content_type, body)) => (
-            [
-                (header::CONTENT_TYPE, *content_type),
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            *body,
-        )
-            .into_response(),
+        Some((_, content_type, body)) => {
+            ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], *body)
+                .into_response()
+        }
         None => super::not_found_page(),
     }
 }

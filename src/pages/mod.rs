@@ -5,10 +5,12 @@
 //! and the socket. `?therapist=true` picks the therapist's view of a chat,
 //! but the therapist's identity comes from the login cookie alone.
 
+use std::net::SocketAddr;
+
 use askama::Template;
 use axum::Form;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -84,11 +86,7 @@ pub fn error_page(status: StatusCode, title: &str, detail: &str) -> Response {
 }
 
 pub fn not_found_page() -> Response {
-    error_page(
-        StatusCode::NOT_FOUND,
-        "Page not found",
-        "There is nothing at this address.",
-    )
+    error_page(StatusCode::NOT_FOUND, "Page not found", "There is nothing at this address.")
 }
 
 fn server_error() -> Response {
@@ -132,11 +130,7 @@ async fn chat(
     let session = match state.store.chat_session(session_id).await {
         Ok(Some(session)) => session,
         Ok(None) => {
-            return error_page(
-                StatusCode::NOT_FOUND,
-                "Chat not found",
-                "This chat does not exist.",
-            );
+            return error_page(StatusCode::NOT_FOUND, "Chat not found", "This chat does not exist.");
         }
         Err(error) => return unavailable(error),
     };
@@ -150,23 +144,14 @@ async fn chat(
         };
         return match auth::resolve(&state, &token).await {
             Ok(Some(Credential::Therapist(therapist))) => {
-                if session
-                    .therapist_id
-                    .is_some_and(|holder| holder != therapist.id)
-                {
+                if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
                     return error_page(
                         StatusCode::FORBIDDEN,
                         "This chat is taken",
                         "Another therapist has joined this chat.",
                     );
                 }
-                page(
-                    StatusCode::OK,
-                    &ChatPage {
-                        session_id,
-                        therapist_view: true,
-                    },
-                )
+                page(StatusCode::OK, &ChatPage { session_id, therapist_view: true })
             }
             Ok(_) => Redirect::to(&login_url(&here)).into_response(),
             Err(error) => unavailable(error),
@@ -184,13 +169,9 @@ async fn chat(
         return invalid_link();
     };
     match auth::resolve(&state, &token).await {
-        Ok(Some(Credential::Client { session_id: own })) if own == session_id => page(
-            StatusCode::OK,
-            &ChatPage {
-                session_id,
-                therapist_view: false,
-            },
-        ),
+        Ok(Some(Credential::Client { session_id: own })) if own == session_id => {
+            page(StatusCode::OK, &ChatPage { session_id, therapist_view: false })
+        }
         Ok(_) => invalid_link(),
         Err(error) => unavailable(error),
     }
@@ -200,9 +181,7 @@ async fn chat(
 fn login_url(next: &str) -> String {
     let mut url = String::from("/therapist/login?next=");
     url.extend(next.bytes().map(|byte| match byte {
-        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-            (byte as char).to_string()
-        }
+        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => (byte as char).to_string(),
         other => format!("%{other:02X}"),
     }));
     url
@@ -211,27 +190,19 @@ fn login_url(next: &str) -> String {
 /// Only same-site paths may be a redirect target.
 fn local_path(next: Option<&str>) -> &str {
     match next {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
-            path
-        }
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => path,
         _ => "/therapist",
     }
 }
 
 async fn dashboard(State(state): State<AppState>, jar: CookieJar) -> Response {
-    let Some(token) = jar
-        .get(THERAPIST_COOKIE)
-        .map(|cookie| cookie.value().to_owned())
-    else {
+    let Some(token) = jar.get(THERAPIST_COOKIE).map(|cookie| cookie.value().to_owned()) else {
         return Redirect::to("/therapist/login").into_response();
     };
     match auth::resolve(&state, &token).await {
-        Ok(Some(Credential::Therapist(therapist))) => page(
-            StatusCode::OK,
-            &DashboardPage {
-                name: therapist.name,
-            },
-        ),
+        Ok(Some(Credential::Therapist(therapist))) => {
+            page(StatusCode::OK, &DashboardPage { name: therapist.name })
+        }
         Ok(_) => Redirect::to("/therapist/login").into_response(),
         Err(error) => unavailable(error),
     }
@@ -243,13 +214,7 @@ struct NextQuery {
 }
 
 async fn login_form(Query(query): Query<NextQuery>) -> Response {
-    page(
-        StatusCode::OK,
-        &LoginPage {
-            problem: None,
-            next: local_path(query.next.as_deref()),
-        },
-    )
+    page(StatusCode::OK, &LoginPage { problem: None, next: local_path(query.next.as_deref()) })
 }
 
 #[derive(Deserialize)]
@@ -263,41 +228,39 @@ struct LoginForm {
 /// sent on to `next` (the dashboard by default).
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = local_path(form.next.as_deref()).to_owned();
-    match crate::http::auth::start_login(&state, &form.email, form.password).await {
+    match crate::http::auth::start_login(&state, peer.ip(), &form.email, form.password).await {
         Ok((_, token)) => {
-            let jar = jar.add(auth::auth_cookie(
-                THERAPIST_COOKIE,
-                token,
-                state.settings.cookie_secure,
-            ));
+            let jar = jar.add(auth::auth_cookie(THERAPIST_COOKIE, token, state.settings.cookie_secure));
             (jar, Redirect::to(&next)).into_response()
         }
         Err(ApiError::InvalidCredentials) => {
             let problem = Some("The e-mail address or password is incorrect.");
-            page(
-                StatusCode::UNAUTHORIZED,
-                &LoginPage {
-                    problem,
-                    next: &next,
-                },
-            )
+            page(StatusCode::UNAUTHORIZED, &LoginPage { problem, next: &next })
+        }
+        Err(ApiError::TooManyRequests { retry_after }) => {
+            let minutes = retry_after.as_secs().div_ceil(60).max(1);
+            let problem = format!("Too many failed attempts. Try again in {minutes} minutes.");
+            let mut response =
+                page(StatusCode::TOO_MANY_REQUESTS, &LoginPage { problem: Some(&problem), next: &next });
+            response.headers_mut().insert(header::RETRY_AFTER, crate::http::retry_after_value(retry_after));
+            response
         }
         Err(error) => unavailable(error),
     }
 }
 
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> Response {
-    if let Some(cookie) = jar.get(THERAPIST_COOKIE)
-        && let Err(error) = state
-            .store
-            .revoke_auth_session(&auth::token_hash(cookie.value()))
-            .await
-    {
-        return unavailable(error);
+    if let Some(cookie) = jar.get(THERAPIST_COOKIE) {
+        let hash = auth::token_hash(cookie.value());
+        if let Err(error) = state.store.revoke_auth_session(&hash).await {
+            return unavailable(error);
+        }
+        state.hub.revoke(crate::chat::Revocation::Login(hash));
     }
     let jar = jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"));
     (jar, Redirect::to("/therapist/login")).into_response()
@@ -318,10 +281,7 @@ mod tests {
 
     #[test]
     fn only_local_paths_are_redirect_targets() {
-        assert_eq!(
-            local_path(Some("/chat/x?therapist=true")),
-            "/chat/x?therapist=true"
-        );
+        assert_eq!(local_path(Some("/chat/x?therapist=true")), "/chat/x?therapist=true");
         assert_eq!(local_path(Some("//evil.example")), "/therapist");
         assert_eq!(local_path(Some("https://evil.example")), "/therapist");
         assert_eq!(local_path(Some("/\\evil.example")), "/therapist");
@@ -330,9 +290,6 @@ mod tests {
 
     #[test]
     fn login_url_encodes_the_query() {
-        assert_eq!(
-            login_url("/chat/a?therapist=true"),
-            "/therapist/login?next=/chat/a%3Ftherapist%3Dtrue"
-        );
+        assert_eq!(login_url("/chat/a?therapist=true"), "/therapist/login?next=/chat/a%3Ftherapist%3Dtrue");
     }
 }

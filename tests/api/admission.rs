@@ -27,12 +27,7 @@ async fn forged_and_missing_credentials_are_closed_with_1008_and_store_nothing()
             bearer(&session.client_token),
             "role does not match credential",
         ),
-        (
-            "no credential",
-            path(session.session_id, ""),
-            vec![],
-            "missing credential",
-        ),
+        ("no credential", path(session.session_id, ""), vec![], "missing credential"),
         (
             "no credential but a role",
             path(session.session_id, "?role=therapist"),
@@ -69,44 +64,24 @@ async fn forged_and_missing_credentials_are_closed_with_1008_and_store_nothing()
             bearer(&omar.token),
             "session is assigned to another therapist",
         ),
-        (
-            "an unknown session",
-            path(uuid::Uuid::now_v7(), ""),
-            bearer(&tess.token),
-            "unknown session",
-        ),
+        ("an unknown session", path(uuid::Uuid::now_v7(), ""), bearer(&tess.token), "unknown session"),
     ];
     for (case, path, headers, reason) in cases {
         let mut socket = app.connect_with(&path, &headers).await;
-        assert_eq!(
-            socket.closed().await,
-            (POLICY_VIOLATION, reason.to_owned()),
-            "{case}"
-        );
+        assert_eq!(socket.closed().await, (POLICY_VIOLATION, reason.to_owned()), "{case}");
     }
 
     // Nothing was written: the open session has no messages and is still BOT_ONLY.
-    assert!(
-        app.history(session.session_id, &session.client_token)
-            .await
-            .is_empty()
-    );
+    assert!(app.history(session.session_id, &session.client_token).await.is_empty());
     let mut client = app.connect(session.session_id, &session.client_token).await;
     assert_eq!(client.mode().await, ChatMode::BotOnly);
     assert_eq!(
-        app.history(claimed.session_id, &claimed.client_token)
-            .await
-            .len(),
+        app.history(claimed.session_id, &claimed.client_token).await.len(),
         1,
         "only the join message"
     );
-    let rejected = app
-        .logs
-        .matching(|event| message_of(event) == "connection rejected");
-    assert!(
-        rejected.len() >= 9,
-        "every refusal is logged with its reason"
-    );
+    let rejected = app.logs.matching(|event| message_of(event) == "connection rejected");
+    assert!(rejected.len() >= 9, "every refusal is logged with its reason");
     assert!(rejected.iter().all(|event| event["reason"].is_string()));
 }
 
@@ -146,12 +121,7 @@ async fn two_therapists_racing_for_one_session_exactly_one_wins() {
         let accepted = [&a, &b]
             .iter()
             .filter(|outcome| {
-                matches!(
-                    outcome,
-                    Received::Frame(ServerFrame::Mode {
-                        chat_mode: ChatMode::TherapistJoined
-                    })
-                )
+                matches!(outcome, Received::Frame(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }))
             })
             .count();
         let refused = [&a, &b]
@@ -160,20 +130,9 @@ async fn two_therapists_racing_for_one_session_exactly_one_wins() {
             .count();
         assert_eq!((accepted, refused), (1, 1), "{a:?} / {b:?}");
 
-        let winner = if matches!(a, Received::Frame(_)) {
-            &tess
-        } else {
-            &omar
-        };
+        let winner = if matches!(a, Received::Frame(_)) { &tess } else { &omar };
         let history = app.history(session.session_id, &session.client_token).await;
-        assert_eq!(
-            history
-                .iter()
-                .filter(|m| m.sender == Sender::System)
-                .count(),
-            1,
-            "one join message"
-        );
+        assert_eq!(history.iter().filter(|m| m.sender == Sender::System).count(), 1, "one join message");
         let winner_history = app.history(session.session_id, &winner.token).await;
         assert_eq!(winner_history.len(), 1, "the winner holds the session");
     }
@@ -191,64 +150,33 @@ async fn a_cookie_upgrade_needs_the_servers_own_or_an_allowed_origin() {
     let cookie = ("cookie", format!("haven_client={}", session.client_token));
     let own_origin = app.address.clone();
 
-    let mut foreign = app
-        .connect_with(
-            &path,
-            &[cookie.clone(), ("origin", "https://evil.example".into())],
-        )
-        .await;
-    assert_eq!(
-        foreign.closed().await,
-        (POLICY_VIOLATION, "origin not allowed".into())
-    );
+    let mut foreign =
+        app.connect_with(&path, &[cookie.clone(), ("origin", "https://evil.example".into())]).await;
+    assert_eq!(foreign.closed().await, (POLICY_VIOLATION, "origin not allowed".into()));
     let mut missing = app.connect_with(&path, std::slice::from_ref(&cookie)).await;
-    assert_eq!(
-        missing.closed().await,
-        (POLICY_VIOLATION, "origin not allowed".into())
-    );
+    assert_eq!(missing.closed().await, (POLICY_VIOLATION, "origin not allowed".into()));
 
-    let mut own = app
-        .connect_with(&path, &[cookie.clone(), ("origin", own_origin)])
-        .await;
+    let mut own = app.connect_with(&path, &[cookie.clone(), ("origin", own_origin)]).await;
     assert_eq!(own.mode().await, ChatMode::BotOnly);
-    let mut listed = app
-        .connect_with(
-            &path,
-            &[cookie, ("origin", "https://chat.clinic.test".into())],
-        )
-        .await;
+    let mut listed = app.connect_with(&path, &[cookie, ("origin", "https://chat.clinic.test".into())]).await;
     assert_eq!(listed.mode().await, ChatMode::BotOnly);
 
     // Therapist cookie: the role parameter picks it, and the same rule holds.
     let therapist = app.therapist("Tess").await;
-    let jar = (
-        "cookie",
-        format!(
-            "haven_client={}; haven_therapist={}",
-            session.client_token, therapist.token
-        ),
-    );
+    let jar =
+        ("cookie", format!("haven_client={}; haven_therapist={}", session.client_token, therapist.token));
     let mut evil = app
         .connect_with(
             &format!("{path}?role=therapist"),
             &[jar.clone(), ("origin", "https://evil.example".into())],
         )
         .await;
-    assert_eq!(
-        evil.closed().await,
-        (POLICY_VIOLATION, "origin not allowed".into())
-    );
+    assert_eq!(evil.closed().await, (POLICY_VIOLATION, "origin not allowed".into()));
     assert!(
-        app.history(session.session_id, &session.client_token)
-            .await
-            .is_empty(),
+        app.history(session.session_id, &session.client_token).await.is_empty(),
         "the refused therapist did not join"
     );
-    let mut desk = app
-        .connect_with(
-            &format!("{path}?role=therapist"),
-            &[jar, ("origin", app.address.clone())],
-        )
-        .await;
+    let mut desk =
+        app.connect_with(&format!("{path}?role=therapist"), &[jar, ("origin", app.address.clone())]).await;
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
 }

@@ -10,44 +10,24 @@ use crate::helpers::{PASSWORD, TestApp};
 async fn error_body(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
     let body: Value = response.json().await.expect("JSON error body");
-    assert!(
-        body["error"].is_string() && body["message"].is_string(),
-        "{body}"
-    );
+    assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
     body
 }
 
 #[tokio::test]
 async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie() {
     let app = TestApp::spawn().await;
-    let response = app
-        .http
-        .post(app.url("/api/sessions"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.http.post(app.url("/api/sessions")).send().await.unwrap();
     assert_eq!(response.status(), 201);
-    let cookie = response.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.unwrap();
     let token = body["client_token"].as_str().unwrap();
     let secret = token.strip_prefix("hvc_").expect("a client token");
-    assert!(
-        secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_hexdigit()),
-        "at least 128 random bits"
-    );
+    assert!(secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_hexdigit()), "at least 128 random bits");
     assert_eq!(body["chat_mode"], "BOT_ONLY");
     assert!(body["session_id"].is_string() && body["appointment_id"].is_string());
-    assert!(
-        cookie.starts_with(&format!("haven_client={token}")),
-        "{cookie}"
-    );
-    assert!(
-        cookie.contains("HttpOnly") && cookie.contains("Path=/"),
-        "{cookie}"
-    );
+    assert!(cookie.starts_with(&format!("haven_client={token}")), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("Path=/"), "{cookie}");
 }
 
 #[tokio::test]
@@ -61,24 +41,15 @@ async fn login_answers_unknown_email_and_wrong_password_alike() {
 
     let response = app.login("  Tess@Clinic.test ", PASSWORD).await;
     assert_eq!(response.status(), 200);
-    let cookie = response.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["therapist"]["email"], "tess@clinic.test");
     assert_eq!(body["therapist"]["name"], "Tess");
     assert!(body["token"].as_str().unwrap().starts_with("hvt_"));
-    assert!(
-        cookie.starts_with("haven_therapist=") && cookie.contains("HttpOnly"),
-        "{cookie}"
-    );
+    assert!(cookie.starts_with("haven_therapist=") && cookie.contains("HttpOnly"), "{cookie}");
 
-    let malformed = app
-        .http
-        .post(app.url("/api/auth/login"))
-        .body("{")
-        .header("content-type", "application/json");
+    let malformed =
+        app.http.post(app.url("/api/auth/login")).body("{").header("content-type", "application/json");
     error_body(malformed.send().await.unwrap(), 400).await;
 }
 
@@ -86,29 +57,16 @@ async fn login_answers_unknown_email_and_wrong_password_alike() {
 async fn logout_revokes_the_token_for_the_api_and_the_socket() {
     let app = TestApp::spawn().await;
     let therapist = app.therapist("Tess").await;
-    let list = || {
-        app.http
-            .get(app.url("/api/appointments"))
-            .bearer_auth(&therapist.token)
-            .send()
-    };
+    let list = || app.http.get(app.url("/api/appointments")).bearer_auth(&therapist.token).send();
     assert_eq!(list().await.unwrap().status(), 200);
-    let logout = app
-        .http
-        .post(app.url("/api/auth/logout"))
-        .bearer_auth(&therapist.token)
-        .send()
-        .await
-        .unwrap();
+    let logout =
+        app.http.post(app.url("/api/auth/logout")).bearer_auth(&therapist.token).send().await.unwrap();
     assert_eq!(logout.status(), 204);
     error_body(list().await.unwrap(), 401).await;
 
     let session = app.create_session().await;
     let mut socket = app.connect(session.session_id, &therapist.token).await;
-    assert_eq!(
-        socket.closed().await,
-        (1008, "invalid or expired credential".to_owned())
-    );
+    assert_eq!(socket.closed().await, (1008, "invalid or expired credential".to_owned()));
 }
 
 #[tokio::test]
@@ -123,19 +81,8 @@ async fn appointments_show_open_sessions_and_the_callers_own_only() {
     desk.message().await;
 
     let list = |token: String| {
-        let request = app
-            .http
-            .get(app.url("/api/appointments"))
-            .bearer_auth(token);
-        async move {
-            request
-                .send()
-                .await
-                .unwrap()
-                .json::<Vec<Appointment>>()
-                .await
-                .unwrap()
-        }
+        let request = app.http.get(app.url("/api/appointments")).bearer_auth(token);
+        async move { request.send().await.unwrap().json::<Vec<Appointment>>().await.unwrap() }
     };
     let for_tess = list(tess.token.clone()).await;
     let for_omar = list(omar.token.clone()).await;
@@ -147,11 +94,7 @@ async fn appointments_show_open_sessions_and_the_callers_own_only() {
     assert_eq!(own.appointment_id, taken.appointment_id);
     assert_eq!(
         (own.status, own.chat_mode, own.therapist_id),
-        (
-            AppointmentStatus::Assigned,
-            ChatMode::TherapistJoined,
-            Some(tess.therapist.id)
-        )
+        (AppointmentStatus::Assigned, ChatMode::TherapistJoined, Some(tess.therapist.id))
     );
     assert!(own.last_message_at.is_some());
     let waiting = &for_omar[0];
@@ -162,23 +105,10 @@ async fn appointments_show_open_sessions_and_the_callers_own_only() {
     assert!(waiting.last_message_at.is_none());
 
     // A client credential is not a therapist's.
-    let as_client = app
-        .http
-        .get(app.url("/api/appointments"))
-        .bearer_auth(&open.client_token)
-        .send()
-        .await
-        .unwrap();
+    let as_client =
+        app.http.get(app.url("/api/appointments")).bearer_auth(&open.client_token).send().await.unwrap();
     error_body(as_client, 401).await;
-    error_body(
-        app.http
-            .get(app.url("/api/appointments"))
-            .send()
-            .await
-            .unwrap(),
-        401,
-    )
-    .await;
+    error_body(app.http.get(app.url("/api/appointments")).send().await.unwrap(), 401).await;
 }
 
 #[tokio::test]
@@ -196,45 +126,22 @@ async fn message_history_pages_by_seq_for_the_client_and_its_therapist_only() {
 
     let get = |query: &str, token: &str| {
         app.http
-            .get(app.url(&format!(
-                "/api/sessions/{}/messages{query}",
-                session.session_id
-            )))
+            .get(app.url(&format!("/api/sessions/{}/messages{query}", session.session_id)))
             .bearer_auth(token)
             .send()
     };
-    let page: Value = get("?after=2&limit=3", &session.client_token)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let seqs: Vec<i64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_i64().unwrap())
-        .collect();
+    let page: Value = get("?after=2&limit=3", &session.client_token).await.unwrap().json().await.unwrap();
+    let seqs: Vec<i64> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, vec![3, 4, 5]);
     let (question, reply) = (&page["messages"][0], &page["messages"][1]);
     for field in ["seq", "id", "sender", "content", "created_at", "client_id"] {
         assert!(reply.get(field).is_some(), "{field} missing in {reply}");
     }
-    assert_eq!(
-        (reply["sender"].as_str(), reply["client_id"].is_null()),
-        (Some("ai"), true)
-    );
-    assert_eq!(
-        (question["sender"].as_str(), question["content"].as_str()),
-        (Some("user"), Some("two"))
-    );
+    assert_eq!((reply["sender"].as_str(), reply["client_id"].is_null()), (Some("ai"), true));
+    assert_eq!((question["sender"].as_str(), question["content"].as_str()), (Some("user"), Some("two")));
     assert!(question["client_id"].is_string());
-    let all: Value = get("", &session.client_token)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get("", &session.client_token).await.unwrap().json().await.unwrap();
     assert_eq!(all["messages"].as_array().unwrap().len(), 6);
 
     error_body(get("", &other.client_token).await.unwrap(), 403).await;
@@ -242,14 +149,10 @@ async fn message_history_pages_by_seq_for_the_client_and_its_therapist_only() {
     error_body(get("", &stranger.token).await.unwrap(), 403).await;
     error_body(get("?limit=0", &session.client_token).await.unwrap(), 400).await;
     error_body(get("?after=abc", &session.client_token).await.unwrap(), 400).await;
-    let anonymous = app
-        .http
-        .get(app.url(&format!("/api/sessions/{}/messages", session.session_id)));
+    let anonymous = app.http.get(app.url(&format!("/api/sessions/{}/messages", session.session_id)));
     error_body(anonymous.send().await.unwrap(), 401).await;
-    let unknown = app
-        .http
-        .get(app.url("/api/sessions/not-a-session/messages"))
-        .bearer_auth(&session.client_token);
+    let unknown =
+        app.http.get(app.url("/api/sessions/not-a-session/messages")).bearer_auth(&session.client_token);
     error_body(unknown.send().await.unwrap(), 404).await;
 }
 
@@ -262,70 +165,42 @@ async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
 
     let too_long = "x".repeat(MAX_CONTENT_CHARS + 1);
     let cases = [
+        (Message::Text("{not json".into()), ErrorCode::InvalidJson, None),
         (
-            Message::Text("{not json".into()),
-            ErrorCode::InvalidJson,
-            None,
-        ),
-        (
-            Message::Text(
-                json!({"type": "shout", "client_id": "c1"})
-                    .to_string()
-                    .into(),
-            ),
+            Message::Text(json!({"type": "shout", "client_id": "c1"}).to_string().into()),
             ErrorCode::UnknownType,
             Some("c1"),
         ),
         (
-            Message::Text(
-                json!({"type": "message", "content": "hi"})
-                    .to_string()
-                    .into(),
-            ),
+            Message::Text(json!({"type": "message", "content": "hi"}).to_string().into()),
             ErrorCode::MissingClientId,
             None,
         ),
         (
             Message::Text(
-                json!({"type": "message", "content": "  \n", "client_id": "c2"})
-                    .to_string()
-                    .into(),
+                json!({"type": "message", "content": "  \n", "client_id": "c2"}).to_string().into(),
             ),
             ErrorCode::EmptyContent,
             Some("c2"),
         ),
         (
-            Message::Text(
-                json!({"type": "message", "content": "", "client_id": "c3"})
-                    .to_string()
-                    .into(),
-            ),
+            Message::Text(json!({"type": "message", "content": "", "client_id": "c3"}).to_string().into()),
             ErrorCode::EmptyContent,
             Some("c3"),
         ),
         (
             Message::Text(
-                json!({"type": "message", "content": too_long, "client_id": "c4"})
-                    .to_string()
-                    .into(),
+                json!({"type": "message", "content": too_long, "client_id": "c4"}).to_string().into(),
             ),
             ErrorCode::ContentTooLong,
             Some("c4"),
         ),
-        (
-            Message::Binary(vec![1, 2, 3].into()),
-            ErrorCode::UnsupportedFrame,
-            None,
-        ),
+        (Message::Binary(vec![1, 2, 3].into()), ErrorCode::UnsupportedFrame, None),
     ];
     for (frame, expected, client_id) in cases {
         client.send_raw(frame).await;
         match client.frame().await {
-            ServerFrame::Error {
-                code,
-                client_id: echoed,
-                message,
-            } => {
+            ServerFrame::Error { code, client_id: echoed, message } => {
                 assert_eq!(code, expected, "{message}");
                 assert_eq!(echoed.as_deref(), client_id);
                 assert!(!message.is_empty());
@@ -340,9 +215,7 @@ async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
 
     // A frame beyond the 64 KiB limit closes the socket with 1009; nothing is stored.
     let huge = json!({"type": "message", "content": "z".repeat(70_000), "client_id": "huge"});
-    client
-        .send_raw(Message::Text(huge.to_string().into()))
-        .await;
+    client.send_raw(Message::Text(huge.to_string().into())).await;
     let (code, _) = loop {
         if let crate::helpers::Received::Closed(Some(frame)) = client.receive().await {
             break (u16::from(frame.code), frame.reason);
@@ -350,40 +223,17 @@ async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
     };
     assert_eq!(code, 1009);
     let history = app.history(session.session_id, &session.client_token).await;
-    assert!(
-        history
-            .iter()
-            .all(|m| m.client_id.as_deref() != Some("huge"))
-    );
+    assert!(history.iter().all(|m| m.client_id.as_deref() != Some("huge")));
 }
 
 #[tokio::test]
 async fn unknown_routes_get_a_json_404_and_health_answers() {
     let app = TestApp::spawn().await;
-    error_body(
-        app.http
-            .get(app.url("/api/nothing-here"))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    error_body(app.http.get(app.url("/api/nothing-here")).send().await.unwrap(), 404).await;
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    error_body(
-        app.http
-            .delete(app.url("/api/sessions"))
-            .send()
-            .await
-            .unwrap(),
-        405,
-    )
-    .await;
+    error_body(app.http.delete(app.url("/api/sessions")).send().await.unwrap(), 405).await;
     let session = app.create_session().await;
-    let plain_get = app
-        .http
-        .get(app.url(&format!("/api/chat/ws/{}", session.session_id)))
-        .send();
+    let plain_get = app.http.get(app.url(&format!("/api/chat/ws/{}", session.session_id))).send();
     error_body(plain_get.await.unwrap(), 400).await;
 }

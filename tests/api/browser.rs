@@ -32,34 +32,24 @@ struct Driver {
 
 impl Driver {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let process = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("chromedriver is required for the browser tests (apt-get install chromium chromium-driver)");
+            .expect(
+                "chromedriver is required for the browser tests (apt-get install chromium chromium-driver)",
+            );
         let url = format!("http://127.0.0.1:{port}");
         let ready = async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
                 tokio::task::yield_now().await;
             }
         };
-        tokio::time::timeout(EVENT_TIMEOUT, ready)
-            .await
-            .expect("chromedriver did not start");
-        Driver {
-            url,
-            _process: process,
-        }
+        tokio::time::timeout(EVENT_TIMEOUT, ready).await.expect("chromedriver did not start");
+        Driver { url, _process: process }
     }
 
     /// A new browser with an empty profile.
@@ -97,9 +87,7 @@ impl Drop for Browser {
         // A test that fails never reaches `close`: end this browser's
         // processes, found by their unique profile directory.
         let pattern = format!("user-data-dir={}", self.profile.path().display());
-        let _ = std::process::Command::new("pkill")
-            .args(["-KILL", "-f", &pattern])
-            .status();
+        let _ = std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
     }
 }
 
@@ -122,14 +110,11 @@ impl Browser {
     }
 
     async fn find(&self, css: &str) -> Element {
-        self.client
-            .wait()
-            .at_most(EVENT_TIMEOUT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|error| {
+        self.client.wait().at_most(EVENT_TIMEOUT).for_element(Locator::Css(css)).await.unwrap_or_else(
+            |error| {
                 panic!("no element {css}: {error}");
-            })
+            },
+        )
     }
 
     async fn js(&self, script: &str, args: Vec<Value>) -> Value {
@@ -160,19 +145,12 @@ impl Browser {
             .unwrap_or_else(|error| panic!("waiting for `{condition}` failed: {error}"));
         if met != Value::Bool(true) {
             let page = self.js("return document.body.innerText", vec![]).await;
-            panic!(
-                "timed out waiting for `{condition}`; page shows:\n{}",
-                page.as_str().unwrap_or_default()
-            );
+            panic!("timed out waiting for `{condition}`; page shows:\n{}", page.as_str().unwrap_or_default());
         }
     }
 
     async fn until_connected(&self) {
-        self.until(
-            "document.getElementById('connection').dataset.state === 'open'",
-            vec![],
-        )
-        .await;
+        self.until("document.getElementById('connection').dataset.state === 'open'", vec![]).await;
     }
 
     /// Types into the message box and presses Enter.
@@ -234,12 +212,7 @@ impl Browser {
     }
 
     async fn count(&self, css: &str) -> usize {
-        let value = self
-            .js(
-                "return document.querySelectorAll(arguments[0]).length",
-                vec![json!(css)],
-            )
-            .await;
+        let value = self.js("return document.querySelectorAll(arguments[0]).length", vec![json!(css)]).await;
         value.as_u64().unwrap() as usize
     }
 
@@ -248,8 +221,7 @@ impl Browser {
     }
 
     async fn screenshot(&self, name: &str) {
-        let directory =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
+        let directory = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser-screenshots");
         std::fs::create_dir_all(&directory).unwrap();
         let png = self.client.screenshot().await.expect("screenshot");
         std::fs::write(directory.join(format!("{name}.png")), png).unwrap();
@@ -261,20 +233,9 @@ impl Browser {
 }
 
 fn parse_rgb(css: &str) -> (u8, u8, u8, f64) {
-    let inner = css
-        .trim_start_matches("rgba(")
-        .trim_start_matches("rgb(")
-        .trim_end_matches(')');
-    let parts: Vec<f64> = inner
-        .split(',')
-        .map(|part| part.trim().parse().unwrap())
-        .collect();
-    (
-        parts[0] as u8,
-        parts[1] as u8,
-        parts[2] as u8,
-        parts.get(3).copied().unwrap_or(1.0),
-    )
+    let inner = css.trim_start_matches("rgba(").trim_start_matches("rgb(").trim_end_matches(')');
+    let parts: Vec<f64> = inner.split(',').map(|part| part.trim().parse().unwrap()).collect();
+    (parts[0] as u8, parts[1] as u8, parts[2] as u8, parts.get(3).copied().unwrap_or(1.0))
 }
 
 fn is_blue((r, g, b, a): (u8, u8, u8, f64)) -> bool {
@@ -303,18 +264,8 @@ async fn chat_now(app: &TestApp, browser: &Browser) -> String {
 async fn log_in(app: &TestApp, browser: &Browser, email: &str) {
     browser.goto(app, "/therapist/login").await;
     browser.find("#email").await.send_keys(email).await.unwrap();
-    browser
-        .find("#password")
-        .await
-        .send_keys(PASSWORD)
-        .await
-        .unwrap();
-    browser
-        .find("form.stack button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    browser.find("#password").await.send_keys(PASSWORD).await.unwrap();
+    browser.find("form.stack button[type=submit]").await.click().await.unwrap();
     browser.find("#appointments").await;
 }
 
@@ -329,42 +280,16 @@ async fn the_reference_procedure_works_in_a_real_browser() {
     let session_id = chat_now(&app, &client).await;
     client.say("hello").await;
     client.until_message("user", "hello").await;
-    client
-        .until(
-            "document.querySelector('#messages .msg--ai[data-seq]')",
-            vec![],
-        )
-        .await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
     let own = client.shown("user", "hello").await;
-    assert!(
-        own.right < 2.0 && own.left > 40.0,
-        "the user's message is on the right: {own:?}"
-    );
-    assert!(
-        is_blue(own.background),
-        "the user's message is blue: {own:?}"
-    );
-    let reply = client
-        .transcript()
-        .await
-        .into_iter()
-        .find(|(_, sender, _)| sender == "ai")
-        .unwrap()
-        .2;
+    assert!(own.right < 2.0 && own.left > 40.0, "the user's message is on the right: {own:?}");
+    assert!(is_blue(own.background), "the user's message is blue: {own:?}");
+    let reply = client.transcript().await.into_iter().find(|(_, sender, _)| sender == "ai").unwrap().2;
     let companion = client.shown("ai", &reply).await;
+    assert!(companion.left < 2.0 && companion.right > 40.0, "the companion is on the left: {companion:?}");
+    assert!(is_gray(companion.background), "the companion is gray: {companion:?}");
     assert!(
-        companion.left < 2.0 && companion.right > 40.0,
-        "the companion is on the left: {companion:?}"
-    );
-    assert!(
-        is_gray(companion.background),
-        "the companion is gray: {companion:?}"
-    );
-    assert!(
-        companion
-            .label
-            .as_deref()
-            .is_some_and(|label| label.contains("Automated companion")),
+        companion.label.as_deref().is_some_and(|label| label.contains("Automated companion")),
         "{companion:?}"
     );
     client.screenshot("1-client-hello").await;
@@ -389,44 +314,23 @@ async fn the_reference_procedure_works_in_a_real_browser() {
     therapist.screenshot("2-dashboard").await;
     let join = therapist.find(&format!("{row} a")).await;
     assert_eq!(join.text().await.unwrap(), "Join Chat");
-    join.click()
-        .await
-        .expect("the row's link stays the same element while the list updates");
+    join.click().await.expect("the row's link stays the same element while the list updates");
     therapist.find("#chat").await;
     therapist.until_connected().await;
     therapist
-        .until(
-            "document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'",
-            vec![],
-        )
+        .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
         .await;
     for tab in &tabs {
         client.client.switch_to_window(tab.clone()).await.unwrap();
         client.until("[...document.querySelectorAll('#messages .msg--system')].some(m => m.textContent.includes('Therapist has joined'))", vec![]).await;
         client
-            .until(
-                "document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'",
-                vec![],
-            )
+            .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
             .await;
     }
-    client
-        .client
-        .switch_to_window(first_tab.clone())
-        .await
-        .unwrap();
-    let joined = client
-        .transcript()
-        .await
-        .into_iter()
-        .find(|(_, sender, _)| sender == "system")
-        .unwrap()
-        .2;
+    client.client.switch_to_window(first_tab.clone()).await.unwrap();
+    let joined = client.transcript().await.into_iter().find(|(_, sender, _)| sender == "system").unwrap().2;
     let notice = client.shown("system", &joined).await;
-    assert!(
-        notice.centre.abs() < 4.0,
-        "the system message is centred: {notice:?}"
-    );
+    assert!(notice.centre.abs() < 4.0, "the system message is centred: {notice:?}");
     client.screenshot("2-client-sees-join").await;
 
     // 3. The client asks; the therapist sees it; the companion stays silent.
@@ -444,47 +348,26 @@ async fn the_reference_procedure_works_in_a_real_browser() {
     therapist.say("Yes, I'm here to help").await;
     for tab in &tabs {
         client.client.switch_to_window(tab.clone()).await.unwrap();
-        client
-            .until_message("therapist", "Yes, I'm here to help")
-            .await;
+        client.until_message("therapist", "Yes, I'm here to help").await;
         let answer = client.shown("therapist", "Yes, I'm here to help").await;
-        assert!(
-            answer.left < 2.0 && answer.right > 40.0,
-            "the therapist is on the left: {answer:?}"
-        );
-        assert!(
-            is_green(answer.background),
-            "the therapist is green: {answer:?}"
-        );
+        assert!(answer.left < 2.0 && answer.right > 40.0, "the therapist is on the left: {answer:?}");
+        assert!(is_green(answer.background), "the therapist is green: {answer:?}");
         assert_eq!(answer.label.as_deref(), Some("Therapist"));
         assert!(answer.has_icon, "the stethoscope icon is shown");
-        assert_eq!(
-            client.count("#messages .msg--ai").await,
-            1,
-            "no companion reply after the join"
-        );
+        assert_eq!(client.count("#messages .msg--ai").await, 1, "no companion reply after the join");
     }
-    assert_eq!(
-        therapist.count("#messages .msg--ai").await,
-        1,
-        "only the reply from before the join"
-    );
+    assert_eq!(therapist.count("#messages .msg--ai").await, 1, "only the reply from before the join");
     client.screenshot("4-client-sees-therapist").await;
 
     // 5. Three client tabs and the therapist show the same conversation.
     let expected = therapist.transcript().await;
-    assert_eq!(
-        expected.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5]
-    );
+    assert_eq!(expected.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     for (index, tab) in tabs.iter().enumerate() {
         client.client.switch_to_window(tab.clone()).await.unwrap();
         assert_eq!(client.transcript().await, expected, "tab {index}");
         client.screenshot(&format!("5-client-tab-{index}")).await;
     }
-    let history = app
-        .history(session_id.parse().unwrap(), &therapist_token(&app).await)
-        .await;
+    let history = app.history(session_id.parse().unwrap(), &therapist_token(&app).await).await;
     assert_eq!(history.len(), expected.len());
     client.close().await;
     therapist.close().await;
@@ -492,12 +375,7 @@ async fn the_reference_procedure_works_in_a_real_browser() {
 
 /// A fresh API login of the test therapist.
 async fn therapist_token(app: &TestApp) -> String {
-    let response: Value = app
-        .login("tess@clinic.test", PASSWORD)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let response: Value = app.login("tess@clinic.test", PASSWORD).await.json().await.unwrap();
     response["token"].as_str().unwrap().to_owned()
 }
 
@@ -509,25 +387,13 @@ async fn a_dropped_connection_resumes_with_no_gap_and_no_duplicate() {
     let client = driver.browser().await;
     let session_id = chat_now(&app, &client).await;
     client.say("hello").await;
-    client
-        .until(
-            "document.querySelector('#messages .msg--ai[data-seq]')",
-            vec![],
-        )
-        .await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
 
     // The server dies; the page notices and keeps what is typed meanwhile.
     app.stop().await;
-    client
-        .until(
-            "document.getElementById('connection').dataset.state === 'connecting'",
-            vec![],
-        )
-        .await;
+    client.until("document.getElementById('connection').dataset.state === 'connecting'", vec![]).await;
     client.say("typed while the connection was down").await;
-    client
-        .until("document.querySelector('#messages .msg--pending')", vec![])
-        .await;
+    client.until("document.querySelector('#messages .msg--pending')", vec![]).await;
     app.start_again().await;
 
     // While the page is away, the therapist joins and writes.
@@ -540,23 +406,18 @@ async fn a_dropped_connection_resumes_with_no_gap_and_no_duplicate() {
     }
 
     client.until_connected().await;
-    client
-        .until_message("user", "typed while the connection was down")
-        .await;
-    client
-        .until_message("therapist", "second while you were away")
-        .await;
+    client.until_message("user", "typed while the connection was down").await;
+    client.until_message("therapist", "second while you were away").await;
     let history = app.history(session_id.parse().unwrap(), &token).await;
     let shown = client.transcript().await;
-    let stored: Vec<_> = history
-        .iter()
-        .map(|m| (m.seq, m.sender.as_str().to_owned(), m.content.clone()))
-        .collect();
-    assert_eq!(
-        shown, stored,
-        "the page shows the stored conversation exactly once, in order"
+    let stored: Vec<_> =
+        history.iter().map(|m| (m.seq, m.sender.as_str().to_owned(), m.content.clone())).collect();
+    assert_eq!(shown, stored, "the page shows the stored conversation exactly once, in order");
+    assert!(
+        history
+            .iter()
+            .any(|m| m.sender == Sender::User && m.content == "typed while the connection was down")
     );
-    assert!(history.iter().any(|m| m.sender == Sender::User && m.content == "typed while the connection was down"));
     assert_eq!(client.count("#messages .msg--pending").await, 0);
     client.screenshot("resume-after-drop").await;
     client.close().await;
@@ -569,24 +430,14 @@ async fn a_client_opening_the_therapist_url_gets_no_therapist_rights() {
     let client = driver.browser().await;
     let session_id = chat_now(&app, &client).await;
 
-    client
-        .goto(&app, &format!("/chat/{session_id}?therapist=true"))
-        .await;
+    client.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
     assert_eq!(client.path().await, "/therapist/login");
-    assert_eq!(
-        client.find("h1").await.text().await.unwrap(),
-        "Therapist login"
-    );
+    assert_eq!(client.find("h1").await.text().await.unwrap(), "Therapist login");
     // The client's own view still works, and the session was not taken over.
     client.goto(&app, &format!("/chat/{session_id}")).await;
     client.until_connected().await;
     assert_eq!(
-        client
-            .js(
-                "return document.getElementById('mode-banner').dataset.mode",
-                vec![]
-            )
-            .await,
+        client.js("return document.getElementById('mode-banner').dataset.mode", vec![]).await,
         json!("BOT_ONLY")
     );
     let created: Value = client
@@ -604,10 +455,7 @@ async fn a_foreign_origin_websocket_with_valid_cookies_is_refused() {
     let session_id = chat_now(&app, &client).await;
 
     // Another site on the same host (so the browser sends Haven's cookies).
-    let socket_url = format!(
-        "{}/api/chat/ws/{session_id}",
-        app.address.replace("http://", "ws://")
-    );
+    let socket_url = format!("{}/api/chat/ws/{session_id}", app.address.replace("http://", "ws://"));
     let page = format!(
         "<!doctype html><title>evil</title><script>
            const ws = new WebSocket({socket_url:?});
@@ -617,37 +465,24 @@ async fn a_foreign_origin_websocket_with_valid_cookies_is_refused() {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let evil = format!("http://{}", listener.local_addr().unwrap());
-    let router = axum::Router::new().route(
-        "/",
-        axum::routing::get(move || async move { axum::response::Html(page) }),
-    );
+    let router =
+        axum::Router::new().route("/", axum::routing::get(move || async move { axum::response::Html(page) }));
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
 
     client.client.goto(&evil).await.unwrap();
-    client
-        .until(
-            "document.title.startsWith('closed') || document.title.startsWith('message')",
-            vec![],
-        )
-        .await;
+    client.until("document.title.startsWith('closed') || document.title.startsWith('message')", vec![]).await;
     let title = client.client.title().await.unwrap();
-    assert_eq!(
-        title, "closed 1008 origin not allowed",
-        "the cookie was sent, and refused for its origin"
-    );
+    assert_eq!(title, "closed 1008 origin not allowed", "the cookie was sent, and refused for its origin");
     server.abort();
     client.close().await;
 }
 
 #[tokio::test]
 async fn every_page_passes_axe_and_fits_a_phone() {
-    let axe_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/browser/node_modules/axe-core/axe.min.js");
+    let axe_path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/axe-core/axe.min.js");
     let axe = std::fs::read_to_string(&axe_path).unwrap_or_else(|_| {
-        panic!(
-            "axe-core is required: run `npm ci --prefix tests/browser` ({})",
-            axe_path.display()
-        )
+        panic!("axe-core is required: run `npm ci --prefix tests/browser` ({})", axe_path.display())
     });
     let app = TestApp::spawn().await;
     app.add_therapist("tess@clinic.test", "Tess").await;
@@ -657,12 +492,7 @@ async fn every_page_passes_axe_and_fits_a_phone() {
 
     let session_id = chat_now(&app, &client).await;
     client.say("hello").await;
-    client
-        .until(
-            "document.querySelector('#messages .msg--ai[data-seq]')",
-            vec![],
-        )
-        .await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
     log_in(&app, &therapist, "tess@clinic.test").await;
     therapist.find("#appointments tbody tr a").await;
 
@@ -672,16 +502,8 @@ async fn every_page_passes_axe_and_fits_a_phone() {
         (&client, "not-found", "/no/such/page".into()),
         (&therapist, "login", "/therapist/login".into()),
         (&therapist, "dashboard", "/therapist".into()),
-        (
-            &therapist,
-            "invalid-chat-link",
-            format!("/chat/{session_id}"),
-        ),
-        (
-            &therapist,
-            "therapist-chat",
-            format!("/chat/{session_id}?therapist=true"),
-        ),
+        (&therapist, "invalid-chat-link", format!("/chat/{session_id}")),
+        (&therapist, "therapist-chat", format!("/chat/{session_id}?therapist=true")),
     ];
     for (browser, name, path) in pages {
         for (width, height) in [(1280, 900), (360, 740)] {
@@ -691,16 +513,9 @@ async fn every_page_passes_axe_and_fits_a_phone() {
             if path.starts_with("/chat/") && name != "invalid-chat-link" {
                 browser.until_connected().await;
             }
-            let overflow = browser
-                .js(
-                    "return document.documentElement.scrollWidth - window.innerWidth",
-                    vec![],
-                )
-                .await;
-            assert!(
-                overflow.as_i64().unwrap() <= 0,
-                "{name} scrolls sideways at {width}px: {overflow}"
-            );
+            let overflow =
+                browser.js("return document.documentElement.scrollWidth - window.innerWidth", vec![]).await;
+            assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways at {width}px: {overflow}");
             browser.js(&format!("{axe}\nreturn true;"), vec![]).await;
             let serious = browser
                 .client
@@ -724,34 +539,16 @@ async fn every_page_passes_axe_and_fits_a_phone() {
 #[tokio::test]
 async fn the_chat_page_shows_a_reply_as_it_streams() {
     let mock = crate::mock_llm::MockLlm::start().await;
-    let chunks: Vec<String> = [
-        "That sounds ",
-        "hard. ",
-        "I'm here ",
-        "to listen. ",
-        "What happened?",
-    ]
-    .map(String::from)
-    .to_vec();
+    let chunks: Vec<String> =
+        ["That sounds ", "hard. ", "I'm here ", "to listen. ", "What happened?"].map(String::from).to_vec();
     let script = crate::mock_llm::Script {
         chunks: chunks.clone(),
         chunk_delay: std::time::Duration::from_millis(250),
         ..Default::default()
     };
     mock.script("", script);
-    let args = [
-        "--ai-provider",
-        "openai",
-        "--ai-base-url",
-        &mock.openai_url(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let app = TestApp::spawn_with(crate::helpers::Options {
-        args,
-        ..Default::default()
-    })
-    .await;
+    let args = ["--ai-provider", "openai", "--ai-base-url", &mock.openai_url()].map(String::from).to_vec();
+    let app = TestApp::spawn_with(crate::helpers::Options { args, ..Default::default() }).await;
     let driver = Driver::start().await;
     let client = driver.browser().await;
     chat_now(&app, &client).await;

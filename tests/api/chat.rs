@@ -20,31 +20,15 @@ async fn user_hello_gets_a_companion_reply_stored_as_seqs_1_and_2() {
     assert_eq!(seq, 1);
     assert!(before.is_empty(), "nothing precedes the ack: {before:?}");
     let own = client.message().await;
-    assert_eq!(
-        (own.seq, own.sender, own.content.as_str()),
-        (1, Sender::User, "hello")
-    );
+    assert_eq!((own.seq, own.sender, own.content.as_str()), (1, Sender::User, "hello"));
     assert_eq!(own.client_id.as_deref(), Some(client_id.as_str()));
     let reply = client.message().await;
     assert_eq!((reply.seq, reply.sender), (2, Sender::Ai));
-    assert!(
-        reply.content.contains("automated companion"),
-        "{}",
-        reply.content
-    );
+    assert!(reply.content.contains("automated companion"), "{}", reply.content);
 
     let history = app.history(session.session_id, &session.client_token).await;
-    let stored: Vec<_> = history
-        .iter()
-        .map(|m| (m.seq, m.sender, m.content.clone()))
-        .collect();
-    assert_eq!(
-        stored,
-        vec![
-            (1, Sender::User, "hello".to_owned()),
-            (2, Sender::Ai, reply.content.clone())
-        ]
-    );
+    let stored: Vec<_> = history.iter().map(|m| (m.seq, m.sender, m.content.clone())).collect();
+    assert_eq!(stored, vec![(1, Sender::User, "hello".to_owned()), (2, Sender::Ai, reply.content.clone())]);
 }
 
 #[tokio::test]
@@ -61,10 +45,7 @@ async fn therapist_join_reaches_every_client_tab_and_is_stored() {
     let mut desk = app.connect(session.session_id, &therapist.token).await;
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
     let joined = desk.message().await;
-    assert_eq!(
-        (joined.seq, joined.sender, joined.content.as_str()),
-        (1, Sender::System, JOIN_MESSAGE)
-    );
+    assert_eq!((joined.seq, joined.sender, joined.content.as_str()), (1, Sender::System, JOIN_MESSAGE));
 
     for tab in &mut tabs {
         assert_eq!(tab.message().await, joined);
@@ -81,10 +62,7 @@ async fn therapist_join_reaches_every_client_tab_and_is_stored() {
         .json()
         .await
         .unwrap();
-    let row = appointments
-        .iter()
-        .find(|row| row["session_id"] == session.session_id.to_string())
-        .unwrap();
+    let row = appointments.iter().find(|row| row["session_id"] == session.session_id.to_string()).unwrap();
     assert_eq!(row["chat_mode"], "THERAPIST_JOINED");
     assert_eq!(row["status"], "assigned");
     assert_eq!(row["therapist_id"], therapist.therapist.id.to_string());
@@ -97,13 +75,7 @@ async fn therapist_join_reaches_every_client_tab_and_is_stored() {
     let (seq, _) = again.ack(&id).await;
     assert_eq!(seq, 2, "no second join message was stored");
     let history = app.history(session.session_id, &session.client_token).await;
-    assert_eq!(
-        history
-            .iter()
-            .filter(|m| m.sender == Sender::System)
-            .count(),
-        1
-    );
+    assert_eq!(history.iter().filter(|m| m.sender == Sender::System).count(), 1);
 }
 
 #[tokio::test]
@@ -121,39 +93,25 @@ async fn after_the_join_user_messages_reach_the_therapist_and_the_companion_stay
     let question = client.send_message("is anyone there?").await;
     client.ack(&question).await;
     let received = desk.message().await;
-    assert_eq!(
-        (received.sender, received.content.as_str()),
-        (Sender::User, "is anyone there?")
-    );
+    assert_eq!((received.sender, received.content.as_str()), (Sender::User, "is anyone there?"));
 
     // The server decides synchronously, before handling the next frame;
     // its log says which way it went.
     let sid = session.session_id.to_string();
     app.logs
         .wait_for(1, |event| {
-            message_of(event) == "companion will not respond"
-                && session_of(event).as_deref() == Some(&sid)
+            message_of(event) == "companion will not respond" && session_of(event).as_deref() == Some(&sid)
         })
         .await;
     let answer = desk.send_message("Yes, I'm Tess. I'm here.").await;
     desk.ack(&answer).await;
 
     let frames = client.until_seq(3).await;
-    let seen: Vec<_> = messages(&frames)
-        .iter()
-        .map(|m| (m.seq, m.sender))
-        .collect();
+    let seen: Vec<_> = messages(&frames).iter().map(|m| (m.seq, m.sender)).collect();
     assert_eq!(seen, vec![(2, Sender::User), (3, Sender::Therapist)]);
-    assert!(
-        app.logs
-            .matching(|event| message_of(event) == "generating companion reply")
-            .is_empty()
-    );
+    assert!(app.logs.matching(|event| message_of(event) == "generating companion reply").is_empty());
     let history = app.history(session.session_id, &session.client_token).await;
-    assert!(
-        history.iter().all(|m| m.sender != Sender::Ai),
-        "{history:?}"
-    );
+    assert!(history.iter().all(|m| m.sender != Sender::Ai), "{history:?}");
 }
 
 #[tokio::test]
@@ -171,9 +129,7 @@ async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion
     let mut desk = app.connect(session.session_id, &therapist.token).await;
     desk.mode().await;
     desk.message().await;
-    let id = desk
-        .send_message("Hi, I'm Tess, a therapist at the clinic.")
-        .await;
+    let id = desk.send_message("Hi, I'm Tess, a therapist at the clinic.").await;
     let (seq, _) = desk.ack(&id).await;
     assert_eq!(seq, 4);
 
@@ -181,28 +137,14 @@ async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion
     let last = messages(&frames).last().copied().cloned().unwrap();
     assert_eq!(
         (last.sender, last.content.as_str()),
-        (
-            Sender::Therapist,
-            "Hi, I'm Tess, a therapist at the clinic."
-        )
+        (Sender::Therapist, "Hi, I'm Tess, a therapist at the clinic.")
     );
-    assert!(frames.contains(&ServerFrame::Mode {
-        chat_mode: ChatMode::TherapistJoined
-    }));
-    let generated = app
-        .logs
-        .matching(|event| message_of(event) == "generating companion reply");
-    assert_eq!(
-        generated.len(),
-        1,
-        "only the client's hello started a reply"
-    );
+    assert!(frames.contains(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }));
+    let generated = app.logs.matching(|event| message_of(event) == "generating companion reply");
+    assert_eq!(generated.len(), 1, "only the client's hello started a reply");
     let history = app.history(session.session_id, &session.client_token).await;
     let senders: Vec<_> = history.iter().map(|m| m.sender).collect();
-    assert_eq!(
-        senders,
-        vec![Sender::User, Sender::Ai, Sender::System, Sender::Therapist]
-    );
+    assert_eq!(senders, vec![Sender::User, Sender::Ai, Sender::System, Sender::Therapist]);
 }
 
 #[tokio::test]
@@ -219,15 +161,13 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
     // Every tab talks to the companion at once; the therapist joins while
     // those replies are being written.
     for (index, tab) in tabs.iter_mut().enumerate() {
-        tab.send_message(&format!("tab {index} before the join"))
-            .await;
+        tab.send_message(&format!("tab {index} before the join")).await;
     }
     let mut desk = app.connect(session.session_id, &therapist.token).await;
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
     for round in 0..4 {
         for (index, tab) in tabs.iter_mut().enumerate() {
-            tab.send_message(&format!("tab {index} round {round}"))
-                .await;
+            tab.send_message(&format!("tab {index} round {round}")).await;
         }
         desk.send_message(&format!("therapist round {round}")).await;
     }
@@ -244,11 +184,7 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
             .filter(|frame| !matches!(frame, ServerFrame::Ack { .. }))
             .collect();
         let seqs: Vec<i64> = messages(&frames).iter().map(|m| m.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=total).collect::<Vec<_>>(),
-            "every message once, in seq order"
-        );
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "every message once, in seq order");
         transcripts.push(frames);
     }
     assert!(
@@ -259,17 +195,9 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
         .iter()
         .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System))
         .unwrap();
-    assert_eq!(
-        transcripts[0][joined + 1],
-        ServerFrame::Mode {
-            chat_mode: ChatMode::TherapistJoined
-        }
-    );
+    assert_eq!(transcripts[0][joined + 1], ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined });
     let after_join = &transcripts[0][joined..];
-    assert!(
-        messages(after_join).iter().all(|m| m.sender != Sender::Ai),
-        "no companion after the join"
-    );
+    assert!(messages(after_join).iter().all(|m| m.sender != Sender::Ai), "no companion after the join");
 
     let desk_frames = desk.until_seq(total).await;
     let desk_messages = messages(&desk_frames);
@@ -284,11 +212,7 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
 #[tokio::test]
 async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
     const SESSIONS: usize = 12;
-    let app = TestApp::spawn_with(Options {
-        companion_delay_ms: 300,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(Options { companion_delay_ms: 300, ..Options::default() }).await;
     let therapist = app.therapist("Tess").await;
 
     let mut clients = Vec::new();
@@ -316,18 +240,9 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
         "companion reply discarded: therapist joined",
         "companion reply stored",
     ];
-    let ended = app
-        .logs
-        .wait_for(SESSIONS, |event| outcomes.contains(&message_of(event)))
-        .await;
-    let silenced = ended
-        .iter()
-        .filter(|event| message_of(event) != "companion reply stored")
-        .count();
-    assert!(
-        silenced > 0,
-        "the join overtook no pending reply: the race was not exercised"
-    );
+    let ended = app.logs.wait_for(SESSIONS, |event| outcomes.contains(&message_of(event))).await;
+    let silenced = ended.iter().filter(|event| message_of(event) != "companion reply stored").count();
+    assert!(silenced > 0, "the join overtook no pending reply: the race was not exercised");
 
     let mut seen_sessions = HashSet::new();
     for ((session, client), desk) in clients.iter_mut().zip(&mut desks) {
@@ -336,20 +251,13 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
         let (last, _) = desk.ack(&id).await;
         let frames = client.until_seq(last).await;
         let delivered = messages(&frames);
-        let join = delivered
-            .iter()
-            .position(|m| m.sender == Sender::System)
-            .expect("join message delivered");
+        let join = delivered.iter().position(|m| m.sender == Sender::System).expect("join message delivered");
         let join_frame = frames
             .iter()
-            .position(
-                |frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System),
-            )
+            .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System))
             .unwrap();
         assert!(
-            !frames[join_frame..]
-                .iter()
-                .any(|frame| matches!(frame, ServerFrame::AiDelta { .. })),
+            !frames[join_frame..].iter().any(|frame| matches!(frame, ServerFrame::AiDelta { .. })),
             "a companion delta was delivered after the join: {frames:?}"
         );
         assert!(
@@ -357,18 +265,8 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
             "an ai message was delivered after the join: {delivered:?}"
         );
         let history = app.history(session.session_id, &session.client_token).await;
-        let join_seq = history
-            .iter()
-            .find(|m| m.sender == Sender::System)
-            .unwrap()
-            .seq;
-        assert!(
-            history
-                .iter()
-                .filter(|m| m.seq > join_seq)
-                .all(|m| m.sender != Sender::Ai),
-            "{history:?}"
-        );
+        let join_seq = history.iter().find(|m| m.sender == Sender::System).unwrap().seq;
+        assert!(history.iter().filter(|m| m.seq > join_seq).all(|m| m.sender != Sender::Ai), "{history:?}");
         seen_sessions.insert(session.session_id);
     }
     assert_eq!(seen_sessions.len(), SESSIONS);

@@ -23,8 +23,7 @@ async fn the_mode_survives_a_restart_and_the_companion_stays_silent() {
     let sid = session.session_id.to_string();
     app.logs
         .wait_for(1, |event| {
-            message_of(event) == "companion will not respond"
-                && session_of(event).as_deref() == Some(&sid)
+            message_of(event) == "companion will not respond" && session_of(event).as_deref() == Some(&sid)
         })
         .await;
     let mut desk = app.connect(session.session_id, &therapist.token).await;
@@ -33,10 +32,7 @@ async fn the_mode_survives_a_restart_and_the_companion_stays_silent() {
     desk.ack(&answer).await;
     let frames = client.until_seq(3).await;
     assert_eq!(
-        messages(&frames)
-            .iter()
-            .map(|m| m.sender)
-            .collect::<Vec<_>>(),
+        messages(&frames).iter().map(|m| m.sender).collect::<Vec<_>>(),
         vec![Sender::User, Sender::Therapist]
     );
     let history = app.history(session.session_id, &session.client_token).await;
@@ -75,11 +71,7 @@ async fn since_replays_exactly_the_missing_messages_before_live_ones() {
     assert_eq!(seq, 7);
     let live = resumed.until_seq(8).await;
     let seqs: Vec<i64> = messages(&live).iter().map(|m| m.seq).collect();
-    assert_eq!(
-        seqs,
-        vec![7, 8],
-        "no duplicate and no gap between replay and live"
-    );
+    assert_eq!(seqs, vec![7, 8], "no duplicate and no gap between replay and live");
 
     // since=0 replays the whole session.
     let mut everything = app
@@ -90,10 +82,7 @@ async fn since_replays_exactly_the_missing_messages_before_live_ones() {
         .await;
     everything.mode().await;
     let all = everything.until_seq(8).await;
-    assert_eq!(
-        messages(&all).iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (1..=8).collect::<Vec<_>>()
-    );
+    assert_eq!(messages(&all).iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -102,8 +91,7 @@ async fn a_resent_client_id_gets_the_original_ack_and_is_stored_once() {
     let session = app.create_session().await;
     let mut client = app.connect(session.session_id, &session.client_token).await;
     client.mode().await;
-    let frame =
-        serde_json::json!({"type": "message", "content": "only once", "client_id": "resend-me"});
+    let frame = serde_json::json!({"type": "message", "content": "only once", "client_id": "resend-me"});
     client.send_json(frame.clone()).await;
     let (seq, _) = client.ack("resend-me").await;
     client.until_seq(2).await;
@@ -118,9 +106,6 @@ async fn a_resent_client_id_gets_the_original_ack_and_is_stored_once() {
     assert_eq!(again.ack("resend-me").await.0, seq);
 
     let history = app.history(session.session_id, &session.client_token).await;
-    assert_eq!(
-        history.iter().filter(|m| m.content == "only once").count(),
-        1
-    );
+    assert_eq!(history.iter().filter(|m| m.content == "only once").count(), 1);
     assert_eq!(history.len(), 2, "one message and one companion reply");
 }

@@ -59,17 +59,8 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (child, address, setup_url, logs) =
-            start(&database_url(&dir), "127.0.0.1:0", &options).await;
-        TestApp {
-            address,
-            setup_url,
-            logs,
-            http: reqwest::Client::new(),
-            dir,
-            options,
-            child,
-        }
+        let (child, address, setup_url, logs) = start(&database_url(&dir), "127.0.0.1:0", &options).await;
+        TestApp { address, setup_url, logs, http: reqwest::Client::new(), dir, options, child }
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown) and starts a new
@@ -88,8 +79,7 @@ impl TestApp {
     /// Starts the server again after [`TestApp::stop`], on the same file and port.
     pub async fn start_again(&mut self) {
         let bind = self.address.trim_start_matches("http://").to_owned();
-        let (child, address, setup_url, logs) =
-            start(&database_url(&self.dir), &bind, &self.options).await;
+        let (child, address, setup_url, logs) = start(&database_url(&self.dir), &bind, &self.options).await;
         self.child = child;
         self.address = address;
         self.setup_url = setup_url;
@@ -117,27 +107,16 @@ impl TestApp {
             .spawn()
             .expect("run haven");
         let mut input = child.stdin.take().expect("stdin");
-        input
-            .write_all(stdin.as_bytes())
-            .await
-            .expect("write stdin");
+        input.write_all(stdin.as_bytes()).await.expect("write stdin");
         drop(input);
         child.wait_with_output().await.expect("haven output")
     }
 
     /// Creates a therapist account with `haven therapist add`.
     pub async fn add_therapist(&self, email: &str, name: &str) {
-        let output = self
-            .cli(
-                &["therapist", "add", "--email", email, "--name", name],
-                &format!("{PASSWORD}\n"),
-            )
-            .await;
-        assert!(
-            output.status.success(),
-            "therapist add failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output =
+            self.cli(&["therapist", "add", "--email", email, "--name", name], &format!("{PASSWORD}\n")).await;
+        assert!(output.status.success(), "therapist add failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
     pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
@@ -160,12 +139,7 @@ impl TestApp {
 
     /// "Chat Now".
     pub async fn create_session(&self) -> CreatedSession {
-        let response = self
-            .http
-            .post(self.url("/api/sessions"))
-            .send()
-            .await
-            .expect("create session");
+        let response = self.http.post(self.url("/api/sessions")).send().await.expect("create session");
         assert_eq!(response.status(), 201);
         response.json().await.expect("session body")
     }
@@ -180,11 +154,7 @@ impl TestApp {
             .await
             .expect("history request");
         assert_eq!(response.status(), 200, "history refused");
-        response
-            .json::<MessagePage>()
-            .await
-            .expect("history body")
-            .messages
+        response.json::<MessagePage>().await.expect("history body").messages
     }
 
     /// A socket for the session, authenticated with a bearer token.
@@ -198,20 +168,13 @@ impl TestApp {
 
     /// A socket to `path_and_query` with exactly these extra headers.
     pub async fn connect_with(&self, path_and_query: &str, headers: &[(&str, String)]) -> Ws {
-        let url = format!(
-            "{}{path_and_query}",
-            self.address.replace("http://", "ws://")
-        );
+        let url = format!("{}{path_and_query}", self.address.replace("http://", "ws://"));
         let mut request = url.into_client_request().expect("ws request");
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");
-            request
-                .headers_mut()
-                .insert(name, HeaderValue::from_str(value).expect("header value"));
+            request.headers_mut().insert(name, HeaderValue::from_str(value).expect("header value"));
         }
-        let (stream, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("websocket handshake");
+        let (stream, _) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake");
         Ws { stream }
     }
 }
@@ -220,22 +183,10 @@ fn database_url(dir: &TempDir) -> String {
     format!("sqlite://{}", dir.path().join("haven.db").display())
 }
 
-async fn start(
-    database: &str,
-    bind: &str,
-    options: &Options,
-) -> (Child, String, Option<String>, Logs) {
+async fn start(database: &str, bind: &str, options: &Options) -> (Child, String, Option<String>, Logs) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
     command
-        .args([
-            "--database",
-            database,
-            "serve",
-            "--bind",
-            bind,
-            "--log-format",
-            "json",
-        ])
+        .args(["--database", database, "serve", "--bind", bind, "--log-format", "json"])
         .arg("--companion-delay-ms")
         .arg(options.companion_delay_ms.to_string())
         .env_clear()
@@ -247,9 +198,7 @@ async fn start(
     for origin in &options.allowed_origins {
         command.arg("--allowed-origin").arg(origin);
     }
-    command
-        .args(&options.args)
-        .envs(options.env.iter().map(|(name, value)| (name, value)));
+    command.args(&options.args).envs(options.env.iter().map(|(name, value)| (name, value)));
     let mut child = command.spawn().expect("start haven");
 
     let logs = Logs::default();
@@ -277,9 +226,8 @@ async fn start(
         }
         panic!("server exited before listening");
     };
-    let (address, setup_url, mut stdout) = tokio::time::timeout(EVENT_TIMEOUT, read_start)
-        .await
-        .expect("server did not start");
+    let (address, setup_url, mut stdout) =
+        tokio::time::timeout(EVENT_TIMEOUT, read_start).await.expect("server did not start");
     tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
     (child, address, setup_url, logs)
 }
@@ -330,12 +278,7 @@ impl Logs {
         };
         tokio::time::timeout(EVENT_TIMEOUT, wait)
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "timed out waiting for {count} log events; logs:\n{}",
-                    self.text()
-                )
-            })
+            .unwrap_or_else(|_| panic!("timed out waiting for {count} log events; logs:\n{}", self.text()))
     }
 }
 
@@ -369,8 +312,7 @@ impl Ws {
     /// Sends a chat message with a fresh `client_id`, which it returns.
     pub async fn send_message(&mut self, content: &str) -> String {
         let client_id = Uuid::now_v7().to_string();
-        self.send_json(json!({ "type": "message", "content": content, "client_id": client_id }))
-            .await;
+        self.send_json(json!({ "type": "message", "content": content, "client_id": client_id })).await;
         client_id
     }
 
@@ -435,10 +377,7 @@ impl Ws {
         let mut before = Vec::new();
         loop {
             match self.frame().await {
-                ServerFrame::Ack {
-                    client_id: acked,
-                    seq,
-                } if acked == client_id => return (seq, before),
+                ServerFrame::Ack { client_id: acked, seq } if acked == client_id => return (seq, before),
                 other => before.push(other),
             }
         }

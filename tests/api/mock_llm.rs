@@ -42,11 +42,7 @@ pub struct Script {
 impl Default for Script {
     fn default() -> Self {
         Self {
-            chunks: vec![
-                "I hear ".into(),
-                "you. ".into(),
-                "What is on your mind?".into(),
-            ],
+            chunks: vec!["I hear ".into(), "you. ".into(), "What is on your mind?".into()],
             chunk_delay: Duration::from_millis(5),
             failures: Vec::new(),
             cut_after: None,
@@ -103,11 +99,7 @@ enum Format {
 impl MockLlm {
     pub async fn start() -> Self {
         let state = Arc::new(MockState::default());
-        state
-            .scripts
-            .lock()
-            .unwrap()
-            .insert(String::new(), Script::default());
+        state.scripts.lock().unwrap().insert(String::new(), Script::default());
         let router = Router::new()
             .route("/v1/chat/completions", post(openai))
             .route("/v1beta/models/{model_action}", post(gemini))
@@ -117,11 +109,7 @@ impl MockLlm {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        MockLlm {
-            address,
-            state,
-            server,
-        }
+        MockLlm { address, state, server }
     }
 
     pub fn openai_url(&self) -> String {
@@ -135,11 +123,7 @@ impl MockLlm {
     /// Answers requests whose newest user message contains `trigger` this way
     /// (`""` sets the default).
     pub fn script(&self, trigger: &str, script: Script) {
-        self.state
-            .scripts
-            .lock()
-            .unwrap()
-            .insert(trigger.to_owned(), script);
+        self.state.scripts.lock().unwrap().insert(trigger.to_owned(), script);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -171,10 +155,8 @@ impl MockLlm {
 
 async fn openai(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let newest = body["messages"]
-        .as_array()
-        .and_then(|messages| messages.last())
-        .map(|m| m["content"].to_string());
+    let newest =
+        body["messages"].as_array().and_then(|messages| messages.last()).map(|m| m["content"].to_string());
     record(&state, "/v1/chat/completions".into(), None, headers, body);
     respond(state, Format::OpenAi, newest.unwrap_or_default()).await
 }
@@ -187,38 +169,21 @@ async fn gemini(
     body: Bytes,
 ) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let newest = body["contents"]
-        .as_array()
-        .and_then(|contents| contents.last())
-        .map(|c| c.to_string());
-    record(
-        &state,
-        format!("/v1beta/models/{model_action}"),
-        query,
-        headers,
-        body,
-    );
+    let newest = body["contents"].as_array().and_then(|contents| contents.last()).map(|c| c.to_string());
+    record(&state, format!("/v1beta/models/{model_action}"), query, headers, body);
     respond(state, Format::Gemini, newest.unwrap_or_default()).await
 }
 
 fn record(state: &MockState, path: String, query: Option<String>, headers: HeaderMap, body: Value) {
-    state.requests.lock().unwrap().push(Recorded {
-        path,
-        query,
-        headers,
-        body,
-    });
+    state.requests.lock().unwrap().push(Recorded { path, query, headers, body });
     state.touch();
 }
 
 async fn respond(state: Arc<MockState>, format: Format, newest: String) -> Response {
     let script = {
         let mut scripts = state.scripts.lock().unwrap();
-        let trigger = scripts
-            .keys()
-            .filter(|key| !key.is_empty() && newest.contains(key.as_str()))
-            .max()
-            .cloned();
+        let trigger =
+            scripts.keys().filter(|key| !key.is_empty() && newest.contains(key.as_str())).max().cloned();
         let script = scripts.get_mut(&trigger.unwrap_or_default()).unwrap();
         let failure = (!script.failures.is_empty()).then(|| script.failures.remove(0));
         (script.clone(), failure)
@@ -282,27 +247,18 @@ async fn respond(state: Arc<MockState>, format: Format, newest: String) -> Respo
     }
 
     state.streams_open.fetch_add(1, Ordering::SeqCst);
-    let guard = StreamGuard {
-        state: state.clone(),
-        finished: false,
-    };
+    let guard = StreamGuard { state: state.clone(), finished: false };
     let body = futures_util::stream::unfold(
         (pieces.into_iter(), guard, cut),
         |(mut pieces, mut guard, cut)| async move {
             match pieces.next() {
                 Some((delay, bytes)) => {
                     tokio::time::sleep(delay).await;
-                    Some((
-                        Ok::<_, std::io::Error>(Bytes::from(bytes)),
-                        (pieces, guard, cut),
-                    ))
+                    Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), (pieces, guard, cut)))
                 }
                 None if cut => {
                     guard.finish();
-                    Some((
-                        Err(std::io::Error::other("mock: stream cut")),
-                        (pieces, guard, false),
-                    ))
+                    Some((Err(std::io::Error::other("mock: stream cut")), (pieces, guard, false)))
                 }
                 None => {
                     guard.finish();
@@ -334,9 +290,7 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if !self.finished {
-            self.state
-                .streams_cut_by_client
-                .fetch_add(1, Ordering::SeqCst);
+            self.state.streams_cut_by_client.fetch_add(1, Ordering::SeqCst);
         }
         self.state.streams_open.fetch_sub(1, Ordering::SeqCst);
         self.state.touch();
@@ -348,14 +302,7 @@ impl Drop for StreamGuard {
 async fn the_mock_notices_a_client_that_hangs_up_mid_stream() {
     let mock = MockLlm::start().await;
     let words: Vec<String> = (0..30).map(|n| format!("word{n} ")).collect();
-    mock.script(
-        "",
-        Script {
-            chunks: words,
-            chunk_delay: Duration::from_millis(10),
-            ..Script::default()
-        },
-    );
+    mock.script("", Script { chunks: words, chunk_delay: Duration::from_millis(10), ..Script::default() });
     let mut response = reqwest::Client::new()
         .post(format!("{}/chat/completions", mock.openai_url()))
         .json(&json!({"messages": []}))
@@ -364,7 +311,6 @@ async fn the_mock_notices_a_client_that_hangs_up_mid_stream() {
         .unwrap();
     assert!(response.chunk().await.unwrap().is_some());
     drop(response);
-    mock.until("the stream to end", |mock| mock.streams_open() == 0)
-        .await;
+    mock.until("the stream to end", |mock| mock.streams_open() == 0).await;
     assert_eq!(mock.streams_cut_by_client(), 1);
 }

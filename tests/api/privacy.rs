@@ -7,14 +7,7 @@ use crate::helpers::{PASSWORD, TestApp, message_of};
 #[tokio::test]
 async fn logs_carry_every_product_step_but_no_content_tokens_or_passwords() {
     let app = TestApp::spawn().await;
-    let setup_token = app
-        .setup_url
-        .clone()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let setup_token = app.setup_url.clone().unwrap().rsplit('/').next().unwrap().to_owned();
     let session = app.create_session().await;
     let mut client = app.connect(session.session_id, &session.client_token).await;
     client.mode().await;
@@ -28,29 +21,16 @@ async fn logs_carry_every_product_step_but_no_content_tokens_or_passwords() {
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
     let later = client.send_message("another-private-line-9c2e").await;
     client.ack(&later).await;
-    let mut refused = app
-        .connect_with(
-            &format!("/api/chat/ws/{}?role=therapist", session.session_id),
-            &[],
-        )
-        .await;
+    let mut refused =
+        app.connect_with(&format!("/api/chat/ws/{}?role=therapist", session.session_id), &[]).await;
     refused.closed().await;
-    app.logs
-        .wait_for(1, |event| message_of(event) == "companion will not respond")
-        .await;
-    app.logs
-        .wait_for(1, |event| message_of(event) == "connection rejected")
-        .await;
+    app.logs.wait_for(1, |event| message_of(event) == "companion will not respond").await;
+    app.logs.wait_for(1, |event| message_of(event) == "connection rejected").await;
 
     let logs = app.logs.text();
-    for needle in [
-        secret,
-        "another-private-line-9c2e",
-        PASSWORD,
-        &session.client_token,
-        &therapist.token,
-        &setup_token,
-    ] {
+    for needle in
+        [secret, "another-private-line-9c2e", PASSWORD, &session.client_token, &therapist.token, &setup_token]
+    {
         assert!(!logs.contains(needle), "the logs contain {needle:?}");
     }
     for step in [
@@ -62,19 +42,10 @@ async fn logs_carry_every_product_step_but_no_content_tokens_or_passwords() {
         "companion will not respond",
         "connection rejected",
     ] {
-        assert!(
-            !app.logs
-                .matching(|event| message_of(event) == step)
-                .is_empty(),
-            "no {step:?} event"
-        );
+        assert!(!app.logs.matching(|event| message_of(event) == step).is_empty(), "no {step:?} event");
     }
     let connected = app.logs.matching(|event| message_of(event) == "connected");
-    assert!(
-        connected
-            .iter()
-            .all(|event| event["connections"].is_u64() && event["span"]["role"].is_string())
-    );
+    assert!(connected.iter().all(|event| event["connections"].is_u64() && event["span"]["role"].is_string()));
 }
 
 #[tokio::test]
@@ -91,19 +62,9 @@ async fn tokens_and_passwords_are_stored_only_as_hashes() {
         stored.extend(std::fs::read(path).unwrap_or_default());
     }
     assert!(!stored.is_empty());
-    let contains = |needle: &str| {
-        stored
-            .windows(needle.len())
-            .any(|window| window == needle.as_bytes())
-    };
-    assert!(
-        !contains(&session.client_token),
-        "client token stored in clear"
-    );
-    assert!(
-        !contains(&therapist.token),
-        "therapist token stored in clear"
-    );
+    let contains = |needle: &str| stored.windows(needle.len()).any(|window| window == needle.as_bytes());
+    assert!(!contains(&session.client_token), "client token stored in clear");
+    assert!(!contains(&therapist.token), "therapist token stored in clear");
     assert!(!contains(PASSWORD), "password stored in clear");
     assert!(contains("$argon2id$"), "the password hash is argon2id");
 }

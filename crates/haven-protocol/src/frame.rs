@@ -60,6 +60,9 @@ pub enum ErrorCode {
     /// The message could not be stored right now; re-send it with the same
     /// `client_id`.
     Unavailable,
+    /// Too many messages on this connection; nothing was stored. Re-send it
+    /// later with the same `client_id`.
+    RateLimited,
 }
 
 /// A validated message from a client, ready to be stored.
@@ -79,19 +82,11 @@ pub struct FrameError {
 
 impl FrameError {
     fn new(code: ErrorCode, message: impl Into<String>, client_id: Option<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            client_id,
-        }
+        Self { code, message: message.into(), client_id }
     }
 
     pub fn into_frame(self) -> ServerFrame {
-        ServerFrame::Error {
-            code: self.code,
-            message: self.message,
-            client_id: self.client_id,
-        }
+        ServerFrame::Error { code: self.code, message: self.message, client_id: self.client_id }
     }
 }
 
@@ -103,21 +98,13 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|_| FrameError::new(ErrorCode::InvalidJson, "frame is not valid JSON", None))?;
     let Some(object) = value.as_object() else {
-        return Err(FrameError::new(
-            ErrorCode::InvalidJson,
-            "frame must be a JSON object",
-            None,
-        ));
+        return Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object", None));
     };
     let client_id = match object.get("client_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(id)) => Some(id.clone()),
         Some(_) => {
-            return Err(FrameError::new(
-                ErrorCode::InvalidClientId,
-                "client_id must be a string",
-                None,
-            ));
+            return Err(FrameError::new(ErrorCode::InvalidClientId, "client_id must be a string", None));
         }
     };
     let usable_id = client_id.clone().filter(|id| valid_client_id(id));
@@ -128,19 +115,11 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
             return Err(FrameError::new(ErrorCode::UnknownType, message, usable_id));
         }
         None => {
-            return Err(FrameError::new(
-                ErrorCode::UnknownType,
-                "frame has no type",
-                usable_id,
-            ));
+            return Err(FrameError::new(ErrorCode::UnknownType, "frame has no type", usable_id));
         }
     }
     let Some(client_id) = client_id else {
-        return Err(FrameError::new(
-            ErrorCode::MissingClientId,
-            "client_id is required",
-            None,
-        ));
+        return Err(FrameError::new(ErrorCode::MissingClientId, "client_id is required", None));
     };
     if !valid_client_id(&client_id) {
         return Err(FrameError::new(
@@ -152,26 +131,14 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
     let content = match object.get("content") {
         Some(Value::String(content)) => content,
         None | Some(Value::Null) => {
-            return Err(FrameError::new(
-                ErrorCode::EmptyContent,
-                "content is required",
-                Some(client_id),
-            ));
+            return Err(FrameError::new(ErrorCode::EmptyContent, "content is required", Some(client_id)));
         }
         Some(_) => {
-            return Err(FrameError::new(
-                ErrorCode::InvalidJson,
-                "content must be a string",
-                Some(client_id),
-            ));
+            return Err(FrameError::new(ErrorCode::InvalidJson, "content must be a string", Some(client_id)));
         }
     };
     if content.trim().is_empty() {
-        return Err(FrameError::new(
-            ErrorCode::EmptyContent,
-            "content is empty",
-            Some(client_id),
-        ));
+        return Err(FrameError::new(ErrorCode::EmptyContent, "content is empty", Some(client_id)));
     }
     if content.chars().count() > MAX_CONTENT_CHARS {
         return Err(FrameError::new(
@@ -180,10 +147,7 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
             Some(client_id),
         ));
     }
-    Ok(NewMessage {
-        content: content.clone(),
-        client_id,
-    })
+    Ok(NewMessage { content: content.clone(), client_id })
 }
 
 fn valid_client_id(id: &str) -> bool {
@@ -204,66 +168,33 @@ mod tests {
 
     #[test]
     fn accepts_a_message_and_ignores_a_forged_sender() {
-        let parsed = parse_client_frame(
-            r#"{"type":"message","content":"hi","client_id":"a","sender":"therapist"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            parsed,
-            NewMessage {
-                content: "hi".into(),
-                client_id: "a".into()
-            }
-        );
+        let parsed =
+            parse_client_frame(r#"{"type":"message","content":"hi","client_id":"a","sender":"therapist"}"#)
+                .unwrap();
+        assert_eq!(parsed, NewMessage { content: "hi".into(), client_id: "a".into() });
     }
 
     #[test]
     fn refuses_bad_frames_with_stable_codes() {
         assert_eq!(code("not json"), ErrorCode::InvalidJson);
         assert_eq!(code("[1]"), ErrorCode::InvalidJson);
-        assert_eq!(
-            code(r#"{"content":"x","client_id":"a"}"#),
-            ErrorCode::UnknownType
-        );
-        assert_eq!(
-            code(r#"{"type":"shout","client_id":"a"}"#),
-            ErrorCode::UnknownType
-        );
-        assert_eq!(
-            code(r#"{"type":"message","content":"x"}"#),
-            ErrorCode::MissingClientId
-        );
-        assert_eq!(
-            code(r#"{"type":"message","content":"x","client_id":""}"#),
-            ErrorCode::InvalidClientId
-        );
-        assert_eq!(
-            code(r#"{"type":"message","content":"x","client_id":7}"#),
-            ErrorCode::InvalidClientId
-        );
-        assert_eq!(
-            code(r#"{"type":"message","content":" \n\t","client_id":"a"}"#),
-            ErrorCode::EmptyContent
-        );
-        assert_eq!(
-            code(r#"{"type":"message","client_id":"a"}"#),
-            ErrorCode::EmptyContent
-        );
-        assert_eq!(
-            code(r#"{"type":"message","content":5,"client_id":"a"}"#),
-            ErrorCode::InvalidJson
-        );
+        assert_eq!(code(r#"{"content":"x","client_id":"a"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"shout","client_id":"a"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"message","content":"x"}"#), ErrorCode::MissingClientId);
+        assert_eq!(code(r#"{"type":"message","content":"x","client_id":""}"#), ErrorCode::InvalidClientId);
+        assert_eq!(code(r#"{"type":"message","content":"x","client_id":7}"#), ErrorCode::InvalidClientId);
+        assert_eq!(code(r#"{"type":"message","content":" \n\t","client_id":"a"}"#), ErrorCode::EmptyContent);
+        assert_eq!(code(r#"{"type":"message","client_id":"a"}"#), ErrorCode::EmptyContent);
+        assert_eq!(code(r#"{"type":"message","content":5,"client_id":"a"}"#), ErrorCode::InvalidJson);
     }
 
     #[test]
     fn content_limit_counts_characters_not_bytes() {
         let at_limit = "é".repeat(MAX_CONTENT_CHARS);
-        let frame =
-            serde_json::json!({"type":"message","content":at_limit,"client_id":"a"}).to_string();
+        let frame = serde_json::json!({"type":"message","content":at_limit,"client_id":"a"}).to_string();
         assert!(parse_client_frame(&frame).is_ok());
         let over = "a".repeat(MAX_CONTENT_CHARS + 1);
-        let frame =
-            serde_json::json!({"type":"message","content":over,"client_id":"a"}).to_string();
+        let frame = serde_json::json!({"type":"message","content":over,"client_id":"a"}).to_string();
         let error = parse_client_frame(&frame).unwrap_err();
         assert_eq!(error.code, ErrorCode::ContentTooLong);
         assert_eq!(error.client_id.as_deref(), Some("a"));
@@ -271,22 +202,9 @@ mod tests {
 
     #[test]
     fn server_frames_have_the_documented_shape() {
-        let ack = serde_json::to_value(ServerFrame::Ack {
-            client_id: "c".into(),
-            seq: 3,
-        })
-        .unwrap();
-        assert_eq!(
-            ack,
-            serde_json::json!({"type":"ack","client_id":"c","seq":3})
-        );
-        let mode = serde_json::to_value(ServerFrame::Mode {
-            chat_mode: ChatMode::TherapistJoined,
-        })
-        .unwrap();
-        assert_eq!(
-            mode,
-            serde_json::json!({"type":"mode","chat_mode":"THERAPIST_JOINED"})
-        );
+        let ack = serde_json::to_value(ServerFrame::Ack { client_id: "c".into(), seq: 3 }).unwrap();
+        assert_eq!(ack, serde_json::json!({"type":"ack","client_id":"c","seq":3}));
+        let mode = serde_json::to_value(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }).unwrap();
+        assert_eq!(mode, serde_json::json!({"type":"mode","chat_mode":"THERAPIST_JOINED"}));
     }
 }

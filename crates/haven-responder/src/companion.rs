@@ -28,11 +28,7 @@ impl Companion {
     pub fn compose(request: &ReplyRequest) -> String {
         let text = request.last_user_message().unwrap_or_default();
         let normalised = normalise(text);
-        let user_turns = request
-            .history
-            .iter()
-            .filter(|turn| turn.sender == Sender::User)
-            .count();
+        let user_turns = request.history.iter().filter(|turn| turn.sender == Sender::User).count();
 
         if asks_identity(&normalised) {
             return IDENTITY.to_owned();
@@ -41,8 +37,7 @@ impl Companion {
             return GREETING.to_owned();
         }
         if contains_any(&normalised, &["thank you", "thanks", "thx"]) {
-            return "You're welcome. I'm glad you're here. Is there anything else on your mind?"
-                .to_owned();
+            return "You're welcome. I'm glad you're here. Is there anything else on your mind?".to_owned();
         }
         if let Some(feeling) = feeling(&normalised) {
             return format!(
@@ -51,9 +46,7 @@ impl Companion {
             );
         }
         if let Some(reflection) = reflect_statement(&normalised) {
-            return format!(
-                "You said {reflection}. Can you tell me more about what that's like for you?"
-            );
+            return format!("You said {reflection}. Can you tell me more about what that's like for you?");
         }
         if normalised.trim_end().ends_with('?') {
             return "That's an important question. I'm an automated companion, so I can't give professional \
@@ -97,37 +90,12 @@ const OPEN_PROMPTS: [&str; 4] = [
 
 /// Feeling words and the way the companion names them back.
 const FEELINGS: [(&[&str], &str); 7] = [
-    (
-        &[
-            "anxious", "anxiety", "worried", "nervous", "panic", "on edge",
-        ],
-        "anxious",
-    ),
-    (
-        &[
-            "sad",
-            "depressed",
-            "down",
-            "unhappy",
-            "crying",
-            "miserable",
-            "low",
-        ],
-        "low",
-    ),
-    (
-        &["stressed", "overwhelmed", "pressure", "too much"],
-        "overwhelmed",
-    ),
+    (&["anxious", "anxiety", "worried", "nervous", "panic", "on edge"], "anxious"),
+    (&["sad", "depressed", "down", "unhappy", "crying", "miserable", "low"], "low"),
+    (&["stressed", "overwhelmed", "pressure", "too much"], "overwhelmed"),
     (&["lonely", "alone", "isolated", "no one to talk"], "lonely"),
-    (
-        &["angry", "furious", "frustrated", "annoyed", "mad at"],
-        "frustrated",
-    ),
-    (
-        &["tired", "exhausted", "can't sleep", "cant sleep", "drained"],
-        "exhausted",
-    ),
+    (&["angry", "furious", "frustrated", "annoyed", "mad at"], "frustrated"),
+    (&["tired", "exhausted", "can't sleep", "cant sleep", "drained"], "exhausted"),
     (&["scared", "afraid", "frightened", "terrified"], "scared"),
 ];
 
@@ -136,17 +104,12 @@ fn normalise(text: &str) -> String {
 }
 
 fn words(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
-        .filter(|word| !word.is_empty())
+    text.split(|c: char| !(c.is_alphanumeric() || c == '\'')).filter(|word| !word.is_empty())
 }
 
 fn contains_any(text: &str, needles: &[&str]) -> bool {
     needles.iter().any(|needle| {
-        if needle.contains(' ') {
-            text.contains(needle)
-        } else {
-            words(text).any(|word| word == *needle)
-        }
+        if needle.contains(' ') { text.contains(needle) } else { words(text).any(|word| word == *needle) }
     })
 }
 
@@ -173,24 +136,15 @@ fn is_greeting(text: &str) -> bool {
 }
 
 fn feeling(text: &str) -> Option<&'static str> {
-    FEELINGS
-        .iter()
-        .find(|(cues, _)| contains_any(text, cues))
-        .map(|(_, name)| *name)
+    FEELINGS.iter().find(|(cues, _)| contains_any(text, cues)).map(|(_, name)| *name)
 }
 
 /// "I feel that my work is pointless." → "you feel that your work is pointless"
 fn reflect_statement(text: &str) -> Option<String> {
     const OPENERS: [&str; 5] = ["i feel ", "i think ", "i am ", "i'm ", "im "];
-    let start = OPENERS
-        .iter()
-        .filter_map(|opener| text.find(opener).map(|at| (at, *opener)))
-        .min()?;
+    let start = OPENERS.iter().filter_map(|opener| text.find(opener).map(|at| (at, *opener))).min()?;
     let clause = &text[start.0..];
-    let clause = clause
-        .split(['.', '!', '?', ',', ';', '\n'])
-        .next()
-        .unwrap_or(clause);
+    let clause = clause.split(['.', '!', '?', ',', ';', '\n']).next().unwrap_or(clause);
     let reflected: Vec<&str> = words(clause)
         .take(12)
         .map(|word| match word {
@@ -217,10 +171,7 @@ mod tests {
 
     fn reply_to(text: &str) -> String {
         Companion::compose(&ReplyRequest {
-            history: vec![Turn {
-                sender: Sender::User,
-                content: text.into(),
-            }],
+            history: vec![Turn { sender: Sender::User, content: text.into() }],
         })
     }
 
@@ -233,18 +184,10 @@ mod tests {
 
     #[test]
     fn says_it_is_automated_when_asked() {
-        for ask in [
-            "Are you a real person?",
-            "are you human",
-            "Who are you?",
-            "am i talking to a bot",
-        ] {
+        for ask in ["Are you a real person?", "are you human", "Who are you?", "am i talking to a bot"] {
             let reply = reply_to(ask);
             assert!(reply.contains("not a person"), "{ask}: {reply}");
-            assert!(
-                reply.contains("not a") && reply.contains("clinician"),
-                "{ask}: {reply}"
-            );
+            assert!(reply.contains("not a") && reply.contains("clinician"), "{ask}: {reply}");
         }
     }
 
@@ -262,10 +205,7 @@ mod tests {
 
     #[test]
     fn is_deterministic() {
-        assert_eq!(
-            reply_to("the weather turned"),
-            reply_to("the weather turned")
-        );
+        assert_eq!(reply_to("the weather turned"), reply_to("the weather turned"));
     }
 
     #[test]
@@ -273,14 +213,8 @@ mod tests {
         let every = [IDENTITY, GREETING].into_iter().chain(OPEN_PROMPTS);
         for reply in every {
             let lower = reply.to_lowercase();
-            assert!(
-                !lower.contains("i am a therapist") && !lower.contains("i'm a therapist"),
-                "{reply}"
-            );
-            assert!(
-                !lower.contains("i am human") && !lower.contains("i'm human"),
-                "{reply}"
-            );
+            assert!(!lower.contains("i am a therapist") && !lower.contains("i'm a therapist"), "{reply}");
+            assert!(!lower.contains("i am human") && !lower.contains("i'm human"), "{reply}");
         }
     }
 }

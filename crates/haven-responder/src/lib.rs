@@ -33,11 +33,7 @@ pub struct ReplyRequest {
 impl ReplyRequest {
     /// The client's newest message, if the history has one.
     pub fn last_user_message(&self) -> Option<&str> {
-        self.history
-            .iter()
-            .rev()
-            .find(|turn| turn.sender == Sender::User)
-            .map(|turn| turn.content.as_str())
+        self.history.iter().rev().find(|turn| turn.sender == Sender::User).map(|turn| turn.content.as_str())
     }
 }
 
@@ -70,10 +66,7 @@ pub enum ResponderError {
 impl ResponderError {
     /// Worth another attempt, if no text has been shown yet.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited | Self::ServerError(_) | Self::Unreachable
-        )
+        matches!(self, Self::RateLimited | Self::ServerError(_) | Self::Unreachable)
     }
 }
 

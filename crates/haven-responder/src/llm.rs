@@ -94,26 +94,16 @@ impl LlmResponder {
         }
         // Servers such as Ollama need no key, but the OpenAI adapter always
         // sends one; any placeholder does.
-        let key = settings
-            .api_key
-            .clone()
-            .unwrap_or_else(|| "none".to_owned());
+        let key = settings.api_key.clone().unwrap_or_else(|| "none".to_owned());
         let client = Client::builder()
             .with_adapter_kind(kind)
-            .append_provider_config(
-                kind,
-                (Endpoint::from_owned(base_url), AuthData::from_single(key)),
-            )
+            .append_provider_config(kind, (Endpoint::from_owned(base_url), AuthData::from_single(key)))
             .with_web_config(
-                WebConfig::default()
-                    .with_connect_timeout(settings.timeout.min(Duration::from_secs(10))),
+                WebConfig::default().with_connect_timeout(settings.timeout.min(Duration::from_secs(10))),
             )
             .build()
             .map_err(|_| ResponderError::Misconfigured("the model client could not be built"))?;
-        Ok(Self {
-            client,
-            settings: Arc::new(settings),
-        })
+        Ok(Self { client, settings: Arc::new(settings) })
     }
 
     fn chat_request(&self, request: &ReplyRequest) -> ChatRequest {
@@ -138,9 +128,7 @@ impl Responder for LlmResponder {
         stream::once(async move { responder.open(chat, deadline).await })
             .flat_map(move |opened| match opened {
                 Ok((first, events)) => stream::once(async move { Ok(first) })
-                    .chain(stream::unfold(Some(events), move |events| {
-                        rest(events, deadline)
-                    }))
+                    .chain(stream::unfold(Some(events), move |events| rest(events, deadline)))
                     .boxed(),
                 Err(error) => stream::once(async move { Err(error) }).boxed(),
             })
@@ -171,9 +159,7 @@ impl LlmResponder {
                         Some(Ok(ChatStreamEvent::Chunk(chunk))) if !chunk.content.is_empty() => {
                             return Ok((chunk.content, events));
                         }
-                        Some(Ok(ChatStreamEvent::End(end)))
-                            if end.captured_stop_reason.is_none() =>
-                        {
+                        Some(Ok(ChatStreamEvent::End(end))) if end.captured_stop_reason.is_none() => {
                             return Err(ResponderError::Truncated);
                         }
                         Some(Ok(ChatStreamEvent::End(_))) => return Err(ResponderError::Empty),
@@ -231,9 +217,9 @@ async fn rest(
 fn classify(error: &genai::Error) -> ResponderError {
     let status = error.status().or_else(|| match error {
         // A failed status on a streaming call arrives wrapped.
-        genai::Error::WebStream { error, .. } => error
-            .downcast_ref::<genai::Error>()
-            .and_then(genai::Error::status),
+        genai::Error::WebStream { error, .. } => {
+            error.downcast_ref::<genai::Error>().and_then(genai::Error::status)
+        }
         _ => None,
     });
     match status.map(|status| status.as_u16()) {

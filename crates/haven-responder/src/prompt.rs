@@ -49,17 +49,11 @@ pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
             Sender::Ai => (Speaker::Assistant, turn.content.clone()),
             Sender::Therapist => {
                 therapist_spoke = true;
-                (
-                    Speaker::User,
-                    format!("{THERAPIST_PREFIX} {}", turn.content),
-                )
+                (Speaker::User, format!("{THERAPIST_PREFIX} {}", turn.content))
             }
             Sender::User if therapist_spoke => {
                 therapist_spoke = false;
-                (
-                    Speaker::User,
-                    format!("{HAND_BACK_MARKER}\n{}", turn.content),
-                )
+                (Speaker::User, format!("{HAND_BACK_MARKER}\n{}", turn.content))
             }
             Sender::User => (Speaker::User, turn.content.clone()),
         };
@@ -73,10 +67,7 @@ pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
         let size = line.text.chars().count();
         if kept.is_empty() && size > budget_chars {
             let start = size - budget_chars;
-            kept.push(PromptLine {
-                speaker: line.speaker,
-                text: line.text.chars().skip(start).collect(),
-            });
+            kept.push(PromptLine { speaker: line.speaker, text: line.text.chars().skip(start).collect() });
             break;
         }
         if used + size > budget_chars {
@@ -87,10 +78,7 @@ pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
     }
     kept.reverse();
     // A conversation the model can answer starts with the user.
-    while kept
-        .first()
-        .is_some_and(|line| line.speaker == Speaker::Assistant)
-    {
+    while kept.first().is_some_and(|line| line.speaker == Speaker::Assistant) {
         kept.remove(0);
     }
 
@@ -112,10 +100,7 @@ mod tests {
     use super::*;
 
     fn turn(sender: Sender, content: &str) -> Turn {
-        Turn {
-            sender,
-            content: content.into(),
-        }
+        Turn { sender, content: content.into() }
     }
 
     #[test]
@@ -127,34 +112,21 @@ mod tests {
             turn(Sender::User, "again"),
         ];
         let lines = conversation(&history, 1_000);
-        let shape: Vec<_> = lines
-            .iter()
-            .map(|line| (line.speaker, line.text.as_str()))
-            .collect();
+        let shape: Vec<_> = lines.iter().map(|line| (line.speaker, line.text.as_str())).collect();
         assert_eq!(
             shape,
-            vec![
-                (Speaker::User, "hi"),
-                (Speaker::Assistant, "hello"),
-                (Speaker::User, "again")
-            ]
+            vec![(Speaker::User, "hi"), (Speaker::Assistant, "hello"), (Speaker::User, "again")]
         );
     }
 
     #[test]
     fn therapist_words_are_quoted_and_followed_by_a_hand_back_marker() {
-        let history = [
-            turn(Sender::User, "hi"),
-            turn(Sender::Therapist, "I'm Tess"),
-            turn(Sender::User, "bye Tess"),
-        ];
+        let history =
+            [turn(Sender::User, "hi"), turn(Sender::Therapist, "I'm Tess"), turn(Sender::User, "bye Tess")];
         let lines = conversation(&history, 1_000);
         assert_eq!(lines.len(), 1, "merged into one user line");
         let text = &lines[0].text;
-        assert!(
-            text.contains("[The therapist, a human clinician, wrote:] I'm Tess"),
-            "{text}"
-        );
+        assert!(text.contains("[The therapist, a human clinician, wrote:] I'm Tess"), "{text}");
         let marker = text.find(HAND_BACK_MARKER).expect("marker");
         assert!(marker < text.find("bye Tess").unwrap());
     }
@@ -167,13 +139,7 @@ mod tests {
             turn(Sender::User, "cccccccccc"),
         ];
         let lines = conversation(&history, 15);
-        assert_eq!(
-            lines,
-            vec![PromptLine {
-                speaker: Speaker::User,
-                text: "cccccccccc".into()
-            }]
-        );
+        assert_eq!(lines, vec![PromptLine { speaker: Speaker::User, text: "cccccccccc".into() }]);
         let cut = conversation(&[turn(Sender::User, "0123456789")], 4);
         assert_eq!(cut[0].text, "6789");
     }

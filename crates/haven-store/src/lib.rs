@@ -50,6 +50,8 @@ pub struct Therapist {
     pub email: String,
     pub name: String,
     pub created_at: OffsetDateTime,
+    /// A disabled account cannot log in and has no valid login.
+    pub disabled: bool,
 }
 
 /// What a new therapist account is made of.
@@ -98,10 +100,7 @@ pub enum BotMessage {
 #[derive(Debug, Clone)]
 pub enum Appended {
     /// Committed now. `chat_mode` is the session's mode in the same transaction.
-    Stored {
-        message: ChatMessage,
-        chat_mode: ChatMode,
-    },
+    Stored { message: ChatMessage, chat_mode: ChatMode },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
 }
@@ -135,11 +134,25 @@ pub trait Store: Send + Sync + 'static {
         expires_at: OffsetDateTime,
     ) -> Result<()>;
     /// The therapist whose unexpired login has this token hash.
+    /// The therapist whose login has this token hash, if the login is valid
+    /// at `now`: not past its absolute expiry, used within `idle`, and of an
+    /// account that is not disabled. A valid login is marked as used.
     async fn therapist_by_token(
         &self,
         token_hash: &[u8],
         now: OffsetDateTime,
+        idle: time::Duration,
     ) -> Result<Option<Therapist>>;
+
+    /// Ends every login of a therapist.
+    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()>;
+
+    /// Replaces an account's password hash and ends its logins, in one
+    /// transaction. `None` for an unknown e-mail.
+    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>>;
+
+    /// Disables an account and ends its logins. `None` for an unknown e-mail.
+    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>>;
     /// Ends a login. Unknown hashes are not an error.
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()>;
 
@@ -171,22 +184,13 @@ pub trait Store: Send + Sync + 'static {
     /// `system` notice such as "the companion is unavailable" — only if the
     /// session is still `BOT_ONLY`, checked in the same transaction as the
     /// insert. `None` means a therapist joined first and nothing was written.
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Option<ChatMessage>>;
+    async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>>;
 
     /// The newest `limit` messages, in seq order.
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>>;
 
     /// Up to `limit` messages with `seq > after`, in seq order.
-    async fn messages_after(
-        &self,
-        session_id: Uuid,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<ChatMessage>>;
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
 }
 
 /// Now, in UTC, as stored.

@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    Appended, BotMessage, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store,
-    StoreError, Therapist, now,
+    Appended, BotMessage, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError,
+    Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -46,22 +46,13 @@ impl SqliteStore {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
             || url.contains("mode=memory");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        MIGRATOR
-            .run(&writer)
-            .await
-            .map_err(|error| StoreError::Unavailable(error.into()))?;
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
         // An in-memory database exists only inside its one connection.
         let reader = if in_memory {
             writer.clone()
         } else {
-            SqlitePoolOptions::new()
-                .max_connections(4)
-                .connect_with(options.read_only(true))
-                .await?
+            SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?
         };
         Ok(Self { writer, reader })
     }
@@ -83,6 +74,7 @@ struct TherapistRow {
     email: String,
     name: String,
     created_at: OffsetDateTime,
+    disabled_at: Option<OffsetDateTime>,
 }
 
 impl From<TherapistRow> for Therapist {
@@ -92,9 +84,16 @@ impl From<TherapistRow> for Therapist {
             email: row.email,
             name: row.name,
             created_at: row.created_at,
+            disabled: row.disabled_at.is_some(),
         }
     }
 }
+
+/// The columns of [`TherapistRow`], for a query on `therapists`.
+const THERAPIST_COLUMNS: &str = "id, email, name, created_at, disabled_at";
+
+/// A login is marked as used at most this often, to spare writes.
+const TOUCH_INTERVAL: time::Duration = time::Duration::minutes(1);
 
 #[derive(FromRow)]
 struct SessionRow {
@@ -219,6 +218,7 @@ impl Store for SqliteStore {
             email: new.email,
             name: new.name,
             created_at: now(),
+            disabled: false,
         };
         let inserted = sqlx::query(
             "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -240,17 +240,16 @@ impl Store for SqliteStore {
     }
 
     async fn therapists(&self) -> Result<Vec<Therapist>> {
-        let rows: Vec<TherapistRow> =
-            sqlx::query_as("SELECT id, email, name, created_at FROM therapists ORDER BY id")
-                .fetch_all(&self.reader)
-                .await?;
+        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
+        )))
+        .fetch_all(&self.reader)
+        .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
     async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists")
-            .fetch_one(&self.reader)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.reader).await?)
     }
 
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
@@ -260,9 +259,10 @@ impl Store for SqliteStore {
             therapist: TherapistRow,
             password_hash: String,
         }
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT id, email, name, created_at, password_hash FROM therapists WHERE email = ?",
-        )
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists
+             WHERE email = ? AND disabled_at IS NULL"
+        )))
         .bind(email)
         .fetch_optional(&self.reader)
         .await?;
@@ -292,15 +292,19 @@ impl Store for SqliteStore {
         &self,
         token_hash: &[u8],
         now: OffsetDateTime,
+        idle: time::Duration,
     ) -> Result<Option<Therapist>> {
         #[derive(FromRow)]
         struct Row {
             #[sqlx(flatten)]
             therapist: TherapistRow,
+            logged_in_at: OffsetDateTime,
+            last_seen_at: Option<OffsetDateTime>,
             expires_at: OffsetDateTime,
         }
         let row: Option<Row> = sqlx::query_as(
-            "SELECT t.id, t.email, t.name, t.created_at, s.expires_at
+            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
+                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
              FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
              WHERE s.token_hash = ?",
         )
@@ -309,9 +313,64 @@ impl Store for SqliteStore {
         .await?;
         // Compared here rather than in SQL: the stored text is RFC 3339, whose
         // variable-length fractions do not sort as text.
-        Ok(row
-            .filter(|row| row.expires_at > now)
-            .map(|row| row.therapist.into()))
+        let Some(row) = row else { return Ok(None) };
+        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
+        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
+            return Ok(None);
+        }
+        if now - last_seen >= TOUCH_INTERVAL {
+            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = ? WHERE token_hash = ?")
+                .bind(now)
+                .bind(token_hash)
+                .execute(&self.writer)
+                .await?;
+        }
+        Ok(Some(row.therapist.into()))
+    }
+
+    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
+            .bind(therapist_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET password_hash = ? WHERE email = ? RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(password_hash)
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
+    }
+
+    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, ?) WHERE email = ?
+             RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(now())
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
     }
 
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
@@ -344,14 +403,12 @@ impl Store for SqliteStore {
         .bind(session.created_at)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)",
-        )
-        .bind(client_token_hash)
-        .bind(session.id)
-        .bind(session.created_at)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)")
+            .bind(client_token_hash)
+            .bind(session.id)
+            .bind(session.created_at)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(session)
     }
@@ -367,12 +424,10 @@ impl Store for SqliteStore {
     }
 
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Ok(
-            sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
-                .bind(token_hash)
-                .fetch_optional(&self.reader)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await?)
     }
 
     async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
@@ -449,27 +504,13 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        let message = new_message(
-            Uuid::now_v7(),
-            seq,
-            new.sender,
-            &new.content,
-            Some(&new.client_id),
-            at,
-        );
+        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
         insert_message(&mut tx, session_id, &message).await?;
         tx.commit().await?;
-        Ok(Appended::Stored {
-            message,
-            chat_mode: parse_mode(&mode)?,
-        })
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
     }
 
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Option<ChatMessage>> {
+    async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
         let mut tx = self.begin_write().await?;
         let at = now();
         // The mode check and the seq allocation are one statement inside the
@@ -488,9 +529,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let message = match &message {
-            BotMessage::Reply { id, content } => {
-                new_message(*id, seq, Sender::Ai, content, None, at)
-            }
+            BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
             BotMessage::Notice { content } => {
                 new_message(Uuid::now_v7(), seq, Sender::System, content, None, at)
             }
@@ -513,12 +552,7 @@ impl Store for SqliteStore {
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
-    async fn messages_after(
-        &self,
-        session_id: Uuid,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<ChatMessage>> {
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT seq, id, sender, content, created_at, client_id FROM messages
              WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -543,20 +577,12 @@ mod tests {
     }
 
     async fn therapist(store: &SqliteStore, email: &str) -> Therapist {
-        let new = NewTherapist {
-            email: email.into(),
-            name: "T".into(),
-            password_hash: "x".into(),
-        };
+        let new = NewTherapist { email: email.into(), name: "T".into(), password_hash: "x".into() };
         store.create_therapist(new).await.unwrap()
     }
 
     fn user_message(client_id: &str) -> NewMessage {
-        NewMessage {
-            sender: Sender::User,
-            content: "hi".into(),
-            client_id: client_id.into(),
-        }
+        NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into() }
     }
 
     #[tokio::test]
@@ -564,55 +590,21 @@ mod tests {
         let (store, _dir) = store().await;
         let session = store.create_chat_session(b"client").await.unwrap();
         let tess = therapist(&store, "t@x").await;
-        let reply = |content: &str| BotMessage::Reply {
-            id: Uuid::now_v7(),
-            content: content.into(),
-        };
-        let stored = store
-            .append_if_bot_only(session.id, reply("before"))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (stored.sender, stored.reply_id),
-            (Sender::Ai, Some(stored.id))
-        );
-        let JoinOutcome::Joined { message } = store
-            .join_as_therapist(session.id, tess.id, "joined")
-            .await
-            .unwrap()
+        let reply = |content: &str| BotMessage::Reply { id: Uuid::now_v7(), content: content.into() };
+        let stored = store.append_if_bot_only(session.id, reply("before")).await.unwrap().unwrap();
+        assert_eq!((stored.sender, stored.reply_id), (Sender::Ai, Some(stored.id)));
+        let JoinOutcome::Joined { message } =
+            store.join_as_therapist(session.id, tess.id, "joined").await.unwrap()
         else {
             panic!("expected a join");
         };
         assert_eq!((message.seq, message.sender), (2, Sender::System));
-        assert!(
-            store
-                .append_if_bot_only(session.id, reply("too late"))
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let notice = BotMessage::Notice {
-            content: "unavailable".into(),
-        };
-        assert!(
-            store
-                .append_if_bot_only(session.id, notice)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(store.append_if_bot_only(session.id, reply("too late")).await.unwrap().is_none());
+        let notice = BotMessage::Notice { content: "unavailable".into() };
+        assert!(store.append_if_bot_only(session.id, notice).await.unwrap().is_none());
         let history = store.messages_after(session.id, 0, 10).await.unwrap();
         assert_eq!(history.len(), 2);
-        assert_eq!(
-            store
-                .chat_session(session.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .last_seq,
-            2
-        );
+        assert_eq!(store.chat_session(session.id).await.unwrap().unwrap().last_seq, 2);
     }
 
     #[tokio::test]
@@ -652,9 +644,7 @@ mod tests {
             let store = store.clone();
             // Every id is sent twice, concurrently.
             tokio::spawn(async move {
-                store
-                    .append_message(session.id, user_message(&format!("c{}", n % 20)))
-                    .await
+                store.append_message(session.id, user_message(&format!("c{}", n % 20))).await
             })
         });
         let mut stored = Vec::new();
@@ -668,13 +658,8 @@ mod tests {
         stored.sort_unstable();
         assert_eq!(stored, (1..=20).collect::<Vec<_>>());
         assert_eq!(duplicates, 20);
-        let seqs: Vec<i64> = store
-            .messages_after(session.id, 0, 100)
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.seq)
-            .collect();
+        let seqs: Vec<i64> =
+            store.messages_after(session.id, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
     }
 
@@ -683,42 +668,70 @@ mod tests {
         let (store, _dir) = store().await;
         let tess = therapist(&store, "t@x").await;
         let now = now();
-        store
-            .create_auth_session(tess.id, b"live", now + time::Duration::hours(1))
-            .await
-            .unwrap();
-        store
-            .create_auth_session(tess.id, b"old", now - time::Duration::seconds(1))
-            .await
-            .unwrap();
+        store.create_auth_session(tess.id, b"live", now + time::Duration::hours(1)).await.unwrap();
+        store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1)).await.unwrap();
         assert_eq!(
-            store
-                .therapist_by_token(b"live", now)
-                .await
-                .unwrap()
-                .map(|t| t.id),
+            store.therapist_by_token(b"live", now, time::Duration::hours(1)).await.unwrap().map(|t| t.id),
             Some(tess.id)
         );
-        assert!(
-            store
-                .therapist_by_token(b"old", now)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(store.therapist_by_token(b"old", now, time::Duration::hours(1)).await.unwrap().is_none());
         store.revoke_auth_session(b"live").await.unwrap();
-        assert!(
-            store
-                .therapist_by_token(b"live", now)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(store.therapist_by_token(b"live", now, time::Duration::hours(1)).await.unwrap().is_none());
         assert!(matches!(
-            store
-                .append_message(Uuid::now_v7(), user_message("a"))
-                .await,
+            store.append_message(Uuid::now_v7(), user_message("a")).await,
             Err(StoreError::NotFound)
         ));
+    }
+
+    #[tokio::test]
+    async fn idle_logins_end_and_password_changes_or_disabling_end_every_login() {
+        let (store, _dir) = store().await;
+        let tess = therapist(&store, "t@x").await;
+        let start = now();
+        let (hour, idle) = (time::Duration::hours(1), time::Duration::minutes(30));
+        store.create_auth_session(tess.id, b"a", start + hour).await.unwrap();
+        store.create_auth_session(tess.id, b"b", start + hour).await.unwrap();
+        // Used at minute 20, so still valid at minute 45; unused by minute 31.
+        assert!(
+            store
+                .therapist_by_token(b"a", start + time::Duration::minutes(20), idle)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .therapist_by_token(b"a", start + time::Duration::minutes(45), idle)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .therapist_by_token(b"b", start + time::Duration::minutes(31), idle)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        store.set_password("t@x", "new hash").await.unwrap().expect("known account");
+        assert!(
+            store.therapist_by_token(b"a", start, idle).await.unwrap().is_none(),
+            "password change ends logins"
+        );
+        assert_eq!(store.therapist_with_password("t@x").await.unwrap().unwrap().1, "new hash");
+
+        store.create_auth_session(tess.id, b"c", start + hour).await.unwrap();
+        let disabled = store.disable_therapist("t@x").await.unwrap().expect("known account");
+        assert!(disabled.disabled);
+        assert!(
+            store.therapist_by_token(b"c", start, idle).await.unwrap().is_none(),
+            "disabling ends logins"
+        );
+        assert!(
+            store.therapist_with_password("t@x").await.unwrap().is_none(),
+            "a disabled account cannot log in"
+        );
+        assert!(store.set_password("nobody@x", "h").await.unwrap().is_none());
     }
 }
