@@ -17,6 +17,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the chat service.
     Serve(ServeArgs),
@@ -101,7 +103,7 @@ pub struct LimitArgs {
 
     /// Refused (rate-limited) messages within 10 s after which the socket is
     /// closed with 1008.
-    #[arg(long, env = "HAVEN_RATE_LIMIT_REFUSALS", default_value_t = 50)]
+    #[arg(long = "rate-limit-refusals", env = "HAVEN_RATE_LIMIT_REFUSALS", default_value_t = 50)]
     pub refusals_before_close: usize,
 
     /// New chat sessions one IP address may create per minute.

@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::{HOST, ORIGIN};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
-use crate::http::ApiError;
+use crate::http::{ApiError, Path};
 use crate::limits::SocketSlots;
 use crate::startup::AppState;
 

@@ -181,6 +181,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `axum::extract::Path`, but a path that does not parse (bad percent
+/// encoding, not UTF-8) is a JSON 404.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(_: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::NotFound
+    }
+}
+
 /// `axum::Json`, but a body that does not parse gets Haven's error shape.
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]

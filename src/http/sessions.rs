@@ -3,7 +3,7 @@
 use axum::Router;
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
@@ -11,7 +11,7 @@ use haven_protocol::api::{CreatedSession, MessagePage};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, Json};
+use super::{ApiError, Json, Path};
 use crate::auth::{self, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
 use crate::startup::AppState;
 

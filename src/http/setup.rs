@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use axum::Form;
 use axum::Router;
-use axum::extract::rejection::FormRejection;
+use axum::extract::rejection::{FormRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -71,7 +71,8 @@ struct SetupForm {
     password: String,
 }
 
-async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+async fn setup_form(State(state): State<AppState>, token: Result<Path<String>, PathRejection>) -> Response {
+    let Ok(Path(token)) = token else { return invalid_link() };
     if !state.setup.is_valid(&token) {
         return invalid_link();
     }
@@ -85,9 +86,10 @@ async fn setup_form(State(state): State<AppState>, Path(token): Path<String>) ->
 
 async fn create_first_therapist(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    token: Result<Path<String>, PathRejection>,
     input: Result<Form<SetupForm>, FormRejection>,
 ) -> Response {
+    let Ok(Path(token)) = token else { return invalid_link() };
     if !state.setup.is_valid(&token) {
         return invalid_link();
     }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use askama::Template;
 use axum::Form;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -120,11 +121,11 @@ struct ChatQuery {
 /// logged-in therapist (others are sent to the login page).
 async fn chat(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    session_id: Result<Path<String>, PathRejection>,
     Query(query): Query<ChatQuery>,
     jar: CookieJar,
 ) -> Response {
-    let Ok(session_id) = Uuid::parse_str(&session_id) else {
+    let Some(session_id) = session_id.ok().and_then(|Path(id)| Uuid::parse_str(&id).ok()) else {
         return not_found_page();
     };
     let session = match state.store.chat_session(session_id).await {

@@ -76,6 +76,17 @@ impl TestApp {
         self.child.kill().await.expect("kill server");
     }
 
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("server running").to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(sent.success());
+        tokio::time::timeout(EVENT_TIMEOUT, self.child.wait())
+            .await
+            .expect("the server did not exit in time after SIGTERM")
+            .expect("wait for server")
+    }
+
     /// Starts the server again after [`TestApp::stop`], on the same file and port.
     pub async fn start_again(&mut self) {
         let bind = self.address.trim_start_matches("http://").to_owned();
@@ -320,6 +331,11 @@ impl Ws {
         self.send_raw(Message::Text(value.to_string().into())).await;
     }
 
+    /// Sends a raw WebSocket frame (fragments, invalid payloads).
+    pub async fn send_frame(&mut self, frame: tokio_tungstenite::tungstenite::protocol::frame::Frame) {
+        self.stream.send(Message::Frame(frame)).await.expect("send frame");
+    }
+
     pub async fn send_raw(&mut self, message: Message) {
         self.stream.send(message).await.expect("send frame");
     }
@@ -402,6 +418,18 @@ impl Ws {
             Received::Closed(Some(frame)) => (frame.code.into(), frame.reason.to_string()),
             Received::Closed(None) => panic!("closed without a close frame"),
             Received::Frame(frame) => panic!("expected a close, got {frame:?}"),
+        }
+    }
+
+    /// Expects the server to close the socket at some point, passing over
+    /// the frames before; returns the close code and reason.
+    pub async fn closed_eventually(&mut self) -> (u16, String) {
+        loop {
+            match self.receive().await {
+                Received::Closed(Some(frame)) => return (frame.code.into(), frame.reason.to_string()),
+                Received::Closed(None) => panic!("closed without a close frame"),
+                Received::Frame(_) => {}
+            }
         }
     }
 

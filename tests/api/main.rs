@@ -7,6 +7,7 @@ mod browser;
 mod chat;
 mod cli;
 mod durability;
+mod hardening;
 mod helpers;
 mod mock_llm;
 mod privacy;

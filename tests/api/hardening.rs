@@ -1,0 +1,467 @@
+//! Tests that try to break Haven: floods, hostile frames, revoked
+//! credentials, slow readers, SIGTERM and SIGKILL.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use haven_protocol::{ChatMode, ErrorCode, Sender, ServerFrame};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::helpers::{EVENT_TIMEOUT, Options, PASSWORD, Received, TestApp, message_of};
+
+fn with_args(args: &[&str]) -> Options {
+    Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
+}
+
+async fn status_and_body(response: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").map(|value| value.to_str().unwrap().to_owned());
+    (status, retry_after, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn messages_over_the_rate_are_refused_unstored_and_a_flood_closes_the_socket() {
+    let app = TestApp::spawn_with(with_args(&[
+        "--message-rate",
+        "1",
+        "--message-burst",
+        "3",
+        "--rate-limit-refusals",
+        "5",
+    ]))
+    .await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    for index in 0..3 {
+        let id = client.send_message(&format!("burst {index}")).await;
+        client.ack(&id).await;
+    }
+    client.send_json(json!({"type": "message", "content": "one too many", "client_id": "late-1"})).await;
+    let refused = loop {
+        match client.frame().await {
+            ServerFrame::Error { code, client_id, .. } => break (code, client_id),
+            _ => continue,
+        }
+    };
+    assert_eq!(refused, (ErrorCode::RateLimited, Some("late-1".to_owned())));
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert!(
+        history.iter().all(|m| m.client_id.as_deref() != Some("late-1")),
+        "a refused message is not stored"
+    );
+
+    // Another session is not affected.
+    let other = app.create_session().await;
+    let mut neighbour = app.connect(other.session_id, &other.client_token).await;
+    neighbour.mode().await;
+    let id = neighbour.send_message("hello").await;
+    neighbour.ack(&id).await;
+
+    // A flood of refusals closes the socket.
+    for index in 0..10 {
+        client
+            .send_json(json!({"type": "message", "content": "flood", "client_id": format!("f{index}")}))
+            .await;
+    }
+    let closed = loop {
+        if let Received::Closed(Some(frame)) = client.receive().await {
+            break (u16::from(frame.code), frame.reason.to_string());
+        }
+    };
+    assert_eq!(closed, (1008, "rate limit exceeded".to_owned()));
+}
+
+#[tokio::test]
+async fn too_many_new_sessions_from_one_address_get_429_with_retry_after() {
+    let app = TestApp::spawn_with(with_args(&["--sessions-per-ip-per-minute", "3"])).await;
+    for _ in 0..3 {
+        app.create_session().await;
+    }
+    let (status, retry_after, body) =
+        status_and_body(app.http.post(app.url("/api/sessions")).send().await.unwrap()).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"], "rate_limited");
+    let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&seconds), "{seconds}");
+}
+
+#[tokio::test]
+async fn sockets_per_credential_are_limited_and_freed_on_close() {
+    let app = TestApp::spawn_with(with_args(&["--max-sockets-per-credential", "2"])).await;
+    let session = app.create_session().await;
+    let mut first = app.connect(session.session_id, &session.client_token).await;
+    first.mode().await;
+    let mut second = app.connect(session.session_id, &session.client_token).await;
+    second.mode().await;
+    let mut third = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(third.closed().await, (1008, "too many connections".to_owned()));
+
+    let disconnects = app.logs.matching(|event| message_of(event) == "disconnected").len();
+    first.close().await;
+    app.logs.wait_for(disconnects + 1, |event| message_of(event) == "disconnected").await;
+    let mut again = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(again.mode().await, ChatMode::BotOnly, "a closed socket gives its slot back");
+}
+
+#[tokio::test]
+async fn logins_lock_after_repeated_failures_per_account_and_per_address() {
+    let app = TestApp::spawn_with(with_args(&["--login-failures", "3"])).await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    app.add_therapist("omar@clinic.test", "Omar").await;
+    for _ in 0..3 {
+        assert_eq!(app.login("tess@clinic.test", "wrong password").await.status(), 401);
+    }
+    // Locked: even the right password is refused, at once, with Retry-After.
+    let (status, retry_after, body) = status_and_body(app.login("tess@clinic.test", PASSWORD).await).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")));
+    let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!(seconds > 800 && seconds <= 900, "the 15-minute window: {seconds}");
+    // The address that failed is locked for other accounts too…
+    assert_eq!(app.login("omar@clinic.test", PASSWORD).await.status(), 429);
+    // …and the account is locked from another address.
+    let elsewhere = reqwest::Client::builder().local_address("127.0.0.2".parse().ok()).build().unwrap();
+    let from_elsewhere = |email: &str| {
+        elsewhere.post(app.url("/api/auth/login")).json(&json!({"email": email, "password": PASSWORD})).send()
+    };
+    assert_eq!(from_elsewhere("tess@clinic.test").await.unwrap().status(), 429);
+    assert_eq!(from_elsewhere("omar@clinic.test").await.unwrap().status(), 200, "others are unaffected");
+}
+
+#[tokio::test]
+async fn logout_closes_that_therapists_sockets_with_1008() {
+    let app = TestApp::spawn().await;
+    let therapist = app.therapist("Tess").await;
+    let other = app.therapist("Omar").await;
+    let mine = app.create_session().await;
+    let theirs = app.create_session().await;
+    let mut desk = app.connect(mine.session_id, &therapist.token).await;
+    desk.mode().await;
+    let mut colleague = app.connect(theirs.session_id, &other.token).await;
+    colleague.mode().await;
+
+    let logout =
+        app.http.post(app.url("/api/auth/logout")).bearer_auth(&therapist.token).send().await.unwrap();
+    assert_eq!(logout.status(), 204);
+    assert_eq!(desk.closed_eventually().await, (1008, "credential revoked".to_owned()));
+    // The colleague's socket stays open.
+    let id = colleague.send_message("still here").await;
+    colleague.ack(&id).await;
+}
+
+#[tokio::test]
+async fn password_changes_and_disabled_accounts_end_logins_and_sockets() {
+    let app = TestApp::spawn_with(with_args(&["--heartbeat-seconds", "1"])).await;
+    let therapist = app.therapist("Tess").await;
+    let session = app.create_session().await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+
+    let changed =
+        app.cli(&["therapist", "passwd", "--email", "tess@clinic.test"], "a brand new password\n").await;
+    assert!(changed.status.success(), "{}", String::from_utf8_lossy(&changed.stderr));
+    // Another process changed it: this server notices at its next heartbeat.
+    assert_eq!(desk.closed_eventually().await, (1008, "credential expired or revoked".to_owned()));
+    assert_eq!(app.login("tess@clinic.test", PASSWORD).await.status(), 401);
+    let relogin = app.login("tess@clinic.test", "a brand new password").await;
+    assert_eq!(relogin.status(), 200);
+    let token = relogin.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+    let mut desk = app.connect(session.session_id, &token).await;
+    desk.mode().await;
+
+    let disabled = app.cli(&["therapist", "disable", "--email", "tess@clinic.test"], "").await;
+    assert!(disabled.status.success());
+    assert_eq!(desk.closed_eventually().await, (1008, "credential expired or revoked".to_owned()));
+    assert_eq!(app.login("tess@clinic.test", "a brand new password").await.status(), 401);
+    let listing = String::from_utf8(app.cli(&["therapist", "list"], "").await.stdout).unwrap();
+    assert!(listing.contains("disabled"), "{listing}");
+}
+
+#[tokio::test]
+async fn hostile_frames_get_the_right_close_codes_and_the_server_stays_up() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let connect = || app.connect(session.session_id, &session.client_token);
+
+    // Exactly 64 KiB is a message (refused for its content length, socket open).
+    let mut socket = connect().await;
+    socket.mode().await;
+    let mut exact = json!({"type": "message", "client_id": "x", "content": ""}).to_string();
+    let padding = 64 * 1024 - exact.len();
+    exact = json!({"type": "message", "client_id": "x", "content": "a".repeat(padding)}).to_string();
+    assert_eq!(exact.len(), 64 * 1024);
+    socket.send_raw(Message::Text(exact.into())).await;
+    assert!(matches!(socket.frame().await, ServerFrame::Error { code: ErrorCode::ContentTooLong, .. }));
+
+    // One byte more closes with 1009.
+    let over = json!({"type": "message", "client_id": "x", "content": "a".repeat(padding + 1)}).to_string();
+    socket.send_raw(Message::Text(over.into())).await;
+    assert_eq!(socket.closed().await.0, 1009);
+
+    // Fragments that only together exceed the limit close with 1009 too.
+    let mut socket = connect().await;
+    socket.mode().await;
+    let piece = vec![b'a'; 40 * 1024];
+    socket.send_frame(Frame::message(piece.clone(), OpCode::Data(Data::Text), false)).await;
+    socket.send_frame(Frame::message(piece, OpCode::Data(Data::Continue), true)).await;
+    assert_eq!(socket.closed().await.0, 1009);
+
+    // Text that is not UTF-8 closes with 1007.
+    let mut socket = connect().await;
+    socket.mode().await;
+    socket.send_frame(Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true)).await;
+    assert_eq!(socket.closed().await.0, 1007);
+
+    // A frame header claiming an enormous payload is refused without waiting
+    // for (or allocating) it.
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let handshake = format!(
+        "GET /api/chat/ws/{} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        session.session_id, session.client_token
+    );
+    raw.write_all(handshake.as_bytes()).await.unwrap();
+    let mut header = [0u8; 14];
+    header[0] = 0x81; // FIN + text
+    header[1] = 0x80 | 127; // masked, 64-bit length
+    header[2..10].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    raw.write_all(&header).await.unwrap();
+    let mut rest = Vec::new();
+    // The server ends the connection (a close frame, or a reset) instead of
+    // waiting for a terabyte.
+    let _ = tokio::time::timeout(EVENT_TIMEOUT, raw.read_to_end(&mut rest))
+        .await
+        .expect("the server kept the connection open");
+
+    // Through all of this, the session still works.
+    let mut socket = connect().await;
+    socket.mode().await;
+    let id = socket.send_message("still fine").await;
+    assert_eq!(socket.ack(&id).await.0, 1);
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_http_requests_get_json_errors() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let huge = json!({"email": "tess@clinic.test", "password": "x".repeat(100_000)});
+    let (status, _, body) =
+        status_and_body(app.http.post(app.url("/api/auth/login")).json(&huge).send().await.unwrap()).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("payload_too_large")));
+    let wrong_types = json!({"email": 5, "password": ["x"]});
+    let (status, _, body) =
+        status_and_body(app.http.post(app.url("/api/auth/login")).json(&wrong_types).send().await.unwrap())
+            .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_json")));
+    let session = app.create_session().await;
+    let bad_uuid = app.http.get(app.url("/api/sessions/%00%ff/messages")).bearer_auth(&session.client_token);
+    let (status, _, body) = status_and_body(bad_uuid.send().await.unwrap()).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
+    let app = TestApp::spawn_with(with_args(&[
+        "--outbound-queue",
+        "16",
+        "--message-rate",
+        "100000",
+        "--message-burst",
+        "100000",
+    ]))
+    .await;
+    let session = app.create_session().await;
+    let therapist = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+    let mut reader = app.connect(session.session_id, &session.client_token).await;
+    reader.mode().await;
+    // A client that never reads: a raw socket with a tiny receive buffer.
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(address.parse().unwrap()).await.unwrap();
+    let handshake = format!(
+        "GET /api/chat/ws/{} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        session.session_id, session.client_token
+    );
+    stalled.write_all(handshake.as_bytes()).await.unwrap();
+
+    // The therapist writes long messages until the server gives up on the
+    // stalled client; the reading client gets every one, promptly.
+    let text = "x".repeat(3_900);
+    let mut worst = Duration::ZERO;
+    let mut sent = 0;
+    while app.logs.matching(|event| message_of(event) == "client is not reading: disconnected").is_empty() {
+        assert!(sent < 5_000, "the stalled client was never dropped");
+        let started = Instant::now();
+        let id = desk.send_message(&text).await;
+        let (seq, _) = desk.ack(&id).await;
+        let delivered = reader.until_seq(seq).await;
+        worst = worst.max(started.elapsed());
+        assert!(matches!(delivered.last(), Some(ServerFrame::Message(m)) if m.seq == seq));
+        sent += 1;
+    }
+    assert!(worst < Duration::from_secs(2), "the reading client waited {worst:?} for a message");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_socket_with_1001_and_loses_nothing_acknowledged() {
+    let mut app = TestApp::spawn().await;
+    let mut sockets = Vec::new();
+    let mut acked = Vec::new();
+    for _ in 0..10 {
+        let session = app.create_session().await;
+        let mut client = app.connect(session.session_id, &session.client_token).await;
+        client.mode().await;
+        let id = client.send_message("before shutdown").await;
+        acked.push((session.clone(), id.clone(), client.ack(&id).await.0));
+        sockets.push(client);
+    }
+    let started = Instant::now();
+    let status = app.terminate().await;
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(12), "bounded shutdown");
+    for socket in &mut sockets {
+        let code = loop {
+            match socket.receive().await {
+                Received::Closed(Some(frame)) => break u16::from(frame.code),
+                Received::Closed(None) => panic!("closed without 1001"),
+                Received::Frame(_) => continue,
+            }
+        };
+        assert_eq!(code, 1001);
+    }
+    app.start_again().await;
+    for (session, client_id, seq) in acked {
+        let history = app.history(session.session_id, &session.client_token).await;
+        let stored =
+            history.iter().find(|m| m.client_id.as_deref() == Some(client_id.as_str())).expect("stored");
+        assert_eq!(stored.seq, seq);
+    }
+}
+
+/// A client of the durability test: sends numbered messages, remembers every
+/// ack, re-sends what was not acked after a reconnect.
+struct Writer {
+    session: haven_protocol::api::CreatedSession,
+    acked: BTreeMap<String, i64>,
+    unacked: Vec<(String, String)>,
+    next: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_any_moment_loses_no_acknowledged_message() {
+    const SESSIONS: usize = 8;
+    const KILLS: usize = 4;
+    let mut app =
+        TestApp::spawn_with(with_args(&["--message-rate", "1000", "--message-burst", "1000"])).await;
+    let mut writers = Vec::new();
+    for _ in 0..SESSIONS {
+        writers.push(Writer {
+            session: app.create_session().await,
+            acked: BTreeMap::new(),
+            unacked: Vec::new(),
+            next: 0,
+        });
+    }
+    for round in 0..KILLS {
+        // Every writer sends as fast as it is acked, re-sending first what
+        // the last crash left unacknowledged, until the server dies.
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut writer in std::mem::take(&mut writers) {
+            let app_address = app.address.clone();
+            let token = writer.session.client_token.clone();
+            let session_id = writer.session.session_id;
+            tasks.spawn(async move {
+                let url = format!("{}/api/chat/ws/{session_id}", app_address.replace("http://", "ws://"));
+                let mut request =
+                    tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                        .unwrap();
+                request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let Ok((mut socket, _)) = tokio_tungstenite::connect_async(request).await else {
+                    return writer;
+                };
+                use futures_util::{SinkExt, StreamExt};
+                loop {
+                    let (client_id, content) = match writer.unacked.first() {
+                        Some(pending) => pending.clone(),
+                        None => {
+                            writer.next += 1;
+                            let pending = (
+                                format!("w-{session_id}-{}", writer.next),
+                                format!("message {}", writer.next),
+                            );
+                            writer.unacked.push(pending.clone());
+                            pending
+                        }
+                    };
+                    let frame = json!({"type": "message", "content": content, "client_id": client_id});
+                    if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
+                        return writer;
+                    }
+                    // Read until this message's ack, or until the server is gone.
+                    loop {
+                        match socket.next().await {
+                            Some(Ok(Message::Text(text))) => {
+                                if let Ok(ServerFrame::Ack { client_id: acked, seq }) =
+                                    serde_json::from_str(&text)
+                                {
+                                    if let Some(previous) = writer.acked.insert(acked.clone(), seq) {
+                                        assert_eq!(previous, seq, "a re-sent message got a different seq");
+                                    }
+                                    writer.unacked.retain(|(id, _)| *id != acked);
+                                    break;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => return writer,
+                        }
+                    }
+                }
+            });
+        }
+        // Kill after a different amount of traffic each round.
+        let before = app.logs.matching(|event| message_of(event) == "message stored").len();
+        app.logs.wait_for(before + 40 + round * 13, |event| message_of(event) == "message stored").await;
+        app.stop().await;
+        while let Some(writer) = tasks.join_next().await {
+            writers.push(writer.expect("writer task"));
+        }
+        app.start_again().await;
+    }
+
+    // Every acknowledged message is stored once, with the seq its ack named;
+    // seqs have no gaps.
+    let mut acknowledged = 0;
+    for writer in &writers {
+        let history = app.history(writer.session.session_id, &writer.session.client_token).await;
+        let seqs: Vec<i64> = history.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=history.len() as i64).collect::<Vec<_>>(), "gap-free seqs");
+        let mut stored: HashMap<&str, i64> = HashMap::new();
+        for message in history.iter().filter(|m| m.sender == Sender::User) {
+            let id = message.client_id.as_deref().unwrap();
+            assert!(stored.insert(id, message.seq).is_none(), "{id} stored twice");
+        }
+        for (client_id, seq) in &writer.acked {
+            assert_eq!(stored.get(client_id.as_str()), Some(seq), "acknowledged {client_id} lost or moved");
+            acknowledged += 1;
+        }
+    }
+    assert!(acknowledged > 100, "the test acknowledged only {acknowledged} messages");
+
+    let url = format!("sqlite://{}", app.database_path().display());
+    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    let check: String =
+        sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut connection).await.unwrap();
+    assert_eq!(check, "ok");
+}
