@@ -353,4 +353,96 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["\"ai_delta\"", "\"ai_cancelled\"", "\"message\""]);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Start,
+            Delta,
+            Commit,
+            Abandon,
+            Takeover,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                3 => Just(Step::Start),
+                4 => Just(Step::Delta),
+                2 => Just(Step::Commit),
+                1 => Just(Step::Abandon),
+                1 => Just(Step::Takeover),
+            ]
+        }
+
+        fn message(seq: i64, sender: haven_protocol::Sender) -> ChatMessage {
+            ChatMessage {
+                seq,
+                id: Uuid::now_v7(),
+                sender,
+                content: String::new(),
+                created_at: time::OffsetDateTime::now_utc(),
+                client_id: None,
+                reply_id: None,
+            }
+        }
+
+        proptest! {
+            /// Whatever the order of client messages, deltas, commits and the
+            /// takeover: one reply at a time, and nothing from the companion
+            /// after the join message.
+            #[test]
+            fn the_companion_never_speaks_after_the_takeover(steps in prop::collection::vec(step(), 1..60)) {
+                let hub = Hub::default();
+                let room = hub.room(Uuid::now_v7());
+                let mut events = room.subscribe();
+                let mut current: Option<Uuid> = None;
+                let mut seq = 0;
+                let mut joined_in_database = false;
+                for step in steps {
+                    match step {
+                        Step::Start => {
+                            let started = room.start_generation();
+                            prop_assert!(started.is_none() || current.is_none(), "two replies at once");
+                            current = current.or(started);
+                        }
+                        Step::Delta => {
+                            if let Some(reply) = current {
+                                room.publish_delta(reply, "x".into());
+                            }
+                        }
+                        Step::Commit | Step::Abandon => {
+                            if let Some(reply) = current.take() {
+                                seq += 1;
+                                // After the join the database refuses the
+                                // commit (its mode check), so it is abandoned.
+                                let finished = if matches!(step, Step::Commit) && !joined_in_database {
+                                    Finished::Committed(message(seq, haven_protocol::Sender::Ai))
+                                } else {
+                                    Finished::Abandoned
+                                };
+                                current = room.finish_generation(reply, finished);
+                            }
+                        }
+                        Step::Takeover => {
+                            seq += 1;
+                            joined_in_database = true;
+                            room.takeover(message(seq, haven_protocol::Sender::System));
+                        }
+                    }
+                }
+                let mut joined = false;
+                while let Ok(event) = events.try_recv() {
+                    let frame: serde_json::Value = serde_json::from_str(&event.frame).unwrap();
+                    let is_join = frame["sender"] == "system";
+                    let from_companion = frame["type"] == "ai_delta" || frame["sender"] == "ai";
+                    prop_assert!(!(joined && from_companion), "companion output after the join: {frame}");
+                    joined |= is_join;
+                }
+            }
+        }
+    }
 }

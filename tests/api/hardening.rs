@@ -282,6 +282,17 @@ async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
     desk.mode().await;
     let mut reader = app.connect(session.session_id, &session.client_token).await;
     reader.mode().await;
+    // The reading client's baseline: the same traffic with nobody stalled.
+    // Four bytes a character: big frames, so the buffers fill in fewer messages.
+    let text = "😀".repeat(3_900);
+    let mut baseline = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let id = desk.send_message(&text).await;
+        let (seq, _) = desk.ack(&id).await;
+        reader.until_seq(seq).await;
+        baseline = baseline.max(started.elapsed());
+    }
     // A client that never reads: a raw socket with a tiny receive buffer.
     let address = app.address.trim_start_matches("http://").to_owned();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -297,7 +308,6 @@ async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
 
     // The therapist writes long messages until the server gives up on the
     // stalled client; the reading client gets every one, promptly.
-    let text = "x".repeat(3_900);
     let mut worst = Duration::ZERO;
     let mut sent = 0;
     while app.logs.matching(|event| message_of(event) == "client is not reading: disconnected").is_empty() {
@@ -310,7 +320,11 @@ async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
         assert!(matches!(delivered.last(), Some(ServerFrame::Message(m)) if m.seq == seq));
         sent += 1;
     }
-    assert!(worst < Duration::from_secs(2), "the reading client waited {worst:?} for a message");
+    eprintln!(
+        "slow reader: dropped after {sent} messages; the reading client's worst wait {worst:?}, baseline {baseline:?}"
+    );
+    let bound = (baseline * 10).max(Duration::from_millis(500));
+    assert!(worst < bound, "the reading client waited {worst:?} for a message (baseline {baseline:?})");
     drop(stalled);
 }
 
@@ -330,6 +344,7 @@ async fn sigterm_closes_every_socket_with_1001_and_loses_nothing_acknowledged() 
     let started = Instant::now();
     let status = app.terminate().await;
     assert!(status.success(), "clean exit: {status:?}");
+    eprintln!("SIGTERM: exited {:?} after the signal", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(12), "bounded shutdown");
     for socket in &mut sockets {
         let code = loop {
@@ -457,6 +472,9 @@ async fn sigkill_at_any_moment_loses_no_acknowledged_message() {
             acknowledged += 1;
         }
     }
+    eprintln!(
+        "SIGKILL: {KILLS} kills, {SESSIONS} sessions, {acknowledged} acknowledged messages, 0 lost, 0 duplicated"
+    );
     assert!(acknowledged > 100, "the test acknowledged only {acknowledged} messages");
 
     let url = format!("sqlite://{}", app.database_path().display());

@@ -207,4 +207,72 @@ mod tests {
         let mode = serde_json::to_value(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }).unwrap();
         assert_eq!(mode, serde_json::json!({"type":"mode","chat_mode":"THERAPIST_JOINED"}));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Whatever a client sends, parsing answers without panicking, and
+        /// only well-formed messages are accepted.
+        fn check(text: &str) {
+            match parse_client_frame(text) {
+                Ok(message) => {
+                    assert!(!message.content.trim().is_empty());
+                    assert!(message.content.chars().count() <= MAX_CONTENT_CHARS);
+                    assert!(!message.client_id.is_empty() && message.client_id.len() <= MAX_CLIENT_ID_LEN);
+                }
+                Err(error) => assert!(!error.message.is_empty()),
+            }
+        }
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("message")),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("type".to_owned()),
+                            Just("content".to_owned()),
+                            Just("client_id".to_owned()),
+                            ".{0,8}"
+                        ],
+                        inner,
+                        0..5
+                    )
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(text in ".{0,300}") {
+                check(&text);
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(value in json_value()) {
+                check(&value.to_string());
+            }
+
+            #[test]
+            fn message_frames_are_accepted_exactly_when_valid(
+                content in ".{0,50}",
+                client_id in ".{0,80}",
+                extra in ".{0,10}",
+            ) {
+                let frame = serde_json::json!({"type": "message", "content": content, "client_id": client_id, "sender": extra});
+                let valid = !content.trim().is_empty() && !client_id.is_empty() && client_id.len() <= MAX_CLIENT_ID_LEN;
+                prop_assert_eq!(parse_client_frame(&frame.to_string()).is_ok(), valid);
+            }
+        }
+    }
 }
