@@ -67,8 +67,10 @@ pub async fn resolve(state: &AppState, token: &str) -> Result<Option<Credential>
         let session = state.store.session_for_client_token(&hash).await?;
         Ok(session.map(|session_id| Credential::Client { session_id }))
     } else if token.starts_with(THERAPIST_TOKEN_PREFIX) {
-        let therapist =
-            state.store.therapist_by_token(&hash, haven_store::now(), state.settings.therapist_idle).await?;
+        let therapist = state
+            .store
+            .therapist_by_token(&hash, haven_store::now(), state.settings.therapist_idle, true)
+            .await?;
         Ok(therapist.map(Credential::Therapist))
     } else {
         Ok(None)

@@ -46,6 +46,10 @@ impl Limits {
 
     /// May this IP create another chat session now? `Err` says when to retry.
     pub fn new_session(&self, ip: IpAddr) -> Result<(), Duration> {
+        // Forget addresses whose quota has refilled, so the table stays small.
+        if self.sessions_per_ip.len() > 10_000 {
+            self.sessions_per_ip.retain_recent();
+        }
         self.sessions_per_ip.check_key(&ip).map_err(|not_until| {
             not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
         })

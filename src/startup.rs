@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use haven_responder::prompt::DEFAULT_SYSTEM_PROMPT;
 use haven_responder::{Companion, LlmResponder, LlmSettings, Provider, Responder};
-use haven_store::{SqliteStore, Store};
+use haven_store::{PgStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::chat::Hub;
 use crate::config::{AiArgs, AiProvider, ServeArgs};
@@ -55,8 +56,13 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(url).await.with_context(|| "opening the SQLite database")?;
         Ok(Arc::new(store))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // Each process is its own instance on the shared database.
+        let store =
+            PgStore::connect(url, Uuid::now_v7()).await.with_context(|| "opening the PostgreSQL database")?;
+        Ok(Arc::new(store))
     } else {
-        anyhow::bail!("unsupported database URL (expected sqlite://FILE)")
+        anyhow::bail!("unsupported database URL (expected sqlite://FILE or postgres://…)")
     }
 }
 
@@ -145,6 +151,12 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         println!("  {base}/setup/{token}");
     }
     println!("Haven is listening on {base}");
+
+    // With a shared database, other instances' events reach this one's sockets.
+    if let Some(listener) = store.listen().await? {
+        let task = crate::chat::fanout::run(state.clone(), listener);
+        state.tasks.spawn(task);
+    }
 
     let app = crate::http::router(state.clone())?;
     let shutdown = state.shutdown.clone();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use haven_protocol::{ChatMessage, Sender};
 use haven_responder::{ReplyRequest, Turn};
-use haven_store::BotMessage;
+use haven_store::{Announcement, BotMessage};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -20,7 +20,7 @@ use crate::startup::AppState;
 
 /// How many of the latest messages are read for the companion; the
 /// responder then keeps what fits its budget.
-const HISTORY_MESSAGES: i64 = 50;
+const HISTORY_MESSAGES: i64 = 200;
 
 /// Told to the client when the model fails. A therapist can still join.
 pub const UNAVAILABLE_NOTICE: &str = "The companion is unavailable right now. Your message is saved, and a therapist can still join this chat.";
@@ -47,7 +47,14 @@ async fn run(state: AppState, room: Arc<Room>, mut reply_id: Uuid) {
             Err(()) => (Finished::Abandoned, true),
         };
         // The partial text is withdrawn before the notice explains why.
+        let abandoned = matches!(finished, Finished::Abandoned);
         let next = room.finish_generation(reply_id, finished);
+        if abandoned {
+            let announcement = Announcement::Cancelled { session_id: room.session_id, reply_id };
+            if let Err(error) = state.store.announce(announcement).await {
+                tracing::warn!(error = %error, "could not announce a cancelled reply");
+            }
+        }
         if failed {
             tell_unavailable(&state, &room).await;
         }
@@ -116,9 +123,14 @@ async fn stream_reply(
         match chunk {
             Some(Ok(delta)) => {
                 text.push_str(&delta);
-                if !room.publish_delta(reply_id, delta) {
+                if !room.publish_delta(reply_id, delta.clone()) {
                     tracing::info!("companion reply cancelled: therapist joined");
                     return Ok(Finished::Abandoned);
+                }
+                // Connections on other instances sharing the database.
+                let announcement = Announcement::Delta { session_id: room.session_id, reply_id, delta };
+                if let Err(error) = state.store.announce(announcement).await {
+                    tracing::warn!(error = %error, "could not announce a companion delta");
                 }
             }
             Some(Err(error)) => {
@@ -151,7 +163,7 @@ async fn stream_reply(
         }
         Err(error) => {
             tracing::error!(error = %error, "companion reply not stored");
-            Ok(Finished::Abandoned)
+            Err(())
         }
     }
 }

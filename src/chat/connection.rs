@@ -75,6 +75,7 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             messages,
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
+            spoke: false,
         };
         let stop = match connection.open(connections).await {
             Ok(()) => connection.live().await,
@@ -173,8 +174,11 @@ impl Outbound {
 
     /// Sends what is queued, then the close frame if any, within a bound.
     async fn close(self, frame: Option<CloseFrame>) {
+        // The close frame waits its turn behind what is queued, briefly.
         if let Some(frame) = frame {
-            let _ = self.queue.try_send(Message::Close(Some(frame)));
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.queue.send(Message::Close(Some(frame))))
+                    .await;
         }
         drop(self.queue);
         let mut writer = self.writer;
@@ -210,6 +214,8 @@ struct Connection {
     refusals: VecDeque<Instant>,
     /// When the client last sent anything (a frame or a pong).
     last_heard: Instant,
+    /// A message was stored from this connection since the last heartbeat.
+    spoke: bool,
 }
 
 impl Connection {
@@ -319,8 +325,15 @@ impl Connection {
         let store = &self.state.store;
         let hash = &self.admitted.token_hash;
         let valid = match self.admitted.role {
+            // Only a therapist who wrote since the last beat counts as active;
+            // an open but idle socket does not keep the login alive.
             Role::Therapist => store
-                .therapist_by_token(hash, haven_store::now(), self.state.settings.therapist_idle)
+                .therapist_by_token(
+                    hash,
+                    haven_store::now(),
+                    self.state.settings.therapist_idle,
+                    std::mem::take(&mut self.spoke),
+                )
                 .await
                 .map(|therapist| therapist.is_some()),
             Role::User => store
@@ -368,6 +381,7 @@ impl Connection {
             .await;
         match stored {
             Ok(Appended::Stored { message, chat_mode }) => {
+                self.spoke = true;
                 let seq = message.seq;
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
@@ -426,6 +440,9 @@ impl Connection {
     /// Sends an event's message in seq order, filling any gap from the
     /// database first and skipping what the client already has.
     async fn deliver(&mut self, event: Event) -> Result<(), Stop> {
+        if event.resync {
+            return self.resync().await;
+        }
         let Some(seq) = event.seq else {
             // A companion delta. After the join message (this connection's
             // mode is THERAPIST_JOINED exactly once it has sent it) none may

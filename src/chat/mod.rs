@@ -31,6 +31,7 @@ use crate::startup::AppState;
 
 mod companion;
 mod connection;
+pub mod fanout;
 mod hub;
 
 pub use hub::{Hub, Revocation};
@@ -117,7 +118,12 @@ async fn chat_socket(
             };
             // The path's session id is logged only if it is one.
             let session_id = Uuid::parse_str(&session_id).ok().map(tracing::field::display);
-            let role = query.role.as_deref().unwrap_or("from credential");
+            // The requested role only when it is a known one: no raw query text in logs.
+            let role = match query.role.as_deref() {
+                None => "from credential",
+                Some(role @ ("user" | "therapist")) => role,
+                Some(_) => "invalid",
+            };
             tracing::warn!(session_id, role, reason, "connection rejected");
             upgrade.on_upgrade(move |socket| close(socket, code, reason))
         }

@@ -59,6 +59,8 @@ pub(crate) async fn start_login(
         tracing::warn!("login refused: password hashing is saturated");
         return Err(ApiError::Unavailable);
     };
+    // Again after the wait: parallel attempts must not slip past the lock.
+    throttle.check(&keys).map_err(|retry_after| ApiError::TooManyRequests { retry_after })?;
     let verified = auth::verify_password(password, stored_hash).await;
     let Some(therapist) = therapist.filter(|_| verified) else {
         tracing::warn!("login failed");

@@ -183,10 +183,14 @@ async fn messages_sent_while_a_reply_streams_are_answered_by_one_more_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_therapist_joining_mid_stream_silences_the_companion_in_200_sessions() {
+    // 200 sessions in waves of 50, so the joins are not queued behind a
+    // thousand other writes: each reply streams for about 1.5 s, and joins
+    // land anywhere from before its first word to after its commit.
     const SESSIONS: usize = 200;
+    const WAVE: usize = 50;
     let mock = MockLlm::start().await;
-    let words: Vec<String> = (0..30).map(|n| format!("word{n} ")).collect();
-    mock.script("", Script { chunks: words, chunk_delay: Duration::from_millis(30), ..Script::default() });
+    let words: Vec<String> = (0..60).map(|n| format!("word{n} ")).collect();
+    mock.script("", Script { chunks: words, chunk_delay: Duration::from_millis(25), ..Script::default() });
     // One test machine is one IP address and one therapist: the limits are raised.
     let app = std::sync::Arc::new(
         app_with(
@@ -206,54 +210,55 @@ async fn a_therapist_joining_mid_stream_silences_the_companion_in_200_sessions()
     );
     let therapist = app.therapist("Tess").await;
 
-    let mut sessions = tokio::task::JoinSet::new();
-    for index in 0..SESSIONS {
-        let app = app.clone();
-        let token = therapist.token.clone();
-        // Joins land anywhere from before the first delta to after the commit.
-        let join_after = Duration::from_millis((index as u64 * 7919) % 1_200);
-        sessions.spawn(async move {
-            let (session, mut client) = chat(&app).await;
-            let hello = client.send_message("hello").await;
-            client.ack(&hello).await;
-            tokio::time::sleep(join_after).await;
-            let mut desk = app.connect(session.session_id, &token).await;
-            assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
-            let here = desk.send_message("I'm here now.").await;
-            let (last, desk_frames) = desk.ack(&here).await;
-            let mut client_frames = client.until_seq(last).await;
-            client_frames.retain(|frame| !matches!(frame, ServerFrame::Ack { .. }));
-            for (who, frames) in [("client", &client_frames), ("therapist", &desk_frames)] {
-                let join = frames
-                    .iter()
-                    .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System));
-                if let Some(join) = join {
-                    let late = frames[join..].iter().find(|frame| {
-                        matches!(frame, ServerFrame::AiDelta { .. })
-                            || matches!(frame, ServerFrame::Message(m) if m.sender == Sender::Ai)
-                    });
-                    assert!(
-                        late.is_none(),
-                        "{who} got {late:?} after the join in session {}",
-                        session.session_id
-                    );
-                }
-            }
-            assert!(
-                client_frames
-                    .iter()
-                    .any(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System)),
-                "the client saw the join message"
-            );
-            let history = app.history(session.session_id, &session.client_token).await;
-            let join_seq = history.iter().find(|m| m.sender == Sender::System).unwrap().seq;
-            assert!(history.iter().all(|m| m.sender != Sender::Ai || m.seq < join_seq), "{history:?}");
-            history.iter().any(|m| m.sender == Sender::Ai)
-        });
-    }
     let mut answered = 0;
-    while let Some(result) = sessions.join_next().await {
-        answered += usize::from(result.expect("session task"));
+    for wave in 0..SESSIONS / WAVE {
+        let mut sessions = tokio::task::JoinSet::new();
+        for index in wave * WAVE..(wave + 1) * WAVE {
+            let app = app.clone();
+            let token = therapist.token.clone();
+            let join_after = Duration::from_millis((index as u64 * 7919) % 2_000);
+            sessions.spawn(async move {
+                let (session, mut client) = chat(&app).await;
+                let hello = client.send_message("hello").await;
+                client.ack(&hello).await;
+                tokio::time::sleep(join_after).await;
+                let mut desk = app.connect(session.session_id, &token).await;
+                assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+                let here = desk.send_message("I'm here now.").await;
+                let (last, desk_frames) = desk.ack(&here).await;
+                let mut client_frames = client.until_seq(last).await;
+                client_frames.retain(|frame| !matches!(frame, ServerFrame::Ack { .. }));
+                for (who, frames) in [("client", &client_frames), ("therapist", &desk_frames)] {
+                    let join = frames.iter().position(
+                        |frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System),
+                    );
+                    if let Some(join) = join {
+                        let late = frames[join..].iter().find(|frame| {
+                            matches!(frame, ServerFrame::AiDelta { .. })
+                                || matches!(frame, ServerFrame::Message(m) if m.sender == Sender::Ai)
+                        });
+                        assert!(
+                            late.is_none(),
+                            "{who} got {late:?} after the join in session {}",
+                            session.session_id
+                        );
+                    }
+                }
+                assert!(
+                    client_frames
+                        .iter()
+                        .any(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System)),
+                    "the client saw the join message"
+                );
+                let history = app.history(session.session_id, &session.client_token).await;
+                let join_seq = history.iter().find(|m| m.sender == Sender::System).unwrap().seq;
+                assert!(history.iter().all(|m| m.sender != Sender::Ai || m.seq < join_seq), "{history:?}");
+                history.iter().any(|m| m.sender == Sender::Ai)
+            });
+        }
+        while let Some(result) = sessions.join_next().await {
+            answered += usize::from(result.expect("session task"));
+        }
     }
     // Every provider request is over: finished, or closed by Haven at the join.
     mock.until("every provider stream to close", |mock| mock.streams_open() == 0).await;

@@ -12,8 +12,11 @@ use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod postgres;
+mod rows;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Storage failures, as callers need to tell them apart.
@@ -136,12 +139,14 @@ pub trait Store: Send + Sync + 'static {
     /// The therapist whose unexpired login has this token hash.
     /// The therapist whose login has this token hash, if the login is valid
     /// at `now`: not past its absolute expiry, used within `idle`, and of an
-    /// account that is not disabled. A valid login is marked as used.
+    /// account that is not disabled. With `touch`, a valid login is marked as
+    /// used (a request or a message); a mere check (a heartbeat) leaves it.
     async fn therapist_by_token(
         &self,
         token_hash: &[u8],
         now: OffsetDateTime,
         idle: time::Duration,
+        touch: bool,
     ) -> Result<Option<Therapist>>;
 
     /// Ends every login of a therapist.
@@ -189,8 +194,54 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` messages, in seq order.
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>>;
 
+    /// Tells the other instances sharing this store about something that is
+    /// not stored (a companion delta). Nothing to do for a store that only
+    /// one instance uses.
+    async fn announce(&self, _announcement: Announcement) -> Result<()> {
+        Ok(())
+    }
+
+    /// Notifications from the other instances sharing this store, or `None`
+    /// when no other instance can share it (SQLite).
+    async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
+        Ok(None)
+    }
+
     /// Up to `limit` messages with `seq > after`, in seq order.
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
+}
+
+/// Something other instances must hear about that is not a stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    /// A piece of a companion reply being generated.
+    Delta { session_id: Uuid, reply_id: Uuid, delta: String },
+    /// A companion reply ended without a message.
+    Cancelled { session_id: Uuid, reply_id: Uuid },
+}
+
+/// What another instance did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    /// A message was committed; read it by seq. `join` marks the takeover.
+    Message {
+        session_id: Uuid,
+        seq: i64,
+        join: bool,
+    },
+    /// A chat session was created.
+    SessionCreated,
+    Announced(Announcement),
+    /// The connection to the notification source was lost and is back:
+    /// notifications in between may be lost, so read what was missed.
+    Reconnected,
+}
+
+/// A subscription to other instances' notifications.
+#[async_trait]
+pub trait Listener: Send {
+    /// The next notification from another instance (never this one's own).
+    async fn next(&mut self) -> Notification;
 }
 
 /// Now, in UTC, as stored.

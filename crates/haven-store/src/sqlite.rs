@@ -18,6 +18,10 @@ use sqlx::{FromRow, SqlitePool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::rows::{
+    MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL, TherapistRow,
+    is_unique_violation, new_message, parse_mode,
+};
 use crate::{
     Appended, BotMessage, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError,
     Therapist, now,
@@ -68,122 +72,6 @@ impl SqliteStore {
     }
 }
 
-#[derive(FromRow)]
-struct TherapistRow {
-    id: Uuid,
-    email: String,
-    name: String,
-    created_at: OffsetDateTime,
-    disabled_at: Option<OffsetDateTime>,
-}
-
-impl From<TherapistRow> for Therapist {
-    fn from(row: TherapistRow) -> Self {
-        Therapist {
-            id: row.id,
-            email: row.email,
-            name: row.name,
-            created_at: row.created_at,
-            disabled: row.disabled_at.is_some(),
-        }
-    }
-}
-
-/// The columns of [`TherapistRow`], for a query on `therapists`.
-const THERAPIST_COLUMNS: &str = "id, email, name, created_at, disabled_at";
-
-/// A login is marked as used at most this often, to spare writes.
-const TOUCH_INTERVAL: time::Duration = time::Duration::minutes(1);
-
-#[derive(FromRow)]
-struct SessionRow {
-    id: Uuid,
-    appointment_id: Uuid,
-    therapist_id: Option<Uuid>,
-    status: String,
-    chat_mode: String,
-    last_seq: i64,
-    created_at: OffsetDateTime,
-    last_message_at: Option<OffsetDateTime>,
-}
-
-impl TryFrom<SessionRow> for ChatSession {
-    type Error = StoreError;
-
-    fn try_from(row: SessionRow) -> Result<Self> {
-        let status = match row.status.as_str() {
-            "open" => AppointmentStatus::Open,
-            "assigned" => AppointmentStatus::Assigned,
-            other => return Err(StoreError::Corrupt(format!("status {other:?}"))),
-        };
-        Ok(ChatSession {
-            id: row.id,
-            appointment_id: row.appointment_id,
-            therapist_id: row.therapist_id,
-            status,
-            chat_mode: parse_mode(&row.chat_mode)?,
-            last_seq: row.last_seq,
-            created_at: row.created_at,
-            last_message_at: row.last_message_at,
-        })
-    }
-}
-
-#[derive(FromRow)]
-struct MessageRow {
-    seq: i64,
-    id: Uuid,
-    sender: String,
-    content: String,
-    created_at: OffsetDateTime,
-    client_id: Option<String>,
-}
-
-impl TryFrom<MessageRow> for ChatMessage {
-    type Error = StoreError;
-
-    fn try_from(row: MessageRow) -> Result<Self> {
-        let sender = Sender::parse(&row.sender)
-            .ok_or_else(|| StoreError::Corrupt(format!("sender {:?}", row.sender)))?;
-        Ok(ChatMessage {
-            seq: row.seq,
-            id: row.id,
-            sender,
-            content: row.content,
-            created_at: row.created_at,
-            client_id: row.client_id,
-            reply_id: (sender == Sender::Ai).then_some(row.id),
-        })
-    }
-}
-
-fn parse_mode(value: &str) -> Result<ChatMode> {
-    ChatMode::parse(value).ok_or_else(|| StoreError::Corrupt(format!("chat_mode {value:?}")))
-}
-
-const SESSION_COLUMNS: &str =
-    "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at";
-
-/// A message about to be stored; `reply_id` is set for companion replies.
-fn new_message(
-    id: Uuid,
-    seq: i64,
-    sender: Sender,
-    content: &str,
-    client_id: Option<&str>,
-    created_at: OffsetDateTime,
-) -> ChatMessage {
-    ChatMessage {
-        seq,
-        id,
-        sender,
-        content: content.to_owned(),
-        created_at,
-        client_id: client_id.map(str::to_owned),
-        reply_id: (sender == Sender::Ai).then_some(id),
-    }
-}
-
 /// Inserts a message row; the caller has already advanced `last_seq`.
 async fn insert_message(
     tx: &mut sqlx::SqliteConnection,
@@ -204,10 +92,6 @@ async fn insert_message(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 #[async_trait]
@@ -293,6 +177,7 @@ impl Store for SqliteStore {
         token_hash: &[u8],
         now: OffsetDateTime,
         idle: time::Duration,
+        touch: bool,
     ) -> Result<Option<Therapist>> {
         #[derive(FromRow)]
         struct Row {
@@ -318,7 +203,7 @@ impl Store for SqliteStore {
         if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
             return Ok(None);
         }
-        if now - last_seen >= TOUCH_INTERVAL {
+        if touch && now - last_seen >= TOUCH_INTERVAL {
             sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = ? WHERE token_hash = ?")
                 .bind(now)
                 .bind(token_hash)
@@ -671,12 +556,20 @@ mod tests {
         store.create_auth_session(tess.id, b"live", now + time::Duration::hours(1)).await.unwrap();
         store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1)).await.unwrap();
         assert_eq!(
-            store.therapist_by_token(b"live", now, time::Duration::hours(1)).await.unwrap().map(|t| t.id),
+            store
+                .therapist_by_token(b"live", now, time::Duration::hours(1), true)
+                .await
+                .unwrap()
+                .map(|t| t.id),
             Some(tess.id)
         );
-        assert!(store.therapist_by_token(b"old", now, time::Duration::hours(1)).await.unwrap().is_none());
+        assert!(
+            store.therapist_by_token(b"old", now, time::Duration::hours(1), true).await.unwrap().is_none()
+        );
         store.revoke_auth_session(b"live").await.unwrap();
-        assert!(store.therapist_by_token(b"live", now, time::Duration::hours(1)).await.unwrap().is_none());
+        assert!(
+            store.therapist_by_token(b"live", now, time::Duration::hours(1), true).await.unwrap().is_none()
+        );
         assert!(matches!(
             store.append_message(Uuid::now_v7(), user_message("a")).await,
             Err(StoreError::NotFound)
@@ -694,21 +587,21 @@ mod tests {
         // Used at minute 20, so still valid at minute 45; unused by minute 31.
         assert!(
             store
-                .therapist_by_token(b"a", start + time::Duration::minutes(20), idle)
+                .therapist_by_token(b"a", start + time::Duration::minutes(20), idle, true)
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
             store
-                .therapist_by_token(b"a", start + time::Duration::minutes(45), idle)
+                .therapist_by_token(b"a", start + time::Duration::minutes(45), idle, true)
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
             store
-                .therapist_by_token(b"b", start + time::Duration::minutes(31), idle)
+                .therapist_by_token(b"b", start + time::Duration::minutes(31), idle, true)
                 .await
                 .unwrap()
                 .is_none()
@@ -716,7 +609,7 @@ mod tests {
 
         store.set_password("t@x", "new hash").await.unwrap().expect("known account");
         assert!(
-            store.therapist_by_token(b"a", start, idle).await.unwrap().is_none(),
+            store.therapist_by_token(b"a", start, idle, true).await.unwrap().is_none(),
             "password change ends logins"
         );
         assert_eq!(store.therapist_with_password("t@x").await.unwrap().unwrap().1, "new hash");
@@ -725,7 +618,7 @@ mod tests {
         let disabled = store.disable_therapist("t@x").await.unwrap().expect("known account");
         assert!(disabled.disabled);
         assert!(
-            store.therapist_by_token(b"c", start, idle).await.unwrap().is_none(),
+            store.therapist_by_token(b"c", start, idle, true).await.unwrap().is_none(),
             "disabling ends logins"
         );
         assert!(

@@ -1,0 +1,590 @@
+//! The PostgreSQL store: one database shared by any number of Haven
+//! instances.
+//!
+//! Everything that must hold across instances is kept by the database:
+//! - seqs: writers lock the session row (`SELECT … FOR UPDATE`, then
+//!   `UPDATE … RETURNING last_seq`), so allocation is serial per session;
+//! - `client_id` de-duplication: checked under that lock, and backed by a
+//!   unique index;
+//! - the takeover and the claim: one transaction under that lock; a
+//!   companion message commits only `WHERE chat_mode = 'BOT_ONLY'`.
+//!
+//! Fan-out between instances uses `LISTEN/NOTIFY` on one channel:
+//! - a committed message is announced by `pg_notify` inside its own
+//!   transaction, so the notification goes out on commit, in commit order;
+//!   it carries ids and a seq, never content — the receiver reads the row;
+//! - companion deltas, which are not stored, are announced as they stream.
+//! Notifications are lossy (a listener that reconnects misses some): the
+//! listener reports [`Notification::Reconnected`], and the server then reads
+//! what it missed by seq.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{FromRow, PgConnection, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::rows::{
+    MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL, TherapistRow,
+    is_unique_violation, new_message, parse_mode,
+};
+use crate::{
+    Announcement, Appended, BotMessage, ChatSession, JoinOutcome, Listener, NewMessage, NewTherapist,
+    Notification, Result, Store, StoreError, Therapist, now,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The channel every instance listens on.
+const CHANNEL: &str = "haven_events";
+
+/// NOTIFY payloads must stay under 8000 bytes; deltas longer than this are
+/// announced in pieces.
+const MAX_DELTA_BYTES: usize = 6_000;
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// This instance, so it can ignore its own notifications.
+    instance: Uuid,
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://haven@db/haven`) and runs pending
+    /// migrations. `instance` names this process in notifications.
+    pub async fn connect(url: &str, instance: Uuid) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        // sqlx takes an advisory lock: instances starting together migrate once.
+        MIGRATOR.run(&pool).await.map_err(|error| StoreError::Unavailable(error.into()))?;
+        Ok(Self { pool, instance })
+    }
+
+    /// Queues a notification inside `tx`; PostgreSQL sends it on commit.
+    async fn notify(&self, tx: &mut PgConnection, mut payload: Value) -> Result<()> {
+        payload["origin"] = json!(self.instance);
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn notify_message(
+        &self,
+        tx: &mut PgConnection,
+        message: &ChatMessage,
+        session_id: Uuid,
+        join: bool,
+    ) -> Result<()> {
+        let payload = json!({"kind": "message", "session": session_id, "seq": message.seq, "join": join});
+        self.notify(tx, payload).await
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
+        let therapist = Therapist {
+            id: Uuid::now_v7(),
+            email: new.email,
+            name: new.name,
+            created_at: now(),
+            disabled: false,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(therapist.id)
+        .bind(&therapist.email)
+        .bind(&therapist.name)
+        .bind(&new.password_hash)
+        .bind(therapist.created_at)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(therapist),
+            Err(error) if is_unique_violation(&error) => {
+                Err(StoreError::Conflict("email already registered"))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn therapists(&self) -> Result<Vec<Therapist>> {
+        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn count_therapists(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.pool).await?)
+    }
+
+    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            password_hash: String,
+        }
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists WHERE email = $1 AND disabled_at IS NULL"
+        )))
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+    }
+
+    async fn create_auth_session(
+        &self,
+        therapist_id: Uuid,
+        token_hash: &[u8],
+        expires_at: OffsetDateTime,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(token_hash)
+        .bind(therapist_id)
+        .bind(now())
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn therapist_by_token(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+        idle: time::Duration,
+        touch: bool,
+    ) -> Result<Option<Therapist>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            logged_in_at: OffsetDateTime,
+            last_seen_at: Option<OffsetDateTime>,
+            expires_at: OffsetDateTime,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
+                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
+             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
+             WHERE s.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
+        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
+            return Ok(None);
+        }
+        if touch && now - last_seen >= TOUCH_INTERVAL {
+            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = $1 WHERE token_hash = $2")
+                .bind(now)
+                .bind(token_hash)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(Some(row.therapist.into()))
+    }
+
+    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(therapist_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(password_hash)
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
+    }
+
+    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
+             RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(now())
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
+    }
+
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<ChatSession> {
+        let session = ChatSession {
+            id: Uuid::now_v7(),
+            appointment_id: Uuid::now_v7(),
+            therapist_id: None,
+            status: AppointmentStatus::Open,
+            chat_mode: ChatMode::BotOnly,
+            last_seq: 0,
+            created_at: now(),
+            last_message_at: None,
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
+             VALUES ($1, $2, 'open', 'BOT_ONLY', $3, $3)",
+        )
+        .bind(session.id)
+        .bind(session.appointment_id)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(client_token_hash)
+        .bind(session.id)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
+        self.notify(&mut tx, json!({"kind": "session"})).await?;
+        tx.commit().await?;
+        Ok(session)
+    }
+
+    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1"
+        )))
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
+        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE therapist_id IS NULL OR therapist_id = $1 ORDER BY id"
+        )))
+        .bind(therapist_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn join_as_therapist(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        join_message: &str,
+    ) -> Result<JoinOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock makes racing therapists (on any instance) take turns.
+        let current: Option<(Option<Uuid>, String)> =
+            sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = $1 FOR UPDATE")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
+        match holder {
+            Some(holder) if holder != therapist_id => return Ok(JoinOutcome::ClaimedByOther),
+            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
+                return Ok(JoinOutcome::AlreadyJoined);
+            }
+            _ => {}
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions
+             SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
+                 last_seq = last_seq + 1, updated_at = $2, last_message_at = $2
+             WHERE id = $3 RETURNING last_seq",
+        )
+        .bind(therapist_id)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = new_message(Uuid::now_v7(), seq, Sender::System, join_message, None, at);
+        insert_message(&mut tx, session_id, &message).await?;
+        self.notify_message(&mut tx, &message, session_id, true).await?;
+        tx.commit().await?;
+        Ok(JoinOutcome::Joined { message })
+    }
+
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
+        let mut tx = self.pool.begin().await?;
+        // Lock the session first: a concurrent re-send of the same client_id
+        // on another instance waits here, then finds the first one stored.
+        let locked: Option<String> =
+            sqlx::query_scalar("SELECT chat_mode FROM chat_sessions WHERE id = $1 FOR UPDATE")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        locked.ok_or(StoreError::NotFound)?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(seq) = existing {
+            return Ok(Appended::Duplicate { seq });
+        }
+        let at = now();
+        let (seq, mode): (i64, String) = sqlx::query_as(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+             WHERE id = $2 RETURNING last_seq, chat_mode",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
+        insert_message(&mut tx, session_id, &message).await?;
+        self.notify_message(&mut tx, &message, session_id, false).await?;
+        tx.commit().await?;
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
+    }
+
+    async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
+        let mut tx = self.pool.begin().await?;
+        let at = now();
+        // The mode check and the seq allocation are one statement inside the
+        // same transaction as the insert; a join committed first (on any
+        // instance) makes it match no row.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+             WHERE id = $2 AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(seq) = seq else {
+            return Ok(None);
+        };
+        let message = match &message {
+            BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
+            BotMessage::Notice { content } => {
+                new_message(Uuid::now_v7(), seq, Sender::System, content, None, at)
+            }
+        };
+        insert_message(&mut tx, session_id, &message).await?;
+        self.notify_message(&mut tx, &message, session_id, false).await?;
+        tx.commit().await?;
+        Ok(Some(message))
+    }
+
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT seq, id, sender, content, created_at, client_id FROM messages
+             WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(
+            "SELECT seq, id, sender, content, created_at, client_id FROM (
+                 SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
+             ) AS newest ORDER BY seq",
+        )
+        .bind(session_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn announce(&self, announcement: Announcement) -> Result<()> {
+        let payloads = match &announcement {
+            Announcement::Delta { session_id, reply_id, delta } => split(delta, MAX_DELTA_BYTES)
+                .map(|piece| json!({"kind": "delta", "session": session_id, "reply": reply_id, "delta": piece}))
+                .collect(),
+            Announcement::Cancelled { session_id, reply_id } => {
+                vec![json!({"kind": "cancelled", "session": session_id, "reply": reply_id})]
+            }
+        };
+        let mut connection = self.pool.acquire().await?;
+        for payload in payloads {
+            self.notify(&mut connection, payload).await?;
+        }
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Some(Box::new(PgNotifications { listener, instance: self.instance })))
+    }
+}
+
+async fn insert_message(tx: &mut PgConnection, session_id: Uuid, message: &ChatMessage) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(message.id)
+    .bind(session_id)
+    .bind(message.seq)
+    .bind(message.sender.as_str())
+    .bind(&message.content)
+    .bind(message.client_id.as_deref())
+    .bind(message.created_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// `text` in pieces of at most `max` bytes, cut at character boundaries.
+fn split(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+struct PgNotifications {
+    listener: PgListener,
+    instance: Uuid,
+}
+
+#[async_trait]
+impl Listener for PgNotifications {
+    async fn next(&mut self) -> Notification {
+        loop {
+            match self.listener.try_recv().await {
+                Ok(Some(notification)) => {
+                    if let Some(parsed) = parse(notification.payload(), self.instance) {
+                        return parsed;
+                    }
+                }
+                // The connection was lost and has been re-established.
+                Ok(None) => return Notification::Reconnected,
+                Err(error) => {
+                    tracing::warn!(error = %error, "notification listener lost the database; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A notification from another instance; `None` for this instance's own
+/// and for anything unreadable.
+fn parse(payload: &str, instance: Uuid) -> Option<Notification> {
+    let value: Value = serde_json::from_str(payload).ok()?;
+    let uuid = |field: &str| value[field].as_str().and_then(|text| Uuid::parse_str(text).ok());
+    if uuid("origin") == Some(instance) {
+        return None;
+    }
+    match value["kind"].as_str()? {
+        "message" => Some(Notification::Message {
+            session_id: uuid("session")?,
+            seq: value["seq"].as_i64()?,
+            join: value["join"].as_bool().unwrap_or(false),
+        }),
+        "session" => Some(Notification::SessionCreated),
+        "delta" => Some(Notification::Announced(Announcement::Delta {
+            session_id: uuid("session")?,
+            reply_id: uuid("reply")?,
+            delta: value["delta"].as_str()?.to_owned(),
+        })),
+        "cancelled" => Some(Notification::Announced(Announcement::Cancelled {
+            session_id: uuid("session")?,
+            reply_id: uuid("reply")?,
+        })),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_deltas_are_split_at_character_boundaries() {
+        let text = "é".repeat(10);
+        let pieces: Vec<&str> = split(&text, 5).collect();
+        assert!(pieces.iter().all(|piece| piece.len() <= 5));
+        assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
+    fn own_notifications_are_ignored() {
+        let me = Uuid::now_v7();
+        let session = Uuid::now_v7();
+        let payload =
+            json!({"kind": "message", "session": session, "seq": 3, "join": true, "origin": me}).to_string();
+        assert_eq!(parse(&payload, me), None);
+        assert_eq!(
+            parse(&payload, Uuid::now_v7()),
+            Some(Notification::Message { session_id: session, seq: 3, join: true })
+        );
+    }
+}
