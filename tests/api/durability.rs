@@ -48,11 +48,13 @@ async fn since_replays_exactly_the_missing_messages_before_live_ones() {
     let session = app.create_session().await;
     let mut first = app.connect(session.session_id, &session.client_token).await;
     first.mode().await;
-    for text in ["one", "two", "three"] {
+    // Each reply before the next message: messages sent while the
+    // companion is answering would share one reply.
+    for (round, text) in ["one", "two", "three"].into_iter().enumerate() {
         let id = first.send_message(text).await;
         first.ack(&id).await;
+        first.until_seq(2 * (round as i64 + 1)).await;
     }
-    first.until_seq(6).await;
     first.close().await;
 
     let mut resumed = app

@@ -37,6 +37,8 @@ pub struct Options {
     pub args: Vec<String>,
     /// Environment variables for the server process.
     pub env: Vec<(String, String)>,
+    /// Share this database (another instance's) instead of a fresh one.
+    pub database_url: Option<String>,
 }
 
 /// A running `haven serve` and the database it owns.
@@ -48,8 +50,36 @@ pub struct TestApp {
     pub logs: Logs,
     pub http: reqwest::Client,
     pub dir: TempDir,
+    /// `sqlite://…` in `dir`, or a fresh PostgreSQL database (see [`backend`]).
+    pub database_url: String,
     options: Options,
     child: Child,
+}
+
+/// The database the suite runs on: SQLite unless `HAVEN_TEST_DATABASE` is
+/// `postgres`.
+pub fn on_postgres() -> bool {
+    std::env::var("HAVEN_TEST_DATABASE").is_ok_and(|backend| backend == "postgres")
+}
+
+/// The PostgreSQL server for tests: `HAVEN_TEST_POSTGRES_URL`, by default
+/// the local one with trust authentication.
+pub fn postgres_server() -> String {
+    std::env::var("HAVEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A new, empty PostgreSQL database; returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let server = postgres_server();
+    let name = format!("haven_test_{}", Uuid::now_v7().simple());
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{server}/postgres")).await.unwrap_or_else(|error| {
+            panic!("PostgreSQL is required at {server} (HAVEN_TEST_POSTGRES_URL): {error}")
+        });
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+    format!("{server}/{name}")
 }
 
 impl TestApp {
@@ -59,8 +89,13 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (child, address, setup_url, logs) = start(&database_url(&dir), "127.0.0.1:0", &options).await;
-        TestApp { address, setup_url, logs, http: reqwest::Client::new(), dir, options, child }
+        let database_url = match &options.database_url {
+            Some(shared) => shared.clone(),
+            None if on_postgres() => fresh_postgres_database().await,
+            None => format!("sqlite://{}", dir.path().join("haven.db").display()),
+        };
+        let (child, address, setup_url, logs) = start(&database_url, "127.0.0.1:0", &options).await;
+        TestApp { address, setup_url, logs, http: reqwest::Client::new(), dir, database_url, options, child }
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown) and starts a new
@@ -90,13 +125,14 @@ impl TestApp {
     /// Starts the server again after [`TestApp::stop`], on the same file and port.
     pub async fn start_again(&mut self) {
         let bind = self.address.trim_start_matches("http://").to_owned();
-        let (child, address, setup_url, logs) = start(&database_url(&self.dir), &bind, &self.options).await;
+        let (child, address, setup_url, logs) = start(&self.database_url, &bind, &self.options).await;
         self.child = child;
         self.address = address;
         self.setup_url = setup_url;
         self.logs = logs;
     }
 
+    /// The SQLite file, when the suite runs on SQLite.
     pub fn database_path(&self) -> PathBuf {
         self.dir.path().join("haven.db")
     }
@@ -109,7 +145,7 @@ impl TestApp {
     pub async fn cli(&self, args: &[&str], stdin: &str) -> std::process::Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_haven"))
             .arg("--database")
-            .arg(database_url(&self.dir))
+            .arg(&self.database_url)
             .args(args)
             .env_clear()
             .stdin(Stdio::piped())
@@ -188,10 +224,6 @@ impl TestApp {
         let (stream, _) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake");
         Ws { stream }
     }
-}
-
-fn database_url(dir: &TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("haven.db").display())
 }
 
 async fn start(database: &str, bind: &str, options: &Options) -> (Child, String, Option<String>, Logs) {

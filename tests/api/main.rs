@@ -9,6 +9,7 @@ mod cli;
 mod durability;
 mod hardening;
 mod helpers;
+mod instances;
 mod mock_llm;
 mod privacy;
 mod providers;

@@ -56,10 +56,27 @@ async fn tokens_and_passwords_are_stored_only_as_hashes() {
     let mut client = app.connect(session.session_id, &session.client_token).await;
     client.mode().await;
 
+    // Everything the database holds, as bytes: the SQLite files, or every
+    // row of every table on PostgreSQL.
     let mut stored = Vec::new();
-    for suffix in ["", "-wal"] {
-        let path = format!("{}{suffix}", app.database_path().display());
-        stored.extend(std::fs::read(path).unwrap_or_default());
+    if crate::helpers::on_postgres() {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+        for table in
+            ["therapists", "therapist_auth_sessions", "chat_sessions", "client_credentials", "messages"]
+        {
+            let rows: Vec<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM {table} t")))
+                    .fetch_all(&mut connection)
+                    .await
+                    .unwrap();
+            stored.extend(rows.concat().into_bytes());
+        }
+    } else {
+        for suffix in ["", "-wal"] {
+            let path = format!("{}{suffix}", app.database_path().display());
+            stored.extend(std::fs::read(path).unwrap_or_default());
+        }
     }
     assert!(!stored.is_empty());
     let contains = |needle: &str| stored.windows(needle.len()).any(|window| window == needle.as_bytes());

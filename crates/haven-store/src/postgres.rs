@@ -14,6 +14,7 @@
 //!   transaction, so the notification goes out on commit, in commit order;
 //!   it carries ids and a seq, never content — the receiver reads the row;
 //! - companion deltas, which are not stored, are announced as they stream.
+//!
 //! Notifications are lossy (a listener that reconnects misses some): the
 //! listener reports [`Notification::Reconnected`], and the server then reads
 //! what it missed by seq.

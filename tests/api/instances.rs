@@ -1,0 +1,206 @@
+//! Several Haven instances on one PostgreSQL behave as one service. These
+//! tests always run on PostgreSQL (`HAVEN_TEST_POSTGRES_URL`).
+
+use std::time::Duration;
+
+use haven_protocol::{ChatMode, Sender, ServerFrame};
+
+use crate::helpers::{Options, PASSWORD, TestApp, fresh_postgres_database, message_of, messages, session_of};
+use crate::mock_llm::{MockLlm, Script};
+
+/// `count` instances sharing one fresh database.
+async fn instances(count: usize, args: &[String]) -> Vec<TestApp> {
+    let database_url = fresh_postgres_database().await;
+    let mut apps = Vec::new();
+    for _ in 0..count {
+        let options =
+            Options { database_url: Some(database_url.clone()), args: args.to_vec(), ..Options::default() };
+        apps.push(TestApp::spawn_with(options).await);
+    }
+    apps
+}
+
+/// A therapist account (made through any instance) logged in on `app`.
+async fn therapist_on(app: &TestApp, maker: &TestApp) -> String {
+    maker.add_therapist("tess@clinic.test", "Tess").await;
+    let response: serde_json::Value = app.login("tess@clinic.test", PASSWORD).await.json().await.unwrap();
+    response["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_client_on_one_instance_and_a_therapist_on_another_talk_as_one_service() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(b, a).await;
+
+    let session = a.create_session().await;
+    let mut client = a.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let hello = client.send_message("hello").await;
+    client.ack(&hello).await;
+    assert_eq!(client.message().await.sender, Sender::User);
+    assert_eq!(client.message().await.sender, Sender::Ai, "the companion answers on instance A");
+
+    // The session shows on B's dashboard, and B's therapist takes it over.
+    let list: Vec<serde_json::Value> = b
+        .http
+        .get(b.url("/api/appointments"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.iter().any(|row| row["session_id"] == session.session_id.to_string()));
+    let mut desk = b.connect(session.session_id, &token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    assert_eq!(desk.message().await.sender, Sender::System);
+    let joined = client.message().await;
+    assert_eq!(joined.sender, Sender::System, "the join on B reaches the client on A");
+    assert_eq!(client.mode().await, ChatMode::TherapistJoined);
+
+    let question = client.send_message("are you there?").await;
+    client.ack(&question).await;
+    let received = desk.message().await;
+    assert_eq!(received.content, "are you there?", "A's client reaches B's therapist");
+    let sid = session.session_id.to_string();
+    a.logs
+        .wait_for(1, |event| {
+            message_of(event) == "companion will not respond" && session_of(event).as_deref() == Some(&sid)
+        })
+        .await;
+    let answer = desk.send_message("Yes, I'm here to help").await;
+    let (last, _) = desk.ack(&answer).await;
+    let frames = client.until_seq(last).await;
+    let seen: Vec<_> = messages(&frames).iter().map(|m| (m.sender, m.content.clone())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Sender::User, "are you there?".to_owned()),
+            (Sender::Therapist, "Yes, I'm here to help".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn three_tabs_on_three_instances_see_the_same_conversation() {
+    let apps = instances(3, &[]).await;
+    let token = therapist_on(&apps[0], &apps[0]).await;
+    let session = apps[0].create_session().await;
+    let mut tabs = Vec::new();
+    for app in &apps {
+        let mut tab = app.connect(session.session_id, &session.client_token).await;
+        tab.mode().await;
+        tabs.push(tab);
+    }
+    let mut desk = apps[1].connect(session.session_id, &token).await;
+    desk.mode().await;
+    for round in 0..3 {
+        for (index, tab) in tabs.iter_mut().enumerate() {
+            tab.send_message(&format!("tab {index} round {round}")).await;
+        }
+        desk.send_message(&format!("therapist round {round}")).await;
+    }
+    let last = desk.send_message("that's all").await;
+    let (total, _) = desk.ack(&last).await;
+    let mut transcripts = Vec::new();
+    for tab in &mut tabs {
+        let frames = tab.until_seq(total).await;
+        let seen: Vec<(i64, uuid::Uuid)> = messages(&frames).iter().map(|m| (m.seq, m.id)).collect();
+        assert_eq!(seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+        transcripts.push(seen);
+    }
+    assert!(
+        transcripts.windows(2).all(|pair| pair[0] == pair[1]),
+        "every instance delivered the same stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_on_another_instance_cancels_the_reply_being_generated() {
+    const SESSIONS: usize = 24;
+    let mock = MockLlm::start().await;
+    let words: Vec<String> = (0..40).map(|n| format!("word{n} ")).collect();
+    mock.script("", Script { chunks: words, chunk_delay: Duration::from_millis(25), ..Script::default() });
+    let args: Vec<String> = [
+        "--ai-provider",
+        "openai",
+        "--ai-base-url",
+        &mock.openai_url(),
+        "--max-sockets-per-credential",
+        "100",
+    ]
+    .map(String::from)
+    .to_vec();
+    let apps = std::sync::Arc::new(instances(2, &args).await);
+    let token = therapist_on(&apps[1], &apps[0]).await;
+
+    let mut sessions = tokio::task::JoinSet::new();
+    for index in 0..SESSIONS {
+        let apps = apps.clone();
+        let token = token.clone();
+        let join_after = Duration::from_millis((index as u64 * 7919) % 1_300);
+        sessions.spawn(async move {
+            let (a, b) = (&apps[0], &apps[1]);
+            let session = a.create_session().await;
+            let mut client = a.connect(session.session_id, &session.client_token).await;
+            client.mode().await;
+            let hello = client.send_message("hello").await;
+            client.ack(&hello).await;
+            tokio::time::sleep(join_after).await;
+            let mut desk = b.connect(session.session_id, &token).await;
+            assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+            let here = desk.send_message("I'm here now.").await;
+            let (last, _) = desk.ack(&here).await;
+            let frames = client.until_seq(last).await;
+            let join = frames
+                .iter()
+                .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System))
+                .expect("the client saw the join message");
+            let late = frames[join..].iter().find(|frame| {
+                matches!(frame, ServerFrame::AiDelta { .. })
+                    || matches!(frame, ServerFrame::Message(m) if m.sender == Sender::Ai)
+            });
+            assert!(late.is_none(), "companion output after the join: {late:?}");
+        });
+    }
+    while let Some(result) = sessions.join_next().await {
+        result.expect("session task");
+    }
+    mock.until("every provider stream to close", |mock| mock.streams_open() == 0).await;
+    assert!(mock.streams_cut_by_client() > 0, "no join on B cut a reply streaming on A");
+}
+
+#[tokio::test]
+async fn when_an_instance_dies_its_clients_resume_on_another_without_a_gap() {
+    let mut apps = instances(2, &[]).await;
+    let token = therapist_on(&apps[1], &apps[0]).await;
+    let session = apps[0].create_session().await;
+    let mut client = apps[0].connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let mut desk = apps[1].connect(session.session_id, &token).await;
+    desk.mode().await;
+    let first = desk.send_message("before the crash").await;
+    let (seen, _) = desk.ack(&first).await;
+    client.until_seq(seen).await;
+
+    // Instance A dies; the therapist on B goes on writing.
+    apps[0].stop().await;
+    for text in ["while you were away 1", "while you were away 2"] {
+        let id = desk.send_message(text).await;
+        desk.ack(&id).await;
+    }
+    let mut resumed = apps[1]
+        .connect_with(
+            &format!("/api/chat/ws/{}?since={seen}", session.session_id),
+            &[("authorization", format!("Bearer {}", session.client_token))],
+        )
+        .await;
+    resumed.mode().await;
+    let last = desk.send_message("welcome back").await;
+    let (total, _) = desk.ack(&last).await;
+    let frames = resumed.until_seq(total).await;
+    let seqs: Vec<i64> = messages(&frames).iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, ((seen + 1)..=total).collect::<Vec<_>>(), "no gap, no duplicate");
+}
