@@ -204,6 +204,7 @@ const REFUSALS = {
   "credential is for another session": "This chat link is no longer valid in this browser.",
   "session is assigned to another therapist": "Another therapist has taken this chat.",
   "unknown session": "This chat does not exist.",
+  "chat closed": "This chat has been closed.",
 };
 
 function connect() {
@@ -272,6 +273,20 @@ input.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     form.requestSubmit();
+  }
+});
+
+// The therapist's view can end the chat.
+document.getElementById("close-chat")?.addEventListener("click", async (event) => {
+  if (!window.confirm("Close this chat? The client will no longer be able to write in it.")) return;
+  event.currentTarget.disabled = true;
+  const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/close`, {
+    method: "POST",
+    credentials: "same-origin",
+  });
+  if (!response.ok) {
+    composerError.textContent = "The chat could not be closed. Please try again.";
+    event.currentTarget.disabled = false;
   }
 });
 

@@ -141,6 +141,11 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_OUTBOUND_QUEUE", default_value_t = 256)]
     pub outbound_queue: usize,
 
+    /// Seconds a client may take to send a request's headers (the WebSocket
+    /// handshake included) before its connection is dropped.
+    #[arg(long, env = "HAVEN_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub handshake_timeout_seconds: u64,
+
     /// Minutes a therapist login may go unused before it ends.
     #[arg(long, env = "HAVEN_THERAPIST_IDLE_MINUTES", default_value_t = 30)]
     pub therapist_idle_minutes: u64,

@@ -6,12 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
 use haven_responder::prompt::DEFAULT_SYSTEM_PROMPT;
 use haven_responder::{Companion, LlmResponder, LlmSettings, Provider, Responder};
 use haven_store::{PgStore, SqliteStore, Store};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use uuid::Uuid;
 
 use crate::chat::Hub;
@@ -160,13 +165,13 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
 
     let app = crate::http::router(state.clone())?;
     let shutdown = state.shutdown.clone();
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            shutdown.cancel();
-        });
-    server.await.context("serving")?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    let header_timeout = Duration::from_secs(args.limits.handshake_timeout_seconds.max(1));
+    serve_connections(listener, app, header_timeout, state.shutdown.clone()).await;
 
     // Sockets have been told to close; let companion replies in flight finish.
     state.tasks.close();
@@ -174,6 +179,51 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("background tasks still running at shutdown");
     }
     Ok(())
+}
+
+/// Accepts connections until `shutdown`, then waits (bounded) for requests
+/// in flight. This is `axum::serve` with one addition it lacks: a deadline
+/// for request headers, so a slow or stalled handshake cannot hold a
+/// connection open. Upgraded sockets are not waited for here: they close
+/// with 1001 on `shutdown` and are tracked by the task tracker.
+async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // What `ConnectInfo<SocketAddr>` extracts in handlers.
+        let service = app.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let service =
+            hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+                service.clone().oneshot(request.map(axum::body::Body::new))
+            });
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP requests still in flight at shutdown");
+    }
 }
 
 /// The URL people should open: an unspecified bind address becomes localhost.

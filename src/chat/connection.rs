@@ -461,6 +461,10 @@ impl Connection {
             self.outbound.push(Message::Text(event.frame))?;
             self.last_seq = seq;
         }
+        if event.closes {
+            tracing::info!("chat closed: closing");
+            return Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"));
+        }
         if let Some(mode) = event.mode {
             self.tell_mode(mode)?;
         }

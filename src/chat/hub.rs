@@ -129,17 +129,27 @@ pub struct Event {
     pub reply_id: Option<Uuid>,
     /// Some events may have been missed: read the session from the database.
     pub resync: bool,
+    /// The chat was closed with this message: connections close after it.
+    pub closes: bool,
 }
 
 impl Event {
     /// A committed message.
     pub fn message(message: ChatMessage, mode: Option<ChatMode>) -> Self {
         let seq = Some(message.seq);
-        Self { seq, frame: frame_text(&ServerFrame::Message(message)), mode, reply_id: None, resync: false }
+        let frame = frame_text(&ServerFrame::Message(message));
+        Self { seq, frame, mode, reply_id: None, resync: false, closes: false }
     }
 
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
-        Self { seq: None, frame: frame_text(frame), mode: None, reply_id: Some(reply_id), resync: false }
+        Self {
+            seq: None,
+            frame: frame_text(frame),
+            mode: None,
+            reply_id: Some(reply_id),
+            resync: false,
+            closes: false,
+        }
     }
 }
 
@@ -246,7 +256,26 @@ impl Room {
     /// Asks every connection here to re-read the session from the database
     /// (after notifications from other instances may have been lost).
     pub fn resync(&self) {
-        self.send(Event { seq: None, frame: Utf8Bytes::default(), mode: None, reply_id: None, resync: true });
+        self.send(Event {
+            seq: None,
+            frame: Utf8Bytes::default(),
+            mode: None,
+            reply_id: None,
+            resync: true,
+            closes: false,
+        });
+    }
+
+    /// Publishes the closing message; every connection closes after it.
+    pub fn close_chat(&self, closing_message: ChatMessage) {
+        let mut generation = self.generation();
+        // Nothing from the companion after the chat ends, either.
+        generation.joined = true;
+        if let Some(reply_id) = generation.in_flight.take() {
+            self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
+        }
+        self.takeover.cancel();
+        self.send(Event { closes: true, ..Event::message(closing_message, None) });
     }
 
     /// The reply being generated right now, if any.

@@ -175,6 +175,9 @@ async fn admit(
         Some(Credential::Therapist(therapist)) => {
             let session =
                 state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
+            if session.closed {
+                return Err(Refusal::Policy("chat closed"));
+            }
             if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
                 return Err(Refusal::Policy("session is assigned to another therapist"));
             }

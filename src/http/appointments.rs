@@ -8,10 +8,12 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
 use futures_util::Stream;
 use haven_protocol::api::Appointment;
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, Json};
-use crate::auth::AuthTherapist;
+use crate::auth::{self, AuthTherapist};
+use crate::chat::Revocation;
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -45,21 +47,41 @@ async fn list_appointments(
 /// list may have changed; the dashboard then re-reads `/api/appointments`.
 async fn appointment_events(
     State(state): State<AppState>,
-    _caller: AuthTherapist,
+    caller: AuthTherapist,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let changes = state.hub.watch_appointments();
-    let shutdown = state.shutdown.clone();
-    let events = futures_util::stream::unfold((changes, shutdown), |(mut changes, shutdown)| async move {
-        let next = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            next = changes.recv() => next,
-        };
-        match next {
-            // A lagged receiver missed some ticks; one refresh covers them all.
-            Ok(()) | Err(RecvError::Lagged(_)) => {
-                Some((Ok(SseEvent::default().event("changed").data("{}")), (changes, shutdown)))
+    /// What the stream waits on; it ends at shutdown and when its login ends.
+    struct Feed {
+        changes: broadcast::Receiver<()>,
+        revocations: broadcast::Receiver<Revocation>,
+        shutdown: tokio_util::sync::CancellationToken,
+        login: [u8; 32],
+        therapist_id: uuid::Uuid,
+    }
+    let feed = Feed {
+        changes: state.hub.watch_appointments(),
+        revocations: state.hub.watch_revocations(),
+        shutdown: state.shutdown.clone(),
+        login: auth::token_hash(&caller.token),
+        therapist_id: caller.therapist.id,
+    };
+    let events = futures_util::stream::unfold(feed, |mut feed| async move {
+        loop {
+            tokio::select! {
+                () = feed.shutdown.cancelled() => return None,
+                revoked = feed.revocations.recv() => match revoked {
+                    Ok(Revocation::Login(hash)) if hash == feed.login => return None,
+                    Ok(Revocation::Therapist(id)) if id == feed.therapist_id => return None,
+                    Err(RecvError::Closed) => return None,
+                    _ => continue,
+                },
+                next = feed.changes.recv() => match next {
+                    // A lagged receiver missed some ticks; one refresh covers them all.
+                    Ok(()) | Err(RecvError::Lagged(_)) => {
+                        return Some((Ok(SseEvent::default().event("changed").data("{}")), feed));
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
             }
-            Err(RecvError::Closed) => None,
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default())

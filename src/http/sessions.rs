@@ -7,12 +7,14 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
+use haven_protocol::CLOSE_MESSAGE;
 use haven_protocol::api::{CreatedSession, MessagePage};
+use haven_store::CloseOutcome;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{ApiError, Json, Path};
-use crate::auth::{self, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
+use crate::auth::{self, AuthTherapist, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
 use crate::startup::AppState;
 
 /// Default and largest page of `GET /api/sessions/{id}/messages`.
@@ -23,6 +25,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/sessions", post(create_session))
         .route("/api/sessions/{session_id}/messages", get(list_messages))
+        .route("/api/sessions/{session_id}/close", post(close_session))
 }
 
 /// `POST /api/sessions`: a new `BOT_ONLY` session and its client credential,
@@ -95,6 +98,30 @@ async fn list_messages(
     }
     let messages = state.store.messages_after(session.id, after, limit.min(MAX_PAGE)).await?;
     Ok(Json(MessagePage { messages }))
+}
+
+/// `POST /api/sessions/{id}/close`: the assigned therapist ends the chat.
+/// The client's credential is deleted, every socket of the session gets the
+/// closing message and then closes with 1008, and the session leaves the
+/// appointments lists. Closing twice is not an error.
+async fn close_session(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+) -> Result<StatusCode, ApiError> {
+    let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
+    match state.store.close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE).await? {
+        CloseOutcome::Closed { message } => {
+            tracing::info!(session_id = %session_id, "chat closed by its therapist");
+            if let Some(room) = state.hub.existing_room(session_id) {
+                room.close_chat(message);
+            }
+            state.hub.appointments_changed();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        CloseOutcome::AlreadyClosed => Ok(StatusCode::NO_CONTENT),
+        CloseOutcome::NotYours => Err(ApiError::Forbidden),
+    }
 }
 
 /// The tokens a request offers: the bearer token alone if there is one,

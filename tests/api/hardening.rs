@@ -17,6 +17,16 @@ fn with_args(args: &[&str]) -> Options {
     Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
 }
 
+/// A WebSocket upgrade request written by hand, for a raw TCP client.
+fn upgrade_request(address: &str, session: &haven_protocol::api::CreatedSession) -> String {
+    format!(
+        "GET /api/chat/ws/{} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        session.session_id, session.client_token
+    )
+}
+
 async fn status_and_body(response: reqwest::Response) -> (u16, Option<String>, Value) {
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").map(|value| value.to_str().unwrap().to_owned());
@@ -220,13 +230,7 @@ async fn hostile_frames_get_the_right_close_codes_and_the_server_stays_up() {
     // for (or allocating) it.
     let address = app.address.trim_start_matches("http://").to_owned();
     let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let handshake = format!(
-        "GET /api/chat/ws/{} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {}\r\n\r\n",
-        session.session_id, session.client_token
-    );
-    raw.write_all(handshake.as_bytes()).await.unwrap();
+    raw.write_all(upgrade_request(&address, &session).as_bytes()).await.unwrap();
     let mut header = [0u8; 14];
     header[0] = 0x81; // FIN + text
     header[1] = 0x80 | 127; // masked, 64-bit length
@@ -298,13 +302,7 @@ async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(address.parse().unwrap()).await.unwrap();
-    let handshake = format!(
-        "GET /api/chat/ws/{} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {}\r\n\r\n",
-        session.session_id, session.client_token
-    );
-    stalled.write_all(handshake.as_bytes()).await.unwrap();
+    stalled.write_all(upgrade_request(&address, &session).as_bytes()).await.unwrap();
 
     // The therapist writes long messages until the server gives up on the
     // stalled client; the reading client gets every one, promptly.
@@ -328,41 +326,70 @@ async fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
     drop(stalled);
 }
 
-#[tokio::test]
-async fn sigterm_closes_every_socket_with_1001_and_loses_nothing_acknowledged() {
-    let mut app = TestApp::spawn().await;
-    let mut sockets = Vec::new();
-    let mut acked = Vec::new();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_closes_every_socket_with_1001_and_loses_nothing_acknowledged() {
+    let mut app =
+        TestApp::spawn_with(with_args(&["--message-rate", "1000", "--message-burst", "1000"])).await;
+    // Ten clients send as fast as they are acknowledged until the server closes them.
+    let mut clients = tokio::task::JoinSet::new();
     for _ in 0..10 {
         let session = app.create_session().await;
         let mut client = app.connect(session.session_id, &session.client_token).await;
         client.mode().await;
-        let id = client.send_message("before shutdown").await;
-        acked.push((session.clone(), id.clone(), client.ack(&id).await.0));
-        sockets.push(client);
+        clients.spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            let mut acked: Vec<(String, i64)> = Vec::new();
+            let mut socket = client.into_inner();
+            let mut next = 0;
+            loop {
+                next += 1;
+                let id = format!("load-{next}");
+                let frame = json!({"type": "message", "content": "under load", "client_id": id});
+                if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    return (session, acked, None);
+                }
+                loop {
+                    match socket.next().await {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Ok(ServerFrame::Ack { client_id, seq }) = serde_json::from_str(&text) {
+                                acked.push((client_id, seq));
+                                break;
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            return (session, acked, frame.map(|f| u16::from(f.code)));
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return (session, acked, None),
+                    }
+                }
+            }
+        });
     }
+    let before = app.logs.matching(|event| message_of(event) == "message stored").len();
+    app.logs.wait_for(before + 50, |event| message_of(event) == "message stored").await;
     let started = Instant::now();
     let status = app.terminate().await;
+    eprintln!("SIGTERM under load: exited {:?} after the signal", started.elapsed());
     assert!(status.success(), "clean exit: {status:?}");
-    eprintln!("SIGTERM: exited {:?} after the signal", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(12), "bounded shutdown");
-    for socket in &mut sockets {
-        let code = loop {
-            match socket.receive().await {
-                Received::Closed(Some(frame)) => break u16::from(frame.code),
-                Received::Closed(None) => panic!("closed without 1001"),
-                Received::Frame(_) => continue,
-            }
-        };
-        assert_eq!(code, 1001);
+
+    let mut results = Vec::new();
+    while let Some(result) = clients.join_next().await {
+        results.push(result.unwrap());
     }
     app.start_again().await;
-    for (session, client_id, seq) in acked {
+    let mut acknowledged = 0;
+    for (session, acked, close) in results {
+        assert_eq!(close, Some(1001), "every socket gets 1001");
         let history = app.history(session.session_id, &session.client_token).await;
-        let stored =
-            history.iter().find(|m| m.client_id.as_deref() == Some(client_id.as_str())).expect("stored");
-        assert_eq!(stored.seq, seq);
+        for (client_id, seq) in acked {
+            let stored = history.iter().find(|m| m.client_id.as_deref() == Some(client_id.as_str()));
+            assert_eq!(stored.map(|m| m.seq), Some(seq), "acknowledged {client_id} lost");
+            acknowledged += 1;
+        }
     }
+    assert!(acknowledged >= 50, "only {acknowledged} messages were acknowledged");
 }
 
 /// A client of the durability test: sends numbered messages, remembers every
@@ -485,4 +512,168 @@ async fn sigkill_at_any_moment_loses_no_acknowledged_message() {
             sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut connection).await.unwrap();
         assert_eq!(check, "ok");
     }
+}
+
+#[tokio::test]
+async fn sockets_per_address_are_limited_and_other_addresses_are_not() {
+    let app = TestApp::spawn_with(with_args(&["--max-sockets-per-ip", "3"])).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let session = app.create_session().await;
+        let mut socket = app.connect(session.session_id, &session.client_token).await;
+        socket.mode().await;
+        open.push(socket);
+    }
+    let session = app.create_session().await;
+    let mut refused = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(refused.closed().await, (1008, "too many connections".to_owned()));
+
+    // The same credential from another address (127.0.0.2) is let in.
+    let address: std::net::SocketAddr = app.address.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = socket.connect(address).await.unwrap();
+    let url = format!("ws://{address}/api/chat/ws/{}", session.session_id);
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {}", session.client_token).parse().unwrap());
+    let (mut elsewhere, _) = tokio_tungstenite::client_async(request, stream).await.unwrap();
+    use futures_util::StreamExt;
+    let first = tokio::time::timeout(EVENT_TIMEOUT, elsewhere.next()).await.unwrap().unwrap().unwrap();
+    let frame: ServerFrame = serde_json::from_str(first.to_text().unwrap()).unwrap();
+    assert_eq!(frame, ServerFrame::Mode { chat_mode: ChatMode::BotOnly });
+}
+
+#[tokio::test]
+async fn a_login_flood_does_not_slow_the_chat() {
+    let app = TestApp::spawn_with(with_args(&["--login-failures", "10000"])).await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let roundtrip = async |client: &mut crate::helpers::Ws| {
+        let started = Instant::now();
+        let id = client.send_message("ping").await;
+        client.ack(&id).await;
+        started.elapsed()
+    };
+    let mut baseline = Duration::ZERO;
+    for _ in 0..5 {
+        baseline = baseline.max(roundtrip(&mut client).await);
+    }
+    // 40 logins at once, each a full password hash.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let request = app
+            .http
+            .post(app.url("/api/auth/login"))
+            .json(&json!({"email": "tess@clinic.test", "password": "not the password"}));
+        flood.spawn(async move { request.send().await.unwrap().status().as_u16() });
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        worst = worst.max(roundtrip(&mut client).await);
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = flood.join_next().await {
+        statuses.push(status.unwrap());
+    }
+    assert!(statuses.iter().all(|status| [401, 503].contains(status)), "{statuses:?}");
+    eprintln!("login flood: chat roundtrip worst {worst:?} during, {baseline:?} before");
+    let bound = (baseline * 10).max(Duration::from_millis(500));
+    assert!(worst < bound, "the chat waited {worst:?} during the flood (baseline {baseline:?})");
+}
+
+#[tokio::test]
+async fn logout_ends_the_dashboard_event_stream() {
+    let app = TestApp::spawn().await;
+    let therapist = app.therapist("Tess").await;
+    let mut events =
+        app.http.get(app.url("/api/appointments/events")).bearer_auth(&therapist.token).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    app.create_session().await;
+    let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&tick.unwrap()).contains("changed"));
+    let logout =
+        app.http.post(app.url("/api/auth/logout")).bearer_auth(&therapist.token).send().await.unwrap();
+    assert_eq!(logout.status(), 204);
+    // The stream ends (keep-alive comments aside).
+    let ended = async {
+        while let Some(chunk) = events.chunk().await.unwrap() {
+            assert!(!String::from_utf8_lossy(&chunk).contains("event: changed"), "events after logout");
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, ended).await.expect("the event stream did not end at logout");
+}
+
+#[tokio::test]
+async fn closing_a_chat_ends_the_clients_credential_and_sockets() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let omar = app.therapist("Omar").await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let mut desk = app.connect(session.session_id, &tess.token).await;
+    desk.mode().await;
+    let close = |token: &str| {
+        app.http
+            .post(app.url(&format!("/api/sessions/{}/close", session.session_id)))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(close(&omar.token).await.unwrap().status(), 403, "only its therapist closes a chat");
+    assert_eq!(close(&tess.token).await.unwrap().status(), 204);
+
+    let mut seen = Vec::new();
+    let (code, reason) = loop {
+        match client.receive().await {
+            Received::Frame(frame) => seen.push(frame),
+            Received::Closed(Some(frame)) => break (u16::from(frame.code), frame.reason.to_string()),
+            Received::Closed(None) => panic!("closed without a close frame"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "chat closed"));
+    assert!(
+        matches!(seen.last(), Some(ServerFrame::Message(m)) if m.content == haven_protocol::CLOSE_MESSAGE),
+        "the closing message comes first: {seen:?}"
+    );
+    assert_eq!(desk.closed_eventually().await, (1008, "chat closed".to_owned()));
+    let history = app.history(session.session_id, &tess.token).await;
+    assert_eq!(history.last().unwrap().content, haven_protocol::CLOSE_MESSAGE, "the history is kept");
+    let as_client = app
+        .http
+        .get(app.url(&format!("/api/sessions/{}/messages", session.session_id)))
+        .bearer_auth(&session.client_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_client.status(), 401, "the client credential has ended");
+    let list: Vec<Value> = app
+        .http
+        .get(app.url("/api/appointments"))
+        .bearer_auth(&tess.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.iter().all(|row| row["session_id"] != session.session_id.to_string()));
+    assert_eq!(close(&tess.token).await.unwrap().status(), 204, "closing twice is fine");
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_finishes_is_dropped() {
+    let app = TestApp::spawn_with(with_args(&["--handshake-timeout-seconds", "1"])).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /api/chat/ws/x HTTP/1.1\r\nHost: haven\r\n").await.unwrap();
+    // Meanwhile the service answers others.
+    assert_eq!(app.http.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(EVENT_TIMEOUT, slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the server kept a half-sent handshake open");
 }

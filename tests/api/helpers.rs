@@ -465,6 +465,11 @@ impl Ws {
         }
     }
 
+    /// The underlying WebSocket, for tests that drive it by hand.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.stream
+    }
+
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
     }

@@ -20,6 +20,9 @@ pub const MAX_CLIENT_ID_LEN: usize = 64;
 /// The system message appended when a therapist takes over a session.
 pub const JOIN_MESSAGE: &str = "🧑\u{200d}⚕️ Therapist has joined. You can talk directly now.";
 
+/// The system message appended when a therapist closes a chat.
+pub const CLOSE_MESSAGE: &str = "This chat has been closed by the therapist. Thank you for talking with us.";
+
 /// WebSocket close codes Haven uses.
 pub mod close_code {
     /// The server is shutting down; reconnect later and resume with `since`.

@@ -79,6 +79,8 @@ pub struct ChatSession {
     pub last_seq: i64,
     pub created_at: OffsetDateTime,
     pub last_message_at: Option<OffsetDateTime>,
+    /// Closed by its therapist: no client credential, off every list.
+    pub closed: bool,
 }
 
 /// A message from a connection, after validation.
@@ -106,6 +108,18 @@ pub enum Appended {
     Stored { message: ChatMessage, chat_mode: ChatMode },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
+}
+
+/// The result of [`Store::close_chat_session`].
+#[derive(Debug, Clone)]
+pub enum CloseOutcome {
+    Closed {
+        message: ChatMessage,
+    },
+    /// It was closed before; nothing was written.
+    AlreadyClosed,
+    /// The session is not assigned to this therapist; nothing was written.
+    NotYours,
 }
 
 /// The result of [`Store::join_as_therapist`].
@@ -179,6 +193,16 @@ pub trait Store: Send + Sync + 'static {
         therapist_id: Uuid,
         join_message: &str,
     ) -> Result<JoinOutcome>;
+
+    /// Closes a session assigned to this therapist, in one transaction:
+    /// marks it closed, deletes its client credential and appends
+    /// `closing_message` as a `system` message, which it returns.
+    async fn close_chat_session(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        closing_message: &str,
+    ) -> Result<CloseOutcome>;
 
     /// Appends a message from a connection with the next seq, unless its
     /// `client_id` was already stored for this sender. `NotFound` for no such

@@ -34,8 +34,8 @@ use crate::rows::{
     is_unique_violation, new_message, parse_mode,
 };
 use crate::{
-    Announcement, Appended, BotMessage, ChatSession, JoinOutcome, Listener, NewMessage, NewTherapist,
-    Notification, Result, Store, StoreError, Therapist, now,
+    Announcement, Appended, BotMessage, ChatSession, CloseOutcome, JoinOutcome, Listener, NewMessage,
+    NewTherapist, Notification, Result, Store, StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -233,10 +233,7 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
-            .bind(row.id)
-            .execute(&mut *tx)
-            .await?;
+        end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
@@ -252,10 +249,7 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
-            .bind(row.id)
-            .execute(&mut *tx)
-            .await?;
+        end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
@@ -270,6 +264,7 @@ impl Store for PgStore {
             last_seq: 0,
             created_at: now(),
             last_message_at: None,
+            closed: false,
         };
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -313,7 +308,7 @@ impl Store for PgStore {
 
     async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE therapist_id IS NULL OR therapist_id = $1 ORDER BY id"
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE closed_at IS NULL AND (therapist_id IS NULL OR therapist_id = $1) ORDER BY id"
         )))
         .bind(therapist_id)
         .fetch_all(&self.pool)
@@ -359,6 +354,45 @@ impl Store for PgStore {
         self.notify_message(&mut tx, &message, session_id, true).await?;
         tx.commit().await?;
         Ok(JoinOutcome::Joined { message })
+    }
+
+    async fn close_chat_session(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        closing_message: &str,
+    ) -> Result<CloseOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
+            sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
+        if holder != Some(therapist_id) {
+            return Ok(CloseOutcome::NotYours);
+        }
+        if closed_at.is_some() {
+            return Ok(CloseOutcome::AlreadyClosed);
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions SET closed_at = $1, updated_at = $1, last_message_at = $1, last_seq = last_seq + 1
+             WHERE id = $2 RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM client_credentials WHERE session_id = $1")
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        let message = new_message(Uuid::now_v7(), seq, Sender::System, closing_message, None, at);
+        insert_message(&mut tx, session_id, &message).await?;
+        self.notify_message(&mut tx, &message, session_id, false).await?;
+        tx.commit().await?;
+        Ok(CloseOutcome::Closed { message })
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
@@ -490,6 +524,15 @@ async fn insert_message(tx: &mut PgConnection, session_id: Uuid, message: &ChatM
     .bind(message.created_at)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Ends every login of a therapist, inside a transaction.
+async fn end_logins(tx: &mut PgConnection, therapist_id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+        .bind(therapist_id)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 

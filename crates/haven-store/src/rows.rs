@@ -45,6 +45,7 @@ pub(crate) struct SessionRow {
     pub(crate) last_seq: i64,
     pub(crate) created_at: OffsetDateTime,
     pub(crate) last_message_at: Option<OffsetDateTime>,
+    pub(crate) closed_at: Option<OffsetDateTime>,
 }
 
 impl TryFrom<SessionRow> for ChatSession {
@@ -65,6 +66,7 @@ impl TryFrom<SessionRow> for ChatSession {
             last_seq: row.last_seq,
             created_at: row.created_at,
             last_message_at: row.last_message_at,
+            closed: row.closed_at.is_some(),
         })
     }
 }
@@ -102,7 +104,7 @@ pub(crate) fn parse_mode(value: &str) -> Result<ChatMode> {
 }
 
 pub(crate) const SESSION_COLUMNS: &str =
-    "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at";
+    "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at, closed_at";
 
 /// A message about to be stored; `reply_id` is set for companion replies.
 pub(crate) fn new_message(

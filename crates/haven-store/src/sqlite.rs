@@ -23,8 +23,8 @@ use crate::rows::{
     is_unique_violation, new_message, parse_mode,
 };
 use crate::{
-    Appended, BotMessage, ChatSession, JoinOutcome, NewMessage, NewTherapist, Result, Store, StoreError,
-    Therapist, now,
+    Appended, BotMessage, ChatSession, CloseOutcome, JoinOutcome, NewMessage, NewTherapist, Result, Store,
+    StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -91,6 +91,15 @@ async fn insert_message(
     .bind(message.created_at)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Ends every login of a therapist, inside a transaction.
+async fn end_logins(tx: &mut sqlx::SqliteConnection, therapist_id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
+        .bind(therapist_id)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
@@ -231,10 +240,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-            .bind(row.id)
-            .execute(&mut *tx)
-            .await?;
+        end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
@@ -250,10 +256,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-            .bind(row.id)
-            .execute(&mut *tx)
-            .await?;
+        end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
@@ -276,6 +279,7 @@ impl Store for SqliteStore {
             last_seq: 0,
             created_at: now(),
             last_message_at: None,
+            closed: false,
         };
         let mut tx = self.begin_write().await?;
         sqlx::query(
@@ -318,7 +322,7 @@ impl Store for SqliteStore {
     async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions
-             WHERE therapist_id IS NULL OR therapist_id = ? ORDER BY id"
+             WHERE closed_at IS NULL AND (therapist_id IS NULL OR therapist_id = ?) ORDER BY id"
         )))
         .bind(therapist_id)
         .fetch_all(&self.reader)
@@ -363,6 +367,46 @@ impl Store for SqliteStore {
         insert_message(&mut tx, session_id, &message).await?;
         tx.commit().await?;
         Ok(JoinOutcome::Joined { message })
+    }
+
+    async fn close_chat_session(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        closing_message: &str,
+    ) -> Result<CloseOutcome> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
+            sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = ?")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
+        if holder != Some(therapist_id) {
+            return Ok(CloseOutcome::NotYours);
+        }
+        if closed_at.is_some() {
+            return Ok(CloseOutcome::AlreadyClosed);
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions SET closed_at = ?, updated_at = ?, last_message_at = ?, last_seq = last_seq + 1
+             WHERE id = ? RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM client_credentials WHERE session_id = ?")
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        let message = new_message(Uuid::now_v7(), seq, Sender::System, closing_message, None, at);
+        insert_message(&mut tx, session_id, &message).await?;
+        tx.commit().await?;
+        Ok(CloseOutcome::Closed { message })
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
