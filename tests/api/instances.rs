@@ -204,3 +204,150 @@ async fn when_an_instance_dies_its_clients_resume_on_another_without_a_gap() {
     let seqs: Vec<i64> = messages(&frames).iter().map(|m| m.seq).collect();
     assert_eq!(seqs, ((seen + 1)..=total).collect::<Vec<_>>(), "no gap, no duplicate");
 }
+
+/// A PostgreSQL server of the test's own (a private cluster on a free port),
+/// so it can be stopped and started without disturbing other tests.
+struct PrivatePostgres {
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's server binaries (Debian package postgresql)")
+            .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
+            .find(|bin| bin.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // PostgreSQL refuses to run as root: the cluster belongs to `postgres`.
+        run("chown", &["-R", "postgres:postgres", dir.path().to_str().unwrap()]);
+        let initdb = bin.join("initdb");
+        run(
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                initdb.to_str().unwrap(),
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        let server = Self { bin, data, port, _dir: dir };
+        server.pg_ctl("start");
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.data.display());
+        let log = self.data.with_file_name("server.log");
+        // The server inherits pg_ctl's output: it goes to a file, or reading
+        // pg_ctl's output would wait for the server to exit.
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", pg_ctl.to_str().unwrap(), "-D", self.data.to_str().unwrap()])
+            .args(["-o", &options, "-l", log.to_str().unwrap(), "-m", "fast", "-w", action])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {action} failed; see {}", log.display());
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                pg_ctl.to_str().unwrap(),
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program).args(args).output().expect(program);
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test]
+async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
+    use sqlx::Connection;
+    let postgres = PrivatePostgres::start();
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres.url())).await.unwrap();
+    sqlx::query("CREATE DATABASE haven").execute(&mut admin).await.unwrap();
+    drop(admin);
+    let database_url = format!("{}/haven", postgres.url());
+    let options = || Options { database_url: Some(database_url.clone()), ..Options::default() };
+    let (a, b) = (TestApp::spawn_with(options()).await, TestApp::spawn_with(options()).await);
+    let token = therapist_on(&b, &a).await;
+    let session = a.create_session().await;
+    let mut client = a.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let mut desk = b.connect(session.session_id, &token).await;
+    desk.mode().await;
+    desk.message().await;
+    let before = client.send_message("before the restart").await;
+    let (first, _) = client.ack(&before).await;
+
+    // While the database is down, nothing is acknowledged.
+    postgres.pg_ctl("stop");
+    client
+        .send_json(
+            serde_json::json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}),
+        )
+        .await;
+    let refused = loop {
+        match client.frame().await {
+            ServerFrame::Error { code, client_id, .. } => break (code, client_id),
+            ServerFrame::Ack { .. } => panic!("acknowledged while the database was down"),
+            _ => {}
+        }
+    };
+    assert_eq!(refused, (haven_protocol::ErrorCode::Unavailable, Some("outage-1".to_owned())));
+
+    // Back up: the re-sent message is stored once, and reaches the other instance.
+    postgres.pg_ctl("start");
+    client
+        .send_json(
+            serde_json::json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}),
+        )
+        .await;
+    let (seq, _) = client.ack("outage-1").await;
+    assert_eq!(seq, first + 1, "no gap");
+    let received = loop {
+        let message = desk.message().await;
+        if message.seq == seq {
+            break message;
+        }
+    };
+    assert_eq!(received.content, "during the outage", "instance B hears A again after the restart");
+    let history = b.history(session.session_id, &token).await;
+    assert_eq!(history.iter().filter(|m| m.client_id.as_deref() == Some("outage-1")).count(), 1);
+    assert!(history.iter().any(|m| m.client_id.as_deref() == Some(before.as_str())));
+}

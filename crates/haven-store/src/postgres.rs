@@ -570,9 +570,18 @@ impl Listener for PgNotifications {
                 }
                 // The connection was lost and has been re-established.
                 Ok(None) => return Notification::Reconnected,
+                // The database went away (a restart ends sessions with an
+                // error, not only a closed socket). Listen again until it is
+                // back; whatever was announced meanwhile is lost.
                 Err(error) => {
-                    tracing::warn!(error = %error, "notification listener lost the database; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tracing::warn!(error = %error, "notification listener lost the database; reconnecting");
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if self.listener.listen(CHANNEL).await.is_ok() {
+                            tracing::info!("notification listener reconnected");
+                            return Notification::Reconnected;
+                        }
+                    }
                 }
             }
         }
