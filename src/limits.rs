@@ -1,16 +1,19 @@
-//! Abuse limits, held in memory by each process: message rates per
-//! connection, new sessions and open sockets per IP, open sockets per
-//! credential, login failures per account and per IP, and a small pool for
-//! password hashing so a login flood cannot take the CPU from chat traffic.
+//! Abuse limits:
+//! - kept in the store, so they hold across instances sharing a database:
+//!   failed logins per account and per IP, and new chat sessions per IP;
+//! - kept in this process: message rates per connection, open sockets per IP
+//!   and per credential, and a small pool for password hashing so a login
+//!   flood cannot take the CPU from chat traffic.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use haven_store::{Store, StoreError};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::LimitArgs;
@@ -18,41 +21,63 @@ use crate::config::LimitArgs;
 /// The limiters shared by every request and connection.
 pub struct Limits {
     pub settings: LimitArgs,
-    /// New anonymous chat sessions per client IP.
-    sessions_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    /// New anonymous chat sessions per client IP, per minute.
+    sessions: SharedLimit,
+    /// Failed logins per account and per IP.
+    logins: SharedLimit,
     sockets_per_ip: Arc<Counter<IpAddr>>,
     sockets_per_credential: Arc<Counter<[u8; 32]>>,
-    logins: LoginThrottle,
     /// At most this many password hashes are computed at once.
     hashing: Semaphore,
 }
 
 impl Limits {
     pub fn new(settings: LimitArgs) -> Self {
-        let per_minute =
-            NonZeroU32::new(settings.sessions_per_ip_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         Self {
-            sessions_per_ip: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            sessions: SharedLimit {
+                kind: "session",
+                max: settings.sessions_per_ip_per_minute.into(),
+                window: Duration::from_secs(60),
+            },
+            logins: SharedLimit {
+                kind: "login_failure",
+                max: settings.login_failures as i64,
+                window: Duration::from_secs(settings.login_lock_minutes * 60),
+            },
             sockets_per_ip: Arc::default(),
             sockets_per_credential: Arc::default(),
-            logins: LoginThrottle::new(
-                settings.login_failures,
-                Duration::from_secs(settings.login_lock_minutes * 60),
-            ),
             hashing: Semaphore::new(settings.password_hash_workers.max(1)),
             settings,
         }
     }
 
-    /// May this IP create another chat session now? `Err` says when to retry.
-    pub fn new_session(&self, ip: IpAddr) -> Result<(), Duration> {
-        // Forget addresses whose quota has refilled, so the table stays small.
-        if self.sessions_per_ip.len() > 10_000 {
-            self.sessions_per_ip.retain_recent();
+    /// May this IP create another chat session now? `Some(wait)` says when
+    /// to retry. An allowed session is counted.
+    pub async fn new_session(&self, store: &dyn Store, ip: IpAddr) -> Result<Option<Duration>, StoreError> {
+        let key = [ip.to_string()];
+        if let Some(wait) = self.sessions.locked(store, &key).await? {
+            return Ok(Some(wait));
         }
-        self.sessions_per_ip.check_key(&ip).map_err(|not_until| {
-            not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
-        })
+        self.sessions.record(store, &key).await?;
+        Ok(None)
+    }
+
+    /// `Some(wait)` when any of these login keys (account, IP) is locked.
+    pub async fn login_locked(
+        &self,
+        store: &dyn Store,
+        keys: &[String],
+    ) -> Result<Option<Duration>, StoreError> {
+        self.logins.locked(store, keys).await
+    }
+
+    pub async fn login_failed(&self, store: &dyn Store, keys: &[String]) -> Result<(), StoreError> {
+        self.logins.record(store, keys).await
+    }
+
+    /// A successful login clears its account's failures (not its IP's).
+    pub async fn login_succeeded(&self, store: &dyn Store, account_key: &str) -> Result<(), StoreError> {
+        store.clear_rate_events(self.logins.kind, account_key).await
     }
 
     /// A slot for one more open socket from this IP with this credential, or
@@ -72,10 +97,6 @@ impl Limits {
         let rate = NonZeroU32::new(self.settings.message_rate.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(self.settings.message_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-    }
-
-    pub fn logins(&self) -> &LoginThrottle {
-        &self.logins
     }
 
     /// Waits for a password-hashing slot; `None` if none frees up in time.
@@ -142,86 +163,44 @@ impl std::fmt::Debug for SocketSlots {
     }
 }
 
-/// Failed logins per key (an account's e-mail, or an IP) within a window.
-/// At `max` failures the key is locked until the oldest one leaves the
-/// window: answers come at once (HTTP 429), without hashing a password.
-pub struct LoginThrottle {
-    max: usize,
+/// A sliding-window limit whose events are kept in the store: `max`
+/// events per key within `window`. A locked key is answered at once.
+struct SharedLimit {
+    kind: &'static str,
+    max: i64,
     window: Duration,
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
 
-impl LoginThrottle {
-    fn new(max: usize, window: Duration) -> Self {
-        Self { max: max.max(1), window, failures: Mutex::new(HashMap::new()) }
-    }
-
-    /// `Err(retry_after)` when any of `keys` is locked.
-    pub fn check(&self, keys: &[String]) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut failures = self.lock();
-        let mut wait = Duration::ZERO;
+impl SharedLimit {
+    async fn locked(&self, store: &dyn Store, keys: &[String]) -> Result<Option<Duration>, StoreError> {
+        let now = now_ms();
+        let window = self.window.as_millis() as i64;
+        let mut wait = 0;
         for key in keys {
-            if let Some(times) = failures.get_mut(key) {
-                Self::forget_old(times, now, self.window);
-                if times.len() >= self.max {
-                    let unlocks = times[times.len() - self.max] + self.window;
-                    wait = wait.max(unlocks.saturating_duration_since(now));
-                }
+            let (count, oldest) = store.count_rate_events(self.kind, key, now - window).await?;
+            if count >= self.max.max(1) {
+                wait = wait.max(oldest.unwrap_or(now) + window - now);
             }
         }
-        if wait.is_zero() { Ok(()) } else { Err(wait.max(Duration::from_secs(1))) }
+        Ok((wait > 0).then(|| Duration::from_millis(wait as u64).max(Duration::from_secs(1))))
     }
 
-    pub fn record_failure(&self, keys: &[String]) {
-        let now = Instant::now();
-        let mut failures = self.lock();
-        // Keep the table bounded under a flood of distinct keys.
-        if failures.len() > 100_000 {
-            failures
-                .retain(|_, times| times.back().is_some_and(|last| now.duration_since(*last) < self.window));
-        }
+    async fn record(&self, store: &dyn Store, keys: &[String]) -> Result<(), StoreError> {
+        let now = now_ms();
         for key in keys {
-            let times = failures.entry(key.clone()).or_default();
-            Self::forget_old(times, now, self.window);
-            times.push_back(now);
+            store.record_rate_event(self.kind, key, now).await?;
         }
+        Ok(())
     }
+}
 
-    /// A successful login clears its account's failures (not its IP's).
-    pub fn clear(&self, key: &str) {
-        self.lock().remove(key);
-    }
-
-    fn forget_old(times: &mut VecDeque<Instant>, now: Instant, window: Duration) {
-        while times.front().is_some_and(|first| now.duration_since(*first) >= window) {
-            times.pop_front();
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Instant>>> {
-        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+fn now_ms() -> i64 {
+    (haven_store::now().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn logins_lock_after_the_configured_failures() {
-        let throttle = LoginThrottle::new(3, Duration::from_secs(60));
-        let keys = ["account:a".to_owned(), "ip:1".to_owned()];
-        for _ in 0..3 {
-            assert!(throttle.check(&keys).is_ok());
-            throttle.record_failure(&keys);
-        }
-        let wait = throttle.check(&keys).unwrap_err();
-        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
-        throttle.clear("account:a");
-        assert!(throttle.check(&["account:a".to_owned()]).is_ok());
-        assert!(throttle.check(&["ip:1".to_owned()]).is_err(), "the IP stays locked");
-    }
 
     #[test]
     fn socket_slots_are_counted_and_given_back() {

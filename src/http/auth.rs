@@ -45,29 +45,33 @@ pub(crate) async fn start_login(
     let email = auth::normalise_email(email);
     // A locked account or IP is answered at once, without hashing anything.
     let keys = [format!("account:{email}"), format!("ip:{ip}")];
-    let throttle = state.limits.logins();
-    throttle.check(&keys).map_err(|retry_after| {
+    // The counts are in the store, so the lock holds across instances.
+    let limits = &state.limits;
+    let store = &*state.store;
+    if let Some(retry_after) = limits.login_locked(store, &keys).await? {
         tracing::warn!("login refused: too many failures");
-        ApiError::TooManyRequests { retry_after }
-    })?;
-    let account = state.store.therapist_with_password(&email).await?;
+        return Err(ApiError::TooManyRequests { retry_after });
+    }
+    let account = store.therapist_with_password(&email).await?;
     let (therapist, stored_hash) = match account {
         Some((therapist, hash)) => (Some(therapist), Some(hash)),
         None => (None, None),
     };
-    let Some(_slot) = state.limits.hashing_slot().await else {
+    let Some(_slot) = limits.hashing_slot().await else {
         tracing::warn!("login refused: password hashing is saturated");
         return Err(ApiError::Unavailable);
     };
     // Again after the wait: parallel attempts must not slip past the lock.
-    throttle.check(&keys).map_err(|retry_after| ApiError::TooManyRequests { retry_after })?;
+    if let Some(retry_after) = limits.login_locked(store, &keys).await? {
+        return Err(ApiError::TooManyRequests { retry_after });
+    }
     let verified = auth::verify_password(password, stored_hash).await;
     let Some(therapist) = therapist.filter(|_| verified) else {
         tracing::warn!("login failed");
-        throttle.record_failure(&keys);
+        limits.login_failed(store, &keys).await?;
         return Err(ApiError::InvalidCredentials);
     };
-    throttle.clear(&keys[0]);
+    limits.login_succeeded(store, &keys[0]).await?;
     let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
     let expires_at = haven_store::now() + state.settings.therapist_session;
     state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at).await?;

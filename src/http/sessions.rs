@@ -35,10 +35,10 @@ async fn create_session(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: CookieJar,
 ) -> Result<(StatusCode, CookieJar, Json<CreatedSession>), ApiError> {
-    state.limits.new_session(peer.ip()).map_err(|retry_after| {
+    if let Some(retry_after) = state.limits.new_session(&*state.store, peer.ip()).await? {
         tracing::warn!("chat session refused: too many from this address");
-        ApiError::TooManyRequests { retry_after }
-    })?;
+        return Err(ApiError::TooManyRequests { retry_after });
+    }
     let token = auth::new_token(CLIENT_TOKEN_PREFIX);
     let session = state.store.create_chat_session(&auth::token_hash(&token)).await?;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");

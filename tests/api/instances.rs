@@ -351,3 +351,25 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     assert_eq!(history.iter().filter(|m| m.client_id.as_deref() == Some("outage-1")).count(), 1);
     assert!(history.iter().any(|m| m.client_id.as_deref() == Some(before.as_str())));
 }
+
+#[tokio::test]
+async fn login_and_session_limits_hold_across_instances() {
+    let args: Vec<String> =
+        ["--login-failures", "3", "--sessions-per-ip-per-minute", "2"].map(String::from).to_vec();
+    let apps = instances(2, &args).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    a.add_therapist("tess@clinic.test", "Tess").await;
+    assert_eq!(a.login("tess@clinic.test", "wrong").await.status(), 401);
+    assert_eq!(a.login("tess@clinic.test", "wrong").await.status(), 401);
+    assert_eq!(b.login("tess@clinic.test", "wrong").await.status(), 401);
+    // Three failures in all: both instances refuse, even the right password.
+    assert_eq!(a.login("tess@clinic.test", PASSWORD).await.status(), 429);
+    assert_eq!(b.login("tess@clinic.test", PASSWORD).await.status(), 429);
+
+    a.create_session().await;
+    b.create_session().await;
+    for app in [a, b] {
+        let third = app.http.post(app.url("/api/sessions")).send().await.unwrap();
+        assert_eq!(third.status(), 429, "two sessions per minute from this address, across instances");
+    }
+}

@@ -218,6 +218,17 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` messages, in seq order.
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>>;
 
+    /// Counts the rate events of `kind` for `key` at or after `since_ms`
+    /// (Unix milliseconds), and returns the count and the oldest one's time.
+    /// Events before `since_ms` are forgotten on the way.
+    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)>;
+
+    /// Records a rate event at `at_ms` (Unix milliseconds).
+    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()>;
+
+    /// Forgets every rate event of `kind` for `key`.
+    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()>;
+
     /// Tells the other instances sharing this store about something that is
     /// not stored (a companion delta). Nothing to do for a store that only
     /// one instance uses.

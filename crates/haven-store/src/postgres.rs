@@ -461,6 +461,41 @@ impl Store for PgStore {
         Ok(Some(message))
     }
 
+    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2 AND at < $3")
+            .bind(kind)
+            .bind(key)
+            .bind(since_ms)
+            .execute(&self.pool)
+            .await?;
+        let (count, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
+                .bind(kind)
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((count, oldest))
+    }
+
+    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
+        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES ($1, $2, $3)")
+            .bind(kind)
+            .bind(key)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
+            .bind(kind)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT seq, id, sender, content, created_at, client_id FROM messages

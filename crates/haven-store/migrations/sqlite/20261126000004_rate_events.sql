@@ -1,0 +1,10 @@
+-- Events counted by rate limits that must hold across instances: failed
+-- logins (per account and per address) and new chat sessions (per address).
+-- `at` is Unix time in milliseconds, so windows compare as numbers.
+CREATE TABLE rate_events (
+    kind TEXT NOT NULL,
+    key  TEXT NOT NULL,
+    at   INTEGER NOT NULL
+);
+
+CREATE INDEX rate_events_by_key ON rate_events (kind, key, at);
