@@ -122,6 +122,40 @@ impl ChatMode {
     }
 }
 
+/// How much risk the safety detector sees in a client message, lowest first.
+/// A session's level is the highest of its messages' levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RiskLevel {
+    /// Nothing that suggests anyone is at risk.
+    #[default]
+    None,
+    /// Hopelessness, a passive wish to be dead.
+    Concern,
+    /// Suicidal intent, self-harm, abuse or danger from someone else, risk
+    /// to a third party.
+    High,
+    /// A plan, means at hand, a time, a farewell, or an act in progress.
+    Imminent,
+}
+
+impl RiskLevel {
+    pub const ALL: [RiskLevel; 4] = [RiskLevel::None, RiskLevel::Concern, RiskLevel::High, RiskLevel::Imminent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskLevel::None => "none",
+            RiskLevel::Concern => "concern",
+            RiskLevel::High => "high",
+            RiskLevel::Imminent => "imminent",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        RiskLevel::ALL.into_iter().find(|level| level.as_str() == value)
+    }
+}
+
 /// A committed message, as sent in `message` frames and the history API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
