@@ -27,6 +27,27 @@ pub enum Command {
         #[command(subcommand)]
         command: TherapistCommand,
     },
+    /// The crisis detector: what it finds, and what it has flagged.
+    Safety {
+        #[command(subcommand)]
+        command: SafetyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SafetyCommand {
+    /// Classify TEXT with the built-in rules and print
+    /// `{"level", "rules", "version"}` as JSON (no database needed).
+    Check {
+        /// The message to classify.
+        text: String,
+    },
+    /// Print the counts of flags and crisis referrals as JSON.
+    Report {
+        /// Count the last DAYS days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +108,37 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+}
+
+/// The crisis resources shown to clients whose messages are flagged
+/// (docs/safety.md). Set them for the deployment's country; the defaults
+/// name no country's numbers.
+#[derive(Debug, Clone, Args)]
+pub struct SafetyArgs {
+    /// The crisis line to call, as clients should read it, e.g.
+    /// `988 (Suicide & Crisis Lifeline)` or `116 123 (Samaritans)`.
+    #[arg(long, env = "HAVEN_CRISIS_LINE")]
+    pub crisis_line: Option<String>,
+
+    /// A crisis text or chat line, e.g. `text HOME to 741741`.
+    #[arg(long, env = "HAVEN_CRISIS_TEXT_LINE")]
+    pub crisis_text_line: Option<String>,
+
+    /// The emergency number, e.g. `112`, `911` or `999`.
+    #[arg(long, env = "HAVEN_EMERGENCY_NUMBER")]
+    pub emergency_number: Option<String>,
+
+    /// A directory of crisis lines, shown with every crisis message.
+    #[arg(long, env = "HAVEN_CRISIS_RESOURCES_URL", default_value = "https://findahelpline.com")]
+    pub crisis_resources_url: String,
+
+    /// Ask the language model (when one is configured) for a second opinion
+    /// on every client message; it can only raise the detector's level.
+    #[arg(long, env = "HAVEN_SAFETY_SECOND_OPINION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub safety_second_opinion: bool,
 }
 
 /// Limits against abuse and failure; the defaults suit a clinic behind one

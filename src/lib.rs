@@ -15,11 +15,12 @@ pub mod config;
 pub mod http;
 pub mod limits;
 pub mod pages;
+pub mod safety;
 pub mod startup;
 pub mod telemetry;
 mod therapist_cli;
 
-use config::{Cli, Command, TherapistCommand};
+use config::{Cli, Command, SafetyCommand, TherapistCommand};
 
 /// Runs one CLI command to completion.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -37,6 +38,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Therapist { command: TherapistCommand::Disable(args) } => {
             therapist_cli::disable(&cli.database, args).await
+        }
+        Command::Safety { command: SafetyCommand::Check { text } } => safety::check_cli(&text),
+        Command::Safety { command: SafetyCommand::Report { days } } => {
+            safety::report_cli(&cli.database, days).await
         }
     };
     match result {

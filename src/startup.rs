@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use uuid::Uuid;
 
+use crate::safety::Escalation;
 use crate::chat::Hub;
 use crate::config::{AiArgs, AiProvider, ServeArgs};
 use crate::http::setup::SetupToken;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Rate and concurrency limits.
     pub limits: Arc<Limits>,
+    /// What happens when the crisis detector flags a message.
+    pub escalation: Arc<Escalation>,
     /// Background work (companion replies) that shutdown waits for.
     pub tasks: TaskTracker,
     /// Cancelled when the server shuts down; sockets close with 1001.
@@ -54,6 +57,8 @@ pub struct Settings {
     pub therapist_session: time::Duration,
     /// How long a therapist login may go unused.
     pub therapist_idle: time::Duration,
+    /// Ask the language model for a second opinion on client messages.
+    pub safety_second_opinion: bool,
 }
 
 /// Opens the database named by `url`, creating it and running migrations.
@@ -123,6 +128,11 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
+    if !Escalation::configured(&args.safety) {
+        tracing::warn!(
+            "no crisis line or emergency number configured: crisis messages name none (set HAVEN_CRISIS_LINE and HAVEN_EMERGENCY_NUMBER)"
+        );
+    }
     let setup = Arc::new(SetupToken::default());
     let state = AppState {
         store: store.clone(),
@@ -138,8 +148,12 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
             cookie_secure: args.cookie_secure,
             therapist_session: time::Duration::hours(args.therapist_session_hours.into()),
             therapist_idle: time::Duration::minutes(args.limits.therapist_idle_minutes.max(1) as i64),
+            // The built-in companion has no opinion to give.
+            safety_second_opinion: args.safety.safety_second_opinion
+                && args.ai.ai_provider != AiProvider::Companion,
         }),
         limits: Arc::new(Limits::new(args.limits.clone())),
+        escalation: Arc::new(Escalation::new(&args.safety)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     };

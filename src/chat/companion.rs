@@ -9,13 +9,14 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use haven_protocol::{ChatMessage, Sender};
-use haven_responder::{ReplyRequest, Turn};
+use haven_protocol::{ChatMessage, RiskLevel, Sender};
+use haven_responder::{ReplyRequest, Responder, Turn};
 use haven_store::{Announcement, BotMessage};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::hub::{Finished, Room};
+use crate::safety::SafetyScript;
 use crate::startup::AppState;
 
 /// How many of the latest messages are read for the companion; the
@@ -91,7 +92,15 @@ async fn generate(
     }
     let seen =
         history.iter().filter(|message| message.sender == Sender::User).map(|message| message.seq).max();
-    (stream_reply(state, room, reply_id, history).await, seen)
+    // The session's flag decides how the companion may answer.
+    let risk = match state.store.chat_session(room.session_id).await {
+        Ok(session) => session.and_then(|session| session.risk).map_or(RiskLevel::None, |risk| risk.level),
+        Err(error) => {
+            tracing::error!(error = %error, "companion could not read the session");
+            return (Ok(Finished::Abandoned), None);
+        }
+    };
+    (stream_reply(state, room, reply_id, history, risk).await, seen)
 }
 
 async fn stream_reply(
@@ -99,16 +108,20 @@ async fn stream_reply(
     room: &Room,
     reply_id: Uuid,
     history: Vec<ChatMessage>,
+    risk: RiskLevel,
 ) -> Result<Finished, ()> {
     let request = ReplyRequest {
         history: history
             .into_iter()
             .map(|message| Turn { sender: message.sender, content: message.content })
             .collect(),
+        check_in_on_safety: risk == RiskLevel::Concern,
     };
 
-    let responder = state.responder.name();
-    let mut chunks = state.responder.reply(request);
+    // At `high` and `imminent` the vetted script answers, never the model.
+    let responder: &dyn Responder = if risk >= RiskLevel::High { &SafetyScript } else { &*state.responder };
+    let responder_name = responder.name();
+    let mut chunks = responder.reply(request);
     let mut text = String::new();
     loop {
         // Dropping `chunks` on takeover closes the provider request at once.
@@ -135,14 +148,14 @@ async fn stream_reply(
             }
             Some(Err(error)) => {
                 // The error names the failure only, never anyone's words.
-                tracing::warn!(responder, error = %error, "companion failed");
+                tracing::warn!(responder = responder_name, error = %error, "companion failed");
                 return Err(());
             }
             None => break,
         }
     }
     if text.trim().is_empty() {
-        tracing::warn!(responder, error = "the model returned no text", "companion failed");
+        tracing::warn!(responder = responder_name, error = "the model returned no text", "companion failed");
         return Err(());
     }
 
@@ -154,7 +167,7 @@ async fn stream_reply(
         .await
     {
         Ok(Some(message)) => {
-            tracing::info!(seq = message.seq, responder, "companion reply stored");
+            tracing::info!(seq = message.seq, responder = responder_name, "companion reply stored");
             Ok(Finished::Committed(message))
         }
         Ok(None) => {

@@ -9,14 +9,17 @@
 //! credential, so expired, revoked and disabled logins lose their sockets.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
-use haven_protocol::{ChatMode, ErrorCode, JOIN_MESSAGE, Role, ServerFrame, close_code, parse_client_frame};
-use haven_store::{Appended, JoinOutcome, NewMessage, StoreError};
+use haven_protocol::{
+    ChatMode, ErrorCode, JOIN_MESSAGE, RiskLevel, Role, ServerFrame, close_code, parse_client_frame,
+};
+use haven_store::{Appended, Flagged, JoinOutcome, NewMessage, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -24,7 +27,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 use uuid::Uuid;
 
-use super::hub::{ConnectionGuard, Event, Revocation, frame_text};
+use super::hub::{ConnectionGuard, Event, Revocation, RiskAlert, Room, frame_text};
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
 
@@ -54,6 +57,8 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         // on can fall between the backlog and the live stream.
         let events = room.subscribe();
         let revocations = state.hub.watch_revocations();
+        // Therapists hear about every session they can see being flagged.
+        let risks = admitted.therapist.is_some().then(|| state.hub.watch_risks());
         // A reply already streaming is not joined halfway: this connection
         // gets it as the committed message.
         let skipped_reply = room.reply_in_flight();
@@ -69,6 +74,7 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             guard,
             events,
             revocations,
+            risks,
             last_seq: 0,
             mode: ChatMode::BotOnly,
             skipped_reply,
@@ -131,6 +137,50 @@ fn read_failure(error: axum::Error) -> Stop {
         Ok(tungstenite::Error::Protocol(_)) => Stop::Close(close_code::PROTOCOL_ERROR, "protocol error"),
         _ => Stop::Disconnected,
     }
+}
+
+/// Waits for the next risk alert; never, for a connection without alerts.
+async fn next_alert(risks: &mut Option<broadcast::Receiver<RiskAlert>>) -> Result<RiskAlert, RecvError> {
+    match risks {
+        Some(risks) => risks.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// After a flag committed: the crisis message to every tab of the client,
+/// and the alert to therapists. Logs the level and rule ids, never words.
+fn escalated(state: &AppState, room: &Room, detected: RiskLevel, flagged: Flagged) {
+    tracing::warn!(
+        detected = detected.as_str(),
+        session_level = flagged.level.as_str(),
+        crisis_message = flagged.crisis_message.is_some(),
+        "client message flagged by the crisis detector"
+    );
+    if let Some(crisis) = flagged.crisis_message {
+        room.publish(crisis);
+    }
+    state.hub.risk_flagged(RiskAlert {
+        session_id: room.session_id,
+        level: flagged.level,
+        therapist_id: flagged.therapist_id,
+    });
+}
+
+/// Asks the language model for a second opinion on a client message, in
+/// the background: it may raise the detector's level, never lower it.
+fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: RiskLevel, text: String) {
+    let opinion = state.responder.assess_risk(&text);
+    let tasks = state.tasks.clone();
+    let (state, room) = (state.clone(), room.clone());
+    let task = async move {
+        let Some(level) = opinion.await.filter(|level| *level > detected) else { return };
+        let flag = state.escalation.second_opinion(level);
+        match state.store.flag_risk(room.session_id, seq, flag).await {
+            Ok(flagged) => escalated(&state, &room, level, flagged),
+            Err(error) => tracing::error!(error = %error, "the model's risk flag was not stored"),
+        }
+    };
+    tasks.spawn(task.in_current_span());
 }
 
 /// The socket's sending half: a bounded queue and the task that drains it.
@@ -201,6 +251,8 @@ struct Connection {
     guard: ConnectionGuard,
     events: broadcast::Receiver<Event>,
     revocations: broadcast::Receiver<Revocation>,
+    /// Flagged sessions, for therapist connections only.
+    risks: Option<broadcast::Receiver<RiskAlert>>,
     /// The highest seq the client has: sent by this connection, or covered
     /// by the `since` it connected with.
     last_seq: i64,
@@ -300,12 +352,32 @@ impl Connection {
                     Ok(_) | Err(RecvError::Lagged(_)) => Ok(()),
                     Err(RecvError::Closed) => Ok(()),
                 },
+                alert = next_alert(&mut self.risks) => match alert {
+                    Ok(alert) => self.alert(alert),
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "risk alerts lagged: the dashboard list has them");
+                        Ok(())
+                    }
+                    Err(RecvError::Closed) => {
+                        self.risks = None;
+                        Ok(())
+                    }
+                },
                 _ = heartbeat.tick() => self.beat(period).await,
             };
             if let Err(stop) = step {
                 return stop;
             }
         }
+    }
+
+    /// Tells a therapist about a flagged session they can see.
+    fn alert(&mut self, alert: RiskAlert) -> Result<(), Stop> {
+        let visible = self.admitted.therapist.as_ref().is_some_and(|therapist| alert.visible_to(therapist.id));
+        if !visible {
+            return Ok(());
+        }
+        self.send(ServerFrame::Risk { session_id: alert.session_id, level: alert.level })
     }
 
     /// Whether a revocation concerns this connection's credential.
@@ -370,17 +442,24 @@ impl Connection {
         };
         let role = self.admitted.role;
         tracing::info!("message received");
+        // Every client message is screened before it is stored, so a flag
+        // and its crisis message commit with it; nothing here needs a model.
+        let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content));
+        let detected = assessment.as_ref().map_or(RiskLevel::None, |(assessment, _)| assessment.level);
+        let risk = assessment.and_then(|(_, flag)| flag);
+        let second_opinion = (role == Role::User && self.state.settings.safety_second_opinion)
+            .then(|| new.content.clone());
         let client_id = new.client_id.clone();
         let stored = self
             .state
             .store
             .append_message(
                 self.admitted.session_id,
-                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id },
+                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id, risk },
             )
             .await;
         match stored {
-            Ok(Appended::Stored { message, chat_mode }) => {
+            Ok(Appended::Stored { message, chat_mode, flagged }) => {
                 self.spoke = true;
                 let seq = message.seq;
                 // The message is committed: it is published and answered even
@@ -389,6 +468,12 @@ impl Connection {
                 self.guard.room().publish(message);
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
+                if let Some(flagged) = flagged {
+                    escalated(&self.state, self.guard.room(), detected, flagged);
+                }
+                if let Some(text) = second_opinion {
+                    ask_second_opinion(&self.state, self.guard.room(), seq, detected, text);
+                }
                 if chat_mode == ChatMode::TherapistJoined {
                     tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
                 } else if role == Role::User {

@@ -10,6 +10,7 @@
 
 use haven_store::{Announcement, Listener, Notification};
 
+use super::RiskAlert;
 use crate::startup::AppState;
 
 /// Runs until shutdown.
@@ -42,7 +43,10 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
                     }
                 }
             }
-            Notification::SessionCreated => state.hub.appointments_changed(),
+            Notification::AppointmentsChanged => state.hub.appointments_changed(),
+            Notification::Risk { session_id, level, therapist_id } => {
+                state.hub.risk_flagged(RiskAlert { session_id, level, therapist_id });
+            }
             Notification::Announced(Announcement::Delta { session_id, reply_id, delta }) => {
                 if let Some(room) = state.hub.existing_room(session_id) {
                     room.relay_delta(reply_id, delta);

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use axum::extract::ws::Utf8Bytes;
-use haven_protocol::{ChatMessage, ChatMode, ServerFrame};
+use haven_protocol::{ChatMessage, ChatMode, RiskLevel, ServerFrame};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -40,6 +40,26 @@ pub struct Hub {
     appointments: broadcast::Sender<()>,
     /// Therapist logins that just ended: their sockets close with 1008.
     revocations: broadcast::Sender<Revocation>,
+    /// Sessions the crisis detector just flagged: therapists' sockets and
+    /// dashboards alert at once.
+    risks: broadcast::Sender<RiskAlert>,
+}
+
+/// A session was flagged; it concerns every therapist who can see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RiskAlert {
+    pub session_id: Uuid,
+    /// The session's level after the flag.
+    pub level: RiskLevel,
+    /// The therapist the session is assigned to; `None` while it is open.
+    pub therapist_id: Option<Uuid>,
+}
+
+impl RiskAlert {
+    /// Whether this therapist sees the session in their appointments.
+    pub fn visible_to(&self, therapist_id: Uuid) -> bool {
+        self.therapist_id.is_none_or(|holder| holder == therapist_id)
+    }
 }
 
 /// A therapist credential that is no longer valid.
@@ -63,6 +83,7 @@ impl Hub {
             rooms: Arc::default(),
             appointments: broadcast::channel(16).0,
             revocations: broadcast::channel(64).0,
+            risks: broadcast::channel(256).0,
         }
     }
 
@@ -83,6 +104,16 @@ impl Hub {
 
     pub fn watch_appointments(&self) -> broadcast::Receiver<()> {
         self.appointments.subscribe()
+    }
+
+    /// Alerts therapists' sockets and dashboards to a flagged session.
+    pub fn risk_flagged(&self, alert: RiskAlert) {
+        let _ = self.risks.send(alert);
+        self.appointments_changed();
+    }
+
+    pub fn watch_risks(&self) -> broadcast::Receiver<RiskAlert> {
+        self.risks.subscribe()
     }
 
     /// The room of a session, if this process has one (a connection or a

@@ -34,7 +34,7 @@ mod connection;
 pub mod fanout;
 mod hub;
 
-pub use hub::{Finished, Hub, Revocation, Room};
+pub use hub::{Finished, Hub, Revocation, RiskAlert, Room};
 
 /// Largest WebSocket message accepted; a larger one closes the socket with
 /// 1009. A message of 4,000 characters is at most 24 KiB of escaped JSON.

@@ -1,19 +1,21 @@
 //! The therapist's appointments list.
 
 use axum::Router;
+use std::cmp::Reverse;
 use std::convert::Infallible;
 
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
 use futures_util::Stream;
+use haven_protocol::RiskLevel;
 use haven_protocol::api::Appointment;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, Json};
 use crate::auth::{self, AuthTherapist};
-use crate::chat::Revocation;
+use crate::chat::{Revocation, RiskAlert};
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -22,13 +24,15 @@ pub fn router() -> Router<AppState> {
         .route("/api/appointments/events", get(appointment_events))
 }
 
-/// `GET /api/appointments`: open sessions and the caller's own, oldest first.
+/// `GET /api/appointments`: open sessions and the caller's own. Flagged
+/// sessions that need attention come first, highest level first; then the
+/// other flagged ones; then the rest, oldest first.
 async fn list_appointments(
     State(state): State<AppState>,
     caller: AuthTherapist,
 ) -> Result<Json<Vec<Appointment>>, ApiError> {
     let sessions = state.store.appointments_for(caller.therapist.id).await?;
-    let appointments = sessions
+    let mut appointments: Vec<Appointment> = sessions
         .into_iter()
         .map(|session| Appointment {
             appointment_id: session.appointment_id,
@@ -38,13 +42,23 @@ async fn list_appointments(
             therapist_id: session.therapist_id,
             created_at: session.created_at,
             last_message_at: session.last_message_at,
+            risk_level: session.risk.as_ref().map_or(RiskLevel::None, |risk| risk.level),
+            risk_first_flagged_at: session.risk.as_ref().map(|risk| risk.first_flagged_at),
+            risk_last_flagged_at: session.risk.as_ref().map(|risk| risk.last_flagged_at),
+            risk_needs_attention: session.risk.as_ref().is_some_and(|risk| risk.needs_attention()),
         })
         .collect();
+    // A stable sort keeps the store's oldest-first order within each group.
+    appointments.sort_by_key(|appointment| {
+        (Reverse(appointment.risk_needs_attention), Reverse(appointment.risk_level))
+    });
     Ok(Json(appointments))
 }
 
 /// `GET /api/appointments/events`: server-sent `changed` events whenever the
-/// list may have changed; the dashboard then re-reads `/api/appointments`.
+/// list may have changed (the dashboard then re-reads `/api/appointments`),
+/// and a `risk` event `{"session_id", "level"}` the moment a session the
+/// caller can see is flagged.
 async fn appointment_events(
     State(state): State<AppState>,
     caller: AuthTherapist,
@@ -52,6 +66,7 @@ async fn appointment_events(
     /// What the stream waits on; it ends at shutdown and when its login ends.
     struct Feed {
         changes: broadcast::Receiver<()>,
+        risks: broadcast::Receiver<RiskAlert>,
         revocations: broadcast::Receiver<Revocation>,
         shutdown: tokio_util::sync::CancellationToken,
         login: [u8; 32],
@@ -59,6 +74,7 @@ async fn appointment_events(
     }
     let feed = Feed {
         changes: state.hub.watch_appointments(),
+        risks: state.hub.watch_risks(),
         revocations: state.hub.watch_revocations(),
         shutdown: state.shutdown.clone(),
         login: auth::token_hash(&caller.token),
@@ -73,6 +89,15 @@ async fn appointment_events(
                     Ok(Revocation::Therapist(id)) if id == feed.therapist_id => return None,
                     Err(RecvError::Closed) => return None,
                     _ => continue,
+                },
+                alert = feed.risks.recv() => match alert {
+                    Ok(alert) if alert.visible_to(feed.therapist_id) => {
+                        let data = serde_json::json!({"session_id": alert.session_id, "level": alert.level});
+                        return Some((Ok(SseEvent::default().event("risk").data(data.to_string())), feed));
+                    }
+                    // Missed alerts still show in the list the next `changed` brings.
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
                 },
                 next = feed.changes.recv() => match next {
                     // A lagged receiver missed some ticks; one refresh covers them all.

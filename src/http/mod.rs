@@ -20,6 +20,7 @@ use crate::startup::AppState;
 
 mod appointments;
 pub(crate) mod auth;
+mod safety;
 mod sessions;
 pub mod setup;
 
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
         .merge(sessions::router())
         .merge(auth::router())
         .merge(appointments::router())
+        .merge(safety::router())
         .merge(setup::router())
         .merge(crate::chat::router())
         .merge(crate::pages::router())

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{ChatMessage, ChatMode};
+use crate::{ChatMessage, ChatMode, RiskLevel};
 
 /// `201` body of `POST /api/sessions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +60,95 @@ pub struct Appointment {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_message_at: Option<OffsetDateTime>,
+    /// The highest level the safety detector has seen in the session;
+    /// `none` when it was never flagged. Flagged sessions come first.
+    pub risk_level: RiskLevel,
+    /// When the session was first and last flagged.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub risk_first_flagged_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub risk_last_flagged_at: Option<OffsetDateTime>,
+    /// Flagged since the last acknowledgement: the dashboard alerts.
+    pub risk_needs_attention: bool,
+}
+
+/// Body of `POST /api/safety/classify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassifyRequest {
+    pub text: String,
+}
+
+/// Body of `POST /api/sessions/{id}/risk/acknowledge`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AcknowledgeRequest {
+    /// The therapist's note for the audit trail (at most 2,000 characters).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Body of `GET /api/sessions/{id}/risk` and of an acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRisk {
+    pub session_id: Uuid,
+    pub level: RiskLevel,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub first_flagged_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_flagged_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub acknowledged_at: Option<OffsetDateTime>,
+    pub acknowledged_by: Option<Uuid>,
+    pub needs_attention: bool,
+    /// The audit trail, oldest first.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// One line of a session's safety audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuditEntry {
+    /// A client message was flagged. `rules` are the ids of the rules that
+    /// fired; `referred` says crisis resources were sent with this flag.
+    Flagged {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        level: RiskLevel,
+        seq: i64,
+        rules: Vec<String>,
+        detector_version: String,
+        referred: bool,
+    },
+    /// A therapist acknowledged the flag.
+    Acknowledged {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        level: RiskLevel,
+        therapist_id: Uuid,
+        note: Option<String>,
+    },
+}
+
+/// Body of `GET /api/safety/report?days=N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SafetyReport {
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// Crisis messages sent to clients (referrals to crisis resources).
+    pub referrals: LevelCounts,
+    /// Client messages flagged.
+    pub flags: LevelCounts,
+    pub flagged_sessions: i64,
+    pub unacknowledged_sessions: i64,
+    pub detector_version: String,
+}
+
+/// Counts per level, with their total.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelCounts {
+    pub concern: i64,
+    pub high: i64,
+    pub imminent: i64,
+    pub total: i64,
 }
 
 /// Body of `GET /api/sessions/{id}/messages`.

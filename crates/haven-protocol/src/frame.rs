@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS};
+use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS, RiskLevel};
 
 /// Frames a client sends. Unknown fields (such as `sender` or `role`) are
 /// ignored: the sender of a message is always the connection's role.
@@ -31,6 +31,10 @@ pub enum ServerFrame {
     /// The reply `reply_id` ended without a message (a therapist joined, or
     /// the model failed): drop its partial text.
     AiCancelled { reply_id: Uuid },
+    /// To therapists only: the safety detector flagged a client message of
+    /// `session_id` (this socket's session or another one the therapist can
+    /// see), and the session's level is now `level`.
+    Risk { session_id: Uuid, level: RiskLevel },
     /// The last frame from this connection was refused; nothing was stored.
     Error {
         code: ErrorCode,

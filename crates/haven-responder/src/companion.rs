@@ -1,7 +1,8 @@
 //! The built-in offline companion: deterministic, supportive, reflective
 //! replies in the style of a scripted wellbeing bot. It acknowledges, reflects
 //! and asks an open question; it says it is automated whenever asked and never
-//! claims to be a person or a clinician.
+//! claims to be a person or a clinician. Asked to check in on safety, it
+//! first asks whether the client is safe right now.
 
 use std::time::Duration;
 
@@ -20,12 +21,21 @@ pub struct Companion {
 }
 
 impl Companion {
+    /// How a reply opens when the request asks to check in on safety.
+    pub const SAFETY_CHECK_IN: &str = "I want to check in with you first: are you safe right now?";
+
     pub fn new(think_time: Duration) -> Self {
         Self { think_time }
     }
 
     /// The reply to the newest client message, given the whole request.
     pub fn compose(request: &ReplyRequest) -> String {
+        let reply = Self::reflect(request);
+        if request.check_in_on_safety { format!("{} {reply}", Self::SAFETY_CHECK_IN) } else { reply }
+    }
+
+    /// The usual reply: an acknowledgement, a reflection, an open question.
+    fn reflect(request: &ReplyRequest) -> String {
         let text = request.last_user_message().unwrap_or_default();
         let normalised = normalise(text);
         let user_turns = request.history.iter().filter(|turn| turn.sender == Sender::User).count();
@@ -172,6 +182,7 @@ mod tests {
     fn reply_to(text: &str) -> String {
         Companion::compose(&ReplyRequest {
             history: vec![Turn { sender: Sender::User, content: text.into() }],
+            ..ReplyRequest::default()
         })
     }
 
@@ -201,6 +212,19 @@ mod tests {
     fn reflects_statements_with_swapped_pronouns() {
         let reply = reply_to("I think my job is pointless.");
         assert!(reply.contains("you think your job is pointless"), "{reply}");
+    }
+
+    #[test]
+    fn checks_in_on_safety_first_when_asked_then_reflects() {
+        let request = ReplyRequest {
+            history: vec![Turn { sender: Sender::User, content: "I feel so low lately".into() }],
+            check_in_on_safety: true,
+        };
+        let reply = Companion::compose(&request);
+        let usual = reply_to("I feel so low lately");
+        assert_eq!(reply, format!("{} {usual}", Companion::SAFETY_CHECK_IN));
+        assert!(!usual.contains("are you safe"), "{usual}");
+        assert_eq!(reply, Companion::compose(&request), "deterministic");
     }
 
     #[test]

@@ -5,9 +5,15 @@
 //! providers) fit the same trait as the built-in [`Companion`]. The server
 //! commits the reply only if the session is still `BOT_ONLY` at commit time;
 //! a responder never needs to know about the takeover.
+//!
+//! Responders also take part in crisis detection, which the server runs:
+//! a reply can be asked to check in on the client's safety
+//! ([`ReplyRequest::check_in_on_safety`]), and a model can give a second
+//! opinion on a message's risk ([`Responder::assess_risk`]).
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use haven_protocol::Sender;
+use haven_protocol::{RiskLevel, Sender};
 
 mod companion;
 mod llm;
@@ -28,6 +34,11 @@ pub struct Turn {
 #[derive(Debug, Clone, Default)]
 pub struct ReplyRequest {
     pub history: Vec<Turn>,
+    /// Ask whether the client is safe right now before anything else: set by
+    /// the server when the session's risk level is `concern`. A model is told
+    /// to do so in its system prompt; the built-in companion opens its reply
+    /// with [`Companion::SAFETY_CHECK_IN`].
+    pub check_in_on_safety: bool,
 }
 
 impl ReplyRequest {
@@ -78,4 +89,12 @@ pub trait Responder: Send + Sync + 'static {
     /// The reply as a stream of text chunks; their concatenation is the reply.
     /// Dropping the stream cancels the generation.
     fn reply(&self, request: ReplyRequest) -> BoxStream<'static, Result<String, ResponderError>>;
+
+    /// A second opinion on the risk in one client message, from the model.
+    /// `None` when this responder gives none (the built-in companion) or the
+    /// model failed; the caller only ever uses it to raise a level.
+    fn assess_risk(&self, text: &str) -> BoxFuture<'static, Option<RiskLevel>> {
+        let _ = text;
+        Box::pin(std::future::ready(None))
+    }
 }

@@ -7,21 +7,29 @@
 //! reply, bounded retries before the first word, and errors that say what
 //! failed without repeating what anyone wrote (genai's own error texts can
 //! carry request and response bodies, so they are never displayed).
+//!
+//! The same model also gives a second opinion on the risk in a client's
+//! message ([`Responder::assess_risk`]): one short, non-streaming request.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::{self, BoxStream};
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::{self, BoxStream, StreamExt};
 use genai::adapter::AdapterKind;
 use genai::chat::{ChatMessage, ChatOptions, ChatRequest, ChatStream, ChatStreamEvent};
 use genai::resolver::{AuthData, Endpoint};
 use genai::{Client, WebConfig};
+use haven_protocol::RiskLevel;
 use tokio::time::{Instant, timeout_at};
 
 use crate::prompt::{self, Speaker};
 use crate::{ReplyRequest, Responder, ResponderError};
+
+/// The most a risk assessment may take, whatever the reply timeout: the
+/// server waits for it before deciding how to treat the message.
+const ASSESSMENT_TIMEOUT_CAP: Duration = Duration::from_secs(10);
 
 /// Which wire format a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +120,8 @@ impl LlmResponder {
             Speaker::User => ChatMessage::user(line.text),
             Speaker::Assistant => ChatMessage::assistant(line.text),
         });
-        ChatRequest::from_system(self.settings.system_prompt.clone()).append_messages(messages)
+        let system = prompt::system_prompt(&self.settings.system_prompt, request.check_in_on_safety);
+        ChatRequest::from_system(system).append_messages(messages)
     }
 }
 
@@ -134,6 +143,13 @@ impl Responder for LlmResponder {
             })
             .boxed()
     }
+
+    fn assess_risk(&self, text: &str) -> BoxFuture<'static, Option<RiskLevel>> {
+        let chat = ChatRequest::from_system(prompt::RISK_ASSESSMENT_PROMPT)
+            .append_message(ChatMessage::user(text.to_owned()));
+        let responder = self.clone();
+        async move { responder.assess(chat).await }.boxed()
+    }
 }
 
 impl LlmResponder {
@@ -145,46 +161,100 @@ impl LlmResponder {
         deadline: Instant,
     ) -> Result<(String, ChatStream), ResponderError> {
         let options = ChatOptions::default();
-        let mut attempt = 0;
-        loop {
-            let started = timeout_at(deadline, async {
+        let (chat, options) = (&chat, &options);
+        self.with_retries(deadline, move || async move {
+            let response = self
+                .client
+                .exec_chat_stream(self.settings.model.as_str(), chat.clone(), Some(options))
+                .await
+                .map_err(|error| classify(&error))?;
+            let mut events = response.stream;
+            loop {
+                match events.next().await {
+                    Some(Ok(ChatStreamEvent::Chunk(chunk))) if !chunk.content.is_empty() => {
+                        return Ok((chunk.content, events));
+                    }
+                    Some(Ok(ChatStreamEvent::End(end))) if end.captured_stop_reason.is_none() => {
+                        return Err(ResponderError::Truncated);
+                    }
+                    Some(Ok(ChatStreamEvent::End(_))) => return Err(ResponderError::Empty),
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Err(classify(&error)),
+                    None => return Err(ResponderError::Truncated),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Asks the model for the risk level of one message, within
+    /// [`ASSESSMENT_TIMEOUT_CAP`] and with the usual retries. Failures are
+    /// logged by kind only: neither the message nor the answer is logged.
+    async fn assess(&self, chat: ChatRequest) -> Option<RiskLevel> {
+        let deadline = Instant::now() + self.settings.timeout.min(ASSESSMENT_TIMEOUT_CAP);
+        // Models that think aloud (e.g. DeepSeek-R1 on Ollama) put it in
+        // `<think>` tags; moving it out of the answer leaves the one word.
+        let options = ChatOptions::default().with_normalize_reasoning_content(true);
+        let (chat, options) = (&chat, &options);
+        let answer = self
+            .with_retries(deadline, move || async move {
                 let response = self
                     .client
-                    .exec_chat_stream(self.settings.model.as_str(), chat.clone(), Some(&options))
+                    .exec_chat(self.settings.model.as_str(), chat.clone(), Some(options))
                     .await
                     .map_err(|error| classify(&error))?;
-                let mut events = response.stream;
-                loop {
-                    match events.next().await {
-                        Some(Ok(ChatStreamEvent::Chunk(chunk))) if !chunk.content.is_empty() => {
-                            return Ok((chunk.content, events));
-                        }
-                        Some(Ok(ChatStreamEvent::End(end))) if end.captured_stop_reason.is_none() => {
-                            return Err(ResponderError::Truncated);
-                        }
-                        Some(Ok(ChatStreamEvent::End(_))) => return Err(ResponderError::Empty),
-                        Some(Ok(_)) => {}
-                        Some(Err(error)) => return Err(classify(&error)),
-                        None => return Err(ResponderError::Truncated),
-                    }
-                }
+                response.into_first_text().ok_or(ResponderError::Empty)
             })
-            .await
-            .unwrap_or(Err(ResponderError::Timeout));
-            match started {
-                Err(error) if error.is_retryable() && attempt < self.settings.retries => {
-                    attempt += 1;
-                    let pause = Duration::from_millis(250 * 2u64.pow(attempt - 1));
+            .await;
+        match answer.map(|answer| parse_risk_level(&answer)) {
+            Ok(Some(level)) => Some(level),
+            Ok(None) => {
+                tracing::warn!(provider = self.name(), "risk assessment failed: the answer was not a level");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(provider = self.name(), error = %error, "risk assessment failed");
+                None
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails in a way not worth retrying,
+    /// or has been retried `settings.retries` times, pausing 250 ms, 500 ms,
+    /// 1 s, … in between. Every attempt and pause ends by `deadline`.
+    async fn with_retries<T, Attempt>(
+        &self,
+        deadline: Instant,
+        mut attempt: impl FnMut() -> Attempt,
+    ) -> Result<T, ResponderError>
+    where
+        Attempt: Future<Output = Result<T, ResponderError>>,
+    {
+        let mut retries = 0;
+        loop {
+            let outcome = timeout_at(deadline, attempt()).await.unwrap_or(Err(ResponderError::Timeout));
+            match outcome {
+                Err(error) if error.is_retryable() && retries < self.settings.retries => {
+                    retries += 1;
+                    let pause = Duration::from_millis(250 * 2u64.pow(retries - 1));
                     if Instant::now() + pause >= deadline {
                         return Err(error);
                     }
-                    tracing::info!(provider = self.name(), attempt, error = %error, "retrying the model");
+                    tracing::info!(provider = self.name(), attempt = retries, error = %error, "retrying the model");
                     tokio::time::sleep(pause).await;
                 }
                 other => return other,
             }
         }
     }
+}
+
+/// The level named by the first word of a model's answer, whatever its case
+/// and the punctuation or markup around it (`"High."`, `"**imminent**"`);
+/// `None` when that word is not a level.
+fn parse_risk_level(answer: &str) -> Option<RiskLevel> {
+    let first_word = answer.split(|c: char| !c.is_alphabetic()).find(|word| !word.is_empty())?;
+    RiskLevel::parse(&first_word.to_lowercase())
 }
 
 /// The stream after its first text: more text until the provider's end
@@ -239,5 +309,34 @@ fn classify(error: &genai::Error) -> ResponderError {
             }
             _ => ResponderError::Misconfigured("the model request could not be made"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_first_word_of_an_answer_as_a_risk_level() {
+        let answers = [
+            ("none", RiskLevel::None),
+            ("concern", RiskLevel::Concern),
+            ("High", RiskLevel::High),
+            ("IMMINENT", RiskLevel::Imminent),
+            ("  high.\n", RiskLevel::High),
+            ("**Imminent**", RiskLevel::Imminent),
+            ("\"concern\"", RiskLevel::Concern),
+            ("high - the message mentions self-harm", RiskLevel::High),
+        ];
+        for (answer, level) in answers {
+            assert_eq!(parse_risk_level(answer), Some(level), "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_does_not_start_with_a_level_is_no_assessment() {
+        for answer in ["", "  ...", "I think high", "medium", "highly concerning", "nonexistent", "4"] {
+            assert_eq!(parse_risk_level(answer), None, "{answer:?}");
+        }
     }
 }

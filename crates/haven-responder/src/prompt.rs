@@ -1,5 +1,6 @@
-//! What a language model is shown: the system prompt and the session's
-//! recent turns, within a character budget.
+//! What a language model is shown: the system prompt (with the safety
+//! check-in when asked for) and the session's recent turns, within a
+//! character budget; and the fixed prompt of the risk assessment.
 
 use haven_protocol::Sender;
 
@@ -7,6 +8,24 @@ use crate::Turn;
 
 /// The system prompt shipped with Haven (`prompts/companion.md`).
 pub const DEFAULT_SYSTEM_PROMPT: &str = include_str!("../prompts/companion.md");
+
+/// Appended to the system prompt when a reply must check in on the client's
+/// safety (`prompts/safety_check_in.md`). Fixed, so an operator's own system
+/// prompt cannot leave it out.
+pub const SAFETY_CHECK_IN_PROMPT: &str = include_str!("../prompts/safety_check_in.md");
+
+/// The whole system prompt of the risk assessment
+/// (`prompts/risk_assessment.md`): the model names one level and nothing else.
+pub const RISK_ASSESSMENT_PROMPT: &str = include_str!("../prompts/risk_assessment.md");
+
+/// The system prompt for one reply: the configured `base`, followed by
+/// [`SAFETY_CHECK_IN_PROMPT`] when the reply must check in on safety.
+pub fn system_prompt(base: &str, check_in_on_safety: bool) -> String {
+    if !check_in_on_safety {
+        return base.to_owned();
+    }
+    format!("{}\n\n{SAFETY_CHECK_IN_PROMPT}", base.trim_end())
+}
 
 /// Who says a line, as a chat model understands it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +116,8 @@ pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
 
 #[cfg(test)]
 mod tests {
+    use haven_protocol::RiskLevel;
+
     use super::*;
 
     fn turn(sender: Sender, content: &str) -> Turn {
@@ -142,6 +163,23 @@ mod tests {
         assert_eq!(lines, vec![PromptLine { speaker: Speaker::User, text: "cccccccccc".into() }]);
         let cut = conversation(&[turn(Sender::User, "0123456789")], 4);
         assert_eq!(cut[0].text, "6789");
+    }
+
+    #[test]
+    fn the_safety_check_in_is_appended_only_when_asked_for() {
+        assert_eq!(system_prompt("Be kind.", false), "Be kind.");
+        let prompt = system_prompt("Be kind.\n", true);
+        assert!(prompt.starts_with("Be kind.\n\n"), "{prompt}");
+        assert!(prompt.ends_with(SAFETY_CHECK_IN_PROMPT));
+        assert!(SAFETY_CHECK_IN_PROMPT.contains("safe right now"));
+        assert!(SAFETY_CHECK_IN_PROMPT.contains("crisis line"));
+    }
+
+    #[test]
+    fn the_risk_assessment_prompt_names_every_level() {
+        for level in RiskLevel::ALL {
+            assert!(RISK_ASSESSMENT_PROMPT.contains(&format!("- {}:", level.as_str())), "{level:?}");
+        }
     }
 
     #[test]

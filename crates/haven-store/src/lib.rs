@@ -8,7 +8,7 @@
 //! default; a PostgreSQL implementation plugs in behind the same trait.
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -81,6 +81,96 @@ pub struct ChatSession {
     pub last_message_at: Option<OffsetDateTime>,
     /// Closed by its therapist: no client credential, off every list.
     pub closed: bool,
+    /// Set once the safety detector flagged a client message; never cleared.
+    pub risk: Option<RiskState>,
+}
+
+/// A session's safety flag: the highest level seen, when, and whether a
+/// therapist has acknowledged it since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RiskState {
+    pub level: RiskLevel,
+    pub first_flagged_at: OffsetDateTime,
+    pub last_flagged_at: OffsetDateTime,
+    /// The latest acknowledgement. A flag raised after it makes the session
+    /// unacknowledged again.
+    pub acknowledged_at: Option<OffsetDateTime>,
+    pub acknowledged_by: Option<Uuid>,
+}
+
+impl RiskState {
+    /// Flagged since the last acknowledgement (or never acknowledged).
+    pub fn needs_attention(&self) -> bool {
+        self.acknowledged_at.is_none_or(|at| at < self.last_flagged_at)
+    }
+}
+
+/// What the safety detector found in a message, stored with it.
+#[derive(Debug, Clone)]
+pub struct RiskFlag {
+    /// Above `none`.
+    pub level: RiskLevel,
+    /// The ids of the rules that fired (never the message's words).
+    pub rules: Vec<String>,
+    pub detector_version: String,
+    /// A `system` message with crisis resources, appended after the flagged
+    /// message when the session's level rises (not again for the same level).
+    pub crisis_message: String,
+}
+
+/// What flagging did to the session.
+#[derive(Debug, Clone)]
+pub struct Flagged {
+    /// The session's level after the flag (the highest so far).
+    pub level: RiskLevel,
+    /// The crisis message, when the level rose and it was appended.
+    pub crisis_message: Option<ChatMessage>,
+    /// The therapist the session is assigned to, who must be alerted.
+    pub therapist_id: Option<Uuid>,
+}
+
+/// The result of [`Store::acknowledge_risk`].
+#[derive(Debug, Clone)]
+pub enum AcknowledgeOutcome {
+    Acknowledged(RiskState),
+    /// The session has no flag; nothing was written.
+    NotFlagged,
+    /// The session is assigned to another therapist; nothing was written.
+    NotYours,
+}
+
+/// One line of a session's safety audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at: OffsetDateTime,
+    pub kind: AuditKind,
+    pub level: RiskLevel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditKind {
+    /// The detector (or the model's second opinion) flagged the message `seq`.
+    Flagged {
+        seq: i64,
+        rules: Vec<String>,
+        detector_version: String,
+        /// Crisis resources were sent to the client with this flag.
+        referred: bool,
+    },
+    /// A therapist acknowledged the flag, with an optional note.
+    Acknowledged { therapist_id: Uuid, note: Option<String> },
+}
+
+/// Counts for reporting (e.g. SB 243's yearly count of crisis referrals).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SafetyReport {
+    /// Crisis messages sent, by level, from the referral counter.
+    pub referrals: Vec<(RiskLevel, i64)>,
+    /// Flagged messages, by level, from the audit trail.
+    pub flags: Vec<(RiskLevel, i64)>,
+    /// Sessions flagged, and of those, the ones awaiting acknowledgement.
+    pub flagged_sessions: i64,
+    pub unacknowledged_sessions: i64,
 }
 
 /// A message from a connection, after validation.
@@ -90,6 +180,9 @@ pub struct NewMessage {
     pub sender: Sender,
     pub content: String,
     pub client_id: String,
+    /// Set when the safety detector flagged this (client) message: the flag is
+    /// stored in the same transaction as the message.
+    pub risk: Option<RiskFlag>,
 }
 
 /// A message written on the companion's side of a `BOT_ONLY` session.
@@ -105,7 +198,7 @@ pub enum BotMessage {
 #[derive(Debug, Clone)]
 pub enum Appended {
     /// Committed now. `chat_mode` is the session's mode in the same transaction.
-    Stored { message: ChatMessage, chat_mode: ChatMode },
+    Stored { message: ChatMessage, chat_mode: ChatMode, flagged: Option<Flagged> },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
 }
@@ -242,6 +335,26 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Flags the stored message `seq` after the fact (the model's second
+    /// opinion), as [`Store::append_message`] does in line. A flag only ever
+    /// raises the session's level. `NotFound` for no such session.
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged>;
+
+    /// Records that a therapist saw a session's flag, with an optional note,
+    /// in the audit trail. The level stays: flags are never cleared.
+    async fn acknowledge_risk(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+    ) -> Result<AcknowledgeOutcome>;
+
+    /// A session's safety audit trail, oldest first.
+    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>>;
+
+    /// Counts of flags and referrals at or after `since`.
+    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport>;
+
     /// Up to `limit` messages with `seq > after`, in seq order.
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
 }
@@ -264,8 +377,10 @@ pub enum Notification {
         seq: i64,
         join: bool,
     },
-    /// A chat session was created.
-    SessionCreated,
+    /// A chat session was created or changed (e.g. a flag acknowledged).
+    AppointmentsChanged,
+    /// A session was flagged by the safety detector.
+    Risk { session_id: Uuid, level: RiskLevel, therapist_id: Option<Uuid> },
     Announced(Announcement),
     /// The connection to the notification source was lost and is back:
     /// notifications in between may be lost, so read what was missed.

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{FromRow, PgConnection, PgPool};
@@ -30,12 +30,13 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::rows::{
-    MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL, TherapistRow,
-    is_unique_violation, new_message, parse_mode,
+    AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
+    TherapistRow, is_unique_violation, join_rules, new_message, parse_level, parse_mode, stored_level,
 };
 use crate::{
-    Announcement, Appended, BotMessage, ChatSession, CloseOutcome, JoinOutcome, Listener, NewMessage,
-    NewTherapist, Notification, Result, Store, StoreError, Therapist, now,
+    AcknowledgeOutcome, Announcement, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Flagged,
+    JoinOutcome, Listener, NewMessage, NewTherapist, Notification, Result, RiskFlag, SafetyReport, Store,
+    StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -88,6 +89,79 @@ impl PgStore {
     ) -> Result<()> {
         let payload = json!({"kind": "message", "session": session_id, "seq": message.seq, "join": join});
         self.notify(tx, payload).await
+    }
+
+    /// Raises a session's flag for its message `seq`, inside a transaction
+    /// that holds the session's row lock: the level, the audit record, and —
+    /// when the level rises — the crisis message and the referral counter.
+    async fn flag_in_tx(
+        &self,
+        tx: &mut PgConnection,
+        session_id: Uuid,
+        seq: i64,
+        flag: &RiskFlag,
+    ) -> Result<Flagged> {
+        let (stored, therapist_id): (Option<String>, Option<Uuid>) =
+            sqlx::query_as("SELECT risk_level, therapist_id FROM chat_sessions WHERE id = $1 FOR UPDATE")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+        let before = stored_level(stored)?;
+        let level = before.max(flag.level);
+        let raised = flag.level > before;
+        let at = now();
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_level = $1, risk_first_at = COALESCE(risk_first_at, $2),
+             risk_last_at = $2 WHERE id = $3",
+        )
+        .bind(level.as_str())
+        .bind(at)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        let crisis_message = if raised {
+            let seq: i64 = sqlx::query_scalar(
+                "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+                 WHERE id = $2 RETURNING last_seq",
+            )
+            .bind(at)
+            .bind(session_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let message = new_message(Uuid::now_v7(), seq, Sender::System, &flag.crisis_message, None, at);
+            insert_message(tx, session_id, &message).await?;
+            self.notify_message(tx, &message, session_id, false).await?;
+            sqlx::query(
+                "INSERT INTO safety_referrals (day, level, count) VALUES ($1, $2, 1)
+                 ON CONFLICT (day, level) DO UPDATE SET count = safety_referrals.count + 1",
+            )
+            .bind(at.date())
+            .bind(flag.level.as_str())
+            .execute(&mut *tx)
+            .await?;
+            Some(message)
+        } else {
+            None
+        };
+        sqlx::query(
+            "INSERT INTO safety_audit
+                 (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
+             VALUES ($1, $2, 'flagged', $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(flag.level.as_str())
+        .bind(seq)
+        .bind(join_rules(&flag.rules))
+        .bind(&flag.detector_version)
+        .bind(raised)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let payload = json!({"kind": "risk", "session": session_id, "level": level, "therapist": therapist_id});
+        self.notify(tx, payload).await?;
+        Ok(Flagged { level, crisis_message, therapist_id })
     }
 }
 
@@ -265,6 +339,7 @@ impl Store for PgStore {
             created_at: now(),
             last_message_at: None,
             closed: false,
+            risk: None,
         };
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -428,8 +503,12 @@ impl Store for PgStore {
         let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
         insert_message(&mut tx, session_id, &message).await?;
         self.notify_message(&mut tx, &message, session_id, false).await?;
+        let flagged = match &new.risk {
+            Some(flag) => Some(self.flag_in_tx(&mut tx, session_id, seq, flag).await?),
+            None => None,
+        };
         tx.commit().await?;
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
@@ -494,6 +573,104 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged> {
+        let mut tx = self.pool.begin().await?;
+        let flagged = self.flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        tx.commit().await?;
+        Ok(flagged)
+    }
+
+    async fn acknowledge_risk(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+    ) -> Result<AcknowledgeOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1 FOR UPDATE"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
+            return Ok(AcknowledgeOutcome::NotYours);
+        }
+        let Some(mut risk) = session.risk else {
+            return Ok(AcknowledgeOutcome::NotFlagged);
+        };
+        let at = now();
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_acknowledged_at = $1, risk_acknowledged_by = $2 WHERE id = $3",
+        )
+        .bind(at)
+        .bind(therapist_id)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
+             VALUES ($1, $2, 'acknowledged', $3, $4, $5, $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(risk.level.as_str())
+        .bind(therapist_id)
+        .bind(note)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        // Other instances' dashboards refresh.
+        self.notify(&mut tx, json!({"kind": "session"})).await?;
+        tx.commit().await?;
+        risk.acknowledged_at = Some(at);
+        risk.acknowledged_by = Some(therapist_id);
+        Ok(AcknowledgeOutcome::Acknowledged(risk))
+    }
+
+    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
+        )))
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
+        let referrals: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, SUM(count)::BIGINT FROM safety_referrals WHERE day >= $1 GROUP BY level ORDER BY level",
+        )
+        .bind(since.date())
+        .fetch_all(&self.pool)
+        .await?;
+        let flags: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
+             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        let levels = |rows: Vec<(String, i64)>| {
+            rows.into_iter().map(|(level, count)| Ok((parse_level(&level)?, count))).collect::<Result<Vec<_>>>()
+        };
+        Ok(SafetyReport {
+            referrals: levels(referrals)?,
+            flags: levels(flags)?,
+            flagged_sessions,
+            unacknowledged_sessions,
+        })
     }
 
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
@@ -637,7 +814,12 @@ fn parse(payload: &str, instance: Uuid) -> Option<Notification> {
             seq: value["seq"].as_i64()?,
             join: value["join"].as_bool().unwrap_or(false),
         }),
-        "session" => Some(Notification::SessionCreated),
+        "session" => Some(Notification::AppointmentsChanged),
+        "risk" => Some(Notification::Risk {
+            session_id: uuid("session")?,
+            level: RiskLevel::parse(value["level"].as_str()?)?,
+            therapist_id: uuid("therapist"),
+        }),
         "delta" => Some(Notification::Announced(Announcement::Delta {
             session_id: uuid("session")?,
             reply_id: uuid("reply")?,

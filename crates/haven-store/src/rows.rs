@@ -1,12 +1,12 @@
 //! Row types and conversions shared by the SQLite and PostgreSQL stores.
 //! The SQL differs between the two; what a row means does not.
 
-use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
 use sqlx::FromRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{ChatSession, Result, StoreError, Therapist};
+use crate::{AuditKind, AuditRecord, ChatSession, Result, RiskState, StoreError, Therapist};
 
 #[derive(FromRow)]
 pub(crate) struct TherapistRow {
@@ -46,6 +46,11 @@ pub(crate) struct SessionRow {
     pub(crate) created_at: OffsetDateTime,
     pub(crate) last_message_at: Option<OffsetDateTime>,
     pub(crate) closed_at: Option<OffsetDateTime>,
+    pub(crate) risk_level: Option<String>,
+    pub(crate) risk_first_at: Option<OffsetDateTime>,
+    pub(crate) risk_last_at: Option<OffsetDateTime>,
+    pub(crate) risk_acknowledged_at: Option<OffsetDateTime>,
+    pub(crate) risk_acknowledged_by: Option<Uuid>,
 }
 
 impl TryFrom<SessionRow> for ChatSession {
@@ -67,6 +72,16 @@ impl TryFrom<SessionRow> for ChatSession {
             created_at: row.created_at,
             last_message_at: row.last_message_at,
             closed: row.closed_at.is_some(),
+            risk: match (row.risk_level, row.risk_first_at, row.risk_last_at) {
+                (Some(level), Some(first_flagged_at), Some(last_flagged_at)) => Some(RiskState {
+                    level: parse_level(&level)?,
+                    first_flagged_at,
+                    last_flagged_at,
+                    acknowledged_at: row.risk_acknowledged_at,
+                    acknowledged_by: row.risk_acknowledged_by,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -103,8 +118,61 @@ pub(crate) fn parse_mode(value: &str) -> Result<ChatMode> {
     ChatMode::parse(value).ok_or_else(|| StoreError::Corrupt(format!("chat_mode {value:?}")))
 }
 
-pub(crate) const SESSION_COLUMNS: &str =
-    "id, appointment_id, therapist_id, status, chat_mode, last_seq, created_at, last_message_at, closed_at";
+pub(crate) const SESSION_COLUMNS: &str = "id, appointment_id, therapist_id, status, chat_mode, last_seq, \
+     created_at, last_message_at, closed_at, risk_level, risk_first_at, risk_last_at, risk_acknowledged_at, \
+     risk_acknowledged_by";
+
+pub(crate) fn parse_level(value: &str) -> Result<RiskLevel> {
+    RiskLevel::parse(value).ok_or_else(|| StoreError::Corrupt(format!("risk level {value:?}")))
+}
+
+/// A session's stored level; `none` when it was never flagged.
+pub(crate) fn stored_level(value: Option<String>) -> Result<RiskLevel> {
+    value.map_or(Ok(RiskLevel::None), |value| parse_level(&value))
+}
+
+/// Rule ids are stored space-separated (an id never contains a space).
+pub(crate) fn join_rules(rules: &[String]) -> String {
+    rules.join(" ")
+}
+
+#[derive(FromRow)]
+pub(crate) struct AuditRow {
+    pub(crate) kind: String,
+    pub(crate) level: String,
+    pub(crate) message_seq: Option<i64>,
+    pub(crate) rules: Option<String>,
+    pub(crate) detector_version: Option<String>,
+    pub(crate) referred: bool,
+    pub(crate) therapist_id: Option<Uuid>,
+    pub(crate) note: Option<String>,
+    pub(crate) created_at: OffsetDateTime,
+}
+
+pub(crate) const AUDIT_COLUMNS: &str =
+    "kind, level, message_seq, rules, detector_version, referred, therapist_id, note, created_at";
+
+impl TryFrom<AuditRow> for AuditRecord {
+    type Error = StoreError;
+
+    fn try_from(row: AuditRow) -> Result<Self> {
+        let corrupt = || StoreError::Corrupt(format!("audit record of kind {:?}", row.kind));
+        let kind = match row.kind.as_str() {
+            "flagged" => AuditKind::Flagged {
+                seq: row.message_seq.ok_or_else(corrupt)?,
+                rules: row.rules.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect(),
+                detector_version: row.detector_version.clone().unwrap_or_default(),
+                referred: row.referred,
+            },
+            "acknowledged" => AuditKind::Acknowledged {
+                therapist_id: row.therapist_id.ok_or_else(corrupt)?,
+                note: row.note.clone(),
+            },
+            _ => return Err(corrupt()),
+        };
+        Ok(AuditRecord { at: row.created_at, kind, level: parse_level(&row.level)? })
+    }
+}
 
 /// A message about to be stored; `reply_id` is set for companion replies.
 pub(crate) fn new_message(

@@ -19,12 +19,12 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::rows::{
-    MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL, TherapistRow,
-    is_unique_violation, new_message, parse_mode,
+    AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
+    TherapistRow, is_unique_violation, join_rules, new_message, parse_level, parse_mode, stored_level,
 };
 use crate::{
-    Appended, BotMessage, ChatSession, CloseOutcome, JoinOutcome, NewMessage, NewTherapist, Result, Store,
-    StoreError, Therapist, now,
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Flagged, JoinOutcome,
+    NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, Store, StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -92,6 +92,77 @@ async fn insert_message(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Raises a session's flag for its message `seq`, inside a transaction:
+/// the level, the audit record, and — when the level rises — the crisis
+/// message and the referral counter.
+async fn flag_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    session_id: Uuid,
+    seq: i64,
+    flag: &RiskFlag,
+) -> Result<Flagged> {
+    let (stored, therapist_id): (Option<String>, Option<Uuid>) =
+        sqlx::query_as("SELECT risk_level, therapist_id FROM chat_sessions WHERE id = ?")
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+    let before = stored_level(stored)?;
+    let level = before.max(flag.level);
+    let raised = flag.level > before;
+    let at = now();
+    sqlx::query(
+        "UPDATE chat_sessions SET risk_level = ?, risk_first_at = COALESCE(risk_first_at, ?), risk_last_at = ?
+         WHERE id = ?",
+    )
+    .bind(level.as_str())
+    .bind(at)
+    .bind(at)
+    .bind(session_id)
+    .execute(&mut *tx)
+    .await?;
+    let crisis_message = if raised {
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+             WHERE id = ? RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = new_message(Uuid::now_v7(), seq, Sender::System, &flag.crisis_message, None, at);
+        insert_message(tx, session_id, &message).await?;
+        sqlx::query(
+            "INSERT INTO safety_referrals (day, level, count) VALUES (?, ?, 1)
+             ON CONFLICT (day, level) DO UPDATE SET count = count + 1",
+        )
+        .bind(at.date())
+        .bind(flag.level.as_str())
+        .execute(&mut *tx)
+        .await?;
+        Some(message)
+    } else {
+        None
+    };
+    sqlx::query(
+        "INSERT INTO safety_audit
+             (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
+         VALUES (?, ?, 'flagged', ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(session_id)
+    .bind(flag.level.as_str())
+    .bind(seq)
+    .bind(join_rules(&flag.rules))
+    .bind(&flag.detector_version)
+    .bind(raised)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Flagged { level, crisis_message, therapist_id })
 }
 
 /// Ends every login of a therapist, inside a transaction.
@@ -280,6 +351,7 @@ impl Store for SqliteStore {
             created_at: now(),
             last_message_at: None,
             closed: false,
+            risk: None,
         };
         let mut tx = self.begin_write().await?;
         sqlx::query(
@@ -435,8 +507,12 @@ impl Store for SqliteStore {
         .ok_or(StoreError::NotFound)?;
         let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
         insert_message(&mut tx, session_id, &message).await?;
+        let flagged = match &new.risk {
+            Some(flag) => Some(flag_in_tx(&mut tx, session_id, seq, flag).await?),
+            None => None,
+        };
         tx.commit().await?;
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)? })
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
@@ -516,6 +592,100 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged> {
+        let mut tx = self.begin_write().await?;
+        let flagged = flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        tx.commit().await?;
+        Ok(flagged)
+    }
+
+    async fn acknowledge_risk(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+    ) -> Result<AcknowledgeOutcome> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
+            return Ok(AcknowledgeOutcome::NotYours);
+        }
+        let Some(mut risk) = session.risk else {
+            return Ok(AcknowledgeOutcome::NotFlagged);
+        };
+        let at = now();
+        sqlx::query("UPDATE chat_sessions SET risk_acknowledged_at = ?, risk_acknowledged_by = ? WHERE id = ?")
+            .bind(at)
+            .bind(therapist_id)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
+             VALUES (?, ?, 'acknowledged', ?, ?, ?, ?)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(risk.level.as_str())
+        .bind(therapist_id)
+        .bind(note)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        risk.acknowledged_at = Some(at);
+        risk.acknowledged_by = Some(therapist_id);
+        Ok(AcknowledgeOutcome::Acknowledged(risk))
+    }
+
+    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = ? ORDER BY created_at, id"
+        )))
+        .bind(session_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
+        let referrals: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, SUM(count) FROM safety_referrals WHERE day >= ? GROUP BY level ORDER BY level",
+        )
+        .bind(since.date())
+        .fetch_all(&self.reader)
+        .await?;
+        let flags: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= ?
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since)
+        .fetch_all(&self.reader)
+        .await?;
+        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at), 0)
+             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= ?",
+        )
+        .bind(since)
+        .fetch_one(&self.reader)
+        .await?;
+        let levels = |rows: Vec<(String, i64)>| {
+            rows.into_iter().map(|(level, count)| Ok((parse_level(&level)?, count))).collect::<Result<Vec<_>>>()
+        };
+        Ok(SafetyReport {
+            referrals: levels(referrals)?,
+            flags: levels(flags)?,
+            flagged_sessions,
+            unacknowledged_sessions,
+        })
+    }
+
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
         let rows: Vec<MessageRow> = sqlx::query_as(
             "SELECT seq, id, sender, content, created_at, client_id FROM messages
@@ -533,6 +703,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::AuditKind;
+    use haven_protocol::RiskLevel;
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -546,7 +718,100 @@ mod tests {
     }
 
     fn user_message(client_id: &str) -> NewMessage {
-        NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into() }
+        NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into(), risk: None }
+    }
+
+    fn flag(level: RiskLevel) -> RiskFlag {
+        RiskFlag {
+            level,
+            rules: vec!["en.test.rule".into(), "en.test.other".into()],
+            detector_version: "test".into(),
+            crisis_message: format!("resources for {}", level.as_str()),
+        }
+    }
+
+    /// Appends a flagged client message and returns what flagging did.
+    async fn flagged(store: &SqliteStore, session: Uuid, client_id: &str, level: RiskLevel) -> Flagged {
+        let new = NewMessage { risk: Some(flag(level)), ..user_message(client_id) };
+        match store.append_message(session, new).await.unwrap() {
+            Appended::Stored { flagged: Some(flagged), .. } => flagged,
+            other => panic!("expected a flagged message, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn flags_only_rise_send_resources_when_they_do_and_are_audited() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let tess = therapist(&store, "t@x").await;
+
+        let first = flagged(&store, session.id, "a", RiskLevel::Concern).await;
+        let crisis = first.crisis_message.expect("resources when the level first rises");
+        assert_eq!((crisis.seq, crisis.sender, crisis.content.as_str()), (2, Sender::System, "resources for concern"));
+        // The same level again: flagged and audited, no second crisis message.
+        let again = flagged(&store, session.id, "b", RiskLevel::Concern).await;
+        assert!(again.crisis_message.is_none());
+        let high = flagged(&store, session.id, "c", RiskLevel::High).await;
+        assert_eq!((high.level, high.crisis_message.map(|m| m.seq)), (RiskLevel::High, Some(5)));
+        // A lower level never lowers the session's.
+        let lower = flagged(&store, session.id, "d", RiskLevel::Concern).await;
+        assert_eq!((lower.level, lower.crisis_message.is_none()), (RiskLevel::High, true));
+
+        let risk = store.chat_session(session.id).await.unwrap().unwrap().risk.unwrap();
+        assert_eq!(risk.level, RiskLevel::High);
+        assert!(risk.needs_attention() && risk.first_flagged_at < risk.last_flagged_at);
+
+        let AcknowledgeOutcome::Acknowledged(acked) =
+            store.acknowledge_risk(session.id, tess.id, Some("called the client")).await.unwrap()
+        else {
+            panic!("expected an acknowledgement");
+        };
+        assert!(!acked.needs_attention());
+        assert_eq!(acked.level, RiskLevel::High, "acknowledging never clears the level");
+        // A new flag after the acknowledgement needs attention again.
+        flagged(&store, session.id, "e", RiskLevel::Concern).await;
+        assert!(store.chat_session(session.id).await.unwrap().unwrap().risk.unwrap().needs_attention());
+
+        let audit = store.safety_audit(session.id).await.unwrap();
+        let kinds: Vec<_> = audit
+            .iter()
+            .map(|record| match &record.kind {
+                AuditKind::Flagged { referred, rules, .. } => {
+                    assert_eq!(rules, &["en.test.rule", "en.test.other"]);
+                    format!("{}{}", record.level.as_str(), if *referred { "+referred" } else { "" })
+                }
+                AuditKind::Acknowledged { therapist_id, note } => {
+                    assert_eq!((*therapist_id, note.as_deref()), (tess.id, Some("called the client")));
+                    "ack".to_owned()
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["concern+referred", "concern", "high+referred", "concern", "ack", "concern"].map(String::from)
+        );
+        let report = store.safety_report(OffsetDateTime::UNIX_EPOCH).await.unwrap();
+        assert_eq!(report.referrals, vec![(RiskLevel::Concern, 1), (RiskLevel::High, 1)]);
+        assert_eq!(report.flags, vec![(RiskLevel::Concern, 4), (RiskLevel::High, 1)]);
+        assert_eq!((report.flagged_sessions, report.unacknowledged_sessions), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn only_the_assigned_therapist_acknowledges_and_only_a_flag() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let (tess, other) = (therapist(&store, "t@x").await, therapist(&store, "o@x").await);
+        assert!(matches!(
+            store.acknowledge_risk(session.id, tess.id, None).await.unwrap(),
+            AcknowledgeOutcome::NotFlagged
+        ));
+        store.join_as_therapist(session.id, tess.id, "joined").await.unwrap();
+        flagged(&store, session.id, "a", RiskLevel::Imminent).await;
+        assert!(matches!(
+            store.acknowledge_risk(session.id, other.id, None).await.unwrap(),
+            AcknowledgeOutcome::NotYours
+        ));
+        assert!(store.chat_session(session.id).await.unwrap().unwrap().risk.unwrap().needs_attention());
     }
 
     #[tokio::test]

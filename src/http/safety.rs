@@ -1,0 +1,143 @@
+//! The crisis detector and its flags, for therapists (docs/safety.md).
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
+use haven_protocol::api::{AcknowledgeRequest, AuditEntry, ClassifyRequest, SafetyReport, SessionRisk};
+use haven_protocol::{MAX_CONTENT_CHARS, RiskLevel};
+use haven_safety::Assessment;
+use haven_store::{AcknowledgeOutcome, AuditKind, ChatSession};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{ApiError, Json, Path};
+use crate::auth::AuthTherapist;
+use crate::startup::AppState;
+
+/// Longest acknowledgement note, in characters.
+const MAX_NOTE_CHARS: usize = 2_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/safety/classify", post(classify))
+        .route("/api/safety/report", get(report))
+        .route("/api/sessions/{session_id}/risk", get(session_risk))
+        .route("/api/sessions/{session_id}/risk/acknowledge", post(acknowledge))
+}
+
+/// `POST /api/safety/classify {"text"}`: what the detector finds in a text,
+/// and why. Nothing is stored or logged.
+async fn classify(
+    _caller: AuthTherapist,
+    Json(request): Json<ClassifyRequest>,
+) -> Result<Json<Assessment>, ApiError> {
+    if request.text.chars().count() > MAX_CONTENT_CHARS {
+        return Err(ApiError::BadRequest {
+            code: "content_too_long",
+            message: format!("text is longer than {MAX_CONTENT_CHARS} characters"),
+        });
+    }
+    Ok(Json(haven_safety::classify(&request.text)))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportQuery {
+    days: Option<u32>,
+}
+
+/// `GET /api/safety/report?days=N`: flags and crisis referrals counted over
+/// the last N days (default 365).
+async fn report(
+    State(state): State<AppState>,
+    _caller: AuthTherapist,
+    Query(query): Query<ReportQuery>,
+) -> Result<Json<SafetyReport>, ApiError> {
+    let days = query.days.unwrap_or(365).min(36_500);
+    Ok(Json(crate::safety::report(state.store.as_ref(), days).await?))
+}
+
+/// `GET /api/sessions/{id}/risk`: a session's flag and audit trail, for a
+/// therapist who can see the session.
+async fn session_risk(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+) -> Result<Json<SessionRisk>, ApiError> {
+    let session = visible_session(&state, &session_id, &caller).await?;
+    Ok(Json(risk_of(&state, &session).await?))
+}
+
+/// `POST /api/sessions/{id}/risk/acknowledge {"note"}`: the therapist has
+/// seen the flag. It is recorded in the audit trail with the note; the
+/// level stays, and a later flag needs attention again.
+async fn acknowledge(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+    Json(request): Json<AcknowledgeRequest>,
+) -> Result<Json<SessionRisk>, ApiError> {
+    let session = visible_session(&state, &session_id, &caller).await?;
+    let note = request.note.as_deref().map(str::trim).filter(|note| !note.is_empty());
+    if note.is_some_and(|note| note.chars().count() > MAX_NOTE_CHARS) {
+        return Err(ApiError::BadRequest {
+            code: "note_too_long",
+            message: format!("the note is longer than {MAX_NOTE_CHARS} characters"),
+        });
+    }
+    match state.store.acknowledge_risk(session.id, caller.therapist.id, note).await? {
+        AcknowledgeOutcome::Acknowledged(_) => {
+            tracing::info!(session_id = %session.id, "risk flag acknowledged");
+            state.hub.appointments_changed();
+            let session = state.store.chat_session(session.id).await?.ok_or(ApiError::NotFound)?;
+            Ok(Json(risk_of(&state, &session).await?))
+        }
+        AcknowledgeOutcome::NotFlagged => {
+            Err(ApiError::Conflict("the session has no risk flag to acknowledge".into()))
+        }
+        AcknowledgeOutcome::NotYours => Err(ApiError::Forbidden),
+    }
+}
+
+/// The session, if it is in the caller's appointments (open, or theirs).
+async fn visible_session(
+    state: &AppState,
+    session_id: &str,
+    caller: &AuthTherapist,
+) -> Result<ChatSession, ApiError> {
+    let session_id = Uuid::parse_str(session_id).map_err(|_| ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    match session.therapist_id {
+        Some(holder) if holder != caller.therapist.id => Err(ApiError::Forbidden),
+        _ => Ok(session),
+    }
+}
+
+async fn risk_of(state: &AppState, session: &ChatSession) -> Result<SessionRisk, ApiError> {
+    let audit = state.store.safety_audit(session.id).await?;
+    let risk = session.risk.as_ref();
+    Ok(SessionRisk {
+        session_id: session.id,
+        level: risk.map_or(RiskLevel::None, |risk| risk.level),
+        first_flagged_at: risk.map(|risk| risk.first_flagged_at),
+        last_flagged_at: risk.map(|risk| risk.last_flagged_at),
+        acknowledged_at: risk.and_then(|risk| risk.acknowledged_at),
+        acknowledged_by: risk.and_then(|risk| risk.acknowledged_by),
+        needs_attention: risk.is_some_and(|risk| risk.needs_attention()),
+        audit: audit
+            .into_iter()
+            .map(|record| match record.kind {
+                AuditKind::Flagged { seq, rules, detector_version, referred } => AuditEntry::Flagged {
+                    at: record.at,
+                    level: record.level,
+                    seq,
+                    rules,
+                    detector_version,
+                    referred,
+                },
+                AuditKind::Acknowledged { therapist_id, note } => {
+                    AuditEntry::Acknowledged { at: record.at, level: record.level, therapist_id, note }
+                }
+            })
+            .collect(),
+    })
+}

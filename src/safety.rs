@@ -1,0 +1,217 @@
+//! Crisis escalation (docs/safety.md): what Haven does once the detector
+//! (`haven-safety`) flags a client message.
+//!
+//! - [`Escalation::screen`] turns the detector's verdict into a [`RiskFlag`]
+//!   stored with the message, including the crisis message with this
+//!   deployment's resources. It needs no model, so it works when the model
+//!   is down or slow.
+//! - [`SafetyScript`] replaces the companion at `high` and `imminent`: fixed,
+//!   reviewed texts instead of free-form generation, until a therapist joins.
+//! - [`report`] counts flags and referrals for reporting.
+
+use futures_util::stream::{self, BoxStream};
+use haven_protocol::api::{self, LevelCounts};
+use haven_protocol::{RiskLevel, Sender};
+use haven_responder::{ReplyRequest, Responder, ResponderError};
+use haven_safety::Assessment;
+use haven_store::{RiskFlag, Store, StoreError};
+use time::OffsetDateTime;
+
+use crate::config::SafetyArgs;
+
+/// The safety script, said in this order (then again from the start) while
+/// a session at `high` or `imminent` has no therapist. Each text stays with
+/// the person, points to the crisis resources and asks whether they are safe.
+pub const SAFETY_SCRIPT: [&str; 4] = [
+    "I'm really glad you told me. I'm an automated companion, and right now what matters most is that you're safe. Are you safe right now?",
+    "You don't have to go through this alone. The crisis line shown above is free, confidential and open any time: please reach out to them now. Is there someone near you who could be with you?",
+    "I'm still here with you. A therapist has been alerted to this chat and can join. If you are in immediate danger, please call your emergency number now. Are you somewhere safe?",
+    "Thank you for staying with me. If you can, put some distance between yourself and anything you could use to hurt yourself, and contact the crisis line or someone you trust. Are you safe right now?",
+];
+
+/// Builds the flag for a client message from the deployment's resources.
+#[derive(Debug, Clone)]
+pub struct Escalation {
+    crisis_line: String,
+    text_line: Option<String>,
+    emergency: String,
+    directory: String,
+}
+
+impl Escalation {
+    pub fn new(args: &SafetyArgs) -> Self {
+        let configured = |value: &Option<String>| {
+            value.as_deref().map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
+        };
+        let directory = args.crisis_resources_url.trim().to_owned();
+        Self {
+            crisis_line: configured(&args.crisis_line)
+                .unwrap_or_else(|| format!("a crisis line in your country (find one at {directory})")),
+            text_line: configured(&args.crisis_text_line),
+            emergency: configured(&args.emergency_number).unwrap_or_else(|| {
+                "your local emergency number (for example 112 in the EU, 911 in the US and Canada, 999 in the UK)"
+                    .to_owned()
+            }),
+            directory,
+        }
+    }
+
+    /// Whether the deployment configured its own crisis line and emergency number.
+    pub fn configured(args: &SafetyArgs) -> bool {
+        args.crisis_line.is_some() && args.emergency_number.is_some()
+    }
+
+    /// The flag to store with a message the detector assessed, if any.
+    pub fn flag(&self, assessment: &Assessment) -> Option<RiskFlag> {
+        (assessment.level > RiskLevel::None).then(|| RiskFlag {
+            level: assessment.level,
+            rules: assessment.rules.iter().map(|hit| hit.id.clone()).collect(),
+            detector_version: assessment.version.to_owned(),
+            crisis_message: self.crisis_message(assessment.level),
+        })
+    }
+
+    /// Screens a client message with the built-in rules.
+    pub fn screen(&self, text: &str) -> (Assessment, Option<RiskFlag>) {
+        let assessment = haven_safety::classify(text);
+        let flag = self.flag(&assessment);
+        (assessment, flag)
+    }
+
+    /// The `system` message with crisis resources for a level.
+    pub fn crisis_message(&self, level: RiskLevel) -> String {
+        let Self { crisis_line, text_line, emergency, directory } = self;
+        let text = text_line.as_ref().map(|line| format!(" You can also {line}.")).unwrap_or_default();
+        match level {
+            RiskLevel::None | RiskLevel::Concern => format!(
+                "It sounds like things are really hard right now, and you don't have to carry this alone. \
+                 If you ever feel unsafe, you can reach {crisis_line} at any time, day or night.{text} \
+                 In an emergency, call {emergency}. More crisis lines: {directory}. \
+                 A therapist can also join this chat."
+            ),
+            RiskLevel::High | RiskLevel::Imminent => format!(
+                "Your safety matters most right now. If you are in danger or might act on these thoughts, \
+                 please call {emergency} now, or reach {crisis_line}: free, confidential and open any \
+                 time.{text} More crisis lines: {directory}. This chat has been flagged so a therapist \
+                 sees it first."
+            ),
+        }
+    }
+
+    /// The flag for a level raised by the model's second opinion.
+    pub fn second_opinion(&self, level: RiskLevel) -> RiskFlag {
+        RiskFlag {
+            level,
+            rules: vec![SECOND_OPINION_RULE.to_owned()],
+            detector_version: haven_safety::classify("").version.to_owned(),
+            crisis_message: self.crisis_message(level),
+        }
+    }
+}
+
+/// The rule id recorded when the model's second opinion raised a level.
+pub const SECOND_OPINION_RULE: &str = "llm.second_opinion";
+
+/// The companion at `high` and `imminent`: the next text of [`SAFETY_SCRIPT`].
+pub struct SafetyScript;
+
+impl SafetyScript {
+    /// The next text: the one after the last script text in the history.
+    pub fn next(request: &ReplyRequest) -> &'static str {
+        let said = request
+            .history
+            .iter()
+            .rev()
+            .filter(|turn| turn.sender == Sender::Ai)
+            .find_map(|turn| SAFETY_SCRIPT.iter().position(|text| *text == turn.content));
+        SAFETY_SCRIPT[said.map_or(0, |index| (index + 1) % SAFETY_SCRIPT.len())]
+    }
+}
+
+impl Responder for SafetyScript {
+    fn name(&self) -> &'static str {
+        "safety_script"
+    }
+
+    fn reply(&self, request: ReplyRequest) -> BoxStream<'static, Result<String, ResponderError>> {
+        Box::pin(stream::iter([Ok(Self::next(&request).to_owned())]))
+    }
+}
+
+/// Counts of flags and referrals over the last `days` days.
+pub async fn report(store: &dyn Store, days: u32) -> Result<api::SafetyReport, StoreError> {
+    let since = (OffsetDateTime::now_utc() - time::Duration::days(days.into())).replace_time(time::Time::MIDNIGHT);
+    let counts = store.safety_report(since).await?;
+    let by_level = |rows: Vec<(RiskLevel, i64)>| {
+        let mut counts = LevelCounts::default();
+        for (level, count) in rows {
+            match level {
+                RiskLevel::None => continue,
+                RiskLevel::Concern => counts.concern += count,
+                RiskLevel::High => counts.high += count,
+                RiskLevel::Imminent => counts.imminent += count,
+            }
+            counts.total += count;
+        }
+        counts
+    };
+    Ok(api::SafetyReport {
+        since,
+        referrals: by_level(counts.referrals),
+        flags: by_level(counts.flags),
+        flagged_sessions: counts.flagged_sessions,
+        unacknowledged_sessions: counts.unacknowledged_sessions,
+        detector_version: haven_safety::classify("").version.to_owned(),
+    })
+}
+
+/// `haven safety check TEXT`: the detector's verdict as JSON.
+pub fn check_cli(text: &str) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(&haven_safety::classify(text))?);
+    Ok(())
+}
+
+/// `haven safety report`: the counts as JSON.
+pub async fn report_cli(database: &str, days: u32) -> anyhow::Result<()> {
+    let store = crate::startup::open_store(database).await?;
+    println!("{}", serde_json::to_string_pretty(&report(store.as_ref(), days).await?)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_responder::Turn;
+
+    fn args(line: Option<&str>, emergency: Option<&str>) -> SafetyArgs {
+        SafetyArgs {
+            crisis_line: line.map(str::to_owned),
+            crisis_text_line: None,
+            emergency_number: emergency.map(str::to_owned),
+            crisis_resources_url: "https://findahelpline.com".into(),
+            safety_second_opinion: true,
+        }
+    }
+
+    #[test]
+    fn crisis_messages_carry_the_configured_resources_or_neutral_defaults() {
+        let configured = Escalation::new(&args(Some("988"), Some("911")));
+        let high = configured.crisis_message(RiskLevel::High);
+        assert!(high.contains("call 911 now") && high.contains("reach 988"), "{high}");
+        let default = Escalation::new(&args(None, Some(" ")));
+        let concern = default.crisis_message(RiskLevel::Concern);
+        assert!(concern.contains("findahelpline.com") && concern.contains("112 in the EU"), "{concern}");
+    }
+
+    #[test]
+    fn the_script_goes_on_from_its_last_text_and_wraps_around() {
+        let turn = |sender, content: &str| Turn { sender, content: content.to_owned() };
+        let mut request = ReplyRequest { history: vec![turn(Sender::User, "help")], ..Default::default() };
+        assert_eq!(SafetyScript::next(&request), SAFETY_SCRIPT[0]);
+        request.history.push(turn(Sender::Ai, SAFETY_SCRIPT[0]));
+        request.history.push(turn(Sender::User, "no"));
+        assert_eq!(SafetyScript::next(&request), SAFETY_SCRIPT[1]);
+        request.history.push(turn(Sender::Ai, SAFETY_SCRIPT[3]));
+        assert_eq!(SafetyScript::next(&request), SAFETY_SCRIPT[0]);
+    }
+}
