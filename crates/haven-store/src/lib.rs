@@ -380,7 +380,11 @@ pub enum Notification {
     /// A chat session was created or changed (e.g. a flag acknowledged).
     AppointmentsChanged,
     /// A session was flagged by the safety detector.
-    Risk { session_id: Uuid, level: RiskLevel, therapist_id: Option<Uuid> },
+    Risk {
+        session_id: Uuid,
+        level: RiskLevel,
+        therapist_id: Option<Uuid>,
+    },
     Announced(Announcement),
     /// The connection to the notification source was lost and is back:
     /// notifications in between may be lost, so read what was missed.

@@ -159,7 +159,8 @@ impl PgStore {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        let payload = json!({"kind": "risk", "session": session_id, "level": level, "therapist": therapist_id});
+        let payload =
+            json!({"kind": "risk", "session": session_id, "level": level, "therapist": therapist_id});
         self.notify(tx, payload).await?;
         Ok(Flagged { level, crisis_message, therapist_id })
     }
@@ -663,7 +664,9 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await?;
         let levels = |rows: Vec<(String, i64)>| {
-            rows.into_iter().map(|(level, count)| Ok((parse_level(&level)?, count))).collect::<Result<Vec<_>>>()
+            rows.into_iter()
+                .map(|(level, count)| Ok((parse_level(&level)?, count)))
+                .collect::<Result<Vec<_>>>()
         };
         Ok(SafetyReport {
             referrals: levels(referrals)?,

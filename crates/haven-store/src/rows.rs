@@ -160,7 +160,13 @@ impl TryFrom<AuditRow> for AuditRecord {
         let kind = match row.kind.as_str() {
             "flagged" => AuditKind::Flagged {
                 seq: row.message_seq.ok_or_else(corrupt)?,
-                rules: row.rules.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect(),
+                rules: row
+                    .rules
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
                 detector_version: row.detector_version.clone().unwrap_or_default(),
                 referred: row.referred,
             },

@@ -7,6 +7,12 @@
 //! so a read-then-write can never fail to upgrade its lock (another process,
 //! such as `haven therapist add`, may write to the same file). Reads use a
 //! separate pool and see every committed write.
+//!
+//! Client messages, the hot path, are written by group commit: a task takes
+//! every append waiting in its queue, writes them in one transaction (each
+//! under its own savepoint, so one failing append does not undo the
+//! others) and commits once — one fsync for the batch. Each caller gets its
+//! result only after that commit, so an ack still means "on disk".
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,6 +22,7 @@ use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::rows::{
@@ -29,12 +36,29 @@ use crate::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// Appends a batch may hold: enough to amortise one fsync over thousands
+/// of messages a second, small enough to keep one transaction short.
+const MAX_BATCH: usize = 512;
+
+/// Appends waiting for the group-commit task; senders wait when it is full.
+const APPEND_QUEUE: usize = 4_096;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     /// Exactly one connection: SQLite has one writer at a time anyway.
     writer: SqlitePool,
     /// Read-only connections for everything that does not write.
     reader: SqlitePool,
+    /// The group-commit queue of [`Store::append_message`].
+    appends: mpsc::Sender<Append>,
+}
+
+/// One [`Store::append_message`] call waiting for its batch to commit.
+#[derive(Debug)]
+struct Append {
+    session_id: Uuid,
+    new: NewMessage,
+    done: oneshot::Sender<Result<Appended>>,
 }
 
 impl SqliteStore {
@@ -58,7 +82,10 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?
         };
-        Ok(Self { writer, reader })
+        let (appends, queue) = mpsc::channel(APPEND_QUEUE);
+        // The task ends when the last clone of this store is dropped.
+        tokio::spawn(commit_appends(writer.clone(), queue));
+        Ok(Self { writer, reader, appends })
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -70,6 +97,84 @@ impl SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
     }
+}
+
+/// The group-commit loop: every append waiting when the previous batch
+/// committed goes into the next one.
+async fn commit_appends(writer: SqlitePool, mut queue: mpsc::Receiver<Append>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match write_batch(&writer, &batch).await {
+            Ok(results) => {
+                for (append, result) in batch.drain(..).zip(results) {
+                    let _ = append.done.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, batch = batch.len(), "a batch of messages was not committed");
+                for append in batch.drain(..) {
+                    let failure = sqlx::Error::Protocol(format!("the batch was not committed: {error}"));
+                    let _ = append.done.send(Err(StoreError::Unavailable(failure)));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch in one transaction. The outer `Err` means nothing was
+/// committed; an append's own failure is rolled back to its savepoint and
+/// returned in its place.
+async fn write_batch(writer: &SqlitePool, batch: &[Append]) -> Result<Vec<Result<Appended>>> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for append in batch {
+        sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+        let result = append_in_tx(&mut tx, append.session_id, &append.new).await;
+        if result.is_err() {
+            sqlx::query("ROLLBACK TO append").execute(&mut *tx).await?;
+        }
+        sqlx::query("RELEASE append").execute(&mut *tx).await?;
+        results.push(result);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// One client message inside a batch: de-duplicated by `client_id`, the
+/// next seq, and the safety flag if any.
+async fn append_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    session_id: Uuid,
+    new: &NewMessage,
+) -> Result<Appended> {
+    let existing: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?")
+            .bind(session_id)
+            .bind(new.sender.as_str())
+            .bind(&new.client_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(seq) = existing {
+        return Ok(Appended::Duplicate { seq });
+    }
+    let at = now();
+    let (seq, mode): (i64, String) = sqlx::query_as(
+        "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+         WHERE id = ? RETURNING last_seq, chat_mode",
+    )
+    .bind(at)
+    .bind(at)
+    .bind(session_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
+    insert_message(tx, session_id, &message).await?;
+    let flagged = match &new.risk {
+        Some(flag) => Some(flag_in_tx(tx, session_id, seq, flag).await?),
+        None => None,
+    };
+    Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
 }
 
 /// Inserts a message row; the caller has already advanced `last_seq`.
@@ -482,37 +587,10 @@ impl Store for SqliteStore {
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
-        let mut tx = self.begin_write().await?;
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
-            return Ok(Appended::Duplicate { seq });
-        }
-        let at = now();
-        let (seq, mode): (i64, String) = sqlx::query_as(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? RETURNING last_seq, chat_mode",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
-        insert_message(&mut tx, session_id, &message).await?;
-        let flagged = match &new.risk {
-            Some(flag) => Some(flag_in_tx(&mut tx, session_id, seq, flag).await?),
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
+        let (done, result) = oneshot::channel();
+        let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
+        self.appends.send(Append { session_id, new, done }).await.map_err(|_| closed())?;
+        result.await.map_err(|_| closed())?
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
@@ -620,12 +698,14 @@ impl Store for SqliteStore {
             return Ok(AcknowledgeOutcome::NotFlagged);
         };
         let at = now();
-        sqlx::query("UPDATE chat_sessions SET risk_acknowledged_at = ?, risk_acknowledged_by = ? WHERE id = ?")
-            .bind(at)
-            .bind(therapist_id)
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_acknowledged_at = ?, risk_acknowledged_by = ? WHERE id = ?",
+        )
+        .bind(at)
+        .bind(therapist_id)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
              VALUES (?, ?, 'acknowledged', ?, ?, ?, ?)",
@@ -676,7 +756,9 @@ impl Store for SqliteStore {
         .fetch_one(&self.reader)
         .await?;
         let levels = |rows: Vec<(String, i64)>| {
-            rows.into_iter().map(|(level, count)| Ok((parse_level(&level)?, count))).collect::<Result<Vec<_>>>()
+            rows.into_iter()
+                .map(|(level, count)| Ok((parse_level(&level)?, count)))
+                .collect::<Result<Vec<_>>>()
         };
         Ok(SafetyReport {
             referrals: levels(referrals)?,
@@ -747,7 +829,10 @@ mod tests {
 
         let first = flagged(&store, session.id, "a", RiskLevel::Concern).await;
         let crisis = first.crisis_message.expect("resources when the level first rises");
-        assert_eq!((crisis.seq, crisis.sender, crisis.content.as_str()), (2, Sender::System, "resources for concern"));
+        assert_eq!(
+            (crisis.seq, crisis.sender, crisis.content.as_str()),
+            (2, Sender::System, "resources for concern")
+        );
         // The same level again: flagged and audited, no second crisis message.
         let again = flagged(&store, session.id, "b", RiskLevel::Concern).await;
         assert!(again.crisis_message.is_none());
@@ -890,6 +975,33 @@ mod tests {
         let seqs: Vec<i64> =
             store.messages_after(session.id, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_failing_append_does_not_undo_the_others_in_its_batch() {
+        let (store, _dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        // Sent together, so most land in one batch with the failing ones.
+        let writers: Vec<_> = (0..60)
+            .map(|n| {
+                let store = store.clone();
+                let target = if n % 3 == 0 { Uuid::now_v7() } else { session.id };
+                tokio::spawn(
+                    async move { store.append_message(target, user_message(&format!("c{n}"))).await },
+                )
+            })
+            .collect();
+        let mut stored = Vec::new();
+        for (n, writer) in writers.into_iter().enumerate() {
+            match writer.await.unwrap() {
+                Ok(Appended::Stored { message, .. }) => stored.push(message.seq),
+                Err(StoreError::NotFound) => assert_eq!(n % 3, 0, "only appends to no session fail"),
+                other => panic!("append {n}: {other:?}"),
+            }
+        }
+        stored.sort_unstable();
+        assert_eq!(stored, (1..=40).collect::<Vec<_>>());
+        assert_eq!(store.messages_after(session.id, 0, 100).await.unwrap().len(), 40);
     }
 
     #[tokio::test]
