@@ -10,6 +10,11 @@
 // pending, keyed by their client_id, and are confirmed by the server's ack
 // and message frame; un-acked ones are re-sent after a reconnect with the
 // same client_id, which the server de-duplicates.
+//
+// Therapists also get `risk` frames when the crisis detector flags this
+// chat or another session they can see: a banner and a chime.
+
+import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
 
 const root = document.getElementById("chat");
 const sessionId = root.dataset.sessionId;
@@ -24,6 +29,9 @@ const form = document.getElementById("composer");
 const input = document.getElementById("message-input");
 const composerError = document.getElementById("composer-error");
 const therapistIcon = document.getElementById("therapist-icon");
+const riskBanner = document.getElementById("risk-banner");
+const soundToggle = document.getElementById("alert-sound");
+soundButton(soundToggle);
 
 const MAX_CHARS = 4000;
 const state = {
@@ -152,6 +160,25 @@ function showMode(mode) {
   }
 }
 
+function showRisk(frame) {
+  if (!riskBanner) return;
+  const label = LEVEL_LABELS[frame.level] ?? frame.level;
+  const here = frame.session_id === sessionId;
+  riskBanner.dataset.risk = frame.level;
+  riskBanner.dataset.sessionId = frame.session_id;
+  riskBanner.replaceChildren();
+  if (here) {
+    riskBanner.textContent = `Safety alert: the crisis detector flagged this chat (${label}). The client has been shown crisis resources.`;
+  } else {
+    const link = document.createElement("a");
+    link.href = "/therapist";
+    link.textContent = "open Appointments";
+    riskBanner.append(`Safety alert: another session was flagged (${label}) — `, link, ".");
+  }
+  riskBanner.hidden = false;
+  chime(soundToggle);
+}
+
 function handle(frame) {
   switch (frame.type) {
     case "message":
@@ -175,6 +202,9 @@ function handle(frame) {
       break;
     case "ai_cancelled":
       dropStreaming(frame.reply_id);
+      break;
+    case "risk":
+      showRisk(frame);
       break;
     case "error": {
       const entry = frame.client_id && state.pending.get(frame.client_id);

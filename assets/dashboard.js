@@ -2,12 +2,26 @@
 //
 // Rows are updated in place, keyed by session, so a refresh never moves
 // keyboard focus or replaces the link someone is about to press.
+//
+// Sessions flagged by the crisis detector come first (the server sorts
+// them), are marked in colour and words, are listed in an alert banner, and
+// chime once per new flag until a therapist acknowledges them.
+
+import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
 
 const body = document.querySelector("#appointments tbody");
 const status = document.getElementById("appointments-status");
+const alertBox = document.getElementById("risk-alert");
+const alertList = document.getElementById("risk-alert-list");
+const soundToggle = document.getElementById("alert-sound");
+const baseTitle = document.title;
 let appointments = [];
+// Flags already chimed for: "session@last_flagged_at".
+const chimed = new Set();
 
-const COLUMNS = ["Session", "Status", "Mode", "Waiting", "Last activity"];
+// The "Risk" cell (index 1) is built separately.
+const COLUMNS = ["Session", "Risk", "Status", "Mode", "Waiting", "Last activity"];
+const TEXT_COLUMNS = [0, 2, 3, 4, 5];
 
 function ago(iso) {
   if (!iso) return "—";
@@ -26,6 +40,7 @@ function newRow(sessionId) {
     td.dataset.label = label;
     tr.append(td);
   }
+  tr.cells[1].append(riskBadge(), acknowledgeForm(sessionId));
   const action = document.createElement("td");
   const link = document.createElement("a");
   link.className = "button button--primary";
@@ -33,6 +48,75 @@ function newRow(sessionId) {
   action.append(link);
   tr.append(action);
   return tr;
+}
+
+function riskBadge() {
+  const badge = document.createElement("span");
+  badge.className = "risk";
+  return badge;
+}
+
+// "Acknowledge" with an optional note, recorded in the audit trail.
+function acknowledgeForm(sessionId) {
+  const details = document.createElement("details");
+  details.className = "acknowledge";
+  const summary = document.createElement("summary");
+  summary.textContent = "Acknowledge";
+  const form = document.createElement("form");
+  const id = `note-${sessionId}`;
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = "Note (optional)";
+  const note = document.createElement("textarea");
+  note.id = id;
+  note.rows = 2;
+  note.maxLength = 2000;
+  const submit = document.createElement("button");
+  submit.type = "submit";
+  submit.className = "button";
+  submit.textContent = "Acknowledge flag";
+  const error = document.createElement("p");
+  error.className = "form-error";
+  error.setAttribute("role", "alert");
+  form.append(label, note, submit, error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    submit.disabled = true;
+    try {
+      const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/risk/acknowledge`, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ note: note.value }),
+      });
+      if (!response.ok) throw new Error((await response.json()).message);
+      note.value = "";
+      details.open = false;
+      error.textContent = "";
+      refresh();
+    } catch (failure) {
+      error.textContent = `Not acknowledged: ${failure.message}`;
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  details.append(summary, form);
+  return details;
+}
+
+function fillRisk(tr, appointment) {
+  const level = appointment.risk_level;
+  const flagged = level !== "none";
+  tr.dataset.risk = level;
+  tr.classList.toggle("risk-row", flagged);
+  tr.classList.toggle("risk-row--attention", appointment.risk_needs_attention);
+  const badge = tr.cells[1].querySelector(".risk");
+  badge.className = flagged ? `risk risk--${level}` : "risk";
+  const label = flagged
+    ? `${LEVEL_LABELS[level] ?? level}${appointment.risk_needs_attention ? "" : " (acknowledged)"}`
+    : "—";
+  setText(badge, label);
+  tr.cells[1].querySelector(".acknowledge").hidden = !appointment.risk_needs_attention;
 }
 
 function setText(node, text) {
@@ -50,7 +134,8 @@ function fill(tr, appointment) {
     ago(appointment.created_at),
     ago(appointment.last_message_at),
   ];
-  values.forEach((value, index) => setText(tr.cells[index], value));
+  values.forEach((value, index) => setText(tr.cells[TEXT_COLUMNS[index]], value));
+  fillRisk(tr, appointment);
   const link = tr.querySelector("a");
   setText(link, mine ? "Open chat" : "Join Chat");
   link.setAttribute("aria-label", `${link.textContent}, session ${short}`);
@@ -65,12 +150,37 @@ function render() {
     if (body.rows[index] !== tr) body.insertBefore(tr, body.rows[index] ?? null);
   });
   for (const gone of rows.values()) gone.remove();
+  renderAlerts();
   setText(
     status,
     appointments.length
       ? `${appointments.length} appointment${appointments.length === 1 ? "" : "s"}`
       : "No open sessions right now.",
   );
+}
+
+function renderAlerts() {
+  const attention = appointments.filter((appointment) => appointment.risk_needs_attention);
+  alertBox.hidden = attention.length === 0;
+  document.title = attention.length ? `(${attention.length}) Safety alert · ${baseTitle}` : baseTitle;
+  const items = attention.map((appointment) => {
+    const li = document.createElement("li");
+    li.dataset.sessionId = appointment.session_id;
+    li.dataset.risk = appointment.risk_level;
+    const link = document.createElement("a");
+    link.href = `/chat/${encodeURIComponent(appointment.session_id)}?therapist=true`;
+    link.textContent = `${LEVEL_LABELS[appointment.risk_level]}: session #${appointment.session_id.slice(-6)}`;
+    li.append(link);
+    return li;
+  });
+  alertList.replaceChildren(...items);
+  const fresh = attention.filter((appointment) => {
+    const key = `${appointment.session_id}@${appointment.risk_last_flagged_at}`;
+    if (chimed.has(key)) return false;
+    chimed.add(key);
+    return true;
+  });
+  if (fresh.length) chime(soundToggle);
 }
 
 async function refresh() {
@@ -99,6 +209,9 @@ function refreshSoon() {
 
 const events = new EventSource("/api/appointments/events");
 events.addEventListener("changed", refreshSoon);
+// A flag is shown at once, not after the usual short delay.
+events.addEventListener("risk", refresh);
+soundButton(soundToggle);
 // After a reconnect, events may have been missed.
 events.addEventListener("open", refreshSoon);
 window.setInterval(render, 30_000);

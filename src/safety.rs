@@ -46,7 +46,7 @@ impl Escalation {
         let directory = args.crisis_resources_url.trim().to_owned();
         Self {
             crisis_line: configured(&args.crisis_line)
-                .unwrap_or_else(|| format!("a crisis line in your country (find one at {directory})")),
+                .unwrap_or_else(|| "a crisis line in your country".to_owned()),
             text_line: configured(&args.crisis_text_line),
             emergency: configured(&args.emergency_number).unwrap_or_else(|| {
                 "your local emergency number (for example 112 in the EU, 911 in the US and Canada, 999 in the UK)"
@@ -86,13 +86,13 @@ impl Escalation {
             RiskLevel::None | RiskLevel::Concern => format!(
                 "It sounds like things are really hard right now, and you don't have to carry this alone. \
                  If you ever feel unsafe, you can reach {crisis_line} at any time, day or night.{text} \
-                 In an emergency, call {emergency}. More crisis lines: {directory}. \
+                 In an emergency, call {emergency}. Crisis lines near you: {directory}. \
                  A therapist can also join this chat."
             ),
             RiskLevel::High | RiskLevel::Imminent => format!(
                 "Your safety matters most right now. If you are in danger or might act on these thoughts, \
                  please call {emergency} now, or reach {crisis_line}: free, confidential and open any \
-                 time.{text} More crisis lines: {directory}. This chat has been flagged so a therapist \
+                 time.{text} Crisis lines near you: {directory}. This chat has been flagged so a therapist \
                  sees it first."
             ),
         }
@@ -103,7 +103,7 @@ impl Escalation {
         RiskFlag {
             level,
             rules: vec![SECOND_OPINION_RULE.to_owned()],
-            detector_version: haven_safety::classify("").version.to_owned(),
+            detector_version: haven_safety::VERSION.to_owned(),
             crisis_message: self.crisis_message(level),
         }
     }
@@ -140,7 +140,8 @@ impl Responder for SafetyScript {
 
 /// Counts of flags and referrals over the last `days` days.
 pub async fn report(store: &dyn Store, days: u32) -> Result<api::SafetyReport, StoreError> {
-    let since = (OffsetDateTime::now_utc() - time::Duration::days(days.into())).replace_time(time::Time::MIDNIGHT);
+    let since =
+        (OffsetDateTime::now_utc() - time::Duration::days(days.into())).replace_time(time::Time::MIDNIGHT);
     let counts = store.safety_report(since).await?;
     let by_level = |rows: Vec<(RiskLevel, i64)>| {
         let mut counts = LevelCounts::default();
@@ -161,7 +162,7 @@ pub async fn report(store: &dyn Store, days: u32) -> Result<api::SafetyReport, S
         flags: by_level(counts.flags),
         flagged_sessions: counts.flagged_sessions,
         unacknowledged_sessions: counts.unacknowledged_sessions,
-        detector_version: haven_safety::classify("").version.to_owned(),
+        detector_version: haven_safety::VERSION.to_owned(),
     })
 }
 
@@ -201,6 +202,7 @@ mod tests {
         let default = Escalation::new(&args(None, Some(" ")));
         let concern = default.crisis_message(RiskLevel::Concern);
         assert!(concern.contains("findahelpline.com") && concern.contains("112 in the EU"), "{concern}");
+        assert_eq!(concern.matches("findahelpline").count(), 1, "{concern}");
     }
 
     #[test]

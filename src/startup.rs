@@ -19,11 +19,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::safety::Escalation;
 use crate::chat::Hub;
 use crate::config::{AiArgs, AiProvider, ServeArgs};
 use crate::http::setup::SetupToken;
 use crate::limits::Limits;
+use crate::safety::Escalation;
 
 /// Shared state of every request and connection.
 #[derive(Clone)]
@@ -128,6 +128,9 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
+    // Compile the detector's rules now, not in the first client's turn.
+    let detector = haven_safety::Detector::builtin();
+    tracing::info!(version = detector.version(), "crisis detector ready");
     if !Escalation::configured(&args.safety) {
         tracing::warn!(
             "no crisis line or emergency number configured: crisis messages name none (set HAVEN_CRISIS_LINE and HAVEN_EMERGENCY_NUMBER)"

@@ -173,7 +173,13 @@ fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: Ri
     let tasks = state.tasks.clone();
     let (state, room) = (state.clone(), room.clone());
     let task = async move {
-        let Some(level) = opinion.await.filter(|level| *level > detected) else { return };
+        let opinion = opinion.await;
+        tracing::info!(
+            detected = detected.as_str(),
+            opinion = opinion.map_or("none given", RiskLevel::as_str),
+            "second opinion received"
+        );
+        let Some(level) = opinion.filter(|level| *level > detected) else { return };
         let flag = state.escalation.second_opinion(level);
         match state.store.flag_risk(room.session_id, seq, flag).await {
             Ok(flagged) => escalated(&state, &room, level, flagged),
@@ -373,7 +379,8 @@ impl Connection {
 
     /// Tells a therapist about a flagged session they can see.
     fn alert(&mut self, alert: RiskAlert) -> Result<(), Stop> {
-        let visible = self.admitted.therapist.as_ref().is_some_and(|therapist| alert.visible_to(therapist.id));
+        let visible =
+            self.admitted.therapist.as_ref().is_some_and(|therapist| alert.visible_to(therapist.id));
         if !visible {
             return Ok(());
         }
@@ -447,8 +454,8 @@ impl Connection {
         let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content));
         let detected = assessment.as_ref().map_or(RiskLevel::None, |(assessment, _)| assessment.level);
         let risk = assessment.and_then(|(_, flag)| flag);
-        let second_opinion = (role == Role::User && self.state.settings.safety_second_opinion)
-            .then(|| new.content.clone());
+        let second_opinion =
+            (role == Role::User && self.state.settings.safety_second_opinion).then(|| new.content.clone());
         let client_id = new.client_id.clone();
         let stored = self
             .state
@@ -469,7 +476,7 @@ impl Connection {
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if let Some(flagged) = flagged {
-                    escalated(&self.state, self.guard.room(), detected, flagged);
+                    escalated(&self.state, self.guard.room(), detected, *flagged);
                 }
                 if let Some(text) = second_opinion {
                     ask_second_opinion(&self.state, self.guard.room(), seq, detected, text);

@@ -60,6 +60,8 @@ impl Driver {
                 "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--disable-quic", "--window-size=1280,900",
+                // The dashboard's alert chime, without a click first.
+                "--autoplay-policy=no-user-gesture-required",
                 format!("--user-data-dir={}", profile.path().display()),
             ]
         });
@@ -491,10 +493,12 @@ async fn every_page_passes_axe_and_fits_a_phone() {
     let therapist = driver.browser().await;
 
     let session_id = chat_now(&app, &client).await;
-    client.say("hello").await;
+    // A flagged session, so the alert banner and risk badges are checked too.
+    client.say("I've been cutting myself again").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
     log_in(&app, &therapist, "tess@clinic.test").await;
     therapist.find("#appointments tbody tr a").await;
+    therapist.until("!document.getElementById('risk-alert').hidden", vec![]).await;
 
     let pages: [(&Browser, &str, String); 7] = [
         (&client, "home", "/".into()),
@@ -571,4 +575,79 @@ async fn the_chat_page_shows_a_reply_as_it_streams() {
     );
     assert_eq!(client.count("#messages .msg--ai").await, 1);
     client.close().await;
+}
+
+#[tokio::test]
+async fn a_flagged_session_alerts_the_dashboard_within_seconds_while_the_model_is_down() {
+    let mock = crate::mock_llm::MockLlm::start().await;
+    mock.script("", crate::mock_llm::Script { failures: vec![500; 100], ..Default::default() });
+    let args = ["--ai-provider", "openai", "--ai-base-url", &mock.openai_url(), "--ai-retries", "0"]
+        .map(String::from)
+        .to_vec();
+    let app = TestApp::spawn_with(crate::helpers::Options { args, ..Default::default() }).await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let therapist = driver.browser().await;
+    let client = driver.browser().await;
+    let calm = chat_now(&app, &client).await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.find(&format!("#appointments tr[data-session-id='{calm}']")).await;
+    assert!(therapist.js("return document.getElementById('risk-alert').hidden", vec![]).await == json!(true));
+
+    let session_id = chat_now(&app, &client).await;
+    let sent = std::time::Instant::now();
+    client.say("i have the pills in front of me and im going to take them all tonight").await;
+    therapist
+        .until(
+            "(() => { const box = document.getElementById('risk-alert');
+                      return !box.hidden && box.querySelector(`li[data-session-id='${args[0]}'][data-risk='imminent']`)
+                        && document.body.dataset.alertSound === 'played'; })()",
+            vec![json!(session_id)],
+        )
+        .await;
+    let elapsed = sent.elapsed();
+    assert!(elapsed < std::time::Duration::from_secs(5), "the alert took {elapsed:?}");
+    let first = therapist.js("const tr = document.querySelector('#appointments tbody tr'); return [tr.dataset.sessionId, tr.dataset.risk, tr.cells[1].textContent];", vec![]).await;
+    assert_eq!(first[0], json!(session_id), "the flagged session floats to the top");
+    assert_eq!(first[1], json!("imminent"));
+    assert!(first[2].as_str().unwrap().contains("Imminent risk"), "{first}");
+    assert!(therapist.js("return document.title", vec![]).await.as_str().unwrap().contains("Safety alert"));
+    therapist.screenshot("risk-dashboard-alert").await;
+
+    // The client got the crisis resources, then the safety script.
+    client.until("[...document.querySelectorAll('#messages .msg--system')].some(m => m.textContent.includes('emergency'))", vec![]).await;
+    client.until_message("ai", haven::safety::SAFETY_SCRIPT[0]).await;
+    client.screenshot("risk-client-resources").await;
+
+    // Acknowledge with a note: the banner goes, the level stays.
+    let row = format!("#appointments tr[data-session-id='{session_id}']");
+    therapist.find(&format!("{row} details.acknowledge summary")).await.click().await.unwrap();
+    therapist
+        .find(&format!("{row} details.acknowledge textarea"))
+        .await
+        .send_keys("Called; safe at home")
+        .await
+        .unwrap();
+    therapist.find(&format!("{row} details.acknowledge button[type=submit]")).await.click().await.unwrap();
+    therapist
+        .until(
+            "document.getElementById('risk-alert').hidden && document.querySelector(args[0]).cells[1].textContent.includes('(acknowledged)')",
+            vec![json!(row)],
+        )
+        .await;
+    let token = therapist_token(&app).await;
+    let risk: Value = app
+        .http
+        .get(app.url(&format!("/api/sessions/{session_id}/risk")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(risk["audit"][1]["note"], json!("Called; safe at home"), "{risk}");
+    therapist.screenshot("risk-acknowledged").await;
+    client.close().await;
+    therapist.close().await;
 }

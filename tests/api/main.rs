@@ -13,3 +13,4 @@ mod instances;
 mod mock_llm;
 mod privacy;
 mod providers;
+mod safety;

@@ -1,8 +1,10 @@
 //! A local stand-in for the language-model providers. It speaks their real
 //! wire formats — OpenAI Chat Completions (`POST /v1/chat/completions`,
 //! `stream: true`, `data:` events ending in `[DONE]`) and Gemini
-//! (`POST /v1beta/models/{model}:streamGenerateContent?alt=sse`) — records
-//! every request, and can be told to be slow, fail, or cut a stream.
+//! (`POST /v1beta/models/{model}:streamGenerateContent?alt=sse`), and their
+//! non-streaming forms (`stream` absent; `:generateContent`), which answer
+//! with the script's chunks joined — records every request, and can be told
+//! to be slow, fail, or cut a stream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -157,8 +159,9 @@ async fn openai(State(state): State<Arc<MockState>>, headers: HeaderMap, body: B
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let newest =
         body["messages"].as_array().and_then(|messages| messages.last()).map(|m| m["content"].to_string());
+    let streaming = body["stream"].as_bool().unwrap_or(false);
     record(&state, "/v1/chat/completions".into(), None, headers, body);
-    respond(state, Format::OpenAi, newest.unwrap_or_default()).await
+    respond(state, Format::OpenAi, newest.unwrap_or_default(), streaming).await
 }
 
 async fn gemini(
@@ -170,8 +173,9 @@ async fn gemini(
 ) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let newest = body["contents"].as_array().and_then(|contents| contents.last()).map(|c| c.to_string());
+    let streaming = model_action.ends_with(":streamGenerateContent");
     record(&state, format!("/v1beta/models/{model_action}"), query, headers, body);
-    respond(state, Format::Gemini, newest.unwrap_or_default()).await
+    respond(state, Format::Gemini, newest.unwrap_or_default(), streaming).await
 }
 
 fn record(state: &MockState, path: String, query: Option<String>, headers: HeaderMap, body: Value) {
@@ -179,7 +183,7 @@ fn record(state: &MockState, path: String, query: Option<String>, headers: Heade
     state.touch();
 }
 
-async fn respond(state: Arc<MockState>, format: Format, newest: String) -> Response {
+async fn respond(state: Arc<MockState>, format: Format, newest: String, streaming: bool) -> Response {
     let script = {
         let mut scripts = state.scripts.lock().unwrap();
         let trigger =
@@ -194,6 +198,18 @@ async fn respond(state: Arc<MockState>, format: Format, newest: String) -> Respo
         let status = StatusCode::from_u16(status).unwrap();
         let body = json!({"error": {"code": status.as_u16(), "message": "mock failure", "status": "MOCK"}});
         return (status, axum::Json(body)).into_response();
+    }
+    if !streaming {
+        let text = script.chunks.concat();
+        let body = match format {
+            Format::OpenAi => {
+                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+            }
+            Format::Gemini => json!({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
+                "finishReason": "STOP", "index": 0}], "modelVersion": "mock"}),
+        };
+        return axum::Json(body).into_response();
     }
 
     let mut events: Vec<String> = Vec::new();

@@ -1,13 +1,58 @@
-//! Haven's crisis detector. (Skeleton: being written.)
+//! Haven's crisis detector.
+//!
+//! Every client message goes through [`classify`] before any responder sees
+//! it. The verdict is deterministic and explainable: each [`RuleHit`] names
+//! the rule that fired and the words it fired on.
+//!
+//! The rules are data, in `rules/rules.toml`, compiled into the binary; that
+//! file documents its own format and the clinical choices behind it. A
+//! message is classified in three steps:
+//!
+//! 1. [`normalise`] it (case, accents, apostrophes, leetspeak, spelled-out
+//!    words);
+//! 2. one `RegexSet` pass over the normalised text tells which rules match
+//!    at all — for most messages none do, and classification ends here;
+//! 3. only for those rules, locate the words, apply the suppressions (idioms,
+//!    negation, fiction or professional framing, past history), and keep the
+//!    highest level left.
+//!
+//! `data/labelled.jsonl` is the labelled set the rules are scored against in
+//! this crate's tests.
+
+#![forbid(unsafe_code)]
+
+mod normalise;
+mod rules;
+
+#[cfg(test)]
+mod labelled_tests;
+
+use std::sync::LazyLock;
 
 use haven_protocol::RiskLevel;
+use regex::RegexSet;
 use serde::Serialize;
+
+pub use normalise::normalise;
+use rules::{Compiled, RulesError, Scope};
+
+/// The built-in rules, as shipped.
+const RULES: &str = include_str!("../rules/rules.toml");
+
+/// The version of the built-in rules: the `version` line of `rules.toml`.
+pub const VERSION: &str = version_line(RULES);
+
+/// The version of the built-in rules, as reported in every [`Assessment`].
+pub fn rules_version() -> &'static str {
+    VERSION
+}
 
 /// One rule that fired, and on which words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleHit {
-    /// The rule's stable id, e.g. `en.intent.kill_myself`.
+    /// The rule's stable id, e.g. `en.intent.kill_self`.
     pub id: String,
+    /// The rule's level, or lower if a suppression capped it (past history).
     pub level: RiskLevel,
     /// The words of the (normalised) message the rule matched.
     pub matched: String,
@@ -16,12 +61,238 @@ pub struct RuleHit {
 /// The detector's verdict on one message: `{"level", "rules", "version"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Assessment {
+    /// The highest level among `rules`; `none` when no rule fired.
     pub level: RiskLevel,
+    /// Every rule that fired, highest level first, then in file order.
     pub rules: Vec<RuleHit>,
+    /// The version of the rules that produced this verdict.
     pub version: &'static str,
 }
 
 /// Classifies one client message with the built-in rules.
-pub fn classify(_text: &str) -> Assessment {
-    Assessment { level: RiskLevel::None, rules: Vec::new(), version: "0" }
+pub fn classify(text: &str) -> Assessment {
+    Detector::builtin().classify(text)
+}
+
+/// A compiled set of rules.
+#[derive(Debug)]
+pub struct Detector {
+    compiled: Compiled,
+    /// Every rule's pattern, then every `near` pattern: one pass tells which
+    /// rules can fire.
+    rule_set: RegexSet,
+    /// Every suppression's pattern; scanned only when some rule matched.
+    suppression_set: RegexSet,
+}
+
+static BUILTIN: LazyLock<Detector> = LazyLock::new(|| {
+    // Cannot fail in a shipped build: `builtin_rules_compile` in the tests
+    // compiles this very file.
+    Detector::from_rules(RULES).unwrap_or_else(|e| panic!("the built-in rules/rules.toml is broken: {e}"))
+});
+
+impl Detector {
+    /// The detector with the built-in rules, compiled on first use (about
+    /// 0.1 s in a release build, which is why `serve` calls this at startup).
+    pub fn builtin() -> &'static Detector {
+        &BUILTIN
+    }
+
+    /// Compiles a rules file in the format of `rules/rules.toml`.
+    pub(crate) fn from_rules(source: &'static str) -> Result<Detector, RulesError> {
+        let compiled = rules::compile(source)?;
+        let set = |patterns: &[String]| {
+            regex::RegexSetBuilder::new(patterns)
+                .size_limit(64 << 20)
+                .dfa_size_limit(16 << 20)
+                .build()
+                .map_err(|e| RulesError(format!("the patterns do not compile together: {e}")))
+        };
+        let rule_set = set(&compiled.set_patterns)?;
+        let suppression_set = set(&compiled.suppression_patterns)?;
+        Ok(Detector { compiled, rule_set, suppression_set })
+    }
+
+    /// The version of this detector's rules.
+    pub fn version(&self) -> &'static str {
+        self.compiled.version
+    }
+
+    /// Classifies one message.
+    pub fn classify(&self, text: &str) -> Assessment {
+        let text = normalise(text);
+        let mut rules = self.hits(&text);
+        rules.sort_by_key(|hit| std::cmp::Reverse(hit.level));
+        let level = rules.first().map_or(RiskLevel::None, |hit| hit.level);
+        Assessment { level, rules, version: self.compiled.version }
+    }
+
+    fn hits(&self, text: &str) -> Vec<RuleHit> {
+        let matched = self.rule_set.matches(text);
+        if !matched.matched_any() {
+            return Vec::new();
+        }
+        let mut suppressions = SuppressionMatches::new(self, text);
+        let mut hits = Vec::new();
+        for (index, rule) in self.compiled.rules.iter().enumerate() {
+            let near_matched = self.compiled.near_slot[index].is_none_or(|slot| matched.matched(slot));
+            if !matched.matched(index) || !near_matched {
+                continue;
+            }
+            let mut best: Option<(RiskLevel, Span)> = None;
+            for span in candidate_spans(rule, text) {
+                let Some(level) = suppressions.level_after(rule, span) else { continue };
+                if best.is_none_or(|(best_level, _)| level > best_level) {
+                    best = Some((level, span));
+                }
+                if level == rule.level {
+                    break;
+                }
+            }
+            if let Some((level, span)) = best {
+                hits.push(RuleHit { id: rule.id.clone(), level, matched: text[span.0..span.1].to_owned() });
+            }
+        }
+        hits
+    }
+}
+
+/// A byte range of the normalised text.
+type Span = (usize, usize);
+
+/// Where `rule` fires in `text`: each match of its pattern, or for a `near`
+/// rule each pair of matches close enough, as one span covering both.
+fn candidate_spans(rule: &rules::Rule, text: &str) -> Vec<Span> {
+    let main = find_spans(&rule.regex, text);
+    let Some((near, within)) = &rule.near else { return main };
+    let near = find_spans(near, text);
+    let mut out = Vec::new();
+    for &(start, end) in &main {
+        for &(near_start, near_end) in &near {
+            let gap = near_start.saturating_sub(end).max(start.saturating_sub(near_end));
+            if gap <= *within {
+                out.push((start.min(near_start), end.max(near_end)));
+            }
+        }
+    }
+    out
+}
+
+/// Every match of `regex` in `text`, trimmed.
+fn find_spans(regex: &regex::Regex, text: &str) -> Vec<Span> {
+    regex.find_iter(text).map(|m| trim_span(text, (m.start(), m.end()))).collect()
+}
+
+/// Drops the non-word character the pattern wrapper may have consumed.
+fn trim_span(text: &str, (start, mut end): Span) -> Span {
+    while end > start && !text.as_bytes()[end - 1].is_ascii_alphanumeric() {
+        end -= 1;
+    }
+    (start, end)
+}
+
+/// The sentence around `span`: from after the previous `. ! ? ;` or new line
+/// to the next one.
+fn sentence_of(text: &str, span: Span) -> Span {
+    let is_end = |b: &u8| matches!(b, b'.' | b'!' | b'?' | b';' | b'\n');
+    let bytes = text.as_bytes();
+    let start = bytes[..span.0].iter().rposition(is_end).map_or(0, |at| at + 1);
+    let end = bytes[span.1..].iter().position(is_end).map_or(bytes.len(), |at| span.1 + at);
+    (start, end)
+}
+
+fn overlaps(a: Span, b: Span) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// The suppressions' matches in one message, found once and only if needed.
+struct SuppressionMatches<'a> {
+    detector: &'a Detector,
+    text: &'a str,
+    matched: Option<regex::SetMatches>,
+    spans: Vec<Option<Vec<Span>>>,
+    unless_spans: Vec<Option<Vec<Span>>>,
+}
+
+impl<'a> SuppressionMatches<'a> {
+    fn new(detector: &'a Detector, text: &'a str) -> Self {
+        let count = detector.compiled.suppressions.len();
+        SuppressionMatches {
+            detector,
+            text,
+            matched: None,
+            spans: vec![None; count],
+            unless_spans: vec![None; count],
+        }
+    }
+
+    /// The level of `rule`'s hit at `span` once its suppressions have acted:
+    /// `None` when one drops it, else the rule's level, lowered by any cap.
+    fn level_after(&mut self, rule: &rules::Rule, span: Span) -> Option<RiskLevel> {
+        let mut level = rule.level;
+        if rule.suppressions.is_empty() {
+            return Some(level);
+        }
+        let text = self.text;
+        let matched = self.matched.get_or_insert_with(|| self.detector.suppression_set.matches(text));
+        let sentence = sentence_of(text, span);
+        for &index in &rule.suppressions {
+            if !matched.matched(index) {
+                continue;
+            }
+            let suppression = &self.detector.compiled.suppressions[index];
+            let spans = self.spans[index].get_or_insert_with(|| find_spans(&suppression.regex, text));
+            let scope = match suppression.scope {
+                Scope::Overlap => span,
+                Scope::Sentence => sentence,
+            };
+            if !spans.iter().any(|&s| overlaps(s, scope)) {
+                continue;
+            }
+            if let Some(unless) = &suppression.unless
+                && self.unless_spans[index]
+                    .get_or_insert_with(|| find_spans(unless, text))
+                    .iter()
+                    .any(|&s| overlaps(s, sentence))
+            {
+                continue;
+            }
+            match suppression.cap {
+                None | Some(RiskLevel::None) => return None,
+                Some(cap) => level = level.min(cap),
+            }
+        }
+        Some(level)
+    }
+}
+
+/// Reads `version = "…"` from the rules at compile time, so that
+/// [`VERSION`] is a constant (a test checks it equals what the TOML parser
+/// reads).
+const fn version_line(source: &str) -> &str {
+    let bytes = source.as_bytes();
+    let key = b"version = \"";
+    let mut i = 0;
+    while i + key.len() <= bytes.len() {
+        let at_line_start = i == 0 || bytes[i - 1] == b'\n';
+        let mut k = 0;
+        while at_line_start && k < key.len() && bytes[i + k] == key[k] {
+            k += 1;
+        }
+        if k == key.len() {
+            let start = i + k;
+            let mut end = start;
+            while end < bytes.len() && bytes[end] != b'"' && bytes[end] != b'\n' {
+                end += 1;
+            }
+            let (_, rest) = bytes.split_at(start);
+            let (value, _) = rest.split_at(end - start);
+            return match core::str::from_utf8(value) {
+                Ok(value) => value,
+                Err(_) => panic!("rules.toml: the version is not UTF-8"),
+            };
+        }
+        i += 1;
+    }
+    panic!("rules.toml has no `version = \"…\"` line")
 }

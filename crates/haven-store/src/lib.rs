@@ -198,7 +198,7 @@ pub enum BotMessage {
 #[derive(Debug, Clone)]
 pub enum Appended {
     /// Committed now. `chat_mode` is the session's mode in the same transaction.
-    Stored { message: ChatMessage, chat_mode: ChatMode, flagged: Option<Flagged> },
+    Stored { message: ChatMessage, chat_mode: ChatMode, flagged: Option<Box<Flagged>> },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
 }

@@ -505,7 +505,7 @@ impl Store for PgStore {
         insert_message(&mut tx, session_id, &message).await?;
         self.notify_message(&mut tx, &message, session_id, false).await?;
         let flagged = match &new.risk {
-            Some(flag) => Some(self.flag_in_tx(&mut tx, session_id, seq, flag).await?),
+            Some(flag) => Some(Box::new(self.flag_in_tx(&mut tx, session_id, seq, flag).await?)),
             None => None,
         };
         tx.commit().await?;

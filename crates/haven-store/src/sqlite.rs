@@ -171,7 +171,7 @@ async fn append_in_tx(
     let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
     insert_message(tx, session_id, &message).await?;
     let flagged = match &new.risk {
-        Some(flag) => Some(flag_in_tx(tx, session_id, seq, flag).await?),
+        Some(flag) => Some(Box::new(flag_in_tx(tx, session_id, seq, flag).await?)),
         None => None,
     };
     Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
@@ -816,7 +816,7 @@ mod tests {
     async fn flagged(store: &SqliteStore, session: Uuid, client_id: &str, level: RiskLevel) -> Flagged {
         let new = NewMessage { risk: Some(flag(level)), ..user_message(client_id) };
         match store.append_message(session, new).await.unwrap() {
-            Appended::Stored { flagged: Some(flagged), .. } => flagged,
+            Appended::Stored { flagged: Some(flagged), .. } => *flagged,
             other => panic!("expected a flagged message, got {other:?}"),
         }
     }
