@@ -140,7 +140,8 @@ pub enum RiskLevel {
 }
 
 impl RiskLevel {
-    pub const ALL: [RiskLevel; 4] = [RiskLevel::None, RiskLevel::Concern, RiskLevel::High, RiskLevel::Imminent];
+    pub const ALL: [RiskLevel; 4] =
+        [RiskLevel::None, RiskLevel::Concern, RiskLevel::High, RiskLevel::Imminent];
 
     pub fn as_str(self) -> &'static str {
         match self {
