@@ -94,13 +94,33 @@ async fn generate(
         history.iter().filter(|message| message.sender == Sender::User).map(|message| message.seq).max();
     // The session's flag decides how the companion may answer.
     let risk = match state.store.chat_session(room.session_id).await {
-        Ok(session) => session.and_then(|session| session.risk).map_or(RiskLevel::None, |risk| risk.level),
+        Ok(session) => session.and_then(|session| session.risk),
         Err(error) => {
             tracing::error!(error = %error, "companion could not read the session");
             return (Ok(Finished::Abandoned), None);
         }
     };
-    (stream_reply(state, room, reply_id, history, risk).await, seen)
+    let guidance = match risk {
+        Some(risk) if risk.level >= RiskLevel::High => Guidance::SafetyScript,
+        // Once per flag: the first reply after it checks in on safety.
+        Some(risk) => {
+            let last_reply = history.iter().rev().find(|m| m.sender == Sender::Ai).map(|m| m.created_at);
+            let flagged_since = last_reply.is_none_or(|at| at < risk.last_flagged_at);
+            if flagged_since { Guidance::CheckIn } else { Guidance::Free }
+        }
+        None => Guidance::Free,
+    };
+    (stream_reply(state, room, reply_id, history, guidance).await, seen)
+}
+
+/// How the session's safety flag shapes the next reply (docs/safety.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guidance {
+    Free,
+    /// At `concern`, once after each flag: check in about safety.
+    CheckIn,
+    /// At `high` and `imminent`: the fixed safety script, never the model.
+    SafetyScript,
 }
 
 async fn stream_reply(
@@ -108,18 +128,19 @@ async fn stream_reply(
     room: &Room,
     reply_id: Uuid,
     history: Vec<ChatMessage>,
-    risk: RiskLevel,
+    guidance: Guidance,
 ) -> Result<Finished, ()> {
     let request = ReplyRequest {
         history: history
             .into_iter()
             .map(|message| Turn { sender: message.sender, content: message.content })
             .collect(),
-        check_in_on_safety: risk == RiskLevel::Concern,
+        check_in_on_safety: guidance == Guidance::CheckIn,
     };
 
     // At `high` and `imminent` the vetted script answers, never the model.
-    let responder: &dyn Responder = if risk >= RiskLevel::High { &SafetyScript } else { &*state.responder };
+    let responder: &dyn Responder =
+        if guidance == Guidance::SafetyScript { &SafetyScript } else { &*state.responder };
     let responder_name = responder.name();
     let mut chunks = responder.reply(request);
     let mut text = String::new();

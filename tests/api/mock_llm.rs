@@ -321,7 +321,7 @@ async fn the_mock_notices_a_client_that_hangs_up_mid_stream() {
     mock.script("", Script { chunks: words, chunk_delay: Duration::from_millis(10), ..Script::default() });
     let mut response = reqwest::Client::new()
         .post(format!("{}/chat/completions", mock.openai_url()))
-        .json(&json!({"messages": []}))
+        .json(&json!({"messages": [], "stream": true}))
         .send()
         .await
         .unwrap();

@@ -12,13 +12,23 @@ use crate::mock_llm::{MockLlm, Script};
 
 const NOTICE: &str = "The companion is unavailable right now";
 
-/// A server whose companion is the mock, spoken to as `provider`.
+/// A server whose companion is the mock, spoken to as `provider`. The
+/// model's second opinion on risk (tests/api/safety.rs) is off, so every
+/// request the mock sees is a companion reply.
 async fn app_with(mock: &MockLlm, provider: &str, extra: &[&str], env: &[(&str, &str)]) -> TestApp {
     let base_url = if provider == "gemini" { mock.gemini_url() } else { mock.openai_url() };
-    let mut args: Vec<String> =
-        ["--ai-provider", provider, "--ai-base-url", &base_url, "--ai-model", "test-model"]
-            .map(String::from)
-            .to_vec();
+    let mut args: Vec<String> = [
+        "--ai-provider",
+        provider,
+        "--ai-base-url",
+        &base_url,
+        "--ai-model",
+        "test-model",
+        "--safety-second-opinion",
+        "false",
+    ]
+    .map(String::from)
+    .to_vec();
     args.extend(extra.iter().map(|arg| arg.to_string()));
     let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
     TestApp::spawn_with(Options { args, env, ..Options::default() }).await

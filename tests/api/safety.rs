@@ -328,3 +328,28 @@ async fn the_models_second_opinion_can_raise_a_level_but_never_lower_it() {
     let risky_row = listed.iter().find(|a| a.session_id == risky.session_id).unwrap();
     assert_eq!(risky_row.risk_level, RiskLevel::High);
 }
+
+#[tokio::test]
+async fn at_concern_the_companion_checks_in_once_per_flag() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let check_in = haven_responder::Companion::SAFETY_CHECK_IN;
+
+    let mut reply_to = async |text: &str| {
+        let seq = say(&mut client, text).await;
+        loop {
+            let message = client.message().await;
+            if message.seq > seq && message.sender == Sender::Ai {
+                return message.content;
+            }
+        }
+    };
+    let first = reply_to("what's the point of anything anymore").await;
+    assert!(first.starts_with(check_in), "{first}");
+    let second = reply_to("work was long today").await;
+    assert!(!second.contains(check_in), "once per flag: {second}");
+    let again = reply_to("honestly i wish i could just not wake up").await;
+    assert!(again.starts_with(check_in), "a new flag checks in again: {again}");
+}
