@@ -373,3 +373,39 @@ async fn login_and_session_limits_hold_across_instances() {
         assert_eq!(third.status(), 429, "two sessions per minute from this address, across instances");
     }
 }
+
+#[tokio::test]
+async fn a_flag_on_one_instance_alerts_a_therapist_on_another() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(b, a).await;
+    // The therapist sits in their own chat on B.
+    let own = a.create_session().await;
+    let mut desk = b.connect(own.session_id, &token).await;
+    desk.mode().await;
+
+    let session = a.create_session().await;
+    let mut client = a.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let risky = client.send_message("I want to kill myself").await;
+    client.ack(&risky).await;
+    loop {
+        if let ServerFrame::Risk { session_id, level } = desk.frame().await {
+            assert_eq!((session_id, level), (session.session_id, haven_protocol::RiskLevel::High));
+            break;
+        }
+    }
+    // B's API shows the flag, first in the list.
+    let list: Vec<serde_json::Value> = b
+        .http
+        .get(b.url("/api/appointments"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["session_id"], session.session_id.to_string());
+    assert_eq!(list[0]["risk_level"], "high");
+}
