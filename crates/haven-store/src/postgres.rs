@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
-    TherapistRow, is_unique_violation, join_rules, new_message, parse_level, parse_mode, stored_level,
+    TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows, stored_level,
 };
 use crate::{
     AcknowledgeOutcome, Announcement, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Flagged,
@@ -663,17 +663,7 @@ impl Store for PgStore {
         .bind(since)
         .fetch_one(&self.pool)
         .await?;
-        let levels = |rows: Vec<(String, i64)>| {
-            rows.into_iter()
-                .map(|(level, count)| Ok((parse_level(&level)?, count)))
-                .collect::<Result<Vec<_>>>()
-        };
-        Ok(SafetyReport {
-            referrals: levels(referrals)?,
-            flags: levels(flags)?,
-            flagged_sessions,
-            unacknowledged_sessions,
-        })
+        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
     }
 
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {

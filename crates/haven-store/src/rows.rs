@@ -6,7 +6,7 @@ use sqlx::FromRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{AuditKind, AuditRecord, ChatSession, Result, RiskState, StoreError, Therapist};
+use crate::{AuditKind, AuditRecord, ChatSession, Result, RiskState, SafetyReport, StoreError, Therapist};
 
 #[derive(FromRow)]
 pub(crate) struct TherapistRow {
@@ -129,6 +129,25 @@ pub(crate) fn parse_level(value: &str) -> Result<RiskLevel> {
 /// A session's stored level; `none` when it was never flagged.
 pub(crate) fn stored_level(value: Option<String>) -> Result<RiskLevel> {
     value.map_or(Ok(RiskLevel::None), |value| parse_level(&value))
+}
+
+/// A [`SafetyReport`] from its queries' rows: `(level, count)` pairs of
+/// referrals and flags, and the session counts.
+pub(crate) fn report_from_rows(
+    referrals: Vec<(String, i64)>,
+    flags: Vec<(String, i64)>,
+    flagged_sessions: i64,
+    unacknowledged_sessions: i64,
+) -> Result<SafetyReport> {
+    let levels = |rows: Vec<(String, i64)>| {
+        rows.into_iter().map(|(level, count)| Ok((parse_level(&level)?, count))).collect::<Result<Vec<_>>>()
+    };
+    Ok(SafetyReport {
+        referrals: levels(referrals)?,
+        flags: levels(flags)?,
+        flagged_sessions,
+        unacknowledged_sessions,
+    })
 }
 
 /// Rule ids are stored space-separated (an id never contains a space).
