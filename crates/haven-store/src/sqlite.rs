@@ -8,11 +8,13 @@
 //! such as `haven therapist add`, may write to the same file). Reads use a
 //! separate pool and see every committed write.
 //!
-//! Client messages, the hot path, are written by group commit: a task takes
-//! every append waiting in its queue, writes them in one transaction (each
-//! under its own savepoint, so one failing append does not undo the
-//! others) and commits once — one fsync for the batch. Each caller gets its
-//! result only after that commit, so an ack still means "on disk".
+//! Messages, the hot path (client and therapist messages, companion
+//! replies), are written by group commit: a task takes every write waiting
+//! in its queue, writes them in one transaction and commits once — one fsync
+//! for the batch. Each caller gets its result only after that commit, so an
+//! ack still means "on disk". A write that finds no session or a duplicate
+//! writes nothing and does not disturb the others; an unexpected database
+//! error fails the whole batch, and every caller may retry.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -36,12 +38,12 @@ use crate::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Appends a batch may hold: enough to amortise one fsync over thousands
+/// Writes a batch may hold: enough to amortise one fsync over thousands
 /// of messages a second, small enough to keep one transaction short.
 const MAX_BATCH: usize = 512;
 
-/// Appends waiting for the group-commit task; senders wait when it is full.
-const APPEND_QUEUE: usize = 4_096;
+/// Writes waiting for the group-commit task; senders wait when it is full.
+const WRITE_QUEUE: usize = 4_096;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -49,16 +51,30 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Read-only connections for everything that does not write.
     reader: SqlitePool,
-    /// The group-commit queue of [`Store::append_message`].
-    appends: mpsc::Sender<Append>,
+    /// The group-commit queue of message writes.
+    writes: mpsc::Sender<Pending>,
 }
 
-/// One [`Store::append_message`] call waiting for its batch to commit.
+/// A message write waiting for its batch to commit.
 #[derive(Debug)]
-struct Append {
+struct Pending {
     session_id: Uuid,
-    new: NewMessage,
-    done: oneshot::Sender<Result<Appended>>,
+    write: Write,
+    done: oneshot::Sender<Result<Written>>,
+}
+
+#[derive(Debug)]
+enum Write {
+    /// [`Store::append_message`]
+    Message(NewMessage),
+    /// [`Store::append_if_bot_only`]
+    Bot(BotMessage),
+}
+
+#[derive(Debug)]
+enum Written {
+    Message(Appended),
+    Bot(Option<ChatMessage>),
 }
 
 impl SqliteStore {
@@ -82,10 +98,18 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?
         };
-        let (appends, queue) = mpsc::channel(APPEND_QUEUE);
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         // The task ends when the last clone of this store is dropped.
-        tokio::spawn(commit_appends(writer.clone(), queue));
-        Ok(Self { writer, reader, appends })
+        tokio::spawn(commit_batches(writer.clone(), queue));
+        Ok(Self { writer, reader, writes })
+    }
+
+    /// Queues a write for the next batch and waits for its commit.
+    async fn write(&self, session_id: Uuid, write: Write) -> Result<Written> {
+        let (done, written) = oneshot::channel();
+        let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
+        self.writes.send(Pending { session_id, write, done }).await.map_err(|_| closed())?;
+        written.await.map_err(|_| closed())?
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -99,22 +123,22 @@ impl SqliteStore {
     }
 }
 
-/// The group-commit loop: every append waiting when the previous batch
+/// The group-commit loop: every write waiting when the previous batch
 /// committed goes into the next one.
-async fn commit_appends(writer: SqlitePool, mut queue: mpsc::Receiver<Append>) {
+async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match write_batch(&writer, &batch).await {
             Ok(results) => {
-                for (append, result) in batch.drain(..).zip(results) {
-                    let _ = append.done.send(result);
+                for (pending, result) in batch.drain(..).zip(results) {
+                    let _ = pending.done.send(result);
                 }
             }
             Err(error) => {
                 tracing::error!(error = %error, batch = batch.len(), "a batch of messages was not committed");
-                for append in batch.drain(..) {
+                for pending in batch.drain(..) {
                     let failure = sqlx::Error::Protocol(format!("the batch was not committed: {error}"));
-                    let _ = append.done.send(Err(StoreError::Unavailable(failure)));
+                    let _ = pending.done.send(Err(StoreError::Unavailable(failure)));
                 }
             }
         }
@@ -122,59 +146,108 @@ async fn commit_appends(writer: SqlitePool, mut queue: mpsc::Receiver<Append>) {
 }
 
 /// Writes a batch in one transaction. The outer `Err` means nothing was
-/// committed; an append's own failure is rolled back to its savepoint and
-/// returned in its place.
-async fn write_batch(writer: &SqlitePool, batch: &[Append]) -> Result<Vec<Result<Appended>>> {
+/// committed. `NotFound` for one write is its own result: it wrote nothing.
+async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
-    for append in batch {
-        sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
-        let result = append_in_tx(&mut tx, append.session_id, &append.new).await;
-        if result.is_err() {
-            sqlx::query("ROLLBACK TO append").execute(&mut *tx).await?;
+    for pending in batch {
+        let result = match &pending.write {
+            Write::Message(new) => append_in_tx(&mut tx, pending.session_id, new).await.map(Written::Message),
+            Write::Bot(message) => bot_in_tx(&mut tx, pending.session_id, message).await.map(Written::Bot),
+        };
+        match result {
+            Err(StoreError::NotFound) => results.push(Err(StoreError::NotFound)),
+            // Part of this write may be in the transaction: give up the batch.
+            Err(error) => return Err(error),
+            Ok(written) => results.push(Ok(written)),
         }
-        sqlx::query("RELEASE append").execute(&mut *tx).await?;
-        results.push(result);
     }
     tx.commit().await?;
     Ok(results)
 }
 
-/// One client message inside a batch: de-duplicated by `client_id`, the
-/// next seq, and the safety flag if any.
+/// A client's or therapist's message: the next seq, unless its `client_id`
+/// is already stored for this sender, then its safety flag if any. The
+/// usual case is two statements: the insert (which takes the seq from the
+/// session row) and the session's update.
 async fn append_in_tx(
     tx: &mut sqlx::SqliteConnection,
     session_id: Uuid,
     new: &NewMessage,
 ) -> Result<Appended> {
-    let existing: Option<i64> =
-        sqlx::query_scalar("SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?")
-            .bind(session_id)
-            .bind(new.sender.as_str())
-            .bind(&new.client_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(seq) = existing {
-        return Ok(Appended::Duplicate { seq });
-    }
-    let at = now();
-    let (seq, mode): (i64, String) = sqlx::query_as(
-        "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-         WHERE id = ? RETURNING last_seq, chat_mode",
+    let (id, at) = (Uuid::now_v7(), now());
+    let seq: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+         SELECT ?, id, last_seq + 1, ?, ?, ?, ? FROM chat_sessions WHERE id = ?
+         ON CONFLICT (session_id, sender, client_id) WHERE client_id IS NOT NULL DO NOTHING
+         RETURNING seq",
     )
-    .bind(at)
+    .bind(id)
+    .bind(new.sender.as_str())
+    .bind(&new.content)
+    .bind(&new.client_id)
     .bind(at)
     .bind(session_id)
     .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(StoreError::NotFound)?;
-    let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
-    insert_message(tx, session_id, &message).await?;
+    .await?;
+    let Some(seq) = seq else {
+        // Nothing was written: a re-sent client_id, or no such session.
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        return existing.map(|seq| Appended::Duplicate { seq }).ok_or(StoreError::NotFound);
+    };
+    let mode: String = sqlx::query_scalar(
+        "UPDATE chat_sessions SET last_seq = ?, updated_at = ?, last_message_at = ? WHERE id = ?
+         RETURNING chat_mode",
+    )
+    .bind(seq)
+    .bind(at)
+    .bind(at)
+    .bind(session_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
     let flagged = match &new.risk {
         Some(flag) => Some(Box::new(flag_in_tx(tx, session_id, seq, flag).await?)),
         None => None,
     };
     Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
+}
+
+/// A message from the companion's side, only while the session is
+/// `BOT_ONLY`. The mode check and the seq allocation are one statement in
+/// the same transaction as the insert: a join that commits first makes the
+/// update match no row, and nothing is written.
+async fn bot_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    session_id: Uuid,
+    message: &BotMessage,
+) -> Result<Option<ChatMessage>> {
+    let at = now();
+    let seq: Option<i64> = sqlx::query_scalar(
+        "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
+         WHERE id = ? AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
+    )
+    .bind(at)
+    .bind(at)
+    .bind(session_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(seq) = seq else {
+        return Ok(None);
+    };
+    let message = match message {
+        BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
+        BotMessage::Notice { content } => new_message(Uuid::now_v7(), seq, Sender::System, content, None, at),
+    };
+    insert_message(tx, session_id, &message).await?;
+    Ok(Some(message))
 }
 
 /// Inserts a message row; the caller has already advanced `last_seq`.
@@ -587,39 +660,17 @@ impl Store for SqliteStore {
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
-        let (done, result) = oneshot::channel();
-        let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
-        self.appends.send(Append { session_id, new, done }).await.map_err(|_| closed())?;
-        result.await.map_err(|_| closed())?
+        match self.write(session_id, Write::Message(new)).await? {
+            Written::Message(appended) => Ok(appended),
+            Written::Bot(_) => Err(StoreError::Corrupt("a message write answered as a companion's".into())),
+        }
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
-        let mut tx = self.begin_write().await?;
-        let at = now();
-        // The mode check and the seq allocation are one statement inside the
-        // same transaction as the insert: a join that commits first makes this
-        // update match no row, and nothing is written.
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(seq) = seq else {
-            return Ok(None);
-        };
-        let message = match &message {
-            BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
-            BotMessage::Notice { content } => {
-                new_message(Uuid::now_v7(), seq, Sender::System, content, None, at)
-            }
-        };
-        insert_message(&mut tx, session_id, &message).await?;
-        tx.commit().await?;
-        Ok(Some(message))
+        match self.write(session_id, Write::Bot(message)).await? {
+            Written::Bot(written) => Ok(written),
+            Written::Message(_) => Err(StoreError::Corrupt("a companion write answered as a message".into())),
+        }
     }
 
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
