@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::future::BoxFuture;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
@@ -82,11 +83,18 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
             spoke: false,
+            storing: None,
         };
         let stop = match connection.open(connections).await {
             Ok(()) => connection.live().await,
             Err(stop) => stop,
         };
+        // A message already handed to the database is still acked (if the
+        // socket can take it), published and answered.
+        if let Some(mut storing) = connection.storing.take() {
+            let stored = (&mut storing.commit).await;
+            let _ = connection.on_stored(storing, stored);
+        }
         match stop {
             Stop::Close(code, reason) => {
                 connection.outbound.close(Some(CloseFrame { code, reason: reason.into() })).await
@@ -199,9 +207,20 @@ impl Outbound {
     fn start(mut sink: SplitSink<WebSocket, Message>, capacity: usize) -> Self {
         let (queue, mut frames) = mpsc::channel::<Message>(capacity.max(1));
         let writer = tokio::spawn(async move {
-            while let Some(frame) = frames.recv().await {
-                let closing = matches!(frame, Message::Close(_));
-                if sink.send(frame).await.is_err() || closing {
+            // Everything queued goes out with one flush: under load, fewer
+            // system calls; when idle, each frame at once.
+            'frames: while let Some(mut frame) = frames.recv().await {
+                let closing = loop {
+                    let closing = matches!(frame, Message::Close(_));
+                    if sink.feed(frame).await.is_err() {
+                        break 'frames;
+                    }
+                    match frames.try_recv() {
+                        Ok(next) if !closing => frame = next,
+                        _ => break closing,
+                    }
+                };
+                if sink.flush().await.is_err() || closing {
                     break;
                 }
             }
@@ -274,6 +293,26 @@ struct Connection {
     last_heard: Instant,
     /// A message was stored from this connection since the last heartbeat.
     spoke: bool,
+    /// The client message being committed, if any.
+    storing: Option<Storing>,
+}
+
+/// A client message on its way to the database.
+struct Storing {
+    client_id: String,
+    /// The detector's level for it.
+    detected: RiskLevel,
+    /// The text to ask the model about, when it gives second opinions.
+    second_opinion: Option<String>,
+    commit: BoxFuture<'static, haven_store::Result<Appended>>,
+}
+
+/// The commit in flight; never, when there is none.
+async fn next_commit(storing: &mut Option<Storing>) -> haven_store::Result<Appended> {
+    match storing {
+        Some(storing) => (&mut storing.commit).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Connection {
@@ -328,12 +367,16 @@ impl Connection {
                 () = shutdown.cancelled() => {
                     return Stop::Close(close_code::GOING_AWAY, "server shutting down, reconnect with since");
                 }
-                incoming = self.incoming.next() => {
+                stored = next_commit(&mut self.storing) => match self.storing.take() {
+                    Some(storing) => self.on_stored(storing, stored),
+                    None => Ok(()),
+                },
+                incoming = self.incoming.next(), if self.storing.is_none() => {
                     self.last_heard = Instant::now();
                     match incoming {
                         Some(Ok(Message::Text(text))) if text.len() > MAX_MESSAGE_BYTES => return too_big(),
                         Some(Ok(Message::Binary(bytes))) if bytes.len() > MAX_MESSAGE_BYTES => return too_big(),
-                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                        Some(Ok(Message::Text(text))) => self.on_text(&text),
                         Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames"),
                         // Pings are answered by the WebSocket layer itself.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
@@ -432,9 +475,11 @@ impl Connection {
         self.outbound.push(Message::Ping(Default::default()))
     }
 
-    /// A client frame: validate, store, ack, publish, then let the companion
-    /// answer only if the session is still `BOT_ONLY`.
-    async fn on_text(&mut self, text: &str) -> Result<(), Stop> {
+    /// A client frame: validate, screen, and start its commit. The result
+    /// is handled by [`Connection::on_stored`] once committed; meanwhile
+    /// this connection keeps delivering events (the join message among
+    /// them) but reads no further frame, so its messages stay in order.
+    fn on_text(&mut self, text: &str) -> Result<(), Stop> {
         let parsed = parse_client_frame(text);
         if self.messages.check().is_err() {
             let client_id = parsed.ok().map(|new| new.client_id);
@@ -457,14 +502,20 @@ impl Connection {
         let second_opinion =
             (role == Role::User && self.state.settings.safety_second_opinion).then(|| new.content.clone());
         let client_id = new.client_id.clone();
-        let stored = self
-            .state
-            .store
-            .append_message(
-                self.admitted.session_id,
-                NewMessage { sender: role.into(), content: new.content, client_id: new.client_id, risk },
-            )
-            .await;
+        let store = self.state.store.clone();
+        let session_id = self.admitted.session_id;
+        let message =
+            NewMessage { sender: role.into(), content: new.content, client_id: new.client_id, risk };
+        let commit = Box::pin(async move { store.append_message(session_id, message).await });
+        self.storing = Some(Storing { client_id, detected, second_opinion, commit });
+        Ok(())
+    }
+
+    /// A client message's commit ended: ack, publish, escalate, and let the
+    /// companion answer only if the session is still `BOT_ONLY`.
+    fn on_stored(&mut self, storing: Storing, stored: haven_store::Result<Appended>) -> Result<(), Stop> {
+        let Storing { client_id, detected, second_opinion, .. } = storing;
+        let role = self.admitted.role;
         match stored {
             Ok(Appended::Stored { message, chat_mode, flagged }) => {
                 self.spoke = true;

@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Events buffered per room before a slow receiver lags (and then catches
-/// up from the database).
-const ROOM_CAPACITY: usize = 256;
+/// up from the database). Allocated when the room opens, so kept small:
+/// a receiver only lags when its task stalls.
+const ROOM_CAPACITY: usize = 64;
 
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
