@@ -25,7 +25,7 @@ use uuid::Uuid;
 /// Events buffered per room before a slow receiver lags (and then catches
 /// up from the database). Allocated when the room opens, so kept small:
 /// a receiver only lags when its task stalls.
-const ROOM_CAPACITY: usize = 64;
+const ROOM_CAPACITY: usize = 32;
 
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
