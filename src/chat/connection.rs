@@ -156,7 +156,7 @@ async fn next_alert(risks: &mut Option<broadcast::Receiver<RiskAlert>>) -> Resul
 }
 
 /// After a flag committed: the crisis message to every tab of the client,
-/// and the alert to therapists. Logs the level and rule ids, never words.
+/// and the alert to therapists. Logs levels only, never words.
 fn escalated(state: &AppState, room: &Room, detected: RiskLevel, flagged: Flagged) {
     tracing::warn!(
         detected = detected.as_str(),
