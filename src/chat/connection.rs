@@ -18,7 +18,8 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMode, ErrorCode, JOIN_MESSAGE, RiskLevel, Role, ServerFrame, close_code, parse_client_frame,
+    ChatMessage, ChatMode, ErrorCode, JOIN_MESSAGE, RiskLevel, Role, Sender, ServerFrame, close_code,
+    parse_client_frame,
 };
 use haven_store::{Appended, Flagged, JoinOutcome, NewMessage, StoreError};
 use tokio::sync::broadcast::error::RecvError;
@@ -300,6 +301,10 @@ struct Connection {
 /// A client message on its way to the database.
 struct Storing {
     client_id: String,
+    /// Its ack was sent already: a catch-up read the committed message
+    /// from the database before the commit's own result came back, and the
+    /// ack must precede the message.
+    acked: bool,
     /// The detector's level for it.
     detected: RiskLevel,
     /// The text to ask the model about, when it gives second opinions.
@@ -507,14 +512,14 @@ impl Connection {
         let message =
             NewMessage { sender: role.into(), content: new.content, client_id: new.client_id, risk };
         let commit = Box::pin(async move { store.append_message(session_id, message).await });
-        self.storing = Some(Storing { client_id, detected, second_opinion, commit });
+        self.storing = Some(Storing { client_id, acked: false, detected, second_opinion, commit });
         Ok(())
     }
 
     /// A client message's commit ended: ack, publish, escalate, and let the
     /// companion answer only if the session is still `BOT_ONLY`.
     fn on_stored(&mut self, storing: Storing, stored: haven_store::Result<Appended>) -> Result<(), Stop> {
-        let Storing { client_id, detected, second_opinion, .. } = storing;
+        let Storing { client_id, acked, detected, second_opinion, .. } = storing;
         let role = self.admitted.role;
         match stored {
             Ok(Appended::Stored { message, chat_mode, flagged }) => {
@@ -522,7 +527,7 @@ impl Connection {
                 let seq = message.seq;
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
-                let acked = self.send(ServerFrame::Ack { client_id, seq });
+                let acked = if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) };
                 self.guard.room().publish(message);
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
@@ -542,7 +547,7 @@ impl Connection {
             }
             Ok(Appended::Duplicate { seq }) => {
                 tracing::info!(seq, "duplicate client_id: original ack sent again");
-                self.send(ServerFrame::Ack { client_id, seq })
+                if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) }
             }
             Err(error) => {
                 tracing::error!(error = %error, "message not stored");
@@ -624,6 +629,7 @@ impl Connection {
                 break;
             }
             for message in messages {
+                self.ack_before_own(&message)?;
                 let seq = message.seq;
                 self.outbound
                     .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
@@ -632,6 +638,19 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Sends the ack of this connection's message being committed before
+    /// the message itself, when a catch-up finds it first.
+    fn ack_before_own(&mut self, message: &ChatMessage) -> Result<(), Stop> {
+        let own = Sender::from(self.admitted.role);
+        let Some(storing) = self.storing.as_mut() else { return Ok(()) };
+        if storing.acked || message.sender != own || message.client_id.as_ref() != Some(&storing.client_id) {
+            return Ok(());
+        }
+        storing.acked = true;
+        let client_id = storing.client_id.clone();
+        self.send(ServerFrame::Ack { client_id, seq: message.seq })
     }
 
     /// After missed events: everything stored since `last_seq`, and the mode.
