@@ -71,7 +71,7 @@ async fn run(state: AppState, room: Arc<Room>, mut reply_id: Uuid) {
 /// the seq of the newest client message the model was shown.
 async fn generate(
     state: &AppState,
-    room: &Room,
+    room: &Arc<Room>,
     reply_id: Uuid,
     answered_through: Option<i64>,
 ) -> (Result<Finished, ()>, Option<i64>) {
@@ -125,7 +125,7 @@ enum Guidance {
 
 async fn stream_reply(
     state: &AppState,
-    room: &Room,
+    room: &Arc<Room>,
     reply_id: Uuid,
     history: Vec<ChatMessage>,
     guidance: Guidance,
@@ -204,7 +204,7 @@ async fn stream_reply(
 
 /// Stores and publishes the "companion unavailable" notice, unless a
 /// therapist joined meanwhile.
-async fn tell_unavailable(state: &AppState, room: &Room) {
+async fn tell_unavailable(state: &AppState, room: &Arc<Room>) {
     let notice = BotMessage::Notice { content: UNAVAILABLE_NOTICE.to_owned() };
     match state.store.append_if_bot_only(room.session_id, notice).await {
         Ok(Some(message)) => room.publish(message),

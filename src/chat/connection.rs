@@ -80,6 +80,7 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             last_seq: 0,
             mode: ChatMode::BotOnly,
             skipped_reply,
+            finished_reply: None,
             messages,
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
@@ -158,7 +159,7 @@ async fn next_alert(risks: &mut Option<broadcast::Receiver<RiskAlert>>) -> Resul
 
 /// After a flag committed: the crisis message to every tab of the client,
 /// and the alert to therapists. Logs levels only, never words.
-fn escalated(state: &AppState, room: &Room, detected: RiskLevel, flagged: Flagged) {
+fn escalated(state: &AppState, room: &Arc<Room>, detected: RiskLevel, flagged: Flagged) {
     tracing::warn!(
         detected = detected.as_str(),
         session_level = flagged.level.as_str(),
@@ -286,6 +287,9 @@ struct Connection {
     mode: ChatMode,
     /// The reply that was streaming when this connection opened.
     skipped_reply: Option<Uuid>,
+    /// The last companion reply a catch-up read from the database: deltas
+    /// of it still in the channel come too late.
+    finished_reply: Option<Uuid>,
     /// This connection's message rate.
     messages: DefaultDirectRateLimiter,
     /// When messages were refused for going over the rate, within the window.
@@ -595,7 +599,8 @@ impl Connection {
             // A companion delta. After the join message (this connection's
             // mode is THERAPIST_JOINED exactly once it has sent it) none may
             // follow, whatever order the events raced in.
-            if self.mode == ChatMode::BotOnly && event.reply_id != self.skipped_reply {
+            let late = event.reply_id == self.skipped_reply || event.reply_id == self.finished_reply;
+            if self.mode == ChatMode::BotOnly && !late {
                 self.outbound.push(Message::Text(event.frame))?;
             }
             return Ok(());
@@ -631,10 +636,18 @@ impl Connection {
             for message in messages {
                 self.ack_before_own(&message)?;
                 let seq = message.seq;
+                let joins = message.sender == Sender::System && message.content == JOIN_MESSAGE;
+                if message.sender == Sender::Ai {
+                    self.finished_reply = message.reply_id;
+                }
                 self.outbound
                     .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
                     .await?;
                 self.last_seq = seq;
+                // The mode frame follows the join message, as it does live.
+                if joins {
+                    self.tell_mode(ChatMode::TherapistJoined)?;
+                }
             }
         }
         Ok(())

@@ -3,18 +3,23 @@
 //!
 //! Two kinds of event travel through a room:
 //! - **Messages**, published only after their transaction committed, each
-//!   with its seq. A receiver that sees a seq beyond the next one it expects
-//!   (a concurrent writer published out of order, or the channel lagged)
-//!   reads the missing messages from the database, which has them already;
-//!   one that sees a seq it has delivered drops it. So the channel may
-//!   reorder or drop, and clients still see every message once, in order.
+//!   with its seq. Writers finish in any order (a batch's callers wake in
+//!   any order, and other instances' messages arrive later), so the room
+//!   holds a message whose predecessor is not published yet, for at most
+//!   [`HOLD`], and sends it once the gap fills. Every connection therefore
+//!   normally sees the same events in the same order. A receiver that still
+//!   sees a seq beyond the next one it expects (a hold timed out, or the
+//!   channel lagged) reads the missing messages from the database, which
+//!   has them already; one that sees a seq it has delivered drops it. So
+//!   clients see every message once, in order, whatever the channel does.
 //! - **Companion deltas** (`ai_delta`, `ai_cancelled`), which are not stored.
 //!   They are published under the room's generation lock, which the takeover
 //!   also takes: once the join message is published, no delta follows it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use haven_protocol::{ChatMessage, ChatMode, RiskLevel, ServerFrame};
@@ -26,6 +31,11 @@ use uuid::Uuid;
 /// up from the database). Allocated when the room opens, so kept small:
 /// a receiver only lags when its task stalls.
 const ROOM_CAPACITY: usize = 32;
+
+/// How long a message waits for its predecessor's writer to publish it.
+/// Writers publish within microseconds of their commit; this bounds the
+/// rare case of one that never does (its instance's notification was lost).
+const HOLD: Duration = Duration::from_millis(50);
 
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
@@ -138,6 +148,7 @@ impl Hub {
         let room = Arc::new(Room {
             session_id,
             events,
+            order: Mutex::default(),
             takeover: CancellationToken::new(),
             generation: Mutex::default(),
             connections: AtomicUsize::new(0),
@@ -203,6 +214,17 @@ struct Generation {
     more_to_answer: bool,
 }
 
+/// Messages waiting for their turn, in one room.
+#[derive(Debug, Default)]
+struct Order {
+    /// The highest seq sent in order; `None` until the room's first message.
+    published: Option<i64>,
+    /// Messages beyond `published + 1`, by seq.
+    held: BTreeMap<i64, Event>,
+    /// A task will send the held messages when [`HOLD`] runs out.
+    timer: bool,
+}
+
 /// How a generation ended, for [`Room::finish_generation`].
 pub enum Finished {
     /// The reply was committed as this message.
@@ -215,6 +237,7 @@ pub enum Finished {
 pub struct Room {
     pub session_id: Uuid,
     events: broadcast::Sender<Event>,
+    order: Mutex<Order>,
     /// Cancelled when a therapist takes over, stopping the reply in flight
     /// (and with it the provider request).
     pub takeover: CancellationToken,
@@ -229,8 +252,8 @@ impl Room {
     }
 
     /// Sends a committed message to every connection of the session here.
-    pub fn publish(&self, message: ChatMessage) {
-        self.send(Event::message(message, None));
+    pub fn publish(self: &Arc<Self>, message: ChatMessage) {
+        self.send_in_order(Event::message(message, None));
     }
 
     fn send(&self, event: Event) {
@@ -238,17 +261,67 @@ impl Room {
         let _ = self.events.send(event);
     }
 
+    /// Sends a message event once every lower seq has been sent, or when
+    /// it has waited [`HOLD`] for them.
+    fn send_in_order(self: &Arc<Self>, event: Event) {
+        let Some(seq) = event.seq else { return self.send(event) };
+        let mut order = self.order();
+        match order.published {
+            Some(published) if seq > published + 1 => {
+                order.held.insert(seq, event);
+                if !std::mem::replace(&mut order.timer, true) {
+                    let room = Arc::downgrade(self);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(HOLD).await;
+                        if let Some(room) = room.upgrade() {
+                            room.release_held();
+                        }
+                    });
+                }
+                return;
+            }
+            // Late after a hold ran out: receivers that lack it take it.
+            Some(published) if seq <= published => return self.send(event),
+            _ => {}
+        }
+        self.send(event);
+        order.published = Some(seq);
+        let mut next = seq + 1;
+        while let Some(event) = order.held.remove(&next) {
+            self.send(event);
+            order.published = Some(next);
+            next += 1;
+        }
+    }
+
+    /// Sends the messages still held after [`HOLD`]; receivers read the
+    /// gap before them from the database.
+    fn release_held(&self) {
+        let mut order = self.order();
+        order.timer = false;
+        for (seq, event) in std::mem::take(&mut order.held) {
+            tracing::debug!(session_id = %self.session_id, seq, "message released after waiting for a lower seq");
+            order.published = Some(seq);
+            self.send(event);
+        }
+    }
+
+    fn order(&self) -> MutexGuard<'_, Order> {
+        // Each update leaves the state consistent; a panic cannot tear it.
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The takeover, as seen by this room: no reply may start or stream
     /// after this; a reply in flight is cancelled and its partial text
     /// withdrawn before the join message goes out.
-    pub fn takeover(&self, join_message: ChatMessage) {
+    pub fn takeover(self: &Arc<Self>, join_message: ChatMessage) {
         let mut generation = self.generation();
         generation.joined = true;
         if let Some(reply_id) = generation.in_flight.take() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
         self.takeover.cancel();
-        self.send(Event::message(join_message, Some(ChatMode::TherapistJoined)));
+        self.send_in_order(Event::message(join_message, Some(ChatMode::TherapistJoined)));
     }
 
     /// Starts a companion reply unless one is running (then the running one
@@ -299,7 +372,7 @@ impl Room {
     }
 
     /// Publishes the closing message; every connection closes after it.
-    pub fn close_chat(&self, closing_message: ChatMessage) {
+    pub fn close_chat(self: &Arc<Self>, closing_message: ChatMessage) {
         let mut generation = self.generation();
         // Nothing from the companion after the chat ends, either.
         generation.joined = true;
@@ -307,7 +380,7 @@ impl Room {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
         self.takeover.cancel();
-        self.send(Event { closes: true, ..Event::message(closing_message, None) });
+        self.send_in_order(Event { closes: true, ..Event::message(closing_message, None) });
     }
 
     /// The reply being generated right now, if any.
@@ -329,14 +402,14 @@ impl Room {
     /// Ends reply `reply_id`: publishes its message, or withdraws its partial
     /// text. Returns the id of a follow-up reply to generate now, when client
     /// messages arrived meanwhile.
-    pub fn finish_generation(&self, reply_id: Uuid, finished: Finished) -> Option<Uuid> {
+    pub fn finish_generation(self: &Arc<Self>, reply_id: Uuid, finished: Finished) -> Option<Uuid> {
         let mut generation = self.generation();
         let current = generation.in_flight == Some(reply_id);
         if current {
             generation.in_flight = None;
         }
         match finished {
-            Finished::Committed(message) => self.send(Event::message(message, None)),
+            Finished::Committed(message) => self.send_in_order(Event::message(message, None)),
             // After a takeover the withdrawal already went out, before the join.
             Finished::Abandoned if current => {
                 self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
@@ -431,16 +504,7 @@ mod tests {
         let mut events = room.subscribe();
         let reply = room.start_generation().unwrap();
         assert!(room.publish_delta(reply, "Hel".into()));
-        let join = ChatMessage {
-            seq: 1,
-            id: Uuid::now_v7(),
-            sender: haven_protocol::Sender::System,
-            content: "joined".into(),
-            created_at: time::OffsetDateTime::now_utc(),
-            client_id: None,
-            reply_id: None,
-        };
-        room.takeover(join);
+        room.takeover(system_message(1));
         assert!(!room.publish_delta(reply, "lo".into()), "no delta after the join");
         assert_eq!(room.start_generation(), None);
         assert_eq!(room.finish_generation(reply, Finished::Abandoned), None);
@@ -449,6 +513,51 @@ mod tests {
             .map(|event| serde_json::from_str::<serde_json::Value>(&event.frame).unwrap()["type"].to_string())
             .collect();
         assert_eq!(kinds, ["\"ai_delta\"", "\"ai_cancelled\"", "\"message\""]);
+    }
+
+    fn seqs(events: &mut broadcast::Receiver<Event>) -> Vec<i64> {
+        std::iter::from_fn(|| events.try_recv().ok()).filter_map(|event| event.seq).collect()
+    }
+
+    fn system_message(seq: i64) -> ChatMessage {
+        ChatMessage {
+            seq,
+            id: Uuid::now_v7(),
+            sender: haven_protocol::Sender::System,
+            content: String::new(),
+            created_at: time::OffsetDateTime::now_utc(),
+            client_id: None,
+            reply_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_published_out_of_order_go_out_in_seq_order() {
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let mut events = room.subscribe();
+        for seq in [4, 6, 7, 5, 9, 8] {
+            room.publish(system_message(seq));
+        }
+        assert_eq!(seqs(&mut events), [4, 5, 6, 7, 8, 9]);
+        room.publish(system_message(3));
+        assert_eq!(seqs(&mut events), [3], "a late message is passed on; receivers drop what they have");
+    }
+
+    #[tokio::test]
+    async fn a_gap_that_never_fills_is_released_after_the_hold() {
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let mut events = room.subscribe();
+        room.publish(system_message(1));
+        room.publish(system_message(3));
+        room.publish(system_message(4));
+        assert_eq!(seqs(&mut events), [1], "held while 2 may still come");
+        let released = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert_eq!(released.expect("released").expect("open").seq, Some(3));
+        assert_eq!(seqs(&mut events), [4]);
+        room.publish(system_message(5));
+        assert_eq!(seqs(&mut events), [5], "in order again after the release");
     }
 
     mod properties {
@@ -513,10 +622,10 @@ mod tests {
                         }
                         Step::Commit | Step::Abandon => {
                             if let Some(reply) = current.take() {
-                                seq += 1;
                                 // After the join the database refuses the
                                 // commit (its mode check), so it is abandoned.
                                 let finished = if matches!(step, Step::Commit) && !joined_in_database {
+                                    seq += 1;
                                     Finished::Committed(message(seq, haven_protocol::Sender::Ai))
                                 } else {
                                     Finished::Abandoned
