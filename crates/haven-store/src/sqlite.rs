@@ -16,6 +16,7 @@
 //! writes nothing and does not disturb the others; an unexpected database
 //! error fails the whole batch, and every caller may retry.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -147,10 +148,21 @@ async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Pending>) 
 
 /// Writes a batch in one transaction. The outer `Err` means nothing was
 /// committed. `NotFound` for one write is its own result: it wrote nothing.
+///
+/// The usual writes — client and therapist messages without a safety flag —
+/// go in together, in two statements for the whole batch. Everything else
+/// (companion writes, flagged messages, and any message those two statements
+/// did not store: a re-sent `client_id`, an unknown session) follows one by
+/// one, and sees the seqs the batch took.
 async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut stored = append_plain_in_tx(&mut tx, batch).await?;
     let mut results = Vec::with_capacity(batch.len());
-    for pending in batch {
+    for (index, pending) in batch.iter().enumerate() {
+        if let Some(appended) = stored.remove(&index) {
+            results.push(Ok(Written::Message(appended)));
+            continue;
+        }
         let result = match &pending.write {
             Write::Message(new) => append_in_tx(&mut tx, pending.session_id, new).await.map(Written::Message),
             Write::Bot(message) => bot_in_tx(&mut tx, pending.session_id, message).await.map(Written::Bot),
@@ -164,6 +176,91 @@ async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Resul
     }
     tx.commit().await?;
     Ok(results)
+}
+
+/// The batch's unflagged client and therapist messages, each key
+/// (session, sender, `client_id`) once: one insert numbers them after each
+/// session's `last_seq` in batch order, skipping keys already stored and
+/// unknown sessions; one update moves every session's `last_seq`. Returns
+/// what was stored, by index in the batch.
+async fn append_plain_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    batch: &[Pending],
+) -> Result<HashMap<usize, Appended>> {
+    let mut keys = HashSet::new();
+    let mut rows = Vec::new();
+    let mut ids = HashMap::new();
+    for (index, pending) in batch.iter().enumerate() {
+        let Write::Message(new) = &pending.write else { continue };
+        if new.risk.is_some() || !keys.insert((pending.session_id, new.sender, new.client_id.as_str())) {
+            continue;
+        }
+        let id = Uuid::now_v7();
+        ids.insert(id, index);
+        rows.push(serde_json::json!({
+            "id": id.simple().to_string(),
+            "session_id": pending.session_id.simple().to_string(),
+            "sender": new.sender.as_str(),
+            "content": new.content,
+            "client_id": new.client_id,
+        }));
+    }
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let at = now();
+    let inserted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+         SELECT unhex(j.value ->> 'id'), s.id,
+                s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
+                j.value ->> 'sender', j.value ->> 'content', j.value ->> 'client_id', ?2
+         FROM json_each(?1) AS j
+         JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
+         WHERE NOT EXISTS (
+             SELECT 1 FROM messages AS m
+             WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
+               AND m.client_id = j.value ->> 'client_id')
+         RETURNING id, session_id, seq",
+    )
+    .bind(serde_json::Value::from(rows).to_string())
+    .bind(at)
+    .fetch_all(&mut *tx)
+    .await?;
+    if inserted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut last_seqs: HashMap<Uuid, i64> = HashMap::new();
+    for &(_, session_id, seq) in &inserted {
+        let last = last_seqs.entry(session_id).or_default();
+        *last = (*last).max(seq);
+    }
+    let sessions: Vec<_> = last_seqs
+        .iter()
+        .map(|(id, seq)| serde_json::json!({"id": id.simple().to_string(), "last_seq": seq}))
+        .collect();
+    let modes: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE chat_sessions SET last_seq = j.value ->> 'last_seq', updated_at = ?2, last_message_at = ?2
+         FROM json_each(?1) AS j WHERE chat_sessions.id = unhex(j.value ->> 'id')
+         RETURNING id, chat_mode",
+    )
+    .bind(serde_json::Value::from(sessions).to_string())
+    .bind(at)
+    .fetch_all(&mut *tx)
+    .await?;
+    let modes: HashMap<Uuid, ChatMode> =
+        modes.iter().map(|(id, mode)| Ok((*id, parse_mode(mode)?))).collect::<Result<_>>()?;
+    let mut stored = HashMap::with_capacity(inserted.len());
+    for (id, session_id, seq) in inserted {
+        let (Some(&index), Some(&chat_mode)) = (ids.get(&id), modes.get(&session_id)) else {
+            return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                "a batched insert returned an unknown row".into(),
+            )));
+        };
+        let Write::Message(new) = &batch[index].write else { continue };
+        let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
+        stored.insert(index, Appended::Stored { message, chat_mode, flagged: None });
+    }
+    Ok(stored)
 }
 
 /// A client's or therapist's message: the next seq, unless its `client_id`
@@ -1016,6 +1113,54 @@ mod tests {
         let seqs: Vec<i64> =
             store.messages_after(session.id, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_mixed_batch_numbers_each_session_without_gaps_and_stores_what_each_writer_sent() {
+        let (store, _dir) = store().await;
+        let sessions = [
+            store.create_chat_session(b"one").await.unwrap().id,
+            store.create_chat_session(b"two").await.unwrap().id,
+        ];
+        // Plain, flagged, therapist and companion writes to both sessions,
+        // sent together so they share batches.
+        let writers: Vec<_> = (0..90)
+            .map(|n| {
+                let store = store.clone();
+                let session = sessions[n % 2];
+                tokio::spawn(async move {
+                    let content = format!("write {n}");
+                    let client_id = format!("c{n}");
+                    let written = match n % 5 {
+                        0 => store.append_if_bot_only(session, BotMessage::Notice { content }).await,
+                        kind => {
+                            let sender = if kind == 1 { Sender::Therapist } else { Sender::User };
+                            let risk = (kind == 2).then(|| flag(RiskLevel::Concern));
+                            let new = NewMessage { sender, content, client_id, risk };
+                            store.append_message(session, new).await.map(|appended| match appended {
+                                Appended::Stored { message, .. } => Some(message),
+                                Appended::Duplicate { .. } => None,
+                            })
+                        }
+                    };
+                    (session, n, written.unwrap().expect("stored"))
+                })
+            })
+            .collect();
+        for writer in writers {
+            let (session, n, message) = writer.await.unwrap();
+            assert_eq!(message.content, format!("write {n}"));
+            let read = store.messages_after(session, message.seq - 1, 1).await.unwrap();
+            assert_eq!(read[0].content, message.content, "seq {} holds what its writer sent", message.seq);
+            assert_eq!(read[0].id, message.id);
+        }
+        for session in sessions {
+            let seqs: Vec<i64> =
+                store.messages_after(session, 0, 200).await.unwrap().iter().map(|m| m.seq).collect();
+            // 45 writes, and the crisis message of the first concern flag.
+            assert_eq!(seqs, (1..=46).collect::<Vec<_>>());
+            assert_eq!(store.chat_session(session).await.unwrap().unwrap().last_seq, 46);
+        }
     }
 
     #[tokio::test]
