@@ -149,23 +149,24 @@ async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Pending>) 
 /// Writes a batch in one transaction. The outer `Err` means nothing was
 /// committed. `NotFound` for one write is its own result: it wrote nothing.
 ///
-/// The usual writes — client and therapist messages without a safety flag —
-/// go in together, in two statements for the whole batch. Everything else
-/// (companion writes, flagged messages, and any message those two statements
-/// did not store: a re-sent `client_id`, an unknown session) follows one by
-/// one, and sees the seqs the batch took.
+/// The usual writes — companion writes, and client and therapist messages
+/// without a safety flag — go in together, in two statements for the whole
+/// batch. Flagged messages, and any message those two statements did not
+/// store (a re-sent `client_id`, an unknown session), follow one by one and
+/// see the seqs the batch took.
 async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    let mut stored = append_plain_in_tx(&mut tx, batch).await?;
+    let mut settled = write_together_in_tx(&mut tx, batch).await?;
     let mut results = Vec::with_capacity(batch.len());
     for (index, pending) in batch.iter().enumerate() {
-        if let Some(appended) = stored.remove(&index) {
-            results.push(Ok(Written::Message(appended)));
+        if let Some(written) = settled.remove(&index) {
+            results.push(Ok(written));
             continue;
         }
         let result = match &pending.write {
             Write::Message(new) => append_in_tx(&mut tx, pending.session_id, new).await.map(Written::Message),
-            Write::Bot(message) => bot_in_tx(&mut tx, pending.session_id, message).await.map(Written::Bot),
+            // Settled by the insert above, which stores it or not.
+            Write::Bot(_) => Ok(Written::Bot(None)),
         };
         match result {
             Err(StoreError::NotFound) => results.push(Err(StoreError::NotFound)),
@@ -178,35 +179,51 @@ async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Resul
     Ok(results)
 }
 
-/// The batch's unflagged client and therapist messages, each key
-/// (session, sender, `client_id`) once: one insert numbers them after each
-/// session's `last_seq` in batch order, skipping keys already stored and
-/// unknown sessions; one update moves every session's `last_seq`. Returns
-/// what was stored, by index in the batch.
-async fn append_plain_in_tx(
+/// The batch's usual writes in two statements: one insert numbers them
+/// after each session's `last_seq` in batch order, one update moves every
+/// session's `last_seq`. They are the unflagged client and therapist
+/// messages, each key (session, sender, `client_id`) once, which the insert
+/// skips when the key is stored already or the session is unknown; and the
+/// companion's writes, which it skips unless the session is `BOT_ONLY`. That
+/// mode check is part of the insert, in the transaction: a join that
+/// commits first makes it store nothing.
+/// Returns the results it settled, by index in the batch.
+async fn write_together_in_tx(
     tx: &mut sqlx::SqliteConnection,
     batch: &[Pending],
-) -> Result<HashMap<usize, Appended>> {
+) -> Result<HashMap<usize, Written>> {
     let mut keys = HashSet::new();
     let mut rows = Vec::new();
     let mut ids = HashMap::new();
+    let mut settled = HashMap::new();
     for (index, pending) in batch.iter().enumerate() {
-        let Write::Message(new) = &pending.write else { continue };
-        if new.risk.is_some() || !keys.insert((pending.session_id, new.sender, new.client_id.as_str())) {
-            continue;
+        let (id, sender, content, client_id) = match &pending.write {
+            Write::Message(new) => {
+                if new.risk.is_some()
+                    || !keys.insert((pending.session_id, new.sender, new.client_id.as_str()))
+                {
+                    continue;
+                }
+                (Uuid::now_v7(), new.sender, &new.content, Some(&new.client_id))
+            }
+            Write::Bot(BotMessage::Reply { id, content }) => (*id, Sender::Ai, content, None),
+            Write::Bot(BotMessage::Notice { content }) => (Uuid::now_v7(), Sender::System, content, None),
+        };
+        if matches!(pending.write, Write::Bot(_)) {
+            // Unless the insert stores it: the session is not BOT_ONLY.
+            settled.insert(index, Written::Bot(None));
         }
-        let id = Uuid::now_v7();
         ids.insert(id, index);
         rows.push(serde_json::json!({
             "id": id.simple().to_string(),
             "session_id": pending.session_id.simple().to_string(),
-            "sender": new.sender.as_str(),
-            "content": new.content,
-            "client_id": new.client_id,
+            "sender": sender.as_str(),
+            "content": content,
+            "client_id": client_id,
         }));
     }
     if rows.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(settled);
     }
     let at = now();
     let inserted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
@@ -216,10 +233,12 @@ async fn append_plain_in_tx(
                 j.value ->> 'sender', j.value ->> 'content', j.value ->> 'client_id', ?2
          FROM json_each(?1) AS j
          JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
-         WHERE NOT EXISTS (
-             SELECT 1 FROM messages AS m
-             WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
-               AND m.client_id = j.value ->> 'client_id')
+         WHERE CASE WHEN j.value ->> 'client_id' IS NULL THEN s.chat_mode = 'BOT_ONLY'
+                    ELSE NOT EXISTS (
+                        SELECT 1 FROM messages AS m
+                        WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
+                          AND m.client_id = j.value ->> 'client_id')
+               END
          RETURNING id, session_id, seq",
     )
     .bind(serde_json::Value::from(rows).to_string())
@@ -227,7 +246,7 @@ async fn append_plain_in_tx(
     .fetch_all(&mut *tx)
     .await?;
     if inserted.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(settled);
     }
     let mut last_seqs: HashMap<Uuid, i64> = HashMap::new();
     for &(_, session_id, seq) in &inserted {
@@ -249,18 +268,26 @@ async fn append_plain_in_tx(
     .await?;
     let modes: HashMap<Uuid, ChatMode> =
         modes.iter().map(|(id, mode)| Ok((*id, parse_mode(mode)?))).collect::<Result<_>>()?;
-    let mut stored = HashMap::with_capacity(inserted.len());
     for (id, session_id, seq) in inserted {
         let (Some(&index), Some(&chat_mode)) = (ids.get(&id), modes.get(&session_id)) else {
-            return Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                "a batched insert returned an unknown row".into(),
-            )));
+            let unknown = sqlx::Error::Protocol("a batched insert returned an unknown row".into());
+            return Err(StoreError::Unavailable(unknown));
         };
-        let Write::Message(new) = &batch[index].write else { continue };
-        let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
-        stored.insert(index, Appended::Stored { message, chat_mode, flagged: None });
+        let written = match &batch[index].write {
+            Write::Message(new) => {
+                let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
+                Written::Message(Appended::Stored { message, chat_mode, flagged: None })
+            }
+            Write::Bot(BotMessage::Reply { content, .. }) => {
+                Written::Bot(Some(new_message(id, seq, Sender::Ai, content, None, at)))
+            }
+            Write::Bot(BotMessage::Notice { content }) => {
+                Written::Bot(Some(new_message(id, seq, Sender::System, content, None, at)))
+            }
+        };
+        settled.insert(index, written);
     }
-    Ok(stored)
+    Ok(settled)
 }
 
 /// A client's or therapist's message: the next seq, unless its `client_id`
@@ -315,36 +342,6 @@ async fn append_in_tx(
         None => None,
     };
     Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
-}
-
-/// A message from the companion's side, only while the session is
-/// `BOT_ONLY`. The mode check and the seq allocation are one statement in
-/// the same transaction as the insert: a join that commits first makes the
-/// update match no row, and nothing is written.
-async fn bot_in_tx(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
-    message: &BotMessage,
-) -> Result<Option<ChatMessage>> {
-    let at = now();
-    let seq: Option<i64> = sqlx::query_scalar(
-        "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-         WHERE id = ? AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
-    )
-    .bind(at)
-    .bind(at)
-    .bind(session_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(seq) = seq else {
-        return Ok(None);
-    };
-    let message = match message {
-        BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
-        BotMessage::Notice { content } => new_message(Uuid::now_v7(), seq, Sender::System, content, None, at),
-    };
-    insert_message(tx, session_id, &message).await?;
-    Ok(Some(message))
 }
 
 /// Inserts a message row; the caller has already advanced `last_seq`.
