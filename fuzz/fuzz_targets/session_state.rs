@@ -44,8 +44,9 @@ fuzz_target!(|steps: &[u8]| {
             }
             2 | 3 => {
                 if let Some(reply) = current.take() {
-                    seq += 1;
+                    // Only a stored reply takes a seq.
                     let finished = if step % 7 == 2 && !ended {
+                        seq += 1;
                         Finished::Committed(message(seq, Sender::Ai))
                     } else {
                         Finished::Abandoned

@@ -268,10 +268,12 @@ impl Room {
         let mut order = self.order();
         match order.published {
             Some(published) if seq > published + 1 => {
+                // Outside a runtime (never in the server) nothing can wait.
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else { return self.send(event) };
                 order.held.insert(seq, event);
                 if !std::mem::replace(&mut order.timer, true) {
                     let room = Arc::downgrade(self);
-                    tokio::spawn(async move {
+                    runtime.spawn(async move {
                         tokio::time::sleep(HOLD).await;
                         if let Some(room) = room.upgrade() {
                             room.release_held();
