@@ -9,9 +9,10 @@
 //! separate pool and see every committed write.
 //!
 //! Messages, the hot path (client and therapist messages, companion
-//! replies), are written by group commit: a task takes every write waiting
-//! in its queue, writes them in one transaction and commits once — one fsync
-//! for the batch. Each caller gets its result only after that commit, so an
+//! replies), are written by group commit: a task on a thread of its own
+//! takes every write waiting in its queue, writes them in one transaction
+//! (the usual ones in two statements for the whole batch) and commits once —
+//! one fsync for the batch. Each caller gets its result only after that commit, so an
 //! ack still means "on disk". A write that finds no session or a duplicate
 //! writes nothing and does not disturb the others; an unexpected database
 //! error fails the whole batch, and every caller may retry.
@@ -100,8 +101,19 @@ impl SqliteStore {
             SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?
         };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-        // The task ends when the last clone of this store is dropped.
-        tokio::spawn(commit_batches(writer.clone(), queue));
+        // The group-commit loop has a thread and a runtime of its own: each
+        // statement is a hand-off to SQLite's thread and back, and on the
+        // server's runtime the loop would wait behind every socket's task
+        // for each one (milliseconds under load, for every batch). The
+        // thread ends when the last clone of this store is dropped.
+        let unavailable = |error| StoreError::Unavailable(sqlx::Error::Io(error));
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(unavailable)?;
+        let batches = commit_batches(writer.clone(), queue);
+        std::thread::Builder::new()
+            .name("haven-commit".into())
+            .spawn(move || runtime.block_on(batches))
+            .map_err(unavailable)?;
         Ok(Self { writer, reader, writes })
     }
 
