@@ -11,9 +11,9 @@
 //! Messages, the hot path (client and therapist messages, companion
 //! replies), are written by group commit: a task on a thread of its own
 //! takes every write waiting in its queue, writes them in one transaction
-//! (the usual ones in two statements for the whole batch) and commits once —
-//! one fsync for the batch. Each caller gets its result only after that commit, so an
-//! ack still means "on disk". A write that finds no session or a duplicate
+//! (the usual ones in two statements for the whole batch) and commits once:
+//! one fsync for the batch. Each caller gets its result only after that
+//! commit, so an ack still means "on disk". A write that finds no session or a duplicate
 //! writes nothing and does not disturb the others; an unexpected database
 //! error fails the whole batch, and every caller may retry.
 
@@ -302,10 +302,10 @@ async fn write_together_in_tx(
     Ok(settled)
 }
 
-/// A client's or therapist's message: the next seq, unless its `client_id`
-/// is already stored for this sender, then its safety flag if any. The
-/// usual case is two statements: the insert (which takes the seq from the
-/// session row) and the session's update.
+/// One client's or therapist's message, for what the batch's insert left:
+/// the next seq, unless its `client_id` is already stored for this sender,
+/// then its safety flag if any. A new message is two statements: the insert
+/// (which takes the seq from the session row) and the session's update.
 async fn append_in_tx(
     tx: &mut sqlx::SqliteConnection,
     session_id: Uuid,
