@@ -44,9 +44,13 @@ const REPLAY_PATIENCE: Duration = Duration::from_secs(10);
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Runs an admitted connection until either side closes it.
-pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
+///
+/// Not an `async fn`: the returned future, which each socket's task holds
+/// for its whole life, then keeps the arguments once instead of twice.
+pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Future<Output = ()> + Send {
     // Shutdown waits for this socket to send its close frame.
-    let _running = state.tasks.token();
+    let running = state.tasks.token();
+    let (sink, incoming) = socket.split();
     let span = tracing::info_span!(
         "chat",
         session_id = %admitted.session_id,
@@ -54,6 +58,7 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         chat_mode = field::Empty,
     );
     async move {
+        let _running = running;
         let room = state.hub.room(admitted.session_id);
         // Subscribe before reading anything, so no event committed from here
         // on can fall between the backlog and the live stream.
@@ -65,7 +70,6 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         // gets it as the committed message.
         let skipped_reply = room.reply_in_flight();
         let (guard, connections) = room.connect();
-        let (sink, incoming) = socket.split();
         let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
         let messages = state.limits.message_limiter();
         let mut connection = Connection {
@@ -87,7 +91,9 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
             spoke: false,
             storing: None,
         };
-        let stop = match connection.open(connections).await {
+        // Rare or one-off steps are boxed: each socket's task holds its
+        // future for the connection's whole life, sized by its largest step.
+        let stop = match Box::pin(connection.open(connections)).await {
             Ok(()) => connection.live().await,
             Err(stop) => stop,
         };
@@ -110,7 +116,6 @@ pub async fn run(state: AppState, admitted: Admitted, socket: WebSocket) {
         tracing::info!("disconnected");
     }
     .instrument(span)
-    .await;
 }
 
 /// Why the connection loop stopped.
@@ -397,7 +402,7 @@ impl Connection {
                     Ok(event) => self.deliver(event).await,
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, "event stream lagged: catching up from the database");
-                        self.resync().await
+                        Box::pin(self.resync()).await
                     }
                     Err(RecvError::Closed) => return Stop::Close(close_code::GOING_AWAY, "session closed"),
                 },
@@ -421,7 +426,7 @@ impl Connection {
                         Ok(())
                     }
                 },
-                _ = heartbeat.tick() => self.beat(period).await,
+                _ = heartbeat.tick() => Box::pin(self.beat(period)).await,
             };
             if let Err(stop) = step {
                 return stop;
@@ -593,7 +598,7 @@ impl Connection {
     /// database first and skipping what the client already has.
     async fn deliver(&mut self, event: Event) -> Result<(), Stop> {
         if event.resync {
-            return self.resync().await;
+            return Box::pin(self.resync()).await;
         }
         let Some(seq) = event.seq else {
             // A companion delta. After the join message (this connection's
@@ -608,7 +613,7 @@ impl Connection {
         if seq > self.last_seq + 1 {
             // Out of order or missed: the database has everything up to here,
             // and the mode that goes with it.
-            return self.resync().await;
+            return Box::pin(self.resync()).await;
         }
         if seq == self.last_seq + 1 {
             self.outbound.push(Message::Text(event.frame))?;
