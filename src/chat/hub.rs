@@ -506,7 +506,7 @@ mod tests {
         let mut events = room.subscribe();
         let reply = room.start_generation().unwrap();
         assert!(room.publish_delta(reply, "Hel".into()));
-        room.takeover(system_message(1));
+        room.takeover(message(1, haven_protocol::Sender::System));
         assert!(!room.publish_delta(reply, "lo".into()), "no delta after the join");
         assert_eq!(room.start_generation(), None);
         assert_eq!(room.finish_generation(reply, Finished::Abandoned), None);
@@ -521,11 +521,11 @@ mod tests {
         std::iter::from_fn(|| events.try_recv().ok()).filter_map(|event| event.seq).collect()
     }
 
-    fn system_message(seq: i64) -> ChatMessage {
+    fn message(seq: i64, sender: haven_protocol::Sender) -> ChatMessage {
         ChatMessage {
             seq,
             id: Uuid::now_v7(),
-            sender: haven_protocol::Sender::System,
+            sender,
             content: String::new(),
             created_at: time::OffsetDateTime::now_utc(),
             client_id: None,
@@ -539,10 +539,10 @@ mod tests {
         let room = hub.room(Uuid::now_v7());
         let mut events = room.subscribe();
         for seq in [4, 6, 7, 5, 9, 8] {
-            room.publish(system_message(seq));
+            room.publish(message(seq, haven_protocol::Sender::System));
         }
         assert_eq!(seqs(&mut events), [4, 5, 6, 7, 8, 9]);
-        room.publish(system_message(3));
+        room.publish(message(3, haven_protocol::Sender::System));
         assert_eq!(seqs(&mut events), [3], "a late message is passed on; receivers drop what they have");
     }
 
@@ -551,14 +551,14 @@ mod tests {
         let hub = Hub::default();
         let room = hub.room(Uuid::now_v7());
         let mut events = room.subscribe();
-        room.publish(system_message(1));
-        room.publish(system_message(3));
-        room.publish(system_message(4));
+        room.publish(message(1, haven_protocol::Sender::System));
+        room.publish(message(3, haven_protocol::Sender::System));
+        room.publish(message(4, haven_protocol::Sender::System));
         assert_eq!(seqs(&mut events), [1], "held while 2 may still come");
         let released = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
         assert_eq!(released.expect("released").expect("open").seq, Some(3));
         assert_eq!(seqs(&mut events), [4]);
-        room.publish(system_message(5));
+        room.publish(message(5, haven_protocol::Sender::System));
         assert_eq!(seqs(&mut events), [5], "in order again after the release");
     }
 
@@ -584,18 +584,6 @@ mod tests {
                 1 => Just(Step::Abandon),
                 1 => Just(Step::Takeover),
             ]
-        }
-
-        fn message(seq: i64, sender: haven_protocol::Sender) -> ChatMessage {
-            ChatMessage {
-                seq,
-                id: Uuid::now_v7(),
-                sender,
-                content: String::new(),
-                created_at: time::OffsetDateTime::now_utc(),
-                client_id: None,
-                reply_id: None,
-            }
         }
 
         proptest! {

@@ -13,9 +13,10 @@
 //! takes every write waiting in its queue, writes them in one transaction
 //! (the usual ones in two statements for the whole batch) and commits once:
 //! one fsync for the batch. Each caller gets its result only after that
-//! commit, so an ack still means "on disk". A write that finds no session or a duplicate
-//! writes nothing and does not disturb the others; an unexpected database
-//! error fails the whole batch, and every caller may retry.
+//! commit, so an ack still means "on disk". A write that finds no session
+//! or a duplicate writes nothing and does not disturb the others; an
+//! unexpected database error fails the whole batch, and every caller may
+//! retry.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
