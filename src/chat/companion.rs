@@ -15,13 +15,9 @@ use haven_store::{Announcement, BotMessage};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::hub::{Finished, Room};
+use super::hub::{Finished, HISTORY_MESSAGES, Room};
 use crate::safety::SafetyScript;
 use crate::startup::AppState;
-
-/// How many of the latest messages are read for the companion; the
-/// responder then keeps what fits its budget.
-const HISTORY_MESSAGES: i64 = 200;
 
 /// Told to the client when the model fails. A therapist can still join.
 pub const UNAVAILABLE_NOTICE: &str = "The companion is unavailable right now. Your message is saved, and a therapist can still join this chat.";
@@ -75,12 +71,29 @@ async fn generate(
     reply_id: Uuid,
     answered_through: Option<i64>,
 ) -> (Result<Finished, ()>, Option<i64>) {
-    let mut history = match state.store.recent_messages(room.session_id, HISTORY_MESSAGES).await {
-        Ok(messages) => messages,
+    // The session row first: the history must reach its last seq, and its
+    // flag decides how the companion may answer.
+    let session = match state.store.chat_session(room.session_id).await {
+        Ok(session) => session,
         Err(error) => {
-            tracing::error!(error = %error, "companion could not read the history");
+            tracing::error!(error = %error, "companion could not read the session");
             return (Ok(Finished::Abandoned), None);
         }
+    };
+    let (last_seq, risk) = session.map_or((i64::MAX, None), |session| (session.last_seq, session.risk));
+    let kept = room.recent_history(last_seq);
+    let mut history = match kept {
+        Some(history) => history,
+        None => match state.store.recent_messages(room.session_id, HISTORY_MESSAGES as i64).await {
+            Ok(messages) => {
+                room.keep_history(&messages);
+                messages
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "companion could not read the history");
+                return (Ok(Finished::Abandoned), None);
+            }
+        },
     };
     // Client messages that arrived while the previous reply was generated
     // were stored before it; put them after it, where the model answers them.
@@ -92,14 +105,6 @@ async fn generate(
     }
     let seen =
         history.iter().filter(|message| message.sender == Sender::User).map(|message| message.seq).max();
-    // The session's flag decides how the companion may answer.
-    let risk = match state.store.chat_session(room.session_id).await {
-        Ok(session) => session.and_then(|session| session.risk),
-        Err(error) => {
-            tracing::error!(error = %error, "companion could not read the session");
-            return (Ok(Finished::Abandoned), None);
-        }
-    };
     let guidance = match risk {
         Some(risk) if risk.level >= RiskLevel::High => Guidance::SafetyScript,
         // Once per flag: the first reply after it checks in on safety.

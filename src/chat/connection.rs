@@ -342,7 +342,6 @@ impl Connection {
             match store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await? {
                 JoinOutcome::Joined { message } => {
                     self.mode = ChatMode::TherapistJoined;
-                    Span::current().record("chat_mode", self.mode.as_str());
                     tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
                     self.guard.room().takeover(message);
                     tracing::info!("join message sent");

@@ -37,6 +37,10 @@ const ROOM_CAPACITY: usize = 32;
 /// rare case of one that never does (its instance's notification was lost).
 const HOLD: Duration = Duration::from_millis(50);
 
+/// How many of the latest messages the companion is shown at most; the
+/// responder then keeps what fits its budget.
+pub const HISTORY_MESSAGES: usize = 200;
+
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
 /// All rooms of this process, and the therapists' dashboard feed.
@@ -151,6 +155,7 @@ impl Hub {
             order: Mutex::default(),
             takeover: CancellationToken::new(),
             generation: Mutex::default(),
+            history: Mutex::default(),
             connections: AtomicUsize::new(0),
             rooms: Arc::downgrade(&self.rooms),
         });
@@ -242,6 +247,10 @@ pub struct Room {
     /// (and with it the provider request).
     pub takeover: CancellationToken,
     generation: Mutex<Generation>,
+    /// The session's latest messages, by seq, kept from the companion's
+    /// first reply until a therapist joins, so that a reply need not read
+    /// them from the database. Never more than [`HISTORY_MESSAGES`].
+    history: Mutex<Option<BTreeMap<i64, ChatMessage>>>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
 }
@@ -253,7 +262,50 @@ impl Room {
 
     /// Sends a committed message to every connection of the session here.
     pub fn publish(self: &Arc<Self>, message: ChatMessage) {
+        self.remember(&message);
         self.send_in_order(Event::message(message, None));
+    }
+
+    /// Adds a committed message to the companion's history, if kept.
+    fn remember(&self, message: &ChatMessage) {
+        if let Some(kept) = self.history().as_mut() {
+            kept.insert(message.seq, message.clone());
+            while kept.len() > HISTORY_MESSAGES {
+                kept.pop_first();
+            }
+        }
+    }
+
+    /// The latest [`HISTORY_MESSAGES`] messages in seq order, reaching at
+    /// least `last_seq`, when every one of them is kept here; else the
+    /// caller reads them from the database.
+    pub fn recent_history(&self, last_seq: i64) -> Option<Vec<ChatMessage>> {
+        let history = self.history();
+        let kept = history.as_ref()?;
+        let (&first, &last) = (kept.first_key_value()?.0, kept.last_key_value()?.0);
+        let gapless = usize::try_from(last - first + 1).is_ok_and(|span| span == kept.len());
+        let from_the_start = first == 1 || kept.len() == HISTORY_MESSAGES;
+        (gapless && from_the_start && last >= last_seq).then(|| kept.values().cloned().collect())
+    }
+
+    /// Starts keeping the history from messages read from the database,
+    /// unless a therapist has joined.
+    pub fn keep_history(&self, messages: &[ChatMessage]) {
+        let generation = self.generation();
+        if generation.joined {
+            return;
+        }
+        let mut history = self.history();
+        let kept = history.get_or_insert_default();
+        kept.extend(messages.iter().map(|message| (message.seq, message.clone())));
+        while kept.len() > HISTORY_MESSAGES {
+            kept.pop_first();
+        }
+    }
+
+    fn history(&self) -> MutexGuard<'_, Option<BTreeMap<i64, ChatMessage>>> {
+        // Each update leaves the map consistent; a panic cannot tear it.
+        self.history.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn send(&self, event: Event) {
@@ -319,6 +371,7 @@ impl Room {
     pub fn takeover(self: &Arc<Self>, join_message: ChatMessage) {
         let mut generation = self.generation();
         generation.joined = true;
+        *self.history() = None;
         if let Some(reply_id) = generation.in_flight.take() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
@@ -378,6 +431,7 @@ impl Room {
         let mut generation = self.generation();
         // Nothing from the companion after the chat ends, either.
         generation.joined = true;
+        *self.history() = None;
         if let Some(reply_id) = generation.in_flight.take() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
@@ -411,7 +465,10 @@ impl Room {
             generation.in_flight = None;
         }
         match finished {
-            Finished::Committed(message) => self.send_in_order(Event::message(message, None)),
+            Finished::Committed(message) => {
+                self.remember(&message);
+                self.send_in_order(Event::message(message, None));
+            }
             // After a takeover the withdrawal already went out, before the join.
             Finished::Abandoned if current => {
                 self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
@@ -560,6 +617,36 @@ mod tests {
         assert_eq!(seqs(&mut events), [4]);
         room.publish(message(5, haven_protocol::Sender::System));
         assert_eq!(seqs(&mut events), [5], "in order again after the release");
+    }
+
+    #[tokio::test]
+    async fn the_companion_history_is_used_only_when_whole_and_is_dropped_at_the_takeover() {
+        use haven_protocol::Sender::{Ai, System, User};
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let seqs_of = |history: Option<Vec<ChatMessage>>| {
+            history.map(|history| history.iter().map(|message| message.seq).collect::<Vec<_>>())
+        };
+        room.publish(message(1, User));
+        assert_eq!(seqs_of(room.recent_history(1)), None, "not kept before the first reply");
+        room.keep_history(&[message(1, User)]);
+        room.publish(message(2, User));
+        room.finish_generation(Uuid::now_v7(), Finished::Committed(message(3, Ai)));
+        assert_eq!(seqs_of(room.recent_history(3)), Some(vec![1, 2, 3]));
+        assert_eq!(seqs_of(room.recent_history(4)), None, "seq 4 is committed but not here");
+        room.publish(message(5, User));
+        assert_eq!(seqs_of(room.recent_history(5)), None, "a gap at 4");
+        room.keep_history(&[message(4, User), message(5, User)]);
+        assert_eq!(seqs_of(room.recent_history(5)), Some(vec![1, 2, 3, 4, 5]));
+        for seq in 6..=HISTORY_MESSAGES as i64 + 10 {
+            room.publish(message(seq, User));
+        }
+        let kept = seqs_of(room.recent_history(HISTORY_MESSAGES as i64 + 10)).expect("whole");
+        assert_eq!(kept.len(), HISTORY_MESSAGES);
+        assert_eq!(kept[0], 11, "only the latest are kept");
+        room.takeover(message(HISTORY_MESSAGES as i64 + 11, System));
+        room.keep_history(&[message(1, User)]);
+        assert_eq!(seqs_of(room.recent_history(0)), None, "nothing is kept after the takeover");
     }
 
     mod properties {

@@ -11,12 +11,13 @@
 //! Messages, the hot path (client and therapist messages, companion
 //! replies), are written by group commit: a task on a thread of its own
 //! takes every write waiting in its queue, writes them in one transaction
-//! (the usual ones in two statements for the whole batch) and commits once:
-//! one fsync for the batch. Each caller gets its result only after that
-//! commit, so an ack still means "on disk". A write that finds no session
-//! or a duplicate writes nothing and does not disturb the others; an
-//! unexpected database error fails the whole batch, and every caller may
-//! retry.
+//! (the usual ones in one call for the whole batch) and commits once: one
+//! fsync for the batch. Each caller gets its result only after that commit,
+//! so an ack still means "on disk". A write that finds no session or a
+//! duplicate writes nothing and does not disturb the others; an unexpected
+//! database error fails the whole batch, and every caller may retry. A
+//! second connection on the same thread checkpoints the WAL in the
+//! background, so commits seldom do.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -41,12 +42,24 @@ use crate::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Writes a batch may hold: enough to amortise one fsync over thousands
-/// of messages a second, small enough to keep one transaction short.
-const MAX_BATCH: usize = 512;
+/// Writes a batch may hold: everything waiting. A larger batch costs less
+/// per message, not only for its one fsync: messages of many sessions share
+/// index and session pages, and each page goes to the WAL once per batch.
+const MAX_BATCH: usize = WRITE_QUEUE;
 
 /// Writes waiting for the group-commit task; senders wait when it is full.
 const WRITE_QUEUE: usize = 4_096;
+
+/// How long the background checkpointer lets commits gather in the WAL
+/// before it copies them into the database file: a page written by many
+/// commits in that time is copied once.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// WAL pages after which the writer checkpoints by itself, in its commit
+/// (SQLite's default is 1,000). Normally the background checkpointer has
+/// copied nearly all of them by then, so this only bounds the WAL's size
+/// (about 40 MB) and lets it start over from its beginning.
+const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -89,17 +102,22 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory")
+            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
             || url.contains("mode=memory");
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone().pragma("cache_size", "-65536"))
+            .await?;
         MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
         // An in-memory database exists only inside its one connection.
         let reader = if in_memory {
             writer.clone()
         } else {
-            SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?
+            SqlitePoolOptions::new().max_connections(4).connect_with(options.clone().read_only(true)).await?
         };
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         // The group-commit loop has a thread and a runtime of its own: each
@@ -111,9 +129,19 @@ impl SqliteStore {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(unavailable)?;
         let batches = commit_batches(writer.clone(), queue);
+        let checkpointer =
+            if in_memory { None } else { Some(sqlx::ConnectOptions::connect(&options).await?) };
         std::thread::Builder::new()
             .name("haven-commit".into())
-            .spawn(move || runtime.block_on(batches))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // The checkpointer stops with the loop.
+                    tokio::select! {
+                        () = batches => {}
+                        () = checkpoints(checkpointer) => {}
+                    }
+                })
+            })
             .map_err(unavailable)?;
         Ok(Self { writer, reader, writes })
     }
@@ -159,6 +187,24 @@ async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Pending>) 
     }
 }
 
+/// Copies committed pages from the WAL into the database file every
+/// [`CHECKPOINT_INTERVAL`], on a connection of its own, so that commits
+/// seldom have to (SQLite's automatic checkpoint runs inside the commit
+/// that crosses the threshold, and holds every write behind it). A
+/// passive checkpoint never waits for the writer or readers; what it cannot
+/// copy yet, the next one does.
+async fn checkpoints(connection: Option<sqlx::SqliteConnection>) {
+    let Some(mut connection) = connection else { return std::future::pending().await };
+    let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut connection).await {
+            tracing::warn!(error = %error, "background checkpoint failed");
+        }
+    }
+}
+
 /// Writes a batch in one transaction. The outer `Err` means nothing was
 /// committed. `NotFound` for one write is its own result: it wrote nothing.
 ///
@@ -192,14 +238,19 @@ async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Resul
     Ok(results)
 }
 
-/// The batch's usual writes in two statements: one insert numbers them
-/// after each session's `last_seq` in batch order, one update moves every
-/// session's `last_seq`. They are the unflagged client and therapist
-/// messages, each key (session, sender, `client_id`) once, which the insert
-/// skips when the key is stored already or the session is unknown; and the
-/// companion's writes, which it skips unless the session is `BOT_ONLY`. That
-/// mode check is part of the insert, in the transaction: a join that
-/// commits first makes it store nothing.
+/// The batch's usual writes in one call of three statements, bound to the
+/// batch as one JSON array: an insert numbers them after each session's
+/// `last_seq` in batch order, an update moves those sessions' `last_seq`,
+/// and a select reports, as one JSON value, the seq and session mode of
+/// every row stored. They are the unflagged client and therapist messages,
+/// each key (session, sender, `client_id`) once, which the insert skips when
+/// the key is stored already or the session is unknown; and the companion's
+/// writes, which it skips unless the session is `BOT_ONLY`. That mode check
+/// is part of the insert, in the transaction: a join that commits first
+/// makes it store nothing.
+///
+/// One call is one hand-off to SQLite's thread and back; rows returned one
+/// by one (`RETURNING`) would be a hand-off each.
 /// Returns the results it settled, by index in the batch.
 async fn write_together_in_tx(
     tx: &mut sqlx::SqliteConnection,
@@ -207,7 +258,8 @@ async fn write_together_in_tx(
 ) -> Result<HashMap<usize, Written>> {
     let mut keys = HashSet::new();
     let mut rows = Vec::new();
-    let mut ids = HashMap::new();
+    // Each row's place in the batch and its message id.
+    let mut written_by = Vec::new();
     let mut settled = HashMap::new();
     for (index, pending) in batch.iter().enumerate() {
         let (id, sender, content, client_id) = match &pending.write {
@@ -226,7 +278,7 @@ async fn write_together_in_tx(
             // Unless the insert stores it: the session is not BOT_ONLY.
             settled.insert(index, Written::Bot(None));
         }
-        ids.insert(id, index);
+        written_by.push((index, id));
         rows.push(serde_json::json!({
             "id": id.simple().to_string(),
             "session_id": pending.session_id.simple().to_string(),
@@ -239,7 +291,7 @@ async fn write_together_in_tx(
         return Ok(settled);
     }
     let at = now();
-    let inserted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+    let stored: String = sqlx::query_scalar(
         "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
          SELECT unhex(j.value ->> 'id'), s.id,
                 s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
@@ -251,41 +303,30 @@ async fn write_together_in_tx(
                         SELECT 1 FROM messages AS m
                         WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
                           AND m.client_id = j.value ->> 'client_id')
-               END
-         RETURNING id, session_id, seq",
+               END;
+         UPDATE chat_sessions
+         SET last_seq = (SELECT max(m.seq) FROM messages AS m WHERE m.session_id = chat_sessions.id),
+             updated_at = ?2, last_message_at = ?2
+         WHERE id IN (SELECT m.session_id FROM json_each(?1) AS j
+                      JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
+         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode))
+         FROM json_each(?1) AS j
+         JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
+         JOIN chat_sessions AS s ON s.id = m.session_id",
     )
     .bind(serde_json::Value::from(rows).to_string())
     .bind(at)
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    if inserted.is_empty() {
-        return Ok(settled);
-    }
-    let mut last_seqs: HashMap<Uuid, i64> = HashMap::new();
-    for &(_, session_id, seq) in &inserted {
-        let last = last_seqs.entry(session_id).or_default();
-        *last = (*last).max(seq);
-    }
-    let sessions: Vec<_> = last_seqs
-        .iter()
-        .map(|(id, seq)| serde_json::json!({"id": id.simple().to_string(), "last_seq": seq}))
-        .collect();
-    let modes: Vec<(Uuid, String)> = sqlx::query_as(
-        "UPDATE chat_sessions SET last_seq = j.value ->> 'last_seq', updated_at = ?2, last_message_at = ?2
-         FROM json_each(?1) AS j WHERE chat_sessions.id = unhex(j.value ->> 'id')
-         RETURNING id, chat_mode",
-    )
-    .bind(serde_json::Value::from(sessions).to_string())
-    .bind(at)
-    .fetch_all(&mut *tx)
-    .await?;
-    let modes: HashMap<Uuid, ChatMode> =
-        modes.iter().map(|(id, mode)| Ok((*id, parse_mode(mode)?))).collect::<Result<_>>()?;
-    for (id, session_id, seq) in inserted {
-        let (Some(&index), Some(&chat_mode)) = (ids.get(&id), modes.get(&session_id)) else {
-            let unknown = sqlx::Error::Protocol("a batched insert returned an unknown row".into());
+    let stored: Vec<(usize, i64, String)> = serde_json::from_str(&stored).map_err(|error| {
+        StoreError::Unavailable(sqlx::Error::Protocol(format!("a batched insert reported {error}")))
+    })?;
+    for (row, seq, mode) in stored {
+        let Some(&(index, id)) = written_by.get(row) else {
+            let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
             return Err(StoreError::Unavailable(unknown));
         };
+        let chat_mode = parse_mode(&mode)?;
         let written = match &batch[index].write {
             Write::Message(new) => {
                 let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
@@ -1170,6 +1211,27 @@ mod tests {
             // 45 writes, and the crisis message of the first concern flag.
             assert_eq!(seqs, (1..=46).collect::<Vec<_>>());
             assert_eq!(store.chat_session(session).await.unwrap().unwrap().last_seq, 46);
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_reach_the_database_file_from_the_background_checkpointer() {
+        let (store, dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let marker = format!("checkpoint marker {}", Uuid::now_v7());
+        let new = NewMessage { content: marker.clone(), ..user_message("c1") };
+        store.append_message(session.id, new).await.unwrap();
+        // Committed, the message is in the WAL. The writer itself would copy
+        // it into the database file only after WRITER_CHECKPOINT_PAGES.
+        let file = dir.path().join("test.db");
+        let deadline = std::time::Instant::now() + CHECKPOINT_INTERVAL * 20;
+        loop {
+            let bytes = std::fs::read(&file).unwrap();
+            if bytes.windows(marker.len()).any(|window| window == marker.as_bytes()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the message never reached the database file");
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 10).await;
         }
     }
 
