@@ -1,8 +1,11 @@
 //! `mock-llm`: a language-model provider with a set latency, speaking the
-//! OpenAI-compatible Chat Completions streaming format that Haven's
-//! `--ai-provider openai` uses: `POST /v1/chat/completions` answered with
-//! server-sent events, `data: {"choices":[{"delta":{"content":"…"}}]}` per
-//! piece, then `data: [DONE]`.
+//! OpenAI-compatible Chat Completions format that Haven's `--ai-provider
+//! openai` uses: `POST /v1/chat/completions` with `"stream": true` (a
+//! companion reply) is answered with server-sent events, `data:
+//! {"choices":[{"delta":{"content":"…"}}]}` per piece, then `data: [DONE]`;
+//! without it (a risk assessment, the model's second opinion) with one
+//! `chat.completion` object whose answer is the level `none`, after the
+//! same delay.
 //!
 //! Start Haven with `--ai-provider openai --ai-base-url http://ADDR/v1
 //! --ai-model mock --ai-api-key x`. The prompts it receives are read only
@@ -87,9 +90,23 @@ fn event(delta: serde_json::Value, finish: Option<&str>) -> Bytes {
     Bytes::from(format!("data: {chunk}\n\n"))
 }
 
-/// Streams the reply. The request body (the conversation) is not read.
-async fn completions(State(mock): State<Arc<Mock>>) -> Response {
+/// Streams the reply, or answers a request that does not ask for a stream
+/// at once. Of the request body only `stream` is read.
+async fn completions(State(mock): State<Arc<Mock>>, body: Bytes) -> Response {
     mock.requests.fetch_add(1, Ordering::Relaxed);
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if request["stream"] != json!(true) {
+        tokio::time::sleep(mock.pause * mock.chunks as u32).await;
+        return axum::Json(json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": "mock",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "none"},
+                "finish_reason": "stop",
+            }],
+        }))
+        .into_response();
+    }
     // Each piece: a pause, then bytes. The role goes at once, each word
     // after a pause, and the end right after the last word.
     let mut pieces: Vec<(Duration, Bytes)> =
