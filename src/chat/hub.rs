@@ -41,6 +41,11 @@ const HOLD: Duration = Duration::from_millis(50);
 /// responder then keeps what fits its budget.
 pub const HISTORY_MESSAGES: usize = 200;
 
+/// The most message text a room keeps for the companion: many times the
+/// responder's default budget (8,000 characters), and a bound on what a
+/// chatty session holds in memory.
+const HISTORY_BYTES: usize = 256 * 1024;
+
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
 /// All rooms of this process, and the therapists' dashboard feed.
@@ -230,6 +235,31 @@ struct Order {
     timer: bool,
 }
 
+/// The companion's history in one room: the latest messages by seq, at
+/// most [`HISTORY_MESSAGES`] of them and [`HISTORY_BYTES`] of text.
+#[derive(Debug, Default)]
+struct History {
+    messages: BTreeMap<i64, ChatMessage>,
+    /// The text of `messages`, in bytes.
+    bytes: usize,
+}
+
+impl History {
+    fn add(&mut self, message: ChatMessage) {
+        self.bytes += message.content.len();
+        if let Some(replaced) = self.messages.insert(message.seq, message) {
+            self.bytes -= replaced.content.len();
+        }
+        while self.messages.len() > HISTORY_MESSAGES
+            || (self.bytes > HISTORY_BYTES && self.messages.len() > 1)
+        {
+            if let Some((_, dropped)) = self.messages.pop_first() {
+                self.bytes -= dropped.content.len();
+            }
+        }
+    }
+}
+
 /// How a generation ended, for [`Room::finish_generation`].
 pub enum Finished {
     /// The reply was committed as this message.
@@ -250,7 +280,7 @@ pub struct Room {
     /// The session's latest messages, by seq, kept from the companion's
     /// first reply until a therapist joins, so that a reply need not read
     /// them from the database. Never more than [`HISTORY_MESSAGES`].
-    history: Mutex<Option<BTreeMap<i64, ChatMessage>>>,
+    history: Mutex<Option<History>>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
 }
@@ -269,41 +299,37 @@ impl Room {
     /// Adds a committed message to the companion's history, if kept.
     fn remember(&self, message: &ChatMessage) {
         if let Some(kept) = self.history().as_mut() {
-            kept.insert(message.seq, message.clone());
-            while kept.len() > HISTORY_MESSAGES {
-                kept.pop_first();
-            }
+            kept.add(message.clone());
         }
     }
 
-    /// The latest [`HISTORY_MESSAGES`] messages in seq order, reaching at
-    /// least `last_seq`, when every one of them is kept here; else the
-    /// caller reads them from the database.
+    /// The latest kept messages in seq order, reaching at least `last_seq`,
+    /// when none is missing in between; else the caller reads them from the
+    /// database. Kept messages always end the conversation: they start as
+    /// its latest messages read from the database, and grow at the end.
     pub fn recent_history(&self, last_seq: i64) -> Option<Vec<ChatMessage>> {
         let history = self.history();
-        let kept = history.as_ref()?;
+        let kept = &history.as_ref()?.messages;
         let (&first, &last) = (kept.first_key_value()?.0, kept.last_key_value()?.0);
         let gapless = usize::try_from(last - first + 1).is_ok_and(|span| span == kept.len());
-        let from_the_start = first == 1 || kept.len() == HISTORY_MESSAGES;
-        (gapless && from_the_start && last >= last_seq).then(|| kept.values().cloned().collect())
+        (gapless && last >= last_seq).then(|| kept.values().cloned().collect())
     }
 
-    /// Starts keeping the history from messages read from the database,
-    /// unless a therapist has joined.
-    pub fn keep_history(&self, messages: &[ChatMessage]) {
+    /// Starts keeping the history from the latest messages, read from the
+    /// database, unless a therapist has joined.
+    pub fn keep_history(&self, latest: &[ChatMessage]) {
         let generation = self.generation();
         if generation.joined {
             return;
         }
         let mut history = self.history();
         let kept = history.get_or_insert_default();
-        kept.extend(messages.iter().map(|message| (message.seq, message.clone())));
-        while kept.len() > HISTORY_MESSAGES {
-            kept.pop_first();
+        for message in latest {
+            kept.add(message.clone());
         }
     }
 
-    fn history(&self) -> MutexGuard<'_, Option<BTreeMap<i64, ChatMessage>>> {
+    fn history(&self) -> MutexGuard<'_, Option<History>> {
         // Each update leaves the map consistent; a panic cannot tear it.
         self.history.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -644,7 +670,16 @@ mod tests {
         let kept = seqs_of(room.recent_history(HISTORY_MESSAGES as i64 + 10)).expect("whole");
         assert_eq!(kept.len(), HISTORY_MESSAGES);
         assert_eq!(kept[0], 11, "only the latest are kept");
-        room.takeover(message(HISTORY_MESSAGES as i64 + 11, System));
+        let next = HISTORY_MESSAGES as i64 + 11;
+        for seq in next..next + 2 {
+            room.publish(ChatMessage { content: "x".repeat(HISTORY_BYTES / 2 + 1), ..message(seq, User) });
+        }
+        assert_eq!(
+            seqs_of(room.recent_history(next + 1)),
+            Some(vec![next + 1]),
+            "and no more text than the cap"
+        );
+        room.takeover(message(next + 2, System));
         room.keep_history(&[message(1, User)]);
         assert_eq!(seqs_of(room.recent_history(0)), None, "nothing is kept after the takeover");
     }
