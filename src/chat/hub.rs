@@ -277,9 +277,9 @@ pub struct Room {
     /// (and with it the provider request).
     pub takeover: CancellationToken,
     generation: Mutex<Generation>,
-    /// The session's latest messages, by seq, kept from the companion's
-    /// first reply until a therapist joins, so that a reply need not read
-    /// them from the database. Never more than [`HISTORY_MESSAGES`].
+    /// The session's latest messages, kept from the companion's first reply
+    /// until a therapist joins, so that a reply need not read them from the
+    /// database.
     history: Mutex<Option<History>>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
