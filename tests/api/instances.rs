@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use haven_protocol::{ChatMode, Sender, ServerFrame};
+use serde_json::json;
 
 use crate::helpers::{Options, PASSWORD, TestApp, fresh_postgres_database, message_of, messages, session_of};
 use crate::mock_llm::{MockLlm, Script};
@@ -318,9 +319,7 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     // While the database is down, nothing is acknowledged.
     postgres.pg_ctl("stop");
     client
-        .send_json(
-            serde_json::json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}),
-        )
+        .send_json(json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}))
         .await;
     let refused = loop {
         match client.frame().await {
@@ -334,9 +333,7 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     // Back up: the re-sent message is stored once, and reaches the other instance.
     postgres.pg_ctl("start");
     client
-        .send_json(
-            serde_json::json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}),
-        )
+        .send_json(json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}))
         .await;
     let (seq, _) = client.ack("outage-1").await;
     assert_eq!(seq, first + 1, "no gap");
@@ -408,4 +405,61 @@ async fn a_flag_on_one_instance_alerts_a_therapist_on_another() {
         .unwrap();
     assert_eq!(list[0]["session_id"], session.session_id.to_string());
     assert_eq!(list[0]["risk_level"], "high");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_on_two_instances_number_every_session_once_and_store_a_resend_once() {
+    const SESSIONS: usize = 6;
+    const EACH: usize = 8;
+    let apps = instances(2, &[]).await;
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        let session = apps[0].create_session().await;
+        let mut tabs = Vec::new();
+        for app in &apps {
+            let mut tab = app.connect(session.session_id, &session.client_token).await;
+            tab.mode().await;
+            tabs.push(tab);
+        }
+        sessions.push((session, tabs));
+    }
+    // Every tab writes without waiting, so both instances' batches hold
+    // writes to the same sessions at once. Tab 0 sends `shared-i`; tab 1
+    // sends the same `shared-i` again (the client re-sending through the
+    // other instance) and a message of its own.
+    for i in 0..EACH {
+        for (_, tabs) in &mut sessions {
+            let shared = json!({"type": "message", "content": format!("shared {i}"), "client_id": format!("shared-{i}")});
+            tabs[0].send_json(shared.clone()).await;
+            tabs[1].send_json(shared).await;
+            let own = format!("own-{i}");
+            tabs[1].send_json(json!({"type": "message", "content": own, "client_id": own})).await;
+        }
+    }
+    for (session, tabs) in &mut sessions {
+        let mut acked = std::collections::HashMap::new();
+        for i in 0..EACH {
+            let shared = format!("shared-{i}");
+            let (first, _) = tabs[0].ack(&shared).await;
+            let (again, _) = tabs[1].ack(&shared).await;
+            assert_eq!(first, again, "both instances acknowledge the one stored copy");
+            acked.insert(shared, first);
+            let own = format!("own-{i}");
+            let (seq, _) = tabs[1].ack(&own).await;
+            acked.insert(own, seq);
+        }
+        let history = apps[1].history(session.session_id, &session.client_token).await;
+        let seqs: Vec<i64> = history.iter().map(|message| message.seq).collect();
+        assert_eq!(seqs, (1..=history.len() as i64).collect::<Vec<_>>(), "gap-free, each seq once");
+        let stored: std::collections::HashMap<String, i64> = history
+            .iter()
+            .filter(|message| message.sender == Sender::User)
+            .map(|message| {
+                (message.client_id.clone().expect("a client message keeps its client_id"), message.seq)
+            })
+            .collect();
+        let users = history.iter().filter(|message| message.sender == Sender::User).count();
+        assert_eq!(users, 2 * EACH, "every client_id stored exactly once");
+        assert_eq!(stored, acked, "each ack names the stored seq");
+    }
 }

@@ -12,6 +12,7 @@ use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentS
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod batch;
 mod postgres;
 mod rows;
 mod sqlite;

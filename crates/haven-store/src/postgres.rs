@@ -2,17 +2,23 @@
 //! instances.
 //!
 //! Everything that must hold across instances is kept by the database:
-//! - seqs: writers lock the session row (`SELECT … FOR UPDATE`, then
-//!   `UPDATE … RETURNING last_seq`), so allocation is serial per session;
+//! - seqs: writers lock the session row (`SELECT … FOR UPDATE`) and number
+//!   after its `last_seq`, so allocation is serial per session;
 //! - `client_id` de-duplication: checked under that lock, and backed by a
 //!   unique index;
 //! - the takeover and the claim: one transaction under that lock; a
-//!   companion message commits only `WHERE chat_mode = 'BOT_ONLY'`.
+//!   companion message is stored only while the locked row is `BOT_ONLY`.
+//!
+//! Messages are written by group commit ([`crate::batch`]): a task takes
+//! every write waiting, locks all their sessions (sorted, so two instances'
+//! batches cannot deadlock), stores the usual ones with one statement, and
+//! commits once.
 //!
 //! Fan-out between instances uses `LISTEN/NOTIFY` on one channel:
-//! - a committed message is announced by `pg_notify` inside its own
-//!   transaction, so the notification goes out on commit, in commit order;
-//!   it carries ids and a seq, never content — the receiver reads the row;
+//! - a committed message is announced by `pg_notify` inside the transaction
+//!   that stores it, so the notification goes out on commit, in commit
+//!   order; it carries ids and a seq, never content — the receiver reads
+//!   the row;
 //! - companion deltas, which are not stored, are announced as they stream.
 //!
 //! Notifications are lossy (a listener that reconnects misses some): the
@@ -29,6 +35,10 @@ use sqlx::{FromRow, PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::batch::{
+    self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
+    usual_rows,
+};
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
     TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows, stored_level,
@@ -50,8 +60,16 @@ const MAX_DELTA_BYTES: usize = 6_000;
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
+    db: Db,
+    /// The group-commit queue of message writes.
+    writes: Writes,
+}
+
+/// The pool, and this instance's name in notifications (so it can ignore
+/// its own).
+#[derive(Debug, Clone)]
+struct Db {
     pool: PgPool,
-    /// This instance, so it can ignore its own notifications.
     instance: Uuid,
 }
 
@@ -66,18 +84,39 @@ impl PgStore {
             .await?;
         // sqlx takes an advisory lock: instances starting together migrate once.
         MIGRATOR.run(&pool).await.map_err(|error| StoreError::Unavailable(error.into()))?;
-        Ok(Self { pool, instance })
+        let db = Db { pool, instance };
+        let (writes, queue) = Writes::new();
+        // The task ends when the last clone of this store is dropped.
+        tokio::spawn(commit_batches(queue, db.clone()));
+        Ok(Self { db, writes })
     }
+}
 
+impl Db {
     /// Queues a notification inside `tx`; PostgreSQL sends it on commit.
     async fn notify(&self, tx: &mut PgConnection, mut payload: Value) -> Result<()> {
         payload["origin"] = json!(self.instance);
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload.to_string())
-            .execute(&mut *tx)
-            .await?;
+        self.notify_all(tx, &[payload.to_string()]).await
+    }
+
+    /// Queues notifications inside `tx`, in order, in one statement.
+    async fn notify_all(&self, tx: &mut PgConnection, payloads: &[String]) -> Result<()> {
+        sqlx::query(
+            "SELECT pg_notify($1, p.payload)
+             FROM (SELECT payload FROM unnest($2::text[]) WITH ORDINALITY AS u (payload, place)
+                   ORDER BY place) AS p",
+        )
+        .bind(CHANNEL)
+        .bind(payloads)
+        .execute(&mut *tx)
+        .await?;
         Ok(())
+    }
+
+    /// A committed message's announcement: ids and a seq, never content.
+    fn message_payload(&self, session_id: Uuid, seq: i64, join: bool) -> String {
+        json!({"kind": "message", "session": session_id, "seq": seq, "join": join, "origin": self.instance})
+            .to_string()
     }
 
     async fn notify_message(
@@ -87,8 +126,7 @@ impl PgStore {
         session_id: Uuid,
         join: bool,
     ) -> Result<()> {
-        let payload = json!({"kind": "message", "session": session_id, "seq": message.seq, "join": join});
-        self.notify(tx, payload).await
+        self.notify_all(tx, &[self.message_payload(session_id, message.seq, join)]).await
     }
 
     /// Raises a session's flag for its message `seq`, inside a transaction
@@ -164,6 +202,145 @@ impl PgStore {
         self.notify(tx, payload).await?;
         Ok(Flagged { level, crisis_message, therapist_id })
     }
+
+    /// One client's or therapist's message, for what the batch's insert
+    /// left: the next seq, unless its `client_id` is already stored for this
+    /// sender, then its safety flag if any.
+    async fn append_in_tx(
+        &self,
+        tx: &mut PgConnection,
+        session_id: Uuid,
+        new: &NewMessage,
+    ) -> Result<Appended> {
+        // The batch holds the session's lock: a concurrent re-send of the
+        // same client_id on another instance waited for it, and finds the
+        // first one stored.
+        let locked: Option<String> = sqlx::query_scalar("SELECT chat_mode FROM chat_sessions WHERE id = $1")
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        locked.ok_or(StoreError::NotFound)?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(seq) = existing {
+            return Ok(Appended::Duplicate { seq });
+        }
+        let at = now();
+        let (seq, mode): (i64, String) = sqlx::query_as(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+             WHERE id = $2 RETURNING last_seq, chat_mode",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
+        insert_message(tx, session_id, &message).await?;
+        self.notify_message(tx, &message, session_id, false).await?;
+        let flagged = match &new.risk {
+            Some(flag) => Some(Box::new(self.flag_in_tx(tx, session_id, seq, flag).await?)),
+            None => None,
+        };
+        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
+    }
+
+    /// The batch's usual writes ([`usual_rows`]) in one statement, bound as
+    /// arrays: it numbers them after each session's `last_seq` in batch
+    /// order, skipping a key (session, sender, `client_id`) stored already
+    /// and an unknown session, and a companion's write unless the session is
+    /// `BOT_ONLY`; stores them; moves those sessions' `last_seq`; and
+    /// returns the seq and session mode of every row stored. A second
+    /// statement queues one notification per stored message, in seq order.
+    /// Returns the results it settled, by index in the batch.
+    async fn write_together_in_tx(&self, tx: &mut PgConnection, batch: &[Pending]) -> Result<Settled> {
+        let (rows, mut settled) = usual_rows(batch);
+        if rows.is_empty() {
+            return Ok(settled);
+        }
+        let at = now();
+        let places: Vec<i64> = (0..rows.len() as i64).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        let sessions: Vec<Uuid> = rows.iter().map(|row| row.session_id).collect();
+        let senders: Vec<&str> = rows.iter().map(|row| row.sender.as_str()).collect();
+        let contents: Vec<&str> = rows.iter().map(|row| row.content).collect();
+        let client_ids: Vec<Option<&str>> = rows.iter().map(|row| row.client_id).collect();
+        let stored: Vec<(i64, i64, String)> = sqlx::query_as(
+            "WITH batch AS (
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+                     AS b (place, id, session_id, sender, content, client_id)
+             ),
+             fresh AS (
+                 SELECT b.*, s.chat_mode,
+                        s.last_seq + row_number() OVER (PARTITION BY b.session_id ORDER BY b.place) AS seq
+                 FROM batch AS b JOIN chat_sessions AS s ON s.id = b.session_id
+                 WHERE CASE WHEN b.client_id IS NULL THEN s.chat_mode = 'BOT_ONLY'
+                            ELSE NOT EXISTS (
+                                SELECT 1 FROM messages AS m
+                                WHERE m.session_id = b.session_id AND m.sender = b.sender
+                                  AND m.client_id = b.client_id)
+                       END
+             ),
+             inserted AS (
+                 INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+                 SELECT id, session_id, seq, sender, content, client_id, $7 FROM fresh
+             ),
+             moved AS (
+                 UPDATE chat_sessions AS s SET last_seq = f.seq, updated_at = $7, last_message_at = $7
+                 FROM (SELECT session_id, max(seq) AS seq FROM fresh GROUP BY session_id) AS f
+                 WHERE s.id = f.session_id
+             )
+             SELECT place, seq, chat_mode FROM fresh ORDER BY place",
+        )
+        .bind(&places)
+        .bind(&ids)
+        .bind(&sessions)
+        .bind(&senders)
+        .bind(&contents)
+        .bind(&client_ids)
+        .bind(at)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut payloads = Vec::with_capacity(stored.len());
+        for (place, seq, mode) in stored {
+            let Some(row) = usize::try_from(place).ok().and_then(|place| rows.get(place)) else {
+                let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
+                return Err(StoreError::Unavailable(unknown));
+            };
+            payloads.push(self.message_payload(row.session_id, seq, false));
+            settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
+        }
+        self.notify_all(tx, &payloads).await?;
+        Ok(settled)
+    }
+}
+
+impl WriteBatch for Db {
+    /// The batch in one transaction. Every session it writes to is locked
+    /// first, in one order, so that two instances' batches cannot deadlock,
+    /// and a write to one of them elsewhere waits for this commit.
+    async fn write_batch(&self, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
+        let mut sessions: Vec<Uuid> = batch.iter().map(|pending| pending.session_id).collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT id FROM chat_sessions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&sessions)
+            .execute(&mut *tx)
+            .await?;
+        let mut settled = self.write_together_in_tx(&mut tx, batch).await?;
+        for (index, session_id, new) in left_over(batch, &settled) {
+            let result = self.append_in_tx(&mut tx, session_id, new).await;
+            batch::settle(&mut settled, index, result)?;
+        }
+        tx.commit().await?;
+        in_batch_order(batch, settled)
+    }
 }
 
 #[async_trait]
@@ -184,7 +361,7 @@ impl Store for PgStore {
         .bind(&therapist.name)
         .bind(&new.password_hash)
         .bind(therapist.created_at)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await;
         match inserted {
             Ok(_) => Ok(therapist),
@@ -199,13 +376,13 @@ impl Store for PgStore {
         let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
         )))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
     async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.db.pool).await?)
     }
 
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
@@ -219,7 +396,7 @@ impl Store for PgStore {
             "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists WHERE email = $1 AND disabled_at IS NULL"
         )))
         .bind(email)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
     }
@@ -238,7 +415,7 @@ impl Store for PgStore {
         .bind(therapist_id)
         .bind(now())
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -265,7 +442,7 @@ impl Store for PgStore {
              WHERE s.token_hash = $1",
         )
         .bind(token_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
@@ -276,7 +453,7 @@ impl Store for PgStore {
             sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = $1 WHERE token_hash = $2")
                 .bind(now)
                 .bind(token_hash)
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?;
         }
         Ok(Some(row.therapist.into()))
@@ -285,7 +462,7 @@ impl Store for PgStore {
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
         sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
             .bind(token_hash)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -293,13 +470,13 @@ impl Store for PgStore {
     async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
         sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
             .bind(therapist_id)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
 
     async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
         )))
@@ -314,7 +491,7 @@ impl Store for PgStore {
     }
 
     async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
              RETURNING {THERAPIST_COLUMNS}"
@@ -342,7 +519,7 @@ impl Store for PgStore {
             closed: false,
             risk: None,
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         sqlx::query(
             "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
              VALUES ($1, $2, 'open', 'BOT_ONLY', $3, $3)",
@@ -360,7 +537,7 @@ impl Store for PgStore {
         .bind(session.created_at)
         .execute(&mut *tx)
         .await?;
-        self.notify(&mut tx, json!({"kind": "session"})).await?;
+        self.db.notify(&mut tx, json!({"kind": "session"})).await?;
         tx.commit().await?;
         Ok(session)
     }
@@ -370,7 +547,7 @@ impl Store for PgStore {
             "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1"
         )))
         .bind(session_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         row.map(TryInto::try_into).transpose()
     }
@@ -378,7 +555,7 @@ impl Store for PgStore {
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
         Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = $1")
             .bind(token_hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await?)
     }
 
@@ -387,7 +564,7 @@ impl Store for PgStore {
             "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE closed_at IS NULL AND (therapist_id IS NULL OR therapist_id = $1) ORDER BY id"
         )))
         .bind(therapist_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
@@ -398,7 +575,7 @@ impl Store for PgStore {
         therapist_id: Uuid,
         join_message: &str,
     ) -> Result<JoinOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         // The row lock makes racing therapists (on any instance) take turns.
         let current: Option<(Option<Uuid>, String)> =
             sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = $1 FOR UPDATE")
@@ -427,7 +604,7 @@ impl Store for PgStore {
         .await?;
         let message = new_message(Uuid::now_v7(), seq, Sender::System, join_message, None, at);
         insert_message(&mut tx, session_id, &message).await?;
-        self.notify_message(&mut tx, &message, session_id, true).await?;
+        self.db.notify_message(&mut tx, &message, session_id, true).await?;
         tx.commit().await?;
         Ok(JoinOutcome::Joined { message })
     }
@@ -438,7 +615,7 @@ impl Store for PgStore {
         therapist_id: Uuid,
         closing_message: &str,
     ) -> Result<CloseOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
             sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE")
                 .bind(session_id)
@@ -466,79 +643,17 @@ impl Store for PgStore {
             .await?;
         let message = new_message(Uuid::now_v7(), seq, Sender::System, closing_message, None, at);
         insert_message(&mut tx, session_id, &message).await?;
-        self.notify_message(&mut tx, &message, session_id, false).await?;
+        self.db.notify_message(&mut tx, &message, session_id, false).await?;
         tx.commit().await?;
         Ok(CloseOutcome::Closed { message })
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
-        let mut tx = self.pool.begin().await?;
-        // Lock the session first: a concurrent re-send of the same client_id
-        // on another instance waits here, then finds the first one stored.
-        let locked: Option<String> =
-            sqlx::query_scalar("SELECT chat_mode FROM chat_sessions WHERE id = $1 FOR UPDATE")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        locked.ok_or(StoreError::NotFound)?;
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
-            return Ok(Appended::Duplicate { seq });
-        }
-        let at = now();
-        let (seq, mode): (i64, String) = sqlx::query_as(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
-             WHERE id = $2 RETURNING last_seq, chat_mode",
-        )
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
-        insert_message(&mut tx, session_id, &message).await?;
-        self.notify_message(&mut tx, &message, session_id, false).await?;
-        let flagged = match &new.risk {
-            Some(flag) => Some(Box::new(self.flag_in_tx(&mut tx, session_id, seq, flag).await?)),
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
+        self.writes.message(session_id, new).await
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
-        let mut tx = self.pool.begin().await?;
-        let at = now();
-        // The mode check and the seq allocation are one statement inside the
-        // same transaction as the insert; a join committed first (on any
-        // instance) makes it match no row.
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
-             WHERE id = $2 AND chat_mode = 'BOT_ONLY' RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(seq) = seq else {
-            return Ok(None);
-        };
-        let message = match &message {
-            BotMessage::Reply { id, content } => new_message(*id, seq, Sender::Ai, content, None, at),
-            BotMessage::Notice { content } => {
-                new_message(Uuid::now_v7(), seq, Sender::System, content, None, at)
-            }
-        };
-        insert_message(&mut tx, session_id, &message).await?;
-        self.notify_message(&mut tx, &message, session_id, false).await?;
-        tx.commit().await?;
-        Ok(Some(message))
+        self.writes.bot(session_id, message).await
     }
 
     async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
@@ -546,13 +661,13 @@ impl Store for PgStore {
             .bind(kind)
             .bind(key)
             .bind(since_ms)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         let (count, oldest): (i64, Option<i64>) =
             sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
                 .bind(kind)
                 .bind(key)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.db.pool)
                 .await?;
         Ok((count, oldest))
     }
@@ -562,7 +677,7 @@ impl Store for PgStore {
             .bind(kind)
             .bind(key)
             .bind(at_ms)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -571,14 +686,14 @@ impl Store for PgStore {
         sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
             .bind(kind)
             .bind(key)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
 
     async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged> {
-        let mut tx = self.pool.begin().await?;
-        let flagged = self.flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        let mut tx = self.db.pool.begin().await?;
+        let flagged = self.db.flag_in_tx(&mut tx, session_id, seq, &flag).await?;
         tx.commit().await?;
         Ok(flagged)
     }
@@ -589,7 +704,7 @@ impl Store for PgStore {
         therapist_id: Uuid,
         note: Option<&str>,
     ) -> Result<AcknowledgeOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1 FOR UPDATE"
         )))
@@ -625,7 +740,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         // Other instances' dashboards refresh.
-        self.notify(&mut tx, json!({"kind": "session"})).await?;
+        self.db.notify(&mut tx, json!({"kind": "session"})).await?;
         tx.commit().await?;
         risk.acknowledged_at = Some(at);
         risk.acknowledged_by = Some(therapist_id);
@@ -637,7 +752,7 @@ impl Store for PgStore {
             "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
         )))
         .bind(session_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
@@ -647,21 +762,21 @@ impl Store for PgStore {
             "SELECT level, SUM(count)::BIGINT FROM safety_referrals WHERE day >= $1 GROUP BY level ORDER BY level",
         )
         .bind(since.date())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         let flags: Vec<(String, i64)> = sqlx::query_as(
             "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
              GROUP BY level ORDER BY level",
         )
         .bind(since)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(*), COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
              FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
         )
         .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.db.pool)
         .await?;
         report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
     }
@@ -674,7 +789,7 @@ impl Store for PgStore {
         .bind(session_id)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
@@ -687,7 +802,7 @@ impl Store for PgStore {
         )
         .bind(session_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
@@ -701,17 +816,17 @@ impl Store for PgStore {
                 vec![json!({"kind": "cancelled", "session": session_id, "reply": reply_id})]
             }
         };
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.db.pool.acquire().await?;
         for payload in payloads {
-            self.notify(&mut connection, payload).await?;
+            self.db.notify(&mut connection, payload).await?;
         }
         Ok(())
     }
 
     async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let mut listener = PgListener::connect_with(&self.db.pool).await?;
         listener.listen(CHANNEL).await?;
-        Ok(Some(Box::new(PgNotifications { listener, instance: self.instance })))
+        Ok(Some(Box::new(PgNotifications { listener, instance: self.db.instance })))
     }
 }
 

@@ -8,18 +8,11 @@
 //! such as `haven therapist add`, may write to the same file). Reads use a
 //! separate pool and see every committed write.
 //!
-//! Messages, the hot path (client and therapist messages, companion
-//! replies), are written by group commit: a task on a thread of its own
-//! takes every write waiting in its queue, writes them in one transaction
-//! (the usual ones in one call for the whole batch) and commits once: one
-//! fsync for the batch. Each caller gets its result only after that commit,
-//! so an ack still means "on disk". A write that finds no session or a
-//! duplicate writes nothing and does not disturb the others; an unexpected
-//! database error fails the whole batch, and every caller may retry. A
-//! second connection on the same thread checkpoints the WAL in the
-//! background, so commits seldom do.
+//! Messages, the hot path, are written by group commit ([`crate::batch`]):
+//! the commit task runs on a thread of its own, and the batch's usual
+//! writes are one call. A second connection on the same thread checkpoints
+//! the WAL in the background, so commits seldom do.
 
-use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -28,9 +21,12 @@ use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::batch::{
+    self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
+    usual_rows,
+};
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
     TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows, stored_level,
@@ -41,14 +37,6 @@ use crate::{
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// Writes a batch may hold: everything waiting. A larger batch costs less
-/// per message, not only for its one fsync: messages of many sessions share
-/// index and session pages, and each page goes to the WAL once per batch.
-const MAX_BATCH: usize = WRITE_QUEUE;
-
-/// Writes waiting for the group-commit task; senders wait when it is full.
-const WRITE_QUEUE: usize = 4_096;
 
 /// How long the background checkpointer lets commits gather in the WAL
 /// before it copies them into the database file: a page written by many
@@ -68,29 +56,7 @@ pub struct SqliteStore {
     /// Read-only connections for everything that does not write.
     reader: SqlitePool,
     /// The group-commit queue of message writes.
-    writes: mpsc::Sender<Pending>,
-}
-
-/// A message write waiting for its batch to commit.
-#[derive(Debug)]
-struct Pending {
-    session_id: Uuid,
-    write: Write,
-    done: oneshot::Sender<Result<Written>>,
-}
-
-#[derive(Debug)]
-enum Write {
-    /// [`Store::append_message`]
-    Message(NewMessage),
-    /// [`Store::append_if_bot_only`]
-    Bot(BotMessage),
-}
-
-#[derive(Debug)]
-enum Written {
-    Message(Appended),
-    Bot(Option<ChatMessage>),
+    writes: Writes,
 }
 
 impl SqliteStore {
@@ -119,7 +85,7 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new().max_connections(4).connect_with(options.clone().read_only(true)).await?
         };
-        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let (writes, queue) = Writes::new();
         // The group-commit loop has a thread and a runtime of its own: each
         // statement is a hand-off to SQLite's thread and back, and on the
         // server's runtime the loop would wait behind every socket's task
@@ -128,7 +94,7 @@ impl SqliteStore {
         let unavailable = |error| StoreError::Unavailable(sqlx::Error::Io(error));
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(unavailable)?;
-        let batches = commit_batches(writer.clone(), queue);
+        let batches = commit_batches(queue, Writer(writer.clone()));
         let checkpointer =
             if in_memory { None } else { Some(sqlx::ConnectOptions::connect(&options).await?) };
         std::thread::Builder::new()
@@ -147,13 +113,6 @@ impl SqliteStore {
     }
 
     /// Queues a write for the next batch and waits for its commit.
-    async fn write(&self, session_id: Uuid, write: Write) -> Result<Written> {
-        let (done, written) = oneshot::channel();
-        let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
-        self.writes.send(Pending { session_id, write, done }).await.map_err(|_| closed())?;
-        written.await.map_err(|_| closed())?
-    }
-
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
@@ -162,28 +121,6 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
-    }
-}
-
-/// The group-commit loop: every write waiting when the previous batch
-/// committed goes into the next one.
-async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match write_batch(&writer, &batch).await {
-            Ok(results) => {
-                for (pending, result) in batch.drain(..).zip(results) {
-                    let _ = pending.done.send(result);
-                }
-            }
-            Err(error) => {
-                tracing::error!(error = %error, batch = batch.len(), "a batch of messages was not committed");
-                for pending in batch.drain(..) {
-                    let failure = sqlx::Error::Protocol(format!("the batch was not committed: {error}"));
-                    let _ = pending.done.send(Err(StoreError::Unavailable(failure)));
-                }
-            }
-        }
     }
 }
 
@@ -205,91 +142,54 @@ async fn checkpoints(connection: Option<sqlx::SqliteConnection>) {
     }
 }
 
-/// Writes a batch in one transaction. The outer `Err` means nothing was
-/// committed. `NotFound` for one write is its own result: it wrote nothing.
-///
-/// The usual writes — companion writes, and client and therapist messages
-/// without a safety flag — go in together, in two statements for the whole
-/// batch. Flagged messages, and any message those two statements did not
-/// store (a re-sent `client_id`, an unknown session), follow one by one and
-/// see the seqs the batch took.
-async fn write_batch(writer: &SqlitePool, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
-    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    let mut settled = write_together_in_tx(&mut tx, batch).await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for (index, pending) in batch.iter().enumerate() {
-        if let Some(written) = settled.remove(&index) {
-            results.push(Ok(written));
-            continue;
+/// The group-commit task's connection.
+struct Writer(SqlitePool);
+
+impl WriteBatch for Writer {
+    /// The batch in one transaction. `NotFound` for one write is its own
+    /// result: it wrote nothing.
+    async fn write_batch(&self, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
+        let mut tx = self.0.begin_with("BEGIN IMMEDIATE").await?;
+        let mut settled = write_together_in_tx(&mut tx, batch).await?;
+        for (index, session_id, new) in left_over(batch, &settled) {
+            let result = append_in_tx(&mut tx, session_id, new).await;
+            batch::settle(&mut settled, index, result)?;
         }
-        let result = match &pending.write {
-            Write::Message(new) => append_in_tx(&mut tx, pending.session_id, new).await.map(Written::Message),
-            // Settled by the insert above, which stores it or not.
-            Write::Bot(_) => Ok(Written::Bot(None)),
-        };
-        match result {
-            Err(StoreError::NotFound) => results.push(Err(StoreError::NotFound)),
-            // Part of this write may be in the transaction: give up the batch.
-            Err(error) => return Err(error),
-            Ok(written) => results.push(Ok(written)),
-        }
+        tx.commit().await?;
+        in_batch_order(batch, settled)
     }
-    tx.commit().await?;
-    Ok(results)
 }
 
-/// The batch's usual writes in one call of three statements, bound to the
-/// batch as one JSON array: an insert numbers them after each session's
-/// `last_seq` in batch order, an update moves those sessions' `last_seq`,
-/// and a select reports, as one JSON value, the seq and session mode of
-/// every row stored. They are the unflagged client and therapist messages,
-/// each key (session, sender, `client_id`) once, which the insert skips when
-/// the key is stored already or the session is unknown; and the companion's
-/// writes, which it skips unless the session is `BOT_ONLY`. That mode check
-/// is part of the insert, in the transaction: a join that commits first
-/// makes it store nothing.
+/// The batch's usual writes ([`usual_rows`]) in one call of three
+/// statements, bound to the batch as one JSON array: an insert numbers them
+/// after each session's `last_seq` in batch order, an update moves those
+/// sessions' `last_seq`, and a select reports, as one JSON value, the seq
+/// and session mode of every row stored. The insert skips a key (session,
+/// sender, `client_id`) stored already and an unknown session, and stores a
+/// companion's write only if the session is `BOT_ONLY`. That mode check is
+/// part of the insert, in the transaction: a join that commits first makes
+/// it store nothing.
 ///
 /// One call is one hand-off to SQLite's thread and back; rows returned one
 /// by one (`RETURNING`) would be a hand-off each.
 /// Returns the results it settled, by index in the batch.
-async fn write_together_in_tx(
-    tx: &mut sqlx::SqliteConnection,
-    batch: &[Pending],
-) -> Result<HashMap<usize, Written>> {
-    let mut keys = HashSet::new();
-    let mut rows = Vec::new();
-    // Each row's place in the batch and its message id.
-    let mut written_by = Vec::new();
-    let mut settled = HashMap::new();
-    for (index, pending) in batch.iter().enumerate() {
-        let (id, sender, content, client_id) = match &pending.write {
-            Write::Message(new) => {
-                if new.risk.is_some()
-                    || !keys.insert((pending.session_id, new.sender, new.client_id.as_str()))
-                {
-                    continue;
-                }
-                (Uuid::now_v7(), new.sender, &new.content, Some(&new.client_id))
-            }
-            Write::Bot(BotMessage::Reply { id, content }) => (*id, Sender::Ai, content, None),
-            Write::Bot(BotMessage::Notice { content }) => (Uuid::now_v7(), Sender::System, content, None),
-        };
-        if matches!(pending.write, Write::Bot(_)) {
-            // Unless the insert stores it: the session is not BOT_ONLY.
-            settled.insert(index, Written::Bot(None));
-        }
-        written_by.push((index, id));
-        rows.push(serde_json::json!({
-            "id": id.simple().to_string(),
-            "session_id": pending.session_id.simple().to_string(),
-            "sender": sender.as_str(),
-            "content": content,
-            "client_id": client_id,
-        }));
-    }
+async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]) -> Result<Settled> {
+    let (rows, mut settled) = usual_rows(batch);
     if rows.is_empty() {
         return Ok(settled);
     }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "id": row.id.simple().to_string(),
+                "session_id": row.session_id.simple().to_string(),
+                "sender": row.sender.as_str(),
+                "content": row.content,
+                "client_id": row.client_id,
+            })
+        })
+        .collect();
     let at = now();
     let stored: String = sqlx::query_scalar(
         "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
@@ -314,7 +214,7 @@ async fn write_together_in_tx(
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
          JOIN chat_sessions AS s ON s.id = m.session_id",
     )
-    .bind(serde_json::Value::from(rows).to_string())
+    .bind(serde_json::Value::from(json).to_string())
     .bind(at)
     .fetch_one(&mut *tx)
     .await?;
@@ -322,24 +222,11 @@ async fn write_together_in_tx(
         StoreError::Unavailable(sqlx::Error::Protocol(format!("a batched insert reported {error}")))
     })?;
     for (row, seq, mode) in stored {
-        let Some(&(index, id)) = written_by.get(row) else {
+        let Some(row) = rows.get(row) else {
             let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
             return Err(StoreError::Unavailable(unknown));
         };
-        let chat_mode = parse_mode(&mode)?;
-        let written = match &batch[index].write {
-            Write::Message(new) => {
-                let message = new_message(id, seq, new.sender, &new.content, Some(&new.client_id), at);
-                Written::Message(Appended::Stored { message, chat_mode, flagged: None })
-            }
-            Write::Bot(BotMessage::Reply { content, .. }) => {
-                Written::Bot(Some(new_message(id, seq, Sender::Ai, content, None, at)))
-            }
-            Write::Bot(BotMessage::Notice { content }) => {
-                Written::Bot(Some(new_message(id, seq, Sender::System, content, None, at)))
-            }
-        };
-        settled.insert(index, written);
+        settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
     }
     Ok(settled)
 }
@@ -808,17 +695,11 @@ impl Store for SqliteStore {
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
-        match self.write(session_id, Write::Message(new)).await? {
-            Written::Message(appended) => Ok(appended),
-            Written::Bot(_) => Err(StoreError::Corrupt("a message write answered as a companion's".into())),
-        }
+        self.writes.message(session_id, new).await
     }
 
     async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
-        match self.write(session_id, Write::Bot(message)).await? {
-            Written::Bot(written) => Ok(written),
-            Written::Message(_) => Err(StoreError::Corrupt("a companion write answered as a message".into())),
-        }
+        self.writes.bot(session_id, message).await
     }
 
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
