@@ -8,12 +8,15 @@
 #   scripts/bench.sh --quick         # every scenario once, briefly, at small scale
 #   scripts/bench.sh --runs 5        # more runs per figure
 #   scripts/bench.sh --only "direct idle"   # some groups only:
-#                                    #   baseline direct idle bot takeover scaling
+#                                    #   baseline direct idle bot takeover postgres scaling
 #
 # Environment:
 #   HAVEN_BIN, HAVEN_LOAD_BIN   use these binaries instead of building them
 #   BENCH_OUT                   where results go (default target/bench/DATE)
 #   BENCH_RUST_LOG              RUST_LOG for the servers (default: Haven's own)
+#   BENCH_POSTGRES_URL          the PostgreSQL server for the `postgres` group, as a
+#                               superuser (default postgres://postgres@127.0.0.1:5432)
+#   BENCH_POSTGRES_SOCKET       its Unix socket directory (default /var/run/postgresql)
 #
 # It starts only loopback servers, and stops only the processes it started.
 set -euo pipefail
@@ -21,7 +24,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 QUICK=0
 RUNS=3
-ONLY="baseline direct idle bot takeover scaling"
+ONLY="baseline direct idle bot takeover postgres scaling"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) QUICK=1; RUNS=1 ;;
@@ -106,7 +109,8 @@ start_server() {
     local name=$1; shift
     local dir=$WORK/$name
     rm -rf "$dir"; mkdir -p "$dir"
-    local db="sqlite://$dir/haven.db"
+    # $DATABASE, when set, is a fresh PostgreSQL database to use instead.
+    local db=${DATABASE:-"sqlite://$dir/haven.db"}
     local n
     for n in $(seq 1 "$ACCOUNTS"); do
         printf '%s\n' "$PASSWORD" |
@@ -135,6 +139,13 @@ start_helper() {
 }
 
 next_net() { NET=$((NET % 250 + 1)); }
+
+# fresh_postgres NAME: an empty database NAME on the PostgreSQL server.
+PG_URL=${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
+PG_SOCKET=${BENCH_POSTGRES_SOCKET:-/var/run/postgresql}
+fresh_postgres() {
+    psql "$PG_URL/postgres" -qAt -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null
+}
 
 # load LABEL SCENARIO ARGS…: one run; its JSON line goes to the results.
 load() {
@@ -243,6 +254,15 @@ for RUN in $(seq 1 "$RUNS"); do
         haven_run "bot mock-0ms ${BOT_LARGE}" "${MOCK_FLAGS[@]}" -- bot --responder mock-0ms \
             --sessions "$BOT_LARGE" "${D[@]:0:4}"
         stop "$MOCK_PID"
+    fi
+    if want postgres; then
+        # The same direct load, stored in PostgreSQL over TCP and over its Unix socket.
+        fresh_postgres haven_bench_tcp
+        DATABASE="$PG_URL/haven_bench_tcp" haven_run "postgres tcp saturation" -- direct \
+            --sessions "$RATE_SESSIONS" "${D[@]}"
+        fresh_postgres haven_bench_unix
+        DATABASE="postgres://postgres@${PG_SOCKET//\//%2F}/haven_bench_unix" haven_run "postgres unix saturation" \
+            -- direct --sessions "$RATE_SESSIONS" "${D[@]}"
     fi
     if want takeover; then
         with_mock 200 10
