@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 /// Events buffered per room before a slow receiver lags (and then catches
 /// up from the database). Allocated when the room opens, so kept small:
-/// a receiver only lags when its task stalls.
+/// a receiver only lags when its task stalls. A slot holds an
+/// `Arc<Event>`, a pointer, so the buffer costs about 1 KiB a room.
 const ROOM_CAPACITY: usize = 32;
 
 /// How long a message waits for its predecessor's writer to publish it.
@@ -271,7 +272,7 @@ pub enum Finished {
 /// Live state of one chat session in this process.
 pub struct Room {
     pub session_id: Uuid,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Arc<Event>>,
     order: Mutex<Order>,
     /// Cancelled when a therapist takes over, stopping the reply in flight
     /// (and with it the provider request).
@@ -286,7 +287,7 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
     }
 
@@ -336,7 +337,7 @@ impl Room {
 
     fn send(&self, event: Event) {
         // No receivers is fine: nobody is connected right now.
-        let _ = self.events.send(event);
+        let _ = self.events.send(Arc::new(event));
     }
 
     /// Sends a message event once every lower seq has been sent, or when
@@ -600,7 +601,7 @@ mod tests {
         assert_eq!(kinds, ["\"ai_delta\"", "\"ai_cancelled\"", "\"message\""]);
     }
 
-    fn seqs(events: &mut broadcast::Receiver<Event>) -> Vec<i64> {
+    fn seqs(events: &mut broadcast::Receiver<Arc<Event>>) -> Vec<i64> {
         std::iter::from_fn(|| events.try_recv().ok()).filter_map(|event| event.seq).collect()
     }
 

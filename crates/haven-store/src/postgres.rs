@@ -215,11 +215,11 @@ impl Db {
         // The batch holds the session's lock: a concurrent re-send of the
         // same client_id on another instance waited for it, and finds the
         // first one stored.
-        let locked: Option<String> = sqlx::query_scalar("SELECT chat_mode FROM chat_sessions WHERE id = $1")
+        let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = $1")
             .bind(session_id)
             .fetch_optional(&mut *tx)
             .await?;
-        locked.ok_or(StoreError::NotFound)?;
+        known.ok_or(StoreError::NotFound)?;
         let existing: Option<i64> = sqlx::query_scalar(
             "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
         )
