@@ -260,9 +260,11 @@ impl Outbound {
     async fn close(self, frame: Option<CloseFrame>) {
         // The close frame waits its turn behind what is queued, briefly.
         if let Some(frame) = frame {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), self.queue.send(Box::new(Message::Close(Some(frame)))))
-                    .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.queue.send(Box::new(Message::Close(Some(frame)))),
+            )
+            .await;
         }
         drop(self.queue);
         let mut writer = self.writer;
