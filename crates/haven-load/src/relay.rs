@@ -98,7 +98,8 @@ async fn upgrade(
 ) -> Response {
     let sender = if query.role.as_deref() == Some("therapist") { Sender::Therapist } else { Sender::User };
     let room = relay.room(&room);
-    // The same buffer sizes as Haven's sockets.
+    // Haven's write buffer sizes. Haven reads with a 1 KiB buffer; the read
+    // buffer's size did not change Haven's throughput (docs/benchmarks.md).
     upgrade
         .read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
