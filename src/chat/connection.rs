@@ -206,7 +206,7 @@ fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: Ri
 
 /// The socket's sending half: a bounded queue and the task that drains it.
 /// Frames are queued boxed: the queue allocates its slots 32 at a time, at
-/// once, and a `Message` is 40 bytes where a box is 8.
+/// once, and a `Message` is about 40 bytes where a box is 8.
 struct Outbound {
     queue: mpsc::Sender<Box<Message>>,
     writer: JoinHandle<()>,
