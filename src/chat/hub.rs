@@ -34,9 +34,13 @@ use uuid::Uuid;
 const ROOM_CAPACITY: usize = 32;
 
 /// How long a message waits for its predecessor's writer to publish it.
-/// Writers publish within microseconds of their commit; this bounds the
-/// rare case of one that never does (its instance's notification was lost).
-const HOLD: Duration = Duration::from_millis(50);
+/// Writers publish as soon as their task runs after the commit, which on a
+/// loaded machine can take tens of milliseconds (a batch's writers wake
+/// together, in any order); this bounds the rare case of one that never
+/// does (its instance's notification was lost). When it runs out, every
+/// connection reads the gap from the database, and companion deltas can
+/// then interleave differently on different connections.
+const HOLD: Duration = Duration::from_millis(250);
 
 /// How many of the latest messages the companion is shown at most; the
 /// responder then keeps what fits its budget.
