@@ -3,10 +3,13 @@
 
 use std::time::Duration;
 
+use haven_protocol::api::CreatedSession;
 use haven_protocol::{ChatMode, Sender, ServerFrame};
 use serde_json::json;
 
-use crate::helpers::{Options, PASSWORD, TestApp, fresh_postgres_database, message_of, messages, session_of};
+use crate::helpers::{
+    Options, PASSWORD, TestApp, Ws, fresh_postgres_database, message_of, messages, session_of,
+};
 use crate::mock_llm::{MockLlm, Script};
 
 /// `count` instances sharing one fresh database.
@@ -26,6 +29,17 @@ async fn therapist_on(app: &TestApp, maker: &TestApp) -> String {
     maker.add_therapist("tess@clinic.test", "Tess").await;
     let response: serde_json::Value = app.login("tess@clinic.test", PASSWORD).await.json().await.unwrap();
     response["token"].as_str().unwrap().to_owned()
+}
+
+/// One client tab of `session` on each instance, past its first `mode` frame.
+async fn tab_on_each(apps: &[TestApp], session: &CreatedSession) -> Vec<Ws> {
+    let mut tabs = Vec::new();
+    for app in apps {
+        let mut tab = app.connect(session.session_id, &session.client_token).await;
+        tab.mode().await;
+        tabs.push(tab);
+    }
+    tabs
 }
 
 #[tokio::test]
@@ -89,12 +103,7 @@ async fn three_tabs_on_three_instances_see_the_same_conversation() {
     let apps = instances(3, &[]).await;
     let token = therapist_on(&apps[0], &apps[0]).await;
     let session = apps[0].create_session().await;
-    let mut tabs = Vec::new();
-    for app in &apps {
-        let mut tab = app.connect(session.session_id, &session.client_token).await;
-        tab.mode().await;
-        tabs.push(tab);
-    }
+    let mut tabs = tab_on_each(&apps, &session).await;
     let mut desk = apps[1].connect(session.session_id, &token).await;
     desk.mode().await;
     for round in 0..3 {
@@ -415,12 +424,7 @@ async fn concurrent_batches_on_two_instances_number_every_session_once_and_store
     let mut sessions = Vec::new();
     for _ in 0..SESSIONS {
         let session = apps[0].create_session().await;
-        let mut tabs = Vec::new();
-        for app in &apps {
-            let mut tab = app.connect(session.session_id, &session.client_token).await;
-            tab.mode().await;
-            tabs.push(tab);
-        }
+        let tabs = tab_on_each(&apps, &session).await;
         sessions.push((session, tabs));
     }
     // Every tab writes without waiting, so both instances' batches hold

@@ -112,7 +112,7 @@ impl SqliteStore {
         Ok(Self { writer, reader, writes })
     }
 
-    /// Queues a write for the next batch and waits for its commit.
+    /// A write transaction on the writer connection, outside the batches.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
