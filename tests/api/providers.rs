@@ -47,6 +47,18 @@ async fn until_sender(socket: &mut Ws, sender: Sender) -> Vec<ServerFrame> {
     }
 }
 
+/// Reads until `words` deltas of the companion arrived, or its whole reply.
+async fn until_words(socket: &mut Ws, words: usize) {
+    let mut seen = 0;
+    while seen < words {
+        match socket.frame().await {
+            ServerFrame::AiDelta { .. } => seen += 1,
+            ServerFrame::Message(message) if message.sender == Sender::Ai => return,
+            _ => {}
+        }
+    }
+}
+
 async fn chat(app: &TestApp) -> (CreatedSession, Ws) {
     let session = app.create_session().await;
     let mut client = app.connect(session.session_id, &session.client_token).await;
@@ -194,8 +206,11 @@ async fn messages_sent_while_a_reply_streams_are_answered_by_one_more_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_therapist_joining_mid_stream_silences_the_companion_in_200_sessions() {
     // 200 sessions in waves of 50, so the joins are not queued behind a
-    // thousand other writes: each reply streams for about 1.5 s, and joins
-    // land anywhere from before its first word to after its commit.
+    // thousand other writes. Each reply streams 60 words over about 1.5 s.
+    // Joins land at every stage of it, however fast the machine is: a third
+    // at a moment in the first 2 s, a third after the client has seen a
+    // given number of words, and a third as soon as the reply's message
+    // reached the client (its commit a moment old).
     const SESSIONS: usize = 200;
     const WAVE: usize = 50;
     let mock = MockLlm::start().await;
@@ -226,12 +241,15 @@ async fn a_therapist_joining_mid_stream_silences_the_companion_in_200_sessions()
         for index in wave * WAVE..(wave + 1) * WAVE {
             let app = app.clone();
             let token = therapist.token.clone();
-            let join_after = Duration::from_millis((index as u64 * 7919) % 2_000);
             sessions.spawn(async move {
                 let (session, mut client) = chat(&app).await;
                 let hello = client.send_message("hello").await;
                 client.ack(&hello).await;
-                tokio::time::sleep(join_after).await;
+                match index % 3 {
+                    0 => tokio::time::sleep(Duration::from_millis((index as u64 * 7919) % 2_000)).await,
+                    1 => until_words(&mut client, index * 7 % 60).await,
+                    _ => drop(until_sender(&mut client, Sender::Ai).await),
+                }
                 let mut desk = app.connect(session.session_id, &token).await;
                 assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
                 let here = desk.send_message("I'm here now.").await;
