@@ -212,7 +212,9 @@ async fn stream_reply(
 async fn tell_unavailable(state: &AppState, room: &Arc<Room>) {
     let notice = BotMessage::Notice { content: UNAVAILABLE_NOTICE.to_owned() };
     match state.store.append_if_bot_only(room.session_id, notice).await {
-        Ok(Some(message)) => room.publish(message),
+        Ok(Some(message)) => {
+            room.publish(message);
+        }
         Ok(None) => {}
         Err(error) => tracing::error!(error = %error, "companion notice not stored"),
     }

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -540,7 +540,7 @@ impl Connection {
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
                 let acked = if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) };
-                self.guard.room().publish(message);
+                let frame = self.guard.room().publish(message);
                 self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if let Some(flagged) = flagged {
@@ -555,7 +555,7 @@ impl Connection {
                     tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
                     companion::spawn(&self.state, self.guard.room());
                 }
-                acked
+                acked.and_then(|()| self.send_own(seq, frame))
             }
             Ok(Appended::Duplicate { seq }) => {
                 tracing::info!(seq, "duplicate client_id: original ack sent again");
@@ -591,6 +591,20 @@ impl Connection {
             message: "too many messages; send it again later with the same client_id".into(),
             client_id,
         })
+    }
+
+    /// Sends this connection's own message right after its ack, in one
+    /// write, when it is the next one the client needs and the session is
+    /// `THERAPIST_JOINED`: then nothing but numbered messages reaches the
+    /// connection, so no other tab could see it in a different place. Its
+    /// event, coming back through the room, is then dropped as delivered.
+    fn send_own(&mut self, seq: i64, frame: Utf8Bytes) -> Result<(), Stop> {
+        if self.mode != ChatMode::TherapistJoined || seq != self.last_seq + 1 {
+            return Ok(());
+        }
+        self.outbound.push(Message::Text(frame))?;
+        self.last_seq = seq;
+        Ok(())
     }
 
     fn refuse(&mut self, code: ErrorCode, message: &str) -> Result<(), Stop> {

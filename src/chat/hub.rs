@@ -296,9 +296,13 @@ impl Room {
     }
 
     /// Sends a committed message to every connection of the session here.
-    pub fn publish(self: &Arc<Self>, message: ChatMessage) {
+    /// Returns its frame, for a connection that sends it at once.
+    pub fn publish(self: &Arc<Self>, message: ChatMessage) -> Utf8Bytes {
         self.remember(&message);
-        self.send_in_order(Event::message(message, None));
+        let event = Event::message(message, None);
+        let frame = event.frame.clone();
+        self.send_in_order(event);
+        frame
     }
 
     /// Adds a committed message to the companion's history, if kept.
