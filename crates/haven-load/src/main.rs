@@ -26,6 +26,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The server's allocator, so the bare relay runs on the same stack.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod api;
 mod bot;
 mod direct;
