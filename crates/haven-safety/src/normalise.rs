@@ -34,30 +34,45 @@ pub fn normalise(text: &str) -> String {
 
 /// Steps 1–3: apostrophes, case, accents, and the reduced alphabet.
 fn fold(text: &str) -> String {
-    let lowered: String = text.chars().filter(|c| !is_apostrophe(*c)).flat_map(char::to_lowercase).collect();
-    let mut out = String::with_capacity(lowered.len());
-    for c in lowered.nfkd() {
-        if is_combining_mark(c) {
-            continue;
-        }
-        match c {
-            'a'..='z' | '0'..='9' | '.' | ',' | '!' | '?' | ';' | ':' | '\n' => out.push(c),
-            // Kept for the leetspeak step, which decides what they mean.
-            '@' | '$' | '|' | '*' => out.push(c),
-            'ß' => out.push_str("ss"),
-            'ł' => out.push('l'),
-            'ø' => out.push('o'),
-            'æ' => out.push_str("ae"),
-            'œ' => out.push_str("oe"),
-            'đ' | 'ð' => out.push('d'),
-            'þ' => out.push_str("th"),
-            'ı' => out.push('i'),
-            '\r' | '\u{2028}' | '\u{2029}' => out.push('\n'),
-            '…' => out.push('.'),
-            _ => out.push(' '),
-        }
+    if !text.is_ascii() {
+        return fold_unicode(text);
+    }
+    // Most messages: NFKD changes no ASCII character, none is a combining
+    // mark, and lower case is ASCII's. The same result, without the tables.
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars().filter(|c| !is_apostrophe(*c)) {
+        fold_char(c.to_ascii_lowercase(), &mut out);
     }
     out
+}
+
+fn fold_unicode(text: &str) -> String {
+    let lowered: String = text.chars().filter(|c| !is_apostrophe(*c)).flat_map(char::to_lowercase).collect();
+    let mut out = String::with_capacity(lowered.len());
+    for c in lowered.nfkd().filter(|c| !is_combining_mark(*c)) {
+        fold_char(c, &mut out);
+    }
+    out
+}
+
+/// Step 3 for one lower-case, decomposed character.
+fn fold_char(c: char, out: &mut String) {
+    match c {
+        'a'..='z' | '0'..='9' | '.' | ',' | '!' | '?' | ';' | ':' | '\n' => out.push(c),
+        // Kept for the leetspeak step, which decides what they mean.
+        '@' | '$' | '|' | '*' => out.push(c),
+        'ß' => out.push_str("ss"),
+        'ł' => out.push('l'),
+        'ø' => out.push('o'),
+        'æ' => out.push_str("ae"),
+        'œ' => out.push_str("oe"),
+        'đ' | 'ð' => out.push('d'),
+        'þ' => out.push_str("th"),
+        'ı' => out.push('i'),
+        '\r' | '\u{2028}' | '\u{2029}' => out.push('\n'),
+        '…' => out.push('.'),
+        _ => out.push(' '),
+    }
 }
 
 fn is_apostrophe(c: char) -> bool {
@@ -199,7 +214,19 @@ fn squeeze(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::normalise;
+    use super::{fold, fold_unicode, normalise};
+
+    #[test]
+    fn ascii_text_folds_as_through_the_unicode_tables() {
+        let every_ascii: String = (0..=127u8).map(char::from).collect();
+        let mixed = "I'm OK`ish; K!LL @ 3AM\r\n\tTabs, \"quotes\" & <tags> ~ {x} [y] ^_^ #1 %20 +=-/\\";
+        for text in [every_ascii.as_str(), mixed, "", "PLAIN words"] {
+            assert_eq!(fold(text), fold_unicode(text), "{text:?}");
+        }
+        for c in every_ascii.chars() {
+            assert_eq!(fold(&c.to_string()), fold_unicode(&c.to_string()), "{c:?}");
+        }
+    }
 
     #[test]
     fn apostrophes_vanish_so_contractions_have_one_spelling() {

@@ -100,8 +100,14 @@ pub(crate) trait WriteBatch {
 pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: impl WriteBatch) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = std::time::Instant::now();
         match writer.write_batch(&batch).await {
             Ok(results) => {
+                tracing::debug!(
+                    writes = batch.len(),
+                    micros = started.elapsed().as_micros(),
+                    "batch committed"
+                );
                 for (pending, result) in batch.drain(..).zip(results) {
                     let _ = pending.done.send(result);
                 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use haven_protocol::{ChatMessage, ChatMode, Sender, api::AppointmentStatus};
+use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 use time::OffsetDateTime;
@@ -74,8 +75,12 @@ impl SqliteStore {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
             || url.contains("mode=memory");
+        // Neither pool pings a connection before lending it: a connection to
+        // a file cannot drop like a network link, and each ping is a round
+        // trip to the connection's thread (one more per batch of messages).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone().pragma("cache_size", "-65536"))
             .await?;
         MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
@@ -83,7 +88,11 @@ impl SqliteStore {
         let reader = if in_memory {
             writer.clone()
         } else {
-            SqlitePoolOptions::new().max_connections(4).connect_with(options.clone().read_only(true)).await?
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .test_before_acquire(false)
+                .connect_with(options.clone().read_only(true))
+                .await?
         };
         let (writes, queue) = Writes::new();
         // The group-commit loop has a thread and a runtime of its own: each
@@ -164,7 +173,9 @@ impl WriteBatch for Writer {
 /// statements, bound to the batch as one JSON array: an insert numbers them
 /// after each session's `last_seq` in batch order, an update moves those
 /// sessions' `last_seq`, and a select reports, as one JSON value, the seq
-/// and session mode of every row stored. The insert skips a key (session,
+/// and session mode of every row stored. The array is read with
+/// `jsonb_each`, whose rows stay in SQLite's binary form: `json_each` would
+/// turn each row back into text for every field read from it. The insert skips a key (session,
 /// sender, `client_id`) stored already and an unknown session, and stores a
 /// companion's write only if the session is `BOT_ONLY`. That mode check is
 /// part of the insert, in the transaction: a join that commits first makes
@@ -178,25 +189,24 @@ async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]
     if rows.is_empty() {
         return Ok(settled);
     }
-    let json: Vec<serde_json::Value> = rows
+    let json: Vec<RowJson> = rows
         .iter()
-        .map(|row| {
-            serde_json::json!({
-                "id": row.id.simple().to_string(),
-                "session_id": row.session_id.simple().to_string(),
-                "sender": row.sender.as_str(),
-                "content": row.content,
-                "client_id": row.client_id,
-            })
+        .map(|row| RowJson {
+            id: row.id.simple(),
+            session_id: row.session_id.simple(),
+            sender: row.sender.as_str(),
+            content: row.content,
+            client_id: row.client_id,
         })
         .collect();
+    let json = serde_json::to_string(&json).map_err(|error| StoreError::Corrupt(error.to_string()))?;
     let at = now();
     let stored: String = sqlx::query_scalar(
         "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
          SELECT unhex(j.value ->> 'id'), s.id,
                 s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
                 j.value ->> 'sender', j.value ->> 'content', j.value ->> 'client_id', ?2
-         FROM json_each(?1) AS j
+         FROM jsonb_each(?1) AS j
          JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
          WHERE CASE WHEN j.value ->> 'client_id' IS NULL THEN s.chat_mode = 'BOT_ONLY'
                     ELSE NOT EXISTS (
@@ -207,14 +217,14 @@ async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]
          UPDATE chat_sessions
          SET last_seq = (SELECT max(m.seq) FROM messages AS m WHERE m.session_id = chat_sessions.id),
              updated_at = ?2, last_message_at = ?2
-         WHERE id IN (SELECT m.session_id FROM json_each(?1) AS j
+         WHERE id IN (SELECT m.session_id FROM jsonb_each(?1) AS j
                       JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
          SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode))
-         FROM json_each(?1) AS j
+         FROM jsonb_each(?1) AS j
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
          JOIN chat_sessions AS s ON s.id = m.session_id",
     )
-    .bind(serde_json::Value::from(json).to_string())
+    .bind(json)
     .bind(at)
     .fetch_one(&mut *tx)
     .await?;
@@ -229,6 +239,16 @@ async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]
         settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
     }
     Ok(settled)
+}
+
+/// A row of the batch's insert as the statement reads it (ids in hex).
+#[derive(Serialize)]
+struct RowJson<'a> {
+    id: uuid::fmt::Simple,
+    session_id: uuid::fmt::Simple,
+    sender: &'a str,
+    content: &'a str,
+    client_id: Option<&'a str>,
 }
 
 /// One client's or therapist's message, for what the batch's insert left:
