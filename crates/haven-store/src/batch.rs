@@ -11,10 +11,12 @@
 //! `client_id`) once — are stored by one statement for the whole batch,
 //! which skips a re-sent `client_id`, an unknown session and, for the
 //! companion, a session that is no longer `BOT_ONLY`. Flagged messages, and
-//! the messages that statement did not store, follow one by one inside the
-//! same transaction. A write that finds no session writes nothing and does
-//! not disturb the others; an unexpected database error fails the whole
-//! batch, and every caller may retry.
+//! the messages that statement did not store, follow one by one: inside the
+//! same transaction on PostgreSQL; on SQLite, whose shared statement is
+//! begun and committed in one call, in a second transaction. A write that
+//! finds no session writes nothing and does not disturb the others; an
+//! unexpected database error fails the writes of its transaction, and each
+//! of their callers may retry.
 
 use std::collections::{HashMap, HashSet};
 
@@ -91,7 +93,8 @@ impl Writes {
 
 /// What writes a batch in one transaction.
 pub(crate) trait WriteBatch {
-    /// One result per write, in order; `Err` when nothing was committed.
+    /// One result per write, in order; `Err` when the batch failed as a
+    /// whole (normally: nothing was committed).
     fn write_batch(&self, batch: &[Pending]) -> impl Future<Output = Result<Vec<Result<Written>>>> + Send;
 }
 

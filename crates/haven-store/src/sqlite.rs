@@ -155,36 +155,63 @@ async fn checkpoints(connection: Option<sqlx::SqliteConnection>) {
 struct Writer(SqlitePool);
 
 impl WriteBatch for Writer {
-    /// The batch in one transaction. `NotFound` for one write is its own
-    /// result: it wrote nothing.
+    /// The batch's usual writes in a transaction begun and committed in one
+    /// call ([`write_together`]); what that call left (flagged messages,
+    /// re-sent `client_id`s, unknown sessions) in a second transaction.
+    /// `NotFound` for one write is its own result: it wrote nothing.
     async fn write_batch(&self, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
-        let mut tx = self.0.begin_with("BEGIN IMMEDIATE").await?;
-        let mut settled = write_together_in_tx(&mut tx, batch).await?;
-        for (index, session_id, new) in left_over(batch, &settled) {
-            let result = append_in_tx(&mut tx, session_id, new).await;
-            batch::settle(&mut settled, index, result)?;
+        let mut connection = self.0.acquire().await?;
+        let mut settled = write_together(&mut connection, batch).await?;
+        let left = left_over(batch, &settled);
+        if !left.is_empty() {
+            match write_one_by_one(&mut connection, &left).await {
+                Ok(results) => settled.extend(results),
+                // The usual writes are committed; only these were not.
+                Err(error) => {
+                    for (index, ..) in left {
+                        let failure = sqlx::Error::Protocol(format!("the write was not committed: {error}"));
+                        settled.insert(index, Err(StoreError::Unavailable(failure)));
+                    }
+                }
+            }
         }
-        tx.commit().await?;
         in_batch_order(batch, settled)
     }
 }
 
-/// The batch's usual writes ([`usual_rows`]) in one call of three
-/// statements, bound to the batch as one JSON array: an insert numbers them
-/// after each session's `last_seq` in batch order, an update moves those
-/// sessions' `last_seq`, and a select reports, as one JSON value, the seq
-/// and session mode of every row stored. The array is read with
-/// `jsonb_each`, whose rows stay in SQLite's binary form: `json_each` would
-/// turn each row back into text for every field read from it. The insert skips a key (session,
-/// sender, `client_id`) stored already and an unknown session, and stores a
-/// companion's write only if the session is `BOT_ONLY`. That mode check is
-/// part of the insert, in the transaction: a join that commits first makes
-/// it store nothing.
+/// Messages one by one, in a transaction of their own; their results once
+/// it has committed.
+async fn write_one_by_one(
+    connection: &mut sqlx::SqliteConnection,
+    left: &[(usize, Uuid, &NewMessage)],
+) -> Result<Settled> {
+    let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
+    let mut results = Settled::new();
+    for &(index, session_id, new) in left {
+        let result = append_in_tx(&mut tx, session_id, new).await;
+        batch::settle(&mut results, index, result)?;
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// The batch's usual writes ([`usual_rows`]) in one call, bound to the
+/// batch as one JSON array: `BEGIN IMMEDIATE`; an insert that numbers them
+/// after each session's `last_seq` in batch order; an update that moves
+/// those sessions' `last_seq`; a select that reports, as one JSON value,
+/// the seq and session mode of every row stored; `COMMIT`. The insert
+/// skips a key (session, sender, `client_id`) stored already and an unknown
+/// session, and stores a companion's write only if the session is
+/// `BOT_ONLY`. That mode check is part of the insert, in the transaction: a
+/// join that commits first makes it store nothing.
 ///
-/// One call is one hand-off to SQLite's thread and back; rows returned one
-/// by one (`RETURNING`) would be a hand-off each.
+/// One call is one hand-off to SQLite's thread and back, where a
+/// transaction driven from here would be three (begin, statements, commit),
+/// and rows returned one by one (`RETURNING`) a hand-off each. The array is
+/// read with `jsonb_each`, whose rows stay in SQLite's binary form:
+/// `json_each` would turn each row back into text for every field read.
 /// Returns the results it settled, by index in the batch.
-async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]) -> Result<Settled> {
+async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pending]) -> Result<Settled> {
     let (rows, mut settled) = usual_rows(batch);
     if rows.is_empty() {
         return Ok(settled);
@@ -201,8 +228,9 @@ async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]
         .collect();
     let json = serde_json::to_string(&json).map_err(|error| StoreError::Corrupt(error.to_string()))?;
     let at = now();
-    let stored: String = sqlx::query_scalar(
-        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
+    let reported: std::result::Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        "BEGIN IMMEDIATE;
+         INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
          SELECT unhex(j.value ->> 'id'), s.id,
                 s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
                 j.value ->> 'sender', j.value ->> 'content', j.value ->> 'client_id', ?2
@@ -222,19 +250,35 @@ async fn write_together_in_tx(tx: &mut sqlx::SqliteConnection, batch: &[Pending]
          SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode))
          FROM jsonb_each(?1) AS j
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
-         JOIN chat_sessions AS s ON s.id = m.session_id",
+         JOIN chat_sessions AS s ON s.id = m.session_id;
+         COMMIT",
     )
     .bind(json)
     .bind(at)
-    .fetch_one(&mut *tx)
-    .await?;
-    let stored: Vec<(usize, i64, String)> = serde_json::from_str(&stored).map_err(|error| {
-        StoreError::Unavailable(sqlx::Error::Protocol(format!("a batched insert reported {error}")))
-    })?;
+    // Every statement runs: `fetch_one` would stop after the select.
+    .fetch_all(&mut *connection)
+    .await;
+    let reported = match reported {
+        Ok(reported) => reported,
+        Err(error) => {
+            // A statement failed, and the transaction may still be open:
+            // end it, so the connection goes back to the pool clean. (When
+            // none is open, ROLLBACK fails, harmlessly.)
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *connection).await;
+            return Err(error.into());
+        }
+    };
+    // Committed. A report that cannot be read (which would be a bug) fails
+    // every write of the call; a message sent again is then found stored.
+    let unreadable = |what: String| StoreError::Unavailable(sqlx::Error::Protocol(what));
+    let stored: Vec<(usize, i64, String)> = match reported.as_slice() {
+        [stored] => serde_json::from_str(stored)
+            .map_err(|error| unreadable(format!("a batched insert reported {error}")))?,
+        _ => return Err(unreadable(format!("a batched insert gave {} reports", reported.len()))),
+    };
     for (row, seq, mode) in stored {
         let Some(row) = rows.get(row) else {
-            let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
-            return Err(StoreError::Unavailable(unknown));
+            return Err(unreadable("a batched insert reported an unknown row".into()));
         };
         settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
     }
@@ -1161,6 +1205,39 @@ mod tests {
         stored.sort_unstable();
         assert_eq!(stored, (1..=40).collect::<Vec<_>>());
         assert_eq!(store.messages_after(session.id, 0, 100).await.unwrap().len(), 40);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_writes_nothing_and_the_next_one_commits() {
+        let (store, dir) = store().await;
+        let session = store.create_chat_session(b"client").await.unwrap();
+        let id = Uuid::now_v7();
+        let reply = |content: &str| BotMessage::Reply { id, content: content.into() };
+        store.append_if_bot_only(session.id, reply("first")).await.unwrap().unwrap();
+        // A second row with the same id breaks the insert's key: the whole
+        // call fails, inside its transaction.
+        let failed = store.append_if_bot_only(session.id, reply("same id")).await;
+        assert!(matches!(failed, Err(StoreError::Unavailable(_))), "{failed:?}");
+        assert_eq!(store.chat_session(session.id).await.unwrap().unwrap().last_seq, 1);
+        // The writer is not left inside that transaction: the next write
+        // commits, and it is on disk for a new connection to read.
+        let next = store.append_message(session.id, user_message("c1")).await.unwrap();
+        assert!(matches!(next, Appended::Stored { ref message, .. } if message.seq == 2), "{next:?}");
+        let tess = therapist(&store, "t@x").await;
+        assert!(matches!(
+            store.join_as_therapist(session.id, tess.id, "joined").await.unwrap(),
+            JoinOutcome::Joined { .. }
+        ));
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let reopened = SqliteStore::connect(&url).await.unwrap();
+        let contents: Vec<String> = reopened
+            .messages_after(session.id, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|message| message.content)
+            .collect();
+        assert_eq!(contents, ["first", "hi", "joined"]);
     }
 
     #[tokio::test]
