@@ -91,7 +91,8 @@ impl Writes {
     }
 }
 
-/// What writes a batch in one transaction.
+/// What writes a batch: in one transaction (on SQLite, up to two: see
+/// the module's description).
 pub(crate) trait WriteBatch {
     /// One result per write, in order; `Err` when the batch failed as a
     /// whole (normally: nothing was committed).
