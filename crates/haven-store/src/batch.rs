@@ -119,8 +119,7 @@ pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: i
             Err(error) => {
                 tracing::error!(error = %error, batch = batch.len(), "a batch of messages was not committed");
                 for pending in batch.drain(..) {
-                    let failure = sqlx::Error::Protocol(format!("the batch was not committed: {error}"));
-                    let _ = pending.done.send(Err(StoreError::Unavailable(failure)));
+                    let _ = pending.done.send(Err(not_committed(&error)));
                 }
             }
         }
@@ -195,6 +194,12 @@ pub(crate) fn stored(row: &Row, seq: i64, chat_mode: ChatMode, at: OffsetDateTim
 }
 
 /// Results by place in the batch.
+/// The error a write's caller gets when its transaction failed: nothing of
+/// it was stored, and it may be sent again.
+pub(crate) fn not_committed(error: &StoreError) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(format!("the write was not committed: {error}")))
+}
+
 pub(crate) type Settled = HashMap<usize, Result<Written>>;
 
 /// The messages the shared insert did not settle, to write one by one.

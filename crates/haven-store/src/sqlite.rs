@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
-    usual_rows,
+    not_committed, usual_rows,
 };
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
@@ -169,8 +169,7 @@ impl WriteBatch for Writer {
                 // The usual writes are committed; only these were not.
                 Err(error) => {
                     for (index, ..) in left {
-                        let failure = sqlx::Error::Protocol(format!("the write was not committed: {error}"));
-                        settled.insert(index, Err(StoreError::Unavailable(failure)));
+                        settled.insert(index, Err(not_committed(&error)));
                     }
                 }
             }
