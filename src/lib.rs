@@ -26,7 +26,7 @@ use config::{Cli, Command, SafetyCommand, TherapistCommand};
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
-            telemetry::init(args.log_format);
+            let _logs = telemetry::init(args.log_format);
             startup::serve(&cli.database, args).await
         }
         Command::Therapist { command: TherapistCommand::Add(args) } => {

@@ -4,23 +4,42 @@
 //! tokens and passwords are never logged: no code path passes them to a
 //! `tracing` macro, and HTTP spans record the route pattern, not the URI
 //! (the setup URL carries a secret).
+//!
+//! Lines are written to standard error by a thread of their own: the task
+//! that logs formats its line and queues it, and the thread writes what is
+//! queued in as few `write` calls as it can, then flushes. Every line is
+//! kept: when the queue is full, the task that logs waits.
 
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal};
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Lines that may wait for the log thread (a few megabytes) before
+/// logging waits for it.
+const QUEUED_LINES: usize = 16_384;
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default level.
-pub fn init(format: LogFormat) {
+/// Lines queued when the returned guard is dropped are written before the
+/// drop returns (it waits up to about a second for them), so it must live
+/// as long as the server.
+#[must_use = "queued log lines are written until the guard is dropped"]
+pub fn init(format: LogFormat) -> WorkerGuard {
     // genai's own logs can quote provider responses; they stay off unless asked for.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,genai=off"));
     // Colours only on a terminal, never in a log file.
     let ansi = std::io::stderr().is_terminal();
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("haven-log")
+        .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
+    guard
 }

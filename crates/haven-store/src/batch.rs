@@ -193,13 +193,13 @@ pub(crate) fn stored(row: &Row, seq: i64, chat_mode: ChatMode, at: OffsetDateTim
     }
 }
 
-/// Results by place in the batch.
 /// The error a write's caller gets when its transaction failed: nothing of
 /// it was stored, and it may be sent again.
 pub(crate) fn not_committed(error: &StoreError) -> StoreError {
     StoreError::Unavailable(sqlx::Error::Protocol(format!("the write was not committed: {error}")))
 }
 
+/// Results by place in the batch.
 pub(crate) type Settled = HashMap<usize, Result<Written>>;
 
 /// The messages the shared insert did not settle, to write one by one.
