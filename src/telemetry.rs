@@ -25,7 +25,7 @@ const QUEUED_LINES: usize = 16_384;
 /// Lines queued when the returned guard is dropped are written before the
 /// drop returns (it waits up to about a second for them), so it must live
 /// as long as the server.
-#[must_use = "queued log lines are written until the guard is dropped"]
+#[must_use = "logging stops when the guard is dropped"]
 pub fn init(format: LogFormat) -> WorkerGuard {
     // genai's own logs can quote provider responses; they stay off unless asked for.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,genai=off"));
