@@ -2,6 +2,7 @@
 //! the README's configuration table lists them all.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -36,11 +37,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum SafetyCommand {
-    /// Classify TEXT with the built-in rules and print
-    /// `{"level", "rules", "version"}` as JSON (no database needed).
+    /// Classify TEXT with the rules and the model and print
+    /// `{"level", "rules", "version", "model"}` as JSON (no database needed).
     Check {
         /// The message to classify.
         text: String,
+        /// A model file to use instead of the built-in one.
+        #[arg(long, env = "HAVEN_SAFETY_MODEL")]
+        safety_model: Option<PathBuf>,
     },
     /// Print the counts of flags and crisis referrals as JSON.
     Report {
@@ -139,6 +143,11 @@ pub struct SafetyArgs {
     /// on every client message; it can only raise the detector's level.
     #[arg(long, env = "HAVEN_SAFETY_SECOND_OPINION", default_value_t = true, action = clap::ArgAction::Set)]
     pub safety_second_opinion: bool,
+
+    /// A crisis model file (`scripts/safety-model/train.sh`) to use instead
+    /// of the built-in one. A file that cannot be used stops `serve`.
+    #[arg(long, env = "HAVEN_SAFETY_MODEL")]
+    pub safety_model: Option<PathBuf>,
 }
 
 /// Limits against abuse and failure; the defaults suit a clinic behind one

@@ -39,7 +39,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Therapist { command: TherapistCommand::Disable(args) } => {
             therapist_cli::disable(&cli.database, args).await
         }
-        Command::Safety { command: SafetyCommand::Check { text } } => safety::check_cli(&text),
+        Command::Safety { command: SafetyCommand::Check { text, safety_model } } => {
+            safety::check_cli(&text, safety_model.as_deref())
+        }
         Command::Safety { command: SafetyCommand::Report { days } } => {
             safety::report_cli(&cli.database, days).await
         }

@@ -1,10 +1,11 @@
 //! Crisis escalation (docs/safety.md): what Haven does once the detector
 //! (`haven-safety`) flags a client message.
 //!
-//! - [`Escalation::screen`] turns the detector's verdict into a [`RiskFlag`]
-//!   stored with the message, including the crisis message with this
-//!   deployment's resources. It needs no model, so it works when the model
-//!   is down or slow.
+//! - [`Escalation::screen`] classifies a client message (the rules and the
+//!   on-device model, with the client's latest earlier messages) and turns
+//!   the verdict into a [`RiskFlag`] stored with the message, including the
+//!   crisis message with this deployment's resources. It needs no language
+//!   model, so it works when the provider is down or slow.
 //! - [`SafetyScript`] replaces the companion at `high` and `imminent`: fixed,
 //!   reviewed texts instead of free-form generation, until a therapist joins.
 //! - [`report`] counts flags and referrals for reporting.
@@ -13,7 +14,7 @@ use futures_util::stream::{self, BoxStream};
 use haven_protocol::api::{self, LevelCounts};
 use haven_protocol::{RiskLevel, Sender};
 use haven_responder::{ReplyRequest, Responder, ResponderError};
-use haven_safety::Assessment;
+use haven_safety::{Assessment, Classifier};
 use haven_store::{RiskFlag, Store, StoreError};
 use time::OffsetDateTime;
 
@@ -29,9 +30,11 @@ pub const SAFETY_SCRIPT: [&str; 4] = [
     "Thank you for staying with me. If you can, put some distance between yourself and anything you could use to hurt yourself, and contact the crisis line or someone you trust. Are you safe right now?",
 ];
 
-/// Builds the flag for a client message from the deployment's resources.
+/// Screens client messages and builds their flags with the deployment's
+/// resources.
 #[derive(Debug, Clone)]
 pub struct Escalation {
+    classifier: Classifier,
     crisis_line: String,
     text_line: Option<String>,
     emergency: String,
@@ -39,12 +42,13 @@ pub struct Escalation {
 }
 
 impl Escalation {
-    pub fn new(args: &SafetyArgs) -> Self {
+    pub fn new(args: &SafetyArgs, classifier: Classifier) -> Self {
         let configured = |value: &Option<String>| {
             value.as_deref().map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
         };
         let directory = args.crisis_resources_url.trim().to_owned();
         Self {
+            classifier,
             crisis_line: configured(&args.crisis_line)
                 .unwrap_or_else(|| "a crisis line in your country".to_owned()),
             text_line: configured(&args.crisis_text_line),
@@ -66,21 +70,32 @@ impl Escalation {
         (assessment.level > RiskLevel::None).then(|| RiskFlag {
             level: assessment.level,
             rules: assessment.rules.iter().map(|hit| hit.id.clone()).collect(),
-            detector_version: assessment.version.to_owned(),
+            detector_version: assessment.detector_version(),
             crisis_message: self.crisis_message(assessment.level),
         })
     }
 
-    /// Screens a client message with the built-in rules.
-    pub fn screen(&self, text: &str) -> (Assessment, Option<RiskFlag>) {
-        let assessment = haven_safety::classify(text);
+    /// Screens a client message, read with the client's `earlier` messages
+    /// in the session (oldest first).
+    pub fn screen(&self, text: &str, earlier: &[&str]) -> (Assessment, Option<RiskFlag>) {
+        let assessment = self.classifier.classify_in_context(text, earlier);
         let flag = self.flag(&assessment);
         (assessment, flag)
     }
 
+    /// The verdict on one text alone (`POST /api/safety/classify`).
+    pub fn classify(&self, text: &str) -> Assessment {
+        self.classifier.classify(text)
+    }
+
+    /// The detector's version: `RULES+model.MODEL`.
+    pub fn detector_version(&self) -> String {
+        self.classifier.version()
+    }
+
     /// The `system` message with crisis resources for a level.
     pub fn crisis_message(&self, level: RiskLevel) -> String {
-        let Self { crisis_line, text_line, emergency, directory } = self;
+        let Self { crisis_line, text_line, emergency, directory, .. } = self;
         let text = text_line.as_ref().map(|line| format!(" You can also {line}.")).unwrap_or_default();
         match level {
             RiskLevel::None | RiskLevel::Concern => format!(
@@ -103,10 +118,28 @@ impl Escalation {
         RiskFlag {
             level,
             rules: vec![SECOND_OPINION_RULE.to_owned()],
-            detector_version: haven_safety::VERSION.to_owned(),
+            detector_version: self.classifier.version(),
             crisis_message: self.crisis_message(level),
         }
     }
+}
+
+/// What the language model's second opinion reads: the message, after the
+/// client's earlier messages in the detector's window when there are any
+/// (the format `prompts/risk_assessment.md` describes).
+pub fn second_opinion_text(earlier: &[&str], text: &str) -> String {
+    if earlier.is_empty() {
+        return text.to_owned();
+    }
+    let mut out = String::from("Earlier messages from this client, oldest first:\n");
+    for message in earlier {
+        out.push_str("- ");
+        out.push_str(message);
+        out.push('\n');
+    }
+    out.push_str("\nThe message to assess:\n");
+    out.push_str(text);
+    out
 }
 
 /// The rule id recorded when the model's second opinion raised a level.
@@ -138,8 +171,9 @@ impl Responder for SafetyScript {
     }
 }
 
-/// Counts of flags and referrals over the last `days` days.
-pub async fn report(store: &dyn Store, days: u32) -> Result<api::SafetyReport, StoreError> {
+/// Counts of flags and referrals over the last `days` days, by the
+/// detector of `version`.
+pub async fn report(store: &dyn Store, days: u32, version: String) -> Result<api::SafetyReport, StoreError> {
     let since =
         (OffsetDateTime::now_utc() - time::Duration::days(days.into())).replace_time(time::Time::MIDNIGHT);
     let counts = store.safety_report(since).await?;
@@ -162,20 +196,22 @@ pub async fn report(store: &dyn Store, days: u32) -> Result<api::SafetyReport, S
         flags: by_level(counts.flags),
         flagged_sessions: counts.flagged_sessions,
         unacknowledged_sessions: counts.unacknowledged_sessions,
-        detector_version: haven_safety::VERSION.to_owned(),
+        detector_version: version,
     })
 }
 
 /// `haven safety check TEXT`: the detector's verdict as JSON.
-pub fn check_cli(text: &str) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(&haven_safety::classify(text))?);
+pub fn check_cli(text: &str, model: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let classifier = Classifier::load(model)?;
+    println!("{}", serde_json::to_string(&classifier.classify(text))?);
     Ok(())
 }
 
 /// `haven safety report`: the counts as JSON.
 pub async fn report_cli(database: &str, days: u32) -> anyhow::Result<()> {
     let store = crate::startup::open_store(database).await?;
-    println!("{}", serde_json::to_string_pretty(&report(store.as_ref(), days).await?)?);
+    let version = Classifier::try_builtin()?.version();
+    println!("{}", serde_json::to_string_pretty(&report(store.as_ref(), days, version).await?)?);
     Ok(())
 }
 
@@ -191,15 +227,16 @@ mod tests {
             emergency_number: emergency.map(str::to_owned),
             crisis_resources_url: "https://findahelpline.com".into(),
             safety_second_opinion: true,
+            safety_model: None,
         }
     }
 
     #[test]
     fn crisis_messages_carry_the_configured_resources_or_neutral_defaults() {
-        let configured = Escalation::new(&args(Some("988"), Some("911")));
+        let configured = Escalation::new(&args(Some("988"), Some("911")), Classifier::builtin());
         let high = configured.crisis_message(RiskLevel::High);
         assert!(high.contains("call 911 now") && high.contains("reach 988"), "{high}");
-        let default = Escalation::new(&args(None, Some(" ")));
+        let default = Escalation::new(&args(None, Some(" ")), Classifier::builtin());
         let concern = default.crisis_message(RiskLevel::Concern);
         assert!(concern.contains("findahelpline.com") && concern.contains("112 in the EU"), "{concern}");
         assert_eq!(concern.matches("findahelpline").count(), 1, "{concern}");

@@ -128,9 +128,10 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
-    // Compile the detector's rules now, not in the first client's turn.
-    let detector = haven_safety::Detector::builtin();
-    tracing::info!(version = detector.version(), "crisis detector ready");
+    // Compile the detector's rules and load its model now, not in the first
+    // client's turn; a model file that cannot be used stops the server.
+    let classifier = haven_safety::Classifier::load(args.safety.safety_model.as_deref())?;
+    tracing::info!(version = classifier.version(), "crisis detector ready");
     if !Escalation::configured(&args.safety) {
         tracing::warn!(
             "no crisis line or emergency number configured: crisis messages name none (set HAVEN_CRISIS_LINE and HAVEN_EMERGENCY_NUMBER)"
@@ -156,7 +157,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
                 && args.ai.ai_provider != AiProvider::Companion,
         }),
         limits: Arc::new(Limits::new(args.limits.clone())),
-        escalation: Arc::new(Escalation::new(&args.safety)),
+        escalation: Arc::new(Escalation::new(&args.safety, classifier)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     };

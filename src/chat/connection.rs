@@ -511,13 +511,17 @@ impl Connection {
         };
         let role = self.admitted.role;
         tracing::info!("message received");
-        // Every client message is screened before it is stored, so a flag
-        // and its crisis message commit with it; nothing here needs a model.
-        let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content));
+        // Every client message is screened before it is stored, with the
+        // client's latest earlier messages, so a flag and its crisis message
+        // commit with it; nothing here needs a language model, which gets
+        // the same window for its second opinion.
+        let earlier = if role == Role::User { self.guard.room().client_window() } else { Vec::new() };
+        let earlier: Vec<&str> = earlier.iter().map(String::as_str).collect();
+        let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content, &earlier));
         let detected = assessment.as_ref().map_or(RiskLevel::None, |(assessment, _)| assessment.level);
         let risk = assessment.and_then(|(_, flag)| flag);
-        let second_opinion =
-            (role == Role::User && self.state.settings.safety_second_opinion).then(|| new.content.clone());
+        let second_opinion = (role == Role::User && self.state.settings.safety_second_opinion)
+            .then(|| crate::safety::second_opinion_text(&earlier, &new.content));
         let client_id = new.client_id.clone();
         let store = self.state.store.clone();
         let session_id = self.admitted.session_id;

@@ -16,7 +16,7 @@
 //!   They are published under the room's generation lock, which the takeover
 //!   also takes: once the join message is published, no delta follows it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -166,6 +166,7 @@ impl Hub {
             takeover: CancellationToken::new(),
             generation: Mutex::default(),
             history: Mutex::default(),
+            client_window: Mutex::default(),
             connections: AtomicUsize::new(0),
             rooms: Arc::downgrade(&self.rooms),
         });
@@ -286,6 +287,10 @@ pub struct Room {
     /// until a therapist joins, so that a reply need not read them from the
     /// database.
     history: Mutex<Option<History>>,
+    /// The client's latest messages seen here, oldest first, at most
+    /// [`haven_safety::WINDOW`]: the crisis detector reads a new client
+    /// message with them.
+    client_window: Mutex<VecDeque<String>>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
 }
@@ -305,11 +310,24 @@ impl Room {
         frame
     }
 
-    /// Adds a committed message to the companion's history, if kept.
+    /// Adds a committed message to the companion's history, if kept, and a
+    /// client's message to the detector's window.
     fn remember(&self, message: &ChatMessage) {
         if let Some(kept) = self.history().as_mut() {
             kept.add(message.clone());
         }
+        if message.sender == haven_protocol::Sender::User {
+            let mut window = self.client_window.lock().unwrap_or_else(PoisonError::into_inner);
+            if window.len() == haven_safety::WINDOW {
+                window.pop_front();
+            }
+            window.push_back(message.content.clone());
+        }
+    }
+
+    /// The client's latest messages seen by this process, oldest first.
+    pub fn client_window(&self) -> Vec<String> {
+        self.client_window.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 
     /// The latest kept messages in seq order, reaching at least `last_seq`,

@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
 /// `POST /api/safety/classify {"text"}`: what the detector finds in a text,
 /// and why. Nothing is stored or logged.
 async fn classify(
+    State(state): State<AppState>,
     _caller: AuthTherapist,
     Json(request): Json<ClassifyRequest>,
 ) -> Result<Json<Assessment>, ApiError> {
@@ -37,7 +38,7 @@ async fn classify(
             message: format!("text is longer than {MAX_CONTENT_CHARS} characters"),
         });
     }
-    Ok(Json(haven_safety::classify(&request.text)))
+    Ok(Json(state.escalation.classify(&request.text)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,7 +54,8 @@ async fn report(
     Query(query): Query<ReportQuery>,
 ) -> Result<Json<SafetyReport>, ApiError> {
     let days = query.days.unwrap_or(365).min(36_500);
-    Ok(Json(crate::safety::report(state.store.as_ref(), days).await?))
+    let version = state.escalation.detector_version();
+    Ok(Json(crate::safety::report(state.store.as_ref(), days, version).await?))
 }
 
 /// `GET /api/sessions/{id}/risk`: a session's flag and audit trail, for a

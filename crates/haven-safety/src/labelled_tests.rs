@@ -282,26 +282,31 @@ fn nothing_fires_on_an_ordinary_message() {
     assert!(assessment.rules.is_empty());
 }
 
+/// The rules alone, for the tests of their suppressions.
+fn rules(text: &str) -> crate::Assessment {
+    Detector::builtin().classify(text)
+}
+
 #[test]
 fn negation_drops_the_hit_and_disavowal_caps_it() {
-    assert_eq!(classify("I'm not suicidal").level, RiskLevel::None);
-    assert_eq!(classify("I don't want to kill myself, I just feel tired").level, RiskLevel::None);
-    let disavowed = classify("I think about suicide but I'm not going to act on it");
+    assert_eq!(rules("I'm not suicidal").level, RiskLevel::None);
+    assert_eq!(rules("I don't want to kill myself, I just feel tired").level, RiskLevel::None);
+    let disavowed = rules("I think about suicide but I'm not going to act on it");
     assert_eq!(disavowed.level, RiskLevel::Concern, "{disavowed:?}");
 }
 
 #[test]
 fn past_history_is_concern_unless_it_is_back() {
-    assert_eq!(classify("I used to self-harm years ago").level, RiskLevel::Concern);
-    assert_eq!(classify("I used to self-harm years ago and I started again").level, RiskLevel::High);
+    assert_eq!(rules("I used to self-harm years ago").level, RiskLevel::Concern);
+    assert_eq!(rules("I used to self-harm years ago and I started again").level, RiskLevel::High);
 }
 
 #[test]
 fn a_third_person_at_risk_now_is_high_but_not_in_fiction_or_the_past() {
-    assert_eq!(classify("my sister told me she wants to kill herself").level, RiskLevel::High);
-    assert_eq!(classify("in the novel his sister wants to kill herself").level, RiskLevel::None);
+    assert_eq!(rules("my sister told me she wants to kill herself").level, RiskLevel::High);
+    assert_eq!(rules("in the novel his sister wants to kill herself").level, RiskLevel::None);
     assert_eq!(
-        classify("my sister wanted to kill herself years ago, she is fine now").level,
+        rules("my sister wanted to kill herself years ago, she is fine now").level,
         RiskLevel::None
     );
 }
@@ -364,6 +369,15 @@ fn classification_speed() {
 
 #[test]
 fn hard_cases_found_in_review() {
+    // The rules alone: the model's own false alarms are counted on the
+    // unseen rounds (model_tests.rs).
+    for (text, level) in [
+        ("i have the pills in front of me and im going to take them all tonight", RiskLevel::Imminent),
+        ("I've been cutting myself again", RiskLevel::High),
+        ("this traffic is killing me", RiskLevel::None),
+    ] {
+        assert_eq!(classify(text).level, level, "the server's API tests rely on {text:?}");
+    }
     let cases: [(&str, RiskLevel); 15] = [
         // The server's API tests rely on these three.
         ("i have the pills in front of me and im going to take them all tonight", RiskLevel::Imminent),
@@ -385,7 +399,7 @@ fn hard_cases_found_in_review() {
     let wrong: Vec<String> = cases
         .iter()
         .filter_map(|(text, level)| {
-            let got = classify(text);
+            let got = Detector::builtin().classify(text);
             (got.level != *level).then(|| format!("{text:?}: expected {}, got {:?}", level.as_str(), got))
         })
         .collect();

@@ -1,8 +1,15 @@
 //! Haven's crisis detector.
 //!
-//! Every client message goes through [`classify`] before any responder sees
-//! it. The verdict is deterministic and explainable: each [`RuleHit`] names
-//! the rule that fired and the words it fired on.
+//! Every client message goes through a [`Classifier`] before any responder
+//! sees it: the rules and a small learned model, side by side, and the
+//! higher level wins. The verdict is deterministic and explainable: each
+//! [`RuleHit`] names the rule that fired and the words it fired on, and the
+//! [`ModelVerdict`] gives the model's version, level and score.
+//!
+//! The model ([`model`]) is shipped in the binary, trained offline by
+//! `scripts/safety-model/train.sh`; `--safety-model PATH` loads another.
+//! [`Classifier::classify_in_context`] also reads the client's latest
+//! earlier messages, so that "tonight" after earlier ideation escalates.
 //!
 //! The rules are data, in `rules/rules.toml`, compiled into the binary; that
 //! file documents its own format and the clinical choices behind it. A
@@ -17,15 +24,19 @@
 //!    highest level left.
 //!
 //! `data/labelled.jsonl` is the labelled set the rules are scored against in
-//! this crate's tests.
+//! this crate's tests; it and `data/train/` train the model; `data/unseen/`
+//! holds the rounds written for evaluation only.
 
 #![forbid(unsafe_code)]
 
+pub mod model;
 mod normalise;
 mod rules;
 
 #[cfg(test)]
 mod labelled_tests;
+#[cfg(test)]
+mod model_tests;
 
 use std::sync::LazyLock;
 
@@ -34,6 +45,7 @@ use regex::RegexSet;
 use serde::Serialize;
 
 pub use normalise::normalise;
+use model::{Model, ModelError, ModelVerdict};
 use rules::{Compiled, RulesError, Scope};
 
 /// The built-in rules, as shipped.
@@ -58,20 +70,131 @@ pub struct RuleHit {
     pub matched: String,
 }
 
-/// The detector's verdict on one message: `{"level", "rules", "version"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The detector's verdict on one message: `{"level", "rules", "version",
+/// "model"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Assessment {
-    /// The highest level among `rules`; `none` when no rule fired.
+    /// The higher of the rules' level (the highest among `rules`) and the
+    /// model's; `none` when neither found anything.
     pub level: RiskLevel,
     /// Every rule that fired, highest level first, then in file order.
     pub rules: Vec<RuleHit>,
     /// The version of the rules that produced this verdict.
     pub version: &'static str,
+    /// The model's verdict; absent only from the rules alone
+    /// ([`Detector::classify`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelVerdict>,
 }
 
-/// Classifies one client message with the built-in rules.
+impl Assessment {
+    /// The versions that produced this verdict, as stored with a flag:
+    /// `RULES+model.MODEL`.
+    pub fn detector_version(&self) -> String {
+        match &self.model {
+            Some(model) => format!("{}+model.{}", self.version, model.version),
+            None => self.version.to_owned(),
+        }
+    }
+}
+
+/// Classifies one client message with the built-in rules and model.
 pub fn classify(text: &str) -> Assessment {
-    Detector::builtin().classify(text)
+    Classifier::builtin().classify(text)
+}
+
+/// How many of the client's earlier messages
+/// [`Classifier::classify_in_context`] reads.
+pub const WINDOW: usize = 3;
+
+/// The longest part of each earlier message that the window keeps, in
+/// bytes (its end: the most recent words).
+const WINDOW_BYTES: usize = 1_000;
+
+/// The rule id of a level raised by the conversation, not the message alone.
+pub const CONTEXT_RULE: &str = "context.window";
+
+/// The rules and the model together.
+#[derive(Debug, Clone, Copy)]
+pub struct Classifier {
+    rules: &'static Detector,
+    model: &'static Model,
+}
+
+impl Classifier {
+    /// The built-in rules and model. Cannot fail in a shipped build:
+    /// `builtin_model_loads` and `the_shipped_model_is_the_recorded_one` in
+    /// the tests load this very file.
+    pub fn builtin() -> Classifier {
+        Classifier::try_builtin().unwrap_or_else(|e| panic!("the built-in {e}"))
+    }
+
+    /// The built-in rules and model, or why the model cannot be used.
+    pub fn try_builtin() -> Result<Classifier, ModelError> {
+        Ok(Classifier::with_model(Model::builtin()?))
+    }
+
+    /// The built-in rules with another model (`--safety-model`).
+    pub fn with_model(model: &'static Model) -> Classifier {
+        Classifier { rules: Detector::builtin(), model }
+    }
+
+    /// The built-in rules with the model in `path`, or the built-in model.
+    /// The loaded model lives as long as the process.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Classifier, ModelError> {
+        match path {
+            Some(path) => Ok(Classifier::with_model(Box::leak(Box::new(Model::load(path)?)))),
+            None => Classifier::try_builtin(),
+        }
+    }
+
+    /// `RULES+model.MODEL`, as stored with every flag.
+    pub fn version(&self) -> String {
+        format!("{}+model.{}", self.rules.version(), self.model.version())
+    }
+
+    /// Classifies one message on its own.
+    pub fn classify(&self, text: &str) -> Assessment {
+        let normalised = normalise(text);
+        let mut assessment = self.rules.assess_normalised(&normalised);
+        let verdict = self.model.assess(&normalised);
+        assessment.level = assessment.level.max(verdict.level);
+        assessment.model = Some(verdict);
+        assessment
+    }
+
+    /// Classifies a client message together with the client's `earlier`
+    /// messages in the session, oldest first (the last [`WINDOW`] count).
+    ///
+    /// The message's level is raised to the conversation's when the
+    /// conversation with it scores higher than both the message alone and
+    /// the conversation without it: the message added the risk ("tonight"
+    /// after ideation), rather than repeating an earlier flag. Such a
+    /// raise is reported as a [`CONTEXT_RULE`] hit first in `rules`.
+    pub fn classify_in_context(&self, text: &str, earlier: &[&str]) -> Assessment {
+        let mut own = self.classify(text);
+        let earlier = &earlier[earlier.len().saturating_sub(WINDOW)..];
+        if earlier.is_empty() || own.level == RiskLevel::Imminent {
+            return own;
+        }
+        let mut window = String::new();
+        for message in earlier {
+            let mut start = message.len().saturating_sub(WINDOW_BYTES);
+            while !message.is_char_boundary(start) {
+                start += 1;
+            }
+            window.push_str(&message[start..]);
+            window.push('\n');
+        }
+        let before = self.classify(&window).level;
+        window.push_str(text);
+        let with = self.classify(&window).level;
+        if with > own.level && with > before {
+            own.level = with;
+            own.rules.insert(0, RuleHit { id: CONTEXT_RULE.to_owned(), level: with, matched: String::new() });
+        }
+        own
+    }
 }
 
 /// A compiled set of rules.
@@ -118,13 +241,16 @@ impl Detector {
         self.compiled.version
     }
 
-    /// Classifies one message.
+    /// Classifies one message with the rules alone.
     pub fn classify(&self, text: &str) -> Assessment {
-        let text = normalise(text);
-        let mut rules = self.hits(&text);
+        self.assess_normalised(&normalise(text))
+    }
+
+    fn assess_normalised(&self, text: &str) -> Assessment {
+        let mut rules = self.hits(text);
         rules.sort_by_key(|hit| std::cmp::Reverse(hit.level));
         let level = rules.first().map_or(RiskLevel::None, |hit| hit.level);
-        Assessment { level, rules, version: self.compiled.version }
+        Assessment { level, rules, version: self.compiled.version, model: None }
     }
 
     fn hits(&self, text: &str) -> Vec<RuleHit> {

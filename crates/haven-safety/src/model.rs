@@ -1,0 +1,387 @@
+//! The learned half of the detector: a small classifier that generalises
+//! beyond the rules' wording.
+//!
+//! A message (in [`normalise`](crate::normalise)d form) becomes two kinds
+//! of features:
+//!
+//! - **dense**: the mean and the maximum, per dimension, of its WordPiece
+//!   tokens' static vectors. The vectors were distilled from the sentence
+//!   encoder all-MiniLM-L6-v2 (`scripts/safety-model/distill.py`), so words
+//!   the training data never used still land near words of like meaning;
+//! - **sparse**: hashed word unigrams and bigrams and character 3–5-grams
+//!   of each word, which carry typos, slang and other languages.
+//!
+//! An ordinal logistic head gives three probabilities: that the text is at
+//! `concern` or above, at `high` or above, and `imminent`; the file's
+//! thresholds turn those into a level ([`Model::assess`]). The file is safetensors: the int8 token vectors
+//! with a scale per token, the head, and metadata (format, version,
+//! vocabulary, thresholds, a SHA-256 of every tensor). A file that does not
+//! match in any of these is refused with a [`ModelError`], never used.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use haven_protocol::RiskLevel;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The format this code reads, recorded in every model file.
+pub const FORMAT: &str = "haven-crisis-model/1";
+
+/// Hash buckets of the sparse features (part of the format).
+pub const BUCKETS: usize = 1 << 17;
+
+/// The head's rows: `concern` or above, `high` or above, `imminent`.
+const ROWS: usize = 3;
+
+/// The weight of the sparse features against the dense ones (part of the
+/// format): `SPARSE_WEIGHT / sqrt(count)` per occurrence.
+const SPARSE_WEIGHT: f32 = 10.0;
+
+/// The shipped model, trained by `scripts/safety-model/train.sh`.
+const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
+
+/// The shipped model's SHA-256, as printed by the training script; a test
+/// checks the file against it.
+pub const BUILTIN_SHA256: &str = "f1b657240bc143c0c0a561f57abf43162b16e6a32a367b3589e46fad82674f2e";
+
+/// A model file that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelError(pub String);
+
+impl std::fmt::Display for ModelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "crisis model: {}", self.0)
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+fn error(message: impl Into<String>) -> ModelError {
+    ModelError(message.into())
+}
+
+/// What the model says of one text: `{"version", "level", "score"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelVerdict {
+    /// The model file's version.
+    pub version: String,
+    /// The level the model's thresholds give.
+    pub level: RiskLevel,
+    /// The model's probability that the text is at `concern` or above,
+    /// rounded to four places.
+    pub score: f32,
+}
+
+/// Probability thresholds: the highest level whose probability of "this
+/// level or above" reaches its threshold is the model's level (`imminent`
+/// needs the `high` threshold too).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub concern: f32,
+    pub high: f32,
+    pub imminent: f32,
+}
+
+/// Static token vectors and the tokenizer over their vocabulary: the
+/// features, without a head (all that `distill.py` writes).
+pub struct Encoder {
+    /// Whole-word pieces, and continuation pieces (`##ing` as `ing`).
+    words: HashMap<Box<str>, u32>,
+    continuations: HashMap<Box<str>, u32>,
+    unknown: u32,
+    dims: usize,
+    vectors: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+/// A loaded model: the encoder and the trained head.
+pub struct Model {
+    version: String,
+    encoder: Encoder,
+    /// `ROWS` rows of `2 * dims + BUCKETS` weights.
+    weights: Vec<f32>,
+    bias: [f32; ROWS],
+    thresholds: Thresholds,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("version", &self.version).field("thresholds", &self.thresholds).finish()
+    }
+}
+
+static BUILTIN_MODEL: LazyLock<Result<Model, ModelError>> = LazyLock::new(|| Model::from_bytes(BUILTIN));
+
+impl Model {
+    /// The shipped model, parsed on first use.
+    pub fn builtin() -> Result<&'static Model, ModelError> {
+        BUILTIN_MODEL.as_ref().map_err(Clone::clone)
+    }
+
+    /// Reads a model file (`--safety-model PATH`).
+    pub fn load(path: &std::path::Path) -> Result<Model, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| error(format!("cannot read {}: {e}", path.display())))?;
+        Model::from_bytes(&bytes).map_err(|e| error(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parses and checks a model file's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model, ModelError> {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| metadata.get(key).ok_or_else(|| error(format!("metadata has no `{key}`")));
+        let format = field("format")?;
+        if format != FORMAT {
+            return Err(error(format!("format `{format}`, this build reads `{FORMAT}`")));
+        }
+        let version = field("version")?.clone();
+        let thresholds: Thresholds = serde_json::from_str(field("thresholds")?)
+            .map_err(|e| error(format!("thresholds are not valid: {e}")))?;
+        let valid = |t: f32| t > 0.0 && t < 1.0;
+        if !(valid(thresholds.concern) && valid(thresholds.high) && valid(thresholds.imminent)) {
+            return Err(error("thresholds must lie between 0 and 1"));
+        }
+
+        let mut digest = Sha256::new();
+        for name in ["token_vectors", "token_scales", "head_weight", "head_bias"] {
+            let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
+            digest.update(tensor.data());
+        }
+        let digest = hex(&digest.finalize());
+        if &digest != field("data_sha256")? {
+            return Err(error("the tensors do not match their recorded SHA-256: the file is corrupt"));
+        }
+
+        let encoder = Encoder::from_tensors(&file, &metadata)?;
+        let features = encoder.feature_count();
+        let weights = f32_tensor(&file, "head_weight", &[ROWS, features])?;
+        let bias = f32_tensor(&file, "head_bias", &[ROWS])?;
+        let bias = [bias[0], bias[1], bias[2]];
+        if weights.iter().chain(&bias).any(|w| !w.is_finite()) {
+            return Err(error("the head has a weight that is not a finite number"));
+        }
+        Ok(Model { version, encoder, weights, bias, thresholds })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The model's verdict on a normalised text.
+    pub fn assess(&self, normalised: &str) -> ModelVerdict {
+        let [at_least_concern, at_least_high, imminent] = self.probabilities(normalised);
+        let thresholds = self.thresholds;
+        let level = if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
+            RiskLevel::Imminent
+        } else if at_least_high >= thresholds.high {
+            RiskLevel::High
+        } else if at_least_concern >= thresholds.concern {
+            RiskLevel::Concern
+        } else {
+            RiskLevel::None
+        };
+        let score = (at_least_concern * 10_000.0).round() / 10_000.0;
+        ModelVerdict { version: self.version.clone(), level, score }
+    }
+
+    /// The probabilities that a normalised text is at `concern` or above,
+    /// at `high` or above, and `imminent`.
+    pub fn probabilities(&self, normalised: &str) -> [f32; ROWS] {
+        let features = self.encoder.feature_count();
+        let dense_len = 2 * self.encoder.dims;
+        let mut dense = vec![0.0; dense_len];
+        let mut sparse = [0.0f32; ROWS];
+        let count = self.encoder.features(normalised, &mut dense, |bucket| {
+            for (class, sum) in sparse.iter_mut().enumerate() {
+                *sum += self.weights[class * features + dense_len + bucket];
+            }
+        });
+        let scale = sparse_scale(count);
+        let mut logits = self.bias;
+        for (class, logit) in logits.iter_mut().enumerate() {
+            let row = &self.weights[class * features..class * features + dense_len];
+            *logit += row.iter().zip(&dense).map(|(w, x)| w * x).sum::<f32>() + sparse[class] * scale;
+        }
+        logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
+    }
+}
+
+impl Encoder {
+    /// Reads the token vectors and vocabulary (a `distill.py` output, or a
+    /// whole model file).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Encoder, ModelError> {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        Encoder::from_tensors(&file, &header.metadata().clone().unwrap_or_default())
+    }
+
+    fn from_tensors(file: &SafeTensors<'_>, metadata: &HashMap<String, String>) -> Result<Encoder, ModelError> {
+        let vocab: Vec<String> = serde_json::from_str(
+            metadata.get("vocab").ok_or_else(|| error("metadata has no `vocab`"))?,
+        )
+        .map_err(|e| error(format!("the vocabulary is not valid: {e}")))?;
+        let vectors = file.tensor("token_vectors").map_err(|_| error("no tensor `token_vectors`"))?;
+        let [rows, dims] = vectors.shape() else {
+            return Err(error("`token_vectors` is not a matrix"));
+        };
+        let (rows, dims) = (*rows, *dims);
+        if vectors.dtype() != Dtype::I8 || rows != vocab.len() || dims == 0 {
+            return Err(error(format!(
+                "`token_vectors` must be int8 with one row per vocabulary entry ({} entries)",
+                vocab.len()
+            )));
+        }
+        let scales = f32_tensor(file, "token_scales", &[rows])?;
+        if scales.iter().any(|s| !s.is_finite()) {
+            return Err(error("a token scale is not a finite number"));
+        }
+        let vectors = vectors.data().iter().map(|&b| b as i8).collect();
+        let mut words = HashMap::new();
+        let mut continuations = HashMap::new();
+        for (id, token) in vocab.into_iter().enumerate() {
+            let id = id as u32;
+            match token.strip_prefix("##") {
+                Some(piece) => continuations.insert(piece.into(), id),
+                None => words.insert(token.into_boxed_str(), id),
+            };
+        }
+        let unknown = *words.get("[UNK]").ok_or_else(|| error("the vocabulary has no [UNK]"))?;
+        Ok(Encoder { words, continuations, unknown, dims, vectors, scales })
+    }
+
+    /// Dense features, then sparse buckets: the head's input width.
+    pub fn feature_count(&self) -> usize {
+        2 * self.dims + BUCKETS
+    }
+
+    /// Fills `dense` (`2 * dims`: mean, then maximum of the token vectors),
+    /// calls `sparse` with the bucket of every sparse feature occurrence,
+    /// and returns how many there were (each counts `1 / sqrt(count)`).
+    pub fn features(&self, normalised: &str, dense: &mut [f32], mut sparse: impl FnMut(usize)) -> usize {
+        let dims = self.dims;
+        let (mean, max) = dense.split_at_mut(dims);
+        mean.fill(0.0);
+        max.fill(f32::NEG_INFINITY);
+        let mut tokens = 0usize;
+        self.tokens(normalised, |id| {
+            let id = id as usize;
+            let scale = self.scales[id];
+            let row = &self.vectors[id * dims..(id + 1) * dims];
+            for ((m, x), &v) in mean.iter_mut().zip(max.iter_mut()).zip(row) {
+                let v = f32::from(v) * scale;
+                *m += v;
+                *x = x.max(v);
+            }
+            tokens += 1;
+        });
+        if tokens == 0 {
+            max.fill(0.0);
+        } else {
+            let n = tokens as f32;
+            mean.iter_mut().for_each(|m| *m /= n);
+        }
+
+        let mut count = 0;
+        let mut emit = |hash: u64| {
+            sparse((hash % BUCKETS as u64) as usize);
+            count += 1;
+        };
+        let mut previous: Option<&str> = None;
+        for word in normalised.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()) {
+            emit(fnv(b"w", &[word.as_bytes()]));
+            if let Some(previous) = previous {
+                emit(fnv(b"b", &[previous.as_bytes(), b" ", word.as_bytes()]));
+            }
+            previous = Some(word);
+            let bytes = word.as_bytes();
+            if bytes.len() > 40 {
+                continue;
+            }
+            let mut padded = Vec::with_capacity(bytes.len() + 2);
+            padded.push(b'<');
+            padded.extend_from_slice(bytes);
+            padded.push(b'>');
+            for n in 3..=5 {
+                for gram in padded.windows(n) {
+                    emit(fnv(b"c", &[gram]));
+                }
+            }
+        }
+        count
+    }
+
+    /// BERT's uncased WordPiece over a normalised text (already lower
+    /// case, without accents): words split at spaces and punctuation, each
+    /// split greedily into the longest pieces of the vocabulary.
+    fn tokens(&self, normalised: &str, mut token: impl FnMut(u32)) {
+        for chunk in normalised.split_whitespace() {
+            for word in chunk.split_inclusive(|c: char| c.is_ascii_punctuation()) {
+                let (word, punctuation) = match word.char_indices().last() {
+                    Some((at, c)) if c.is_ascii_punctuation() => (&word[..at], Some(&word[at..])),
+                    _ => (word, None),
+                };
+                if !word.is_empty() {
+                    self.word_pieces(word, &mut token);
+                }
+                if let Some(punctuation) = punctuation {
+                    token(self.words.get(punctuation).copied().unwrap_or(self.unknown));
+                }
+            }
+        }
+    }
+
+    fn word_pieces(&self, word: &str, token: &mut impl FnMut(u32)) {
+        const MAX_WORD: usize = 100;
+        if word.len() > MAX_WORD {
+            return token(self.unknown);
+        }
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < word.len() {
+            let table = if start == 0 { &self.words } else { &self.continuations };
+            // Normalised text is ASCII: every byte offset is a boundary.
+            let found = (start + 1..=word.len()).rev().find_map(|end| table.get(&word[start..end]).map(|&id| (id, end)));
+            match found {
+                Some((id, end)) => {
+                    pieces.push(id);
+                    start = end;
+                }
+                None => return token(self.unknown),
+            }
+        }
+        pieces.into_iter().for_each(token);
+    }
+}
+
+/// The value of each sparse occurrence, when there are `count`.
+pub fn sparse_scale(count: usize) -> f32 {
+    if count == 0 { 0.0 } else { SPARSE_WEIGHT / (count as f32).sqrt() }
+}
+
+/// FNV-1a (64-bit) of a kind tag and some parts: stable across builds and
+/// platforms, as the shipped weights need.
+fn fnv(kind: &[u8], parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in kind.iter().chain(parts.iter().flat_map(|part| part.iter())) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn f32_tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+    let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
+    if tensor.dtype() != Dtype::F32 || tensor.shape() != shape {
+        return Err(error(format!("`{name}` must be float32 of shape {shape:?}, is {:?} {:?}", tensor.dtype(), tensor.shape())));
+    }
+    Ok(tensor.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

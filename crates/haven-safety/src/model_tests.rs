@@ -1,0 +1,223 @@
+//! The model file's contract, and the whole detector (rules and model) on
+//! the unseen rounds of `data/unseen/`: messages written by people who
+//! never saw the rules or the training data, scored once when written.
+//!
+//! `cargo test -p haven-safety -- --nocapture unseen` prints the figures,
+//! with 95 % Wilson intervals. The guards below are the figures recorded in
+//! `docs/safety.md` when the round was first scored: a change to the rules
+//! or the model may not make them worse.
+
+use haven_protocol::RiskLevel;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::model::{BUILTIN_SHA256, FORMAT, Model, hex};
+use crate::{CONTEXT_RULE, Classifier, classify};
+
+const ROUND_1: &str = include_str!("../data/unseen/round-1.jsonl");
+const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
+const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
+
+/// Round 1 as first scored (rules 2026.11.1, model 2026.12.1): items
+/// detected at a sufficient level, and false alarms, out of the counts.
+const ROUND_1_HIGH_DETECTED: usize = 217;
+const ROUND_1_CONCERN_DETECTED: usize = 100;
+const ROUND_1_FALSE_ALARMS: usize = 16;
+const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 27;
+
+#[derive(Deserialize)]
+struct Unseen {
+    text: String,
+    level: RiskLevel,
+    #[serde(default)]
+    lang: String,
+    #[serde(default)]
+    context: Vec<String>,
+}
+
+fn parse(source: &str) -> Vec<Unseen> {
+    source
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(number, line)| serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", number + 1)))
+        .collect()
+}
+
+/// The 95 % Wilson score interval of `k` out of `n`, in percent.
+fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 100.0);
+    }
+    let (k, n, z) = (k as f64, n as f64, 1.96f64);
+    let p = k / n;
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
+    (100.0 * (centre - half).max(0.0), 100.0 * (centre + half).min(1.0))
+}
+
+fn rate(label: &str, k: usize, n: usize) -> String {
+    let (low, high) = wilson(k, n);
+    let percent = if n == 0 { 0.0 } else { 100.0 * k as f64 / n as f64 };
+    format!("{label}: {k} / {n} = {percent:.1} % (95 % CI {low:.1}–{high:.1})")
+}
+
+/// Counts of one set: high+imminent detected at high or above, concern at
+/// concern or above, none detected above none.
+#[derive(Default, Debug)]
+struct Counts {
+    high: (usize, usize),
+    concern: (usize, usize),
+    none: (usize, usize),
+}
+
+impl Counts {
+    fn add(&mut self, expected: RiskLevel, got: RiskLevel) {
+        let (hit, total) = match expected {
+            RiskLevel::High | RiskLevel::Imminent => (got >= RiskLevel::High, &mut self.high),
+            RiskLevel::Concern => (got >= RiskLevel::Concern, &mut self.concern),
+            RiskLevel::None => (got > RiskLevel::None, &mut self.none),
+        };
+        total.0 += usize::from(hit);
+        total.1 += 1;
+    }
+
+    fn report(&self, name: &str) -> String {
+        format!(
+            "{name}\n  {}\n  {}\n  {}",
+            rate("recall high+imminent", self.high.0, self.high.1),
+            rate("recall concern", self.concern.0, self.concern.1),
+            rate("false alarms on none", self.none.0, self.none.1),
+        )
+    }
+}
+
+#[test]
+fn unseen_round_1_does_not_fall_below_its_first_score() {
+    let classifier = Classifier::builtin();
+    let rules = crate::Detector::builtin();
+    let items = parse(ROUND_1);
+    assert_eq!(items.len(), 700);
+    let (mut both, mut rules_only, mut model_only) = (Counts::default(), Counts::default(), Counts::default());
+    let mut by_language = std::collections::BTreeMap::<&str, Counts>::new();
+    for item in &items {
+        let assessment = classifier.classify(&item.text);
+        both.add(item.level, assessment.level);
+        rules_only.add(item.level, rules.classify(&item.text).level);
+        model_only.add(item.level, assessment.model.as_ref().map_or(RiskLevel::None, |m| m.level));
+        by_language.entry(item.lang.as_str()).or_default().add(item.level, assessment.level);
+    }
+    println!("{}", both.report("unseen round 1, rules and model"));
+    println!("{}", rules_only.report("unseen round 1, rules alone"));
+    println!("{}", model_only.report("unseen round 1, model alone"));
+    for (language, counts) in &by_language {
+        println!("{}", counts.report(&format!("unseen round 1, rules and model, {language}")));
+    }
+    assert!(both.high.0 >= ROUND_1_HIGH_DETECTED, "{both:?}");
+    assert!(both.concern.0 >= ROUND_1_CONCERN_DETECTED, "{both:?}");
+    assert!(both.none.0 <= ROUND_1_FALSE_ALARMS, "{both:?}");
+}
+
+#[test]
+fn unseen_round_1_conversations_are_read_with_their_window() {
+    let classifier = Classifier::builtin();
+    let items = parse(ROUND_1_CONVERSATIONS);
+    assert_eq!(items.len(), 50);
+    let (mut with_window, mut alone) = (Counts::default(), Counts::default());
+    let mut sufficient = 0;
+    for item in &items {
+        let earlier: Vec<&str> = item.context.iter().map(String::as_str).collect();
+        let got = classifier.classify_in_context(&item.text, &earlier).level;
+        with_window.add(item.level, got);
+        alone.add(item.level, classifier.classify(&item.text).level);
+        sufficient += usize::from(match item.level {
+            RiskLevel::None => got == RiskLevel::None,
+            RiskLevel::Concern => got >= RiskLevel::Concern,
+            _ => got >= RiskLevel::High,
+        });
+    }
+    println!("{}", with_window.report("unseen round 1 conversations, with the window"));
+    println!("{}", alone.report("unseen round 1 conversations, the last message alone"));
+    assert!(sufficient >= ROUND_1_CONVERSATIONS_SUFFICIENT, "{sufficient} sufficient");
+}
+
+#[test]
+fn the_shipped_model_is_the_recorded_one() {
+    assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
+    let model = Model::builtin().expect("the built-in model loads");
+    assert_eq!(model.version(), "2026.12.1");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.1", crate::VERSION));
+}
+
+/// A copy of the shipped file with its header rewritten by `edit`.
+fn with_header(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let length = u64::from_le_bytes(BUILTIN[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&BUILTIN[8..8 + length]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend_from_slice(&BUILTIN[8 + length..]);
+    out
+}
+
+#[test]
+fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
+    let refused = |bytes: &[u8]| Model::from_bytes(bytes).expect_err("must be refused").to_string();
+    // The header re-encoded unchanged still loads: the edits below are the cause.
+    assert!(Model::from_bytes(&with_header(|_| {})).is_ok());
+
+    let mut flipped = BUILTIN.to_vec();
+    let last = flipped.len() - 5;
+    flipped[last] ^= 0x40;
+    assert!(refused(&flipped).contains("corrupt"));
+    assert!(refused(&BUILTIN[..BUILTIN.len() / 2]).contains("not a safetensors file"));
+    assert!(refused(b"definitely not a model").contains("not a safetensors file"));
+    let format = with_header(|h| h["__metadata__"]["format"] = "haven-crisis-model/0".into());
+    assert!(refused(&format).contains(FORMAT));
+    let thresholds = with_header(|h| h["__metadata__"]["thresholds"] = r#"{"concern":0,"high":2,"imminent":0.5}"#.into());
+    assert!(refused(&thresholds).contains("thresholds"));
+    let no_vocab = with_header(|h| {
+        h["__metadata__"].as_object_mut().unwrap().remove("vocab");
+    });
+    assert!(refused(&no_vocab).contains("vocab"));
+    let path = std::env::temp_dir().join(format!("haven-missing-model-{}", std::process::id()));
+    assert!(Model::load(&path).unwrap_err().to_string().contains("cannot read"));
+}
+
+#[test]
+fn the_verdict_carries_the_model_and_the_higher_level() {
+    let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
+    assert_eq!(json["model"]["version"], "2026.12.1");
+    let score = json["model"]["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score), "{json}");
+    let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["level", "model", "rules", "version"]);
+    let calm = classify("thanks, the walk helped and i slept well");
+    assert_eq!(calm.level, RiskLevel::None, "{calm:?}");
+}
+
+#[test]
+fn the_two_bugs_of_issue_17_are_gone() {
+    assert!(classify("i want to take all my pills").level >= RiskLevel::High);
+    assert!(classify("im going to take all my pills").level >= RiskLevel::High);
+    let past = classify("used to want to kill myself but not anymore, today was good");
+    assert!(past.level < RiskLevel::High, "{past:?}");
+}
+
+#[test]
+fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
+    let classifier = Classifier::builtin();
+    let earlier = ["i keep thinking i want to kill myself"];
+    let when = "after everyone is asleep";
+    assert_eq!(classifier.classify(when).level, RiskLevel::None);
+    let tonight = classifier.classify_in_context(when, &earlier);
+    assert_eq!(tonight.level, RiskLevel::Imminent, "{tonight:?}");
+    assert_eq!(tonight.rules[0].id, CONTEXT_RULE);
+    let calm = classifier.classify_in_context("ok thank you for listening", &earlier);
+    assert_eq!(calm.level, RiskLevel::None, "{calm:?}");
+    assert!(calm.rules.is_empty());
+}

@@ -1,0 +1,204 @@
+"""Trains the crisis classifier's head and writes the model file that
+crates/haven-safety/src/model.rs reads.
+
+Input:
+- the distilled token vectors (distill.py);
+- the `features` example of haven-safety, which computes each text's
+  features with the server's own code;
+- the labelled data: crates/haven-safety/data/labelled.jsonl and
+  crates/haven-safety/data/train/*.jsonl. The unseen rounds
+  (data/unseen/) are never read here.
+
+The labelled data is split, per level, into train (85 %) and validation
+(15 %) with a fixed seed. Three logistic regressions are fitted on train,
+one per row of the ordinal head: `concern` or above, `high` or above,
+`imminent`. The thresholds that turn their probabilities into a level are
+chosen on validation for the detector as it runs, the rules and the model
+together (the higher level wins): the pair with the best recall whose
+false alarms on validation stay within FALSE_ALARMS. Prints train and
+validation figures, the file's SHA-256 and its size.
+
+Usage: python train.py --encoder ENC --features BIN --out MODEL --version V
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from sklearn.linear_model import LogisticRegression
+
+LEVELS = ["none", "concern", "high", "imminent"]
+BUCKETS = 1 << 17
+FORMAT = "haven-crisis-model/1"
+SEED = 20261203
+SPARSE_WEIGHT = 10.0
+# False alarms allowed on validation when the thresholds are chosen.
+FALSE_ALARMS = 0.05
+ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DATA = os.path.join(ROOT, "crates", "haven-safety", "data")
+
+
+def load_labelled():
+    files = [os.path.join(DATA, "labelled.jsonl")] + sorted(glob.glob(os.path.join(DATA, "train", "*.jsonl")))
+    seen, rows = set(), []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                key = row["text"].strip().lower()
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append((row["text"], LEVELS.index(row["level"])))
+    return files, rows
+
+
+def split(rows):
+    rng = np.random.default_rng(SEED)
+    train, validation = [], []
+    for level in range(len(LEVELS)):
+        items = [r for r in rows if r[1] == level]
+        order = rng.permutation(len(items))
+        cut = int(round(len(items) * 0.15))
+        validation += [items[i] for i in order[:cut]]
+        train += [items[i] for i in order[cut:]]
+    return train, validation
+
+
+def features(binary, encoder, texts):
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    out = subprocess.run([binary, encoder], input=lines.encode(), capture_output=True, check=True).stdout
+    dense, rows, cols, vals, rules = [], [], [], [], []
+    for i, line in enumerate(out.decode().split("\n")[:-1]):
+        item = json.loads(line)
+        rules.append(LEVELS.index(item["rules"]))
+        dense.append(item["dense"])
+        for bucket, value in item["sparse"]:
+            rows.append(i)
+            cols.append(bucket)
+            vals.append(value)
+    dense = np.array(dense, dtype=np.float32)
+    sparse = sp.csr_matrix((vals, (rows, cols)), shape=(len(texts), BUCKETS), dtype=np.float32)
+    assert len(rules) == len(texts)
+    return sp.hstack([sp.csr_matrix(dense), sparse], format="csr"), np.array(rules)
+
+
+def fit(x, y):
+    """One logistic regression per row of the head."""
+    heads = []
+    for level in (1, 2, 3):
+        head = LogisticRegression(C=4.0, solver="liblinear", max_iter=5000, tol=1e-6, class_weight="balanced")
+        heads.append(head.fit(x, (y >= level).astype(int)))
+    return heads
+
+
+def probabilities(heads, x):
+    return np.stack([head.predict_proba(x)[:, 1] for head in heads], axis=1)
+
+
+def levels(p, rules, t):
+    out = np.zeros(len(p), dtype=int)
+    out[p[:, 0] >= t["concern"]] = 1
+    out[p[:, 1] >= t["high"]] = 2
+    out[(p[:, 2] >= t["imminent"]) & (p[:, 1] >= t["high"])] = 3
+    return np.maximum(out, rules)
+
+
+def choose_thresholds(p, rules, y):
+    """Best recall (high+ counted twice) with false alarms within budget."""
+    grid = np.concatenate([np.round(np.arange(0.05, 0.99, 0.01), 2), [0.99, 0.995, 0.998, 0.999]])
+    best = None
+    for concern in grid:
+        for high in grid:
+            t = {"concern": float(concern), "high": float(high), "imminent": 0.5}
+            predicted = levels(p, rules, t)
+            if np.mean(predicted[y == 0] >= 1) > FALSE_ALARMS:
+                continue
+            score = 2 * np.mean(predicted[y >= 2] >= 2) + np.mean(predicted[y == 1] >= 1)
+            if best is None or score > best[0]:
+                best = (score, t)
+    if best is None:
+        sys.exit(f"no thresholds keep false alarms on validation within {FALSE_ALARMS}")
+    return best[1]
+
+
+def report(name, y, predicted):
+    def rate(mask, ok):
+        return f"{ok[mask].sum()}/{mask.sum()} = {100 * ok[mask].mean():.1f} %"
+
+    print(f"{name}: recall high+imminent {rate(y >= 2, predicted >= 2)}; "
+          f"recall concern {rate(y == 1, predicted >= 1)}; "
+          f"false alarms {rate(y == 0, predicted >= 1)}; exact {rate(y >= 0, predicted == y)}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--encoder", required=True)
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--version", required=True)
+    args = parser.parse_args()
+
+    files, rows = load_labelled()
+    train, validation = split(rows)
+    print(f"{len(rows)} labelled messages from {len(files)} files: {len(train)} train, {len(validation)} validation")
+    x_train, rules_train = features(args.features, args.encoder, [t for t, _ in train])
+    x_val, rules_val = features(args.features, args.encoder, [t for t, _ in validation])
+    y_train = np.array([y for _, y in train])
+    y_val = np.array([y for _, y in validation])
+
+    heads = fit(x_train, y_train)
+    p_val = probabilities(heads, x_val)
+    report("validation, rules alone", y_val, rules_val)
+    thresholds = choose_thresholds(p_val, rules_val, y_val)
+    print("thresholds", thresholds)
+    no_rules = np.zeros_like(y_val)
+    report("train, rules and model", y_train, levels(probabilities(heads, x_train), rules_train, thresholds))
+    report("validation, model alone", y_val, levels(p_val, no_rules, thresholds))
+    report("validation, rules and model", y_val, levels(p_val, rules_val, thresholds))
+
+    encoder = load_file(args.encoder)
+    with safe_open(args.encoder, "np") as f:
+        encoder_meta = f.metadata()
+    tensors = {
+        "token_vectors": encoder["token_vectors"],
+        "token_scales": encoder["token_scales"].astype(np.float32),
+        "head_weight": np.concatenate([head.coef_ for head in heads]).astype(np.float32),
+        "head_bias": np.concatenate([head.intercept_ for head in heads]).astype(np.float32),
+    }
+    digest = hashlib.sha256()
+    for name in ["token_vectors", "token_scales", "head_weight", "head_bias"]:
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    data_sha = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            data_sha.update(f.read())
+    metadata = {
+        "format": FORMAT,
+        "version": args.version,
+        "thresholds": json.dumps(thresholds, sort_keys=True),
+        "vocab": encoder_meta["vocab"],
+        "encoder": encoder_meta["encoder"],
+        "encoder_sha256": encoder_meta["encoder_sha256"],
+        "training_data_sha256": data_sha.hexdigest(),
+        "data_sha256": digest.hexdigest(),
+    }
+    save_file(tensors, args.out, metadata=metadata)
+    with open(args.out, "rb") as f:
+        content = f.read()
+    print(f"wrote {args.out}: {len(content)} bytes, version {args.version}")
+    print(f"sha256 {hashlib.sha256(content).hexdigest()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
