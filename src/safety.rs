@@ -69,7 +69,7 @@ impl Escalation {
     pub fn flag(&self, assessment: &Assessment) -> Option<RiskFlag> {
         (assessment.level > RiskLevel::None).then(|| RiskFlag {
             level: assessment.level,
-            rules: assessment.rules.iter().map(|hit| hit.id.clone()).collect(),
+            rules: assessment.rule_ids(),
             detector_version: assessment.detector_version(),
             crisis_message: self.crisis_message(assessment.level),
         })

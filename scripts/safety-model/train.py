@@ -37,9 +37,8 @@ from sklearn.linear_model import LogisticRegression
 
 LEVELS = ["none", "concern", "high", "imminent"]
 BUCKETS = 1 << 17
-FORMAT = "haven-crisis-model/1"
+FORMAT = "haven-crisis-model/2"
 SEED = 20261203
-SPARSE_WEIGHT = 10.0
 # False alarms allowed on validation when the thresholds are chosen.
 FALSE_ALARMS = 0.05
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -25,7 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         let scale = sparse_scale(count);
         let sparse: Vec<(usize, f32)> = buckets.into_iter().map(|(b, n)| (b, n as f32 * scale)).collect();
-        serde_json::to_writer(&mut out, &serde_json::json!({ "dense": dense, "sparse": sparse, "rules": rules.classify(text).level }))?;
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({ "dense": dense, "sparse": sparse, "rules": rules.classify(text).level }),
+        )?;
         out.write_all(b"\n")?;
     }
     out.flush()?;

@@ -305,10 +305,7 @@ fn past_history_is_concern_unless_it_is_back() {
 fn a_third_person_at_risk_now_is_high_but_not_in_fiction_or_the_past() {
     assert_eq!(rules("my sister told me she wants to kill herself").level, RiskLevel::High);
     assert_eq!(rules("in the novel his sister wants to kill herself").level, RiskLevel::None);
-    assert_eq!(
-        rules("my sister wanted to kill herself years ago, she is fine now").level,
-        RiskLevel::None
-    );
+    assert_eq!(rules("my sister wanted to kill herself years ago, she is fine now").level, RiskLevel::None);
 }
 
 #[test]
@@ -333,17 +330,24 @@ fn classification_speed() {
     let detector = Detector::builtin();
     let _ = detector.classify("warm up");
     println!("first use (compiles the rules): {:?}", started.elapsed());
+    let started = Instant::now();
+    let classifier = crate::Classifier::builtin();
+    println!("first use (loads the model): {:?}", started.elapsed());
 
     let rounds = 200;
-    let started = Instant::now();
-    let mut fired = 0usize;
-    for _ in 0..rounds {
-        for item in &items {
-            fired += detector.classify(std::hint::black_box(&item.text)).rules.len();
+    for (name, with_model) in [("rules alone", false), ("rules and model", true)] {
+        let started = Instant::now();
+        let mut fired = 0usize;
+        for _ in 0..rounds {
+            for item in &items {
+                let text = std::hint::black_box(&item.text);
+                let assessment = if with_model { classifier.classify(text) } else { detector.classify(text) };
+                fired += assessment.rules.len();
+            }
         }
+        let per_message = started.elapsed() / (rounds * items.len()) as u32;
+        println!("{name}, {} messages x {rounds}: {per_message:?} per message ({fired} hits)", items.len());
     }
-    let per_message = started.elapsed() / (rounds * items.len()) as u32;
-    println!("{} messages x {rounds}: {per_message:?} per message ({fired} hits)", items.len());
 
     let max = haven_protocol::MAX_CONTENT_CHARS;
     let at_limit = |unit: &str| unit.repeat(max / unit.len()).chars().take(max).collect::<String>();
@@ -356,14 +360,30 @@ fn classification_speed() {
         ("4000 chars, a rule fires in every sentence", at_limit("I want to die. ")),
         ("4000 chars, every hit suppressed", at_limit("I don't want to kill myself. ")),
         ("4000 chars, near rules in every sentence", at_limit("kill myself tonight. ")),
+        ("4000 chars, one long unknown word per 99 letters", at_limit(&format!("{} ", "q".repeat(99)))),
     ];
+    let earlier = ["I want to die.".repeat(300), "kill myself tonight. ".repeat(200), "x".repeat(4000)];
+    let earlier: Vec<&str> = earlier.iter().map(String::as_str).collect();
     for (name, text) in &cases {
-        let rounds = 200;
-        let started = Instant::now();
-        for _ in 0..rounds {
-            let _ = detector.classify(std::hint::black_box(text));
+        let rounds = 100;
+        for (how, run) in
+            [("rules alone", 0), ("rules and model", 1), ("rules and model, window of 3 long messages", 2)]
+        {
+            let mut times: Vec<std::time::Duration> = (0..rounds)
+                .map(|_| {
+                    let started = Instant::now();
+                    let text = std::hint::black_box(text);
+                    let _ = match run {
+                        0 => detector.classify(text),
+                        1 => classifier.classify(text),
+                        _ => classifier.classify_in_context(text, &earlier),
+                    };
+                    started.elapsed()
+                })
+                .collect();
+            times.sort();
+            println!("{name}, {how}: median {:?}, worst {:?}", times[rounds / 2], times[rounds - 1]);
         }
-        println!("{name}: {:?} per message", started.elapsed() / rounds);
     }
 }
 

@@ -44,8 +44,8 @@ use haven_protocol::RiskLevel;
 use regex::RegexSet;
 use serde::Serialize;
 
-pub use normalise::normalise;
 use model::{Model, ModelError, ModelVerdict};
+pub use normalise::normalise;
 use rules::{Compiled, RulesError, Scope};
 
 /// The built-in rules, as shipped.
@@ -88,6 +88,17 @@ pub struct Assessment {
 }
 
 impl Assessment {
+    /// The ids stored with a flag: every rule that fired, then [`MODEL_RULE`]
+    /// when the model's level is the verdict's and higher than every rule's.
+    pub fn rule_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.rules.iter().map(|hit| hit.id.clone()).collect();
+        let rules_level = self.rules.iter().map(|hit| hit.level).max().unwrap_or(RiskLevel::None);
+        if self.model.as_ref().is_some_and(|model| model.level == self.level && model.level > rules_level) {
+            ids.push(MODEL_RULE.to_owned());
+        }
+        ids
+    }
+
     /// The versions that produced this verdict, as stored with a flag:
     /// `RULES+model.MODEL`.
     pub fn detector_version(&self) -> String {
@@ -110,6 +121,9 @@ pub const WINDOW: usize = 3;
 /// The longest part of each earlier message that the window keeps, in
 /// bytes (its end: the most recent words).
 const WINDOW_BYTES: usize = 1_000;
+
+/// The id stored with a flag whose level the model set, above the rules'.
+pub const MODEL_RULE: &str = "model";
 
 /// The rule id of a level raised by the conversation, not the message alone.
 pub const CONTEXT_RULE: &str = "context.window";

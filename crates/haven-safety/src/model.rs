@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The format this code reads, recorded in every model file.
-pub const FORMAT: &str = "haven-crisis-model/1";
+pub const FORMAT: &str = "haven-crisis-model/2";
 
 /// Hash buckets of the sparse features (part of the format).
 pub const BUCKETS: usize = 1 << 17;
@@ -36,7 +36,7 @@ pub const BUCKETS: usize = 1 << 17;
 const ROWS: usize = 3;
 
 /// The weight of the sparse features against the dense ones (part of the
-/// format): `SPARSE_WEIGHT / sqrt(count)` per occurrence.
+/// format): `SPARSE_WEIGHT / sqrt(max(count, SPARSE_FLOOR))` per occurrence.
 const SPARSE_WEIGHT: f32 = 10.0;
 
 /// The shipped model, trained by `scripts/safety-model/train.sh`.
@@ -44,7 +44,7 @@ const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// The shipped model's SHA-256, as printed by the training script; a test
 /// checks the file against it.
-pub const BUILTIN_SHA256: &str = "f1b657240bc143c0c0a561f57abf43162b16e6a32a367b3589e46fad82674f2e";
+pub const BUILTIN_SHA256: &str = "62bf313b84e308b0c9a686d66608decce71c5ca37652a6c06bdbe6cb7b16ef43";
 
 /// A model file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +128,8 @@ impl Model {
 
     /// Parses and checks a model file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, ModelError> {
-        let file = SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
         let metadata = header.metadata().clone().unwrap_or_default();
@@ -213,17 +214,20 @@ impl Encoder {
     /// Reads the token vectors and vocabulary (a `distill.py` output, or a
     /// whole model file).
     pub fn from_bytes(bytes: &[u8]) -> Result<Encoder, ModelError> {
-        let file = SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| error(format!("not a safetensors file: {e}")))?;
         Encoder::from_tensors(&file, &header.metadata().clone().unwrap_or_default())
     }
 
-    fn from_tensors(file: &SafeTensors<'_>, metadata: &HashMap<String, String>) -> Result<Encoder, ModelError> {
-        let vocab: Vec<String> = serde_json::from_str(
-            metadata.get("vocab").ok_or_else(|| error("metadata has no `vocab`"))?,
-        )
-        .map_err(|e| error(format!("the vocabulary is not valid: {e}")))?;
+    fn from_tensors(
+        file: &SafeTensors<'_>,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Encoder, ModelError> {
+        let vocab: Vec<String> =
+            serde_json::from_str(metadata.get("vocab").ok_or_else(|| error("metadata has no `vocab`"))?)
+                .map_err(|e| error(format!("the vocabulary is not valid: {e}")))?;
         let vectors = file.tensor("token_vectors").map_err(|_| error("no tensor `token_vectors`"))?;
         let [rows, dims] = vectors.shape() else {
             return Err(error("`token_vectors` is not a matrix"));
@@ -281,8 +285,12 @@ impl Encoder {
         if tokens == 0 {
             max.fill(0.0);
         } else {
+            // Fewer tokens than DENSE_FLOOR are less evidence: their
+            // vectors are shrunk towards zero, as the sparse ones are.
             let n = tokens as f32;
-            mean.iter_mut().for_each(|m| *m /= n);
+            let weight = (n / DENSE_FLOOR as f32).min(1.0);
+            mean.iter_mut().for_each(|m| *m *= weight / n);
+            max.iter_mut().for_each(|x| *x *= weight);
         }
 
         let mut count = 0;
@@ -344,7 +352,9 @@ impl Encoder {
         while start < word.len() {
             let table = if start == 0 { &self.words } else { &self.continuations };
             // Normalised text is ASCII: every byte offset is a boundary.
-            let found = (start + 1..=word.len()).rev().find_map(|end| table.get(&word[start..end]).map(|&id| (id, end)));
+            let found = (start + 1..=word.len())
+                .rev()
+                .find_map(|end| table.get(&word[start..end]).map(|&id| (id, end)));
             match found {
                 Some((id, end)) => {
                     pieces.push(id);
@@ -357,9 +367,18 @@ impl Encoder {
     }
 }
 
+/// Fewer sparse occurrences than this count as this many: a one-word
+/// message ("no", "one") must not weigh its few n-grams like a sentence
+/// full of evidence (part of the format).
+const SPARSE_FLOOR: usize = 48;
+
+/// Fewer tokens than this shrink the dense features in proportion (part of
+/// the format).
+const DENSE_FLOOR: usize = 8;
+
 /// The value of each sparse occurrence, when there are `count`.
 pub fn sparse_scale(count: usize) -> f32 {
-    if count == 0 { 0.0 } else { SPARSE_WEIGHT / (count as f32).sqrt() }
+    if count == 0 { 0.0 } else { SPARSE_WEIGHT / (count.max(SPARSE_FLOOR) as f32).sqrt() }
 }
 
 /// FNV-1a (64-bit) of a kind tag and some parts: stable across builds and
@@ -376,7 +395,11 @@ fn fnv(kind: &[u8], parts: &[&[u8]]) -> u64 {
 fn f32_tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
     let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
     if tensor.dtype() != Dtype::F32 || tensor.shape() != shape {
-        return Err(error(format!("`{name}` must be float32 of shape {shape:?}, is {:?} {:?}", tensor.dtype(), tensor.shape())));
+        return Err(error(format!(
+            "`{name}` must be float32 of shape {shape:?}, is {:?} {:?}",
+            tensor.dtype(),
+            tensor.shape()
+        )));
     }
     Ok(tensor.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }

@@ -3,9 +3,9 @@
 //! never saw the rules or the training data, scored once when written.
 //!
 //! `cargo test -p haven-safety -- --nocapture unseen` prints the figures,
-//! with 95 % Wilson intervals. The guards below are the figures recorded in
-//! `docs/safety.md` when the round was first scored: a change to the rules
-//! or the model may not make them worse.
+//! with 95 % Wilson intervals. The guards below are the shipped detector's
+//! figures, recorded in `docs/safety.md` beside the round's first score: a
+//! change to the rules or the model may not make them worse.
 
 use haven_protocol::RiskLevel;
 use serde::Deserialize;
@@ -18,12 +18,13 @@ const ROUND_1: &str = include_str!("../data/unseen/round-1.jsonl");
 const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
-/// Round 1 as first scored (rules 2026.11.1, model 2026.12.1): items
-/// detected at a sufficient level, and false alarms, out of the counts.
-const ROUND_1_HIGH_DETECTED: usize = 217;
-const ROUND_1_CONCERN_DETECTED: usize = 100;
-const ROUND_1_FALSE_ALARMS: usize = 16;
-const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 27;
+/// Round 1 with the shipped detector (rules 2026.12.1, model 2026.12.2):
+/// items detected at a sufficient level, and false alarms. (First scored
+/// with rules 2026.11.1 and model 2026.12.1: 217, 100, 16 and 27.)
+const ROUND_1_HIGH_DETECTED: usize = 218;
+const ROUND_1_CONCERN_DETECTED: usize = 102;
+const ROUND_1_FALSE_ALARMS: usize = 14;
+const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 29;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -40,7 +41,9 @@ fn parse(source: &str) -> Vec<Unseen> {
         .lines()
         .filter(|line| !line.trim().is_empty())
         .enumerate()
-        .map(|(number, line)| serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", number + 1)))
+        .map(|(number, line)| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", number + 1))
+        })
         .collect()
 }
 
@@ -98,7 +101,8 @@ fn unseen_round_1_does_not_fall_below_its_first_score() {
     let rules = crate::Detector::builtin();
     let items = parse(ROUND_1);
     assert_eq!(items.len(), 700);
-    let (mut both, mut rules_only, mut model_only) = (Counts::default(), Counts::default(), Counts::default());
+    let (mut both, mut rules_only, mut model_only) =
+        (Counts::default(), Counts::default(), Counts::default());
     let mut by_language = std::collections::BTreeMap::<&str, Counts>::new();
     for item in &items {
         let assessment = classifier.classify(&item.text);
@@ -145,8 +149,8 @@ fn unseen_round_1_conversations_are_read_with_their_window() {
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.1");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.1", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.2");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.2", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -178,7 +182,8 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
     assert!(refused(b"definitely not a model").contains("not a safetensors file"));
     let format = with_header(|h| h["__metadata__"]["format"] = "haven-crisis-model/0".into());
     assert!(refused(&format).contains(FORMAT));
-    let thresholds = with_header(|h| h["__metadata__"]["thresholds"] = r#"{"concern":0,"high":2,"imminent":0.5}"#.into());
+    let thresholds =
+        with_header(|h| h["__metadata__"]["thresholds"] = r#"{"concern":0,"high":2,"imminent":0.5}"#.into());
     assert!(refused(&thresholds).contains("thresholds"));
     let no_vocab = with_header(|h| {
         h["__metadata__"].as_object_mut().unwrap().remove("vocab");
@@ -191,11 +196,13 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.1");
+    assert_eq!(json["model"]["version"], "2026.12.2");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys, ["level", "model", "rules", "version"]);
+    let pills = classify("i want to take all my pills");
+    assert!(pills.rules.is_empty() && pills.rule_ids() == [crate::MODEL_RULE], "{pills:?}");
     let calm = classify("thanks, the walk helped and i slept well");
     assert_eq!(calm.level, RiskLevel::None, "{calm:?}");
 }

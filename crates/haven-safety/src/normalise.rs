@@ -9,7 +9,8 @@
 //!    `chcę` → `chce`), plus the few letters NFKD leaves alone (`ß` → `ss`,
 //!    `ł` → `l`, `ø` → `o`, `æ` → `ae`, `œ` → `oe`);
 //! 3. only ASCII letters, digits, single spaces, new lines and `. , ! ? ; :`
-//!    survive; hyphens, quotes, emoji and other scripts become spaces;
+//!    survive; the few emoji that carry risk become words (💊 → `pills`),
+//!    and hyphens, quotes, other emoji and other scripts become spaces;
 //! 4. leetspeak inside words is undone (`k!ll mys3lf` → `kill myself`,
 //!    `5uicide` → `suicide`) while numbers, times and doses stay (`3am`,
 //!    `40 pills`, `20mg`);
@@ -71,6 +72,16 @@ fn fold_char(c: char, out: &mut String) {
         'ı' => out.push('i'),
         '\r' | '\u{2028}' | '\u{2029}' => out.push('\n'),
         '…' => out.push('.'),
+        // The emoji that carry risk become their word; others are spaces.
+        '💊' => out.push_str(" pills "),
+        '🔪' => out.push_str(" knife "),
+        '🩸' => out.push_str(" blood "),
+        '🪢' => out.push_str(" rope "),
+        '🔫' => out.push_str(" gun "),
+        '⚰' => out.push_str(" coffin "),
+        '💉' => out.push_str(" needle "),
+        '🌉' => out.push_str(" bridge "),
+        '☠' => out.push_str(" death "),
         _ => out.push(' '),
     }
 }
@@ -226,6 +237,16 @@ mod tests {
         for c in every_ascii.chars() {
             assert_eq!(fold(&c.to_string()), fold_unicode(&c.to_string()), "{c:?}");
         }
+    }
+
+    #[test]
+    fn emoji_that_carry_risk_become_words_and_others_spaces() {
+        assert_eq!(normalise("💊💊 tonight"), "pills pills tonight");
+        assert_eq!(normalise("got the 🪢 ready 😀"), "got the rope ready");
+        assert!(
+            crate::Detector::builtin().classify("took all my 💊 just now").level
+                > haven_protocol::RiskLevel::None
+        );
     }
 
     #[test]
