@@ -67,7 +67,7 @@ fn error(message: impl Into<String>) -> ModelError {
 pub struct ModelVerdict {
     /// The model file's version.
     pub version: String,
-    /// The level the model's thresholds give.
+    /// The level the model's thresholds give (`none` under three words).
     pub level: RiskLevel,
     /// The model's probability that the text is at `concern` or above,
     /// rounded to four places.
@@ -175,7 +175,10 @@ impl Model {
     pub fn assess(&self, normalised: &str) -> ModelVerdict {
         let [at_least_concern, at_least_high, imminent] = self.probabilities(normalised);
         let thresholds = self.thresholds;
-        let level = if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
+        let words = normalised.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).count();
+        let level = if words < MIN_WORDS {
+            RiskLevel::None
+        } else if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
             RiskLevel::Imminent
         } else if at_least_high >= thresholds.high {
             RiskLevel::High
@@ -371,6 +374,12 @@ impl Encoder {
 /// message ("no", "one") must not weigh its few n-grams like a sentence
 /// full of evidence (part of the format).
 const SPARSE_FLOOR: usize = 48;
+
+/// The model gives a level only to texts of at least this many words: on
+/// one- and two-word replies ("only once", "no") it was wrong far more
+/// often than right. Their score is still reported; the rules, and the
+/// window of earlier messages, judge them.
+const MIN_WORDS: usize = 3;
 
 /// Fewer tokens than this shrink the dense features in proportion (part of
 /// the format).

@@ -24,7 +24,7 @@ const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 const ROUND_1_HIGH_DETECTED: usize = 218;
 const ROUND_1_CONCERN_DETECTED: usize = 102;
 const ROUND_1_FALSE_ALARMS: usize = 14;
-const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 29;
+const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 28;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -199,7 +199,8 @@ fn the_verdict_carries_the_model_and_the_higher_level() {
     assert_eq!(json["model"]["version"], "2026.12.2");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
-    let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
     assert_eq!(keys, ["level", "model", "rules", "version"]);
     let pills = classify("i want to take all my pills");
     assert!(pills.rules.is_empty() && pills.rule_ids() == [crate::MODEL_RULE], "{pills:?}");
