@@ -137,8 +137,8 @@ pub struct Classifier {
 
 impl Classifier {
     /// The built-in rules and model. Cannot fail in a shipped build:
-    /// `builtin_model_loads` and `the_shipped_model_is_the_recorded_one` in
-    /// the tests load this very file.
+    /// `the_shipped_model_is_the_recorded_one` in the tests loads this very
+    /// file.
     pub fn builtin() -> Classifier {
         Classifier::try_builtin().unwrap_or_else(|e| panic!("the built-in {e}"))
     }
