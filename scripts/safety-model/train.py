@@ -5,9 +5,11 @@ Input:
 - the distilled token vectors (distill.py);
 - the `features` example of haven-safety, which computes each text's
   features with the server's own code;
-- the labelled data: crates/haven-safety/data/labelled.jsonl and
-  crates/haven-safety/data/train/*.jsonl. The unseen rounds
-  (data/unseen/) are never read here.
+- the labelled data: crates/haven-safety/data/labelled.jsonl,
+  crates/haven-safety/data/train/*.jsonl, and the unseen rounds that have
+  been scored once and recorded in docs/safety.md (JOINED below). A round
+  joins training only after its first score is recorded; the newest round
+  never does.
 
 The labelled data is split, per level, into train (85 %) and validation
 (15 %) with a fixed seed. Three logistic regressions are fitted on train,
@@ -31,7 +33,7 @@ import sys
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from safetensors import safe_open
 from sklearn.linear_model import LogisticRegression
 
@@ -43,10 +45,13 @@ SEED = 20261203
 FALSE_ALARMS = 0.05
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DATA = os.path.join(ROOT, "crates", "haven-safety", "data")
+# Unseen rounds already scored once and recorded: they now train the model.
+JOINED = ["unseen/round-1.jsonl"]
 
 
 def load_labelled():
     files = [os.path.join(DATA, "labelled.jsonl")] + sorted(glob.glob(os.path.join(DATA, "train", "*.jsonl")))
+    files += [os.path.join(DATA, path) for path in JOINED]
     seen, rows = set(), []
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -96,7 +101,9 @@ def fit(x, y):
     """One logistic regression per row of the head."""
     heads = []
     for level in (1, 2, 3):
-        head = LogisticRegression(C=4.0, solver="liblinear", max_iter=5000, tol=1e-6, class_weight="balanced")
+        head = LogisticRegression(
+            C=4.0, solver="liblinear", max_iter=5000, tol=1e-6, class_weight="balanced", random_state=SEED
+        )
         heads.append(head.fit(x, (y >= level).astype(int)))
     return heads
 
@@ -138,6 +145,18 @@ def report(name, y, predicted):
     print(f"{name}: recall high+imminent {rate(y >= 2, predicted >= 2)}; "
           f"recall concern {rate(y == 1, predicted >= 1)}; "
           f"false alarms {rate(y == 0, predicted >= 1)}; exact {rate(y >= 0, predicted == y)}")
+
+
+def canonical(tensors, metadata):
+    """The safetensors file with its header's keys sorted: the library writes
+    the metadata map in an order that changes from run to run, and the same
+    weights must give the same file and hash."""
+    raw = save(tensors, metadata=metadata)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= length
+    return raw[:8] + text + b" " * (length - len(text)) + raw[8 + length :]
 
 
 def main():
@@ -192,9 +211,9 @@ def main():
         "training_data_sha256": data_sha.hexdigest(),
         "data_sha256": digest.hexdigest(),
     }
-    save_file(tensors, args.out, metadata=metadata)
-    with open(args.out, "rb") as f:
-        content = f.read()
+    content = canonical(tensors, metadata)
+    with open(args.out, "wb") as f:
+        f.write(content)
     print(f"wrote {args.out}: {len(content)} bytes, version {args.version}")
     print(f"sha256 {hashlib.sha256(content).hexdigest()}")
 

@@ -4,26 +4,35 @@
 # crates/haven-safety/src/model.rs). Training only; needs Python 3.11 and
 # the packages of requirements.txt, from PyPI.
 #
-#   scripts/safety-model/train.sh [VERSION]
+#   scripts/safety-model/train.sh VERSION [--distill]
+#
+# The head is trained from the labelled data; the token vectors are taken
+# from the shipped model file, so the same data gives the same file, byte
+# for byte. `--distill` makes new token vectors from the encoder first
+# (distill.py): the encoder's floating-point sums depend on the machine's
+# BLAS, so a distillation elsewhere differs by one int8 step on some tokens.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-version=${1:-2026.12.1}
+version=${1:?usage: train.sh VERSION [--distill]}
 venv=${HAVEN_SAFETY_VENV:-$root/target/safety-model/venv}
 work=$root/target/safety-model
+model=$root/crates/haven-safety/model/crisis-model.safetensors
 mkdir -p "$work"
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --no-deps -r "$here/requirements.txt"
 fi
-# The distilled token vectors depend only on the encoder: made once.
-if [ ! -f "$work/encoder.safetensors" ]; then
-  "$venv/bin/python" "$here/distill.py" "$work/encoder.safetensors"
+encoder=$work/vectors.safetensors
+if [ "${2:-}" = "--distill" ]; then
+  "$venv/bin/python" "$here/distill.py" "$encoder"
+else
+  cp "$model" "$encoder"
 fi
 cargo build --quiet --release -p haven-safety --example features
 "$venv/bin/python" "$here/train.py" \
-  --encoder "$work/encoder.safetensors" \
+  --encoder "$encoder" \
   --features "$root/target/release/examples/features" \
-  --out "$root/crates/haven-safety/model/crisis-model.safetensors" \
+  --out "$model" \
   --version "$version"

@@ -14,17 +14,20 @@ use sha2::{Digest, Sha256};
 use crate::model::{BUILTIN_SHA256, FORMAT, Model, hex};
 use crate::{CONTEXT_RULE, Classifier, classify};
 
-const ROUND_1: &str = include_str!("../data/unseen/round-1.jsonl");
 const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
+const ROUND_2: &str = include_str!("../data/unseen/round-2.jsonl");
+const ROUND_2_CONVERSATIONS: &str = include_str!("../data/unseen/round-2-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
-/// Round 1 with the shipped detector (rules 2026.12.1, model 2026.12.2):
-/// items detected at a sufficient level, and false alarms. (First scored
-/// with rules 2026.11.1 and model 2026.12.1: 217, 100, 16 and 27.)
-const ROUND_1_HIGH_DETECTED: usize = 218;
-const ROUND_1_CONCERN_DETECTED: usize = 102;
-const ROUND_1_FALSE_ALARMS: usize = 14;
-const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 28;
+/// Round 2 with the shipped detector (rules 2026.12.1, model 2026.12.3),
+/// scored once: items detected at a sufficient level, and false alarms.
+const ROUND_2_HIGH_DETECTED: usize = 228;
+const ROUND_2_CONCERN_DETECTED: usize = 101;
+const ROUND_2_FALSE_ALARMS: usize = 9;
+const ROUND_2_CONVERSATIONS_SUFFICIENT: usize = 27;
+/// Round 1's conversations (its single messages now train the model; its
+/// conversations do not).
+const ROUND_1_CONVERSATIONS_SUFFICIENT: usize = 25;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -96,10 +99,10 @@ impl Counts {
 }
 
 #[test]
-fn unseen_round_1_does_not_fall_below_its_first_score() {
+fn unseen_round_2_does_not_fall_below_its_first_score() {
     let classifier = Classifier::builtin();
     let rules = crate::Detector::builtin();
-    let items = parse(ROUND_1);
+    let items = parse(ROUND_2);
     assert_eq!(items.len(), 700);
     let (mut both, mut rules_only, mut model_only) =
         (Counts::default(), Counts::default(), Counts::default());
@@ -111,21 +114,22 @@ fn unseen_round_1_does_not_fall_below_its_first_score() {
         model_only.add(item.level, assessment.model.as_ref().map_or(RiskLevel::None, |m| m.level));
         by_language.entry(item.lang.as_str()).or_default().add(item.level, assessment.level);
     }
-    println!("{}", both.report("unseen round 1, rules and model"));
-    println!("{}", rules_only.report("unseen round 1, rules alone"));
-    println!("{}", model_only.report("unseen round 1, model alone"));
+    println!("{}", both.report("unseen round 2, rules and model"));
+    println!("{}", rules_only.report("unseen round 2, rules alone"));
+    println!("{}", model_only.report("unseen round 2, model alone"));
     for (language, counts) in &by_language {
-        println!("{}", counts.report(&format!("unseen round 1, rules and model, {language}")));
+        println!("{}", counts.report(&format!("unseen round 2, rules and model, {language}")));
     }
-    assert!(both.high.0 >= ROUND_1_HIGH_DETECTED, "{both:?}");
-    assert!(both.concern.0 >= ROUND_1_CONCERN_DETECTED, "{both:?}");
-    assert!(both.none.0 <= ROUND_1_FALSE_ALARMS, "{both:?}");
+    assert!(both.high.0 >= ROUND_2_HIGH_DETECTED, "{both:?}");
+    assert!(both.concern.0 >= ROUND_2_CONCERN_DETECTED, "{both:?}");
+    assert!(both.none.0 <= ROUND_2_FALSE_ALARMS, "{both:?}");
 }
 
-#[test]
-fn unseen_round_1_conversations_are_read_with_their_window() {
+/// The conversations of a round: the last message read with the earlier
+/// ones, and alone; returns how many the window scores at a sufficient level.
+fn conversations(name: &str, source: &str) -> usize {
     let classifier = Classifier::builtin();
-    let items = parse(ROUND_1_CONVERSATIONS);
+    let items = parse(source);
     assert_eq!(items.len(), 50);
     let (mut with_window, mut alone) = (Counts::default(), Counts::default());
     let mut sufficient = 0;
@@ -140,17 +144,26 @@ fn unseen_round_1_conversations_are_read_with_their_window() {
             _ => got >= RiskLevel::High,
         });
     }
-    println!("{}", with_window.report("unseen round 1 conversations, with the window"));
-    println!("{}", alone.report("unseen round 1 conversations, the last message alone"));
-    assert!(sufficient >= ROUND_1_CONVERSATIONS_SUFFICIENT, "{sufficient} sufficient");
+    println!("{}", with_window.report(&format!("{name} conversations, with the window")));
+    println!("{}", alone.report(&format!("{name} conversations, the last message alone")));
+    sufficient
+}
+
+#[test]
+fn unseen_conversations_are_read_with_their_window() {
+    let round_1 = conversations("unseen round 1", ROUND_1_CONVERSATIONS);
+    let round_2 = conversations("unseen round 2", ROUND_2_CONVERSATIONS);
+    println!("sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50");
+    assert!(round_1 >= ROUND_1_CONVERSATIONS_SUFFICIENT, "round 1: {round_1} sufficient");
+    assert!(round_2 >= ROUND_2_CONVERSATIONS_SUFFICIENT, "round 2: {round_2} sufficient");
 }
 
 #[test]
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.2");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.2", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.3");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.3", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -196,7 +209,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.2");
+    assert_eq!(json["model"]["version"], "2026.12.3");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
