@@ -171,13 +171,23 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_SESSIONS_PER_IP_PER_MINUTE", default_value_t = 120)]
     pub sessions_per_ip_per_minute: u32,
 
-    /// Open WebSockets per IP address.
+    /// Open TCP connections per IP address (an IPv6 /64), counted when a
+    /// connection is accepted: one more is closed before anything is read.
+    #[arg(long, env = "HAVEN_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+
+    /// Open WebSockets per IP address (an IPv6 /64).
     #[arg(long, env = "HAVEN_MAX_SOCKETS_PER_IP", default_value_t = 200)]
     pub max_sockets_per_ip: usize,
 
     /// Open WebSockets per credential (a client's tabs, a therapist's windows).
     #[arg(long, env = "HAVEN_MAX_SOCKETS_PER_CREDENTIAL", default_value_t = 20)]
     pub max_sockets_per_credential: usize,
+
+    /// Open appointment event streams (`GET /api/appointments/events`) per
+    /// therapist login.
+    #[arg(long, env = "HAVEN_MAX_EVENT_STREAMS_PER_LOGIN", default_value_t = 8)]
+    pub max_event_streams_per_login: usize,
 
     /// Failed logins, per account or per IP, after which logins are refused
     /// (HTTP 429) until the window has passed.
@@ -202,10 +212,16 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_OUTBOUND_QUEUE", default_value_t = 256)]
     pub outbound_queue: usize,
 
-    /// Seconds a client may take to send a request's headers (the WebSocket
-    /// handshake included) before its connection is dropped.
+    /// Seconds a connection may take, from accept, to send a complete
+    /// request head (the WebSocket handshake included), and may then stay
+    /// idle between requests, before it is closed.
     #[arg(long, env = "HAVEN_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10)]
     pub handshake_timeout_seconds: u64,
+
+    /// Seconds from a request's complete head to its response, the body's
+    /// upload included: a slower request gets 408 and its connection closes.
+    #[arg(long, env = "HAVEN_REQUEST_TIMEOUT_SECONDS", default_value_t = 15)]
+    pub request_timeout_seconds: u64,
 
     /// Minutes a therapist login may go unused before it ends.
     #[arg(long, env = "HAVEN_THERAPIST_IDLE_MINUTES", default_value_t = 30)]

@@ -1,9 +1,14 @@
 //! Abuse limits:
 //! - kept in the store, so they hold across instances sharing a database:
 //!   failed logins per account and per IP, and new chat sessions per IP;
-//! - kept in this process: message rates per connection, open sockets per IP
-//!   and per credential, and a small pool for password hashing so a login
-//!   flood cannot take the CPU from chat traffic.
+//! - kept in this process: message rates per connection, open connections
+//!   per IP (counted at accept, before a byte is read), open sockets per IP
+//!   and per credential, event streams per login, and a small pool for
+//!   password hashing so a login flood cannot take the CPU from chat traffic.
+//!
+//! An IPv6 address is limited by its /64 prefix, the block one subscriber
+//! is usually given, so one host cannot multiply its allowance by rotating
+//! addresses.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -25,8 +30,10 @@ pub struct Limits {
     sessions: SharedLimit,
     /// Failed logins per account and per IP.
     logins: SharedLimit,
+    connections_per_ip: Arc<Counter<IpAddr>>,
     sockets_per_ip: Arc<Counter<IpAddr>>,
     sockets_per_credential: Arc<Counter<[u8; 32]>>,
+    event_streams_per_login: Arc<Counter<[u8; 32]>>,
     /// At most this many password hashes are computed at once.
     hashing: Semaphore,
 }
@@ -44,8 +51,10 @@ impl Limits {
                 max: settings.login_failures as i64,
                 window: Duration::from_secs(settings.login_lock_minutes * 60),
             },
+            connections_per_ip: Arc::default(),
             sockets_per_ip: Arc::default(),
             sockets_per_credential: Arc::default(),
+            event_streams_per_login: Arc::default(),
             hashing: Semaphore::new(settings.password_hash_workers.max(1)),
             settings,
         }
@@ -54,7 +63,7 @@ impl Limits {
     /// May this IP create another chat session now? `Some(wait)` says when
     /// to retry. An allowed session is counted.
     pub async fn new_session(&self, store: &dyn Store, ip: IpAddr) -> Result<Option<Duration>, StoreError> {
-        let key = [ip.to_string()];
+        let key = [limit_key(ip).to_string()];
         if let Some(wait) = self.sessions.locked(store, &key).await? {
             return Ok(Some(wait));
         }
@@ -83,13 +92,26 @@ impl Limits {
     /// A slot for one more open socket from this IP with this credential, or
     /// `None` when either is at its limit.
     pub fn open_socket(&self, ip: IpAddr, credential: [u8; 32]) -> Option<SocketSlots> {
-        let ip_slot = Counter::acquire(&self.sockets_per_ip, ip, self.settings.max_sockets_per_ip)?;
+        let ip_slot =
+            Counter::acquire(&self.sockets_per_ip, limit_key(ip), self.settings.max_sockets_per_ip)?;
         let credential_slot = Counter::acquire(
             &self.sockets_per_credential,
             credential,
             self.settings.max_sockets_per_credential,
         )?;
         Some(SocketSlots { _ip: ip_slot, _credential: credential_slot })
+    }
+
+    /// A slot for one more TCP connection from this IP, taken at accept;
+    /// `None` when the IP is at its limit.
+    pub fn open_connection(&self, ip: IpAddr) -> Option<Slot<IpAddr>> {
+        Counter::acquire(&self.connections_per_ip, limit_key(ip), self.settings.max_connections_per_ip)
+    }
+
+    /// A slot for one more appointments event stream of this login (the
+    /// hash of its session token); `None` when the login is at its limit.
+    pub fn open_event_stream(&self, login: [u8; 32]) -> Option<Slot<[u8; 32]>> {
+        Counter::acquire(&self.event_streams_per_login, login, self.settings.max_event_streams_per_login)
     }
 
     /// A per-connection message limiter: `message_rate`/s, bursts of `message_burst`.
@@ -133,7 +155,8 @@ impl<K: Hash + Eq + Copy + Send + 'static> Counter<K> {
     }
 }
 
-struct Slot<K: Hash + Eq + Copy + Send + 'static> {
+/// A place under a limit, given back when dropped.
+pub struct Slot<K: Hash + Eq + Copy + Send + 'static> {
     counter: Arc<Counter<K>>,
     key: K,
 }
@@ -194,6 +217,18 @@ impl SharedLimit {
     }
 }
 
+/// The key an address is limited by: IPv4 addresses (and IPv4-mapped IPv6
+/// ones) as they are, other IPv6 addresses by their /64 prefix.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 fn now_ms() -> i64 {
     (haven_store::now().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -211,5 +246,15 @@ mod tests {
         assert!(Counter::acquire(&counter, 2, 2).is_some(), "other keys are independent");
         drop(first);
         assert!(Counter::acquire(&counter, 1, 2).is_some());
+    }
+
+    #[test]
+    fn ipv6_addresses_are_limited_by_their_64_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(limit_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(limit_key(ip("2001:db8:1:2:bbbb::9")), limit_key(ip("2001:db8:1:2:aaaa::1")));
+        assert_ne!(limit_key(ip("2001:db8:1:3::1")), limit_key(ip("2001:db8:1:2::1")));
+        assert_eq!(limit_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
     }
 }

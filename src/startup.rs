@@ -10,9 +10,7 @@ use axum::extract::ConnectInfo;
 use haven_responder::prompt::DEFAULT_SYSTEM_PROMPT;
 use haven_responder::{Companion, LlmResponder, LlmSettings, Provider, Responder};
 use haven_store::{PgStore, SqliteStore, Store};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,6 +125,7 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
 
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let store = open_store(database).await?;
     // Compile the detector's rules and load its model now, not in the first
     // client's turn; a model file that cannot be used stops the server.
@@ -188,8 +187,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    let header_timeout = Duration::from_secs(args.limits.handshake_timeout_seconds.max(1));
-    serve_connections(listener, app, header_timeout, state.shutdown.clone()).await;
+    serve_connections(listener, app, state.limits.clone(), state.shutdown.clone()).await;
 
     // Sockets have been told to close; let companion replies in flight finish.
     state.tasks.close();
@@ -200,29 +198,50 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Accepts connections until `shutdown`, then waits (bounded) for requests
-/// in flight. This is `axum::serve` with one addition it lacks: a deadline
-/// for request headers, so a slow or stalled handshake cannot hold a
-/// connection open. Upgraded sockets are not waited for here: they close
-/// with 1001 on `shutdown` and are tracked by the task tracker.
+/// in flight. This is `axum::serve` with what it lacks:
+/// - a cap on open connections per address, taken at accept, before a byte
+///   is read: one more is closed at once;
+/// - a deadline for each request head, from accept for the first one and
+///   from the previous response for the next (hyper's header read timeout),
+///   so a connection that sends nothing, or only part of a head, is closed;
+/// - HTTP/1.1 only: the web app is served over HTTP/1.1 (a TLS proxy in
+///   front may speak HTTP/2 to browsers), so an HTTP/2 preface is refused at
+///   once instead of opening streams with deadlines of their own;
+/// - an accept loop that backs off when accepting fails (out of file
+///   descriptors), doubling its pause up to a second, and never spins.
+///
+/// Upgraded sockets are not waited for here: they close with 1001 on
+/// `shutdown` and are tracked by the task tracker.
 async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
-    header_timeout: Duration,
+    limits: Arc<Limits>,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    let header_timeout = Duration::from_secs(limits.settings.handshake_timeout_seconds.max(1));
+    let connections = TaskTracker::new();
+    let mut pause = FIRST_PAUSE;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!(error = %error, pause_ms = pause.as_millis() as u64, "accept failed; pausing");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
+        };
+        pause = FIRST_PAUSE;
+        let Some(slot) = limits.open_connection(peer.ip()) else {
+            tracing::debug!("connection refused: too many open from its address");
+            continue;
         };
         let _ = stream.set_nodelay(true);
         // What `ConnectInfo<SocketAddr>` extracts in handlers.
@@ -231,16 +250,43 @@ async fn serve_connections(
             hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
                 service.clone().oneshot(request.map(axum::body::Body::new))
             });
-        let mut builder = Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = shutdown.cancelled() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+    connections.close();
+    if tokio::time::timeout(Duration::from_secs(10), connections.wait()).await.is_err() {
         tracing::warn!("HTTP requests still in flight at shutdown");
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection
+/// and socket is a descriptor, and the usual soft limit (1,024) is far
+/// below what one instance serves.
+fn raise_open_file_limit() {
+    let before = rlimit::Resource::NOFILE.get();
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok((soft, hard)), Ok(now)) => {
+            tracing::info!(soft_before = soft, soft = now, hard, "open file limit")
+        }
+        (_, Err(error)) | (Err(error), _) => {
+            tracing::warn!(error = %error, "could not raise the open file limit")
+        }
     }
 }
 

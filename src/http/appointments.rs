@@ -16,6 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiError, Json};
 use crate::auth::{self, AuthTherapist};
 use crate::chat::{Revocation, RiskAlert};
+use crate::limits::Slot;
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -58,32 +59,63 @@ async fn list_appointments(
 /// `GET /api/appointments/events`: server-sent `changed` events whenever the
 /// list may have changed (the dashboard then re-reads `/api/appointments`),
 /// and a `risk` event `{"session_id", "level"}` the moment a session the
-/// caller can see is flagged.
+/// caller can see is flagged. A login holds at most
+/// `--max-event-streams-per-login` streams (429 beyond). A stream ends at
+/// shutdown, at once when its login is revoked on this instance, and
+/// otherwise within one heartbeat interval of its login ending in any way
+/// (logout or revocation elsewhere, `haven therapist disable` or `passwd`,
+/// idle expiry): like a socket's heartbeat, it re-checks its credential.
 async fn appointment_events(
     State(state): State<AppState>,
     caller: AuthTherapist,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    /// What the stream waits on; it ends at shutdown and when its login ends.
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    /// What the stream waits on.
     struct Feed {
         changes: broadcast::Receiver<()>,
         risks: broadcast::Receiver<RiskAlert>,
         revocations: broadcast::Receiver<Revocation>,
-        shutdown: tokio_util::sync::CancellationToken,
+        recheck: tokio::time::Interval,
+        state: AppState,
         login: [u8; 32],
         therapist_id: uuid::Uuid,
+        _slot: Slot<[u8; 32]>,
     }
+    let login = auth::token_hash(&caller.token);
+    let slot = state.limits.open_event_stream(login).ok_or(ApiError::TooManyRequests {
+        retry_after: std::time::Duration::from_secs(state.limits.settings.heartbeat_seconds.max(1)),
+    })?;
+    let period = std::time::Duration::from_secs(state.limits.settings.heartbeat_seconds.max(1));
     let feed = Feed {
         changes: state.hub.watch_appointments(),
         risks: state.hub.watch_risks(),
         revocations: state.hub.watch_revocations(),
-        shutdown: state.shutdown.clone(),
-        login: auth::token_hash(&caller.token),
+        recheck: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
+        state: state.clone(),
+        login,
         therapist_id: caller.therapist.id,
+        _slot: slot,
     };
     let events = futures_util::stream::unfold(feed, |mut feed| async move {
         loop {
             tokio::select! {
-                () = feed.shutdown.cancelled() => return None,
+                () = feed.state.shutdown.cancelled() => return None,
+                _ = feed.recheck.tick() => {
+                    let settings = &feed.state.settings;
+                    // Reading does not count as activity: an open dashboard
+                    // does not keep an idle login alive.
+                    match feed.state.store.therapist_by_token(&feed.login, haven_store::now(), settings.therapist_idle, false).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {
+                            tracing::info!("event stream: login ended, closing");
+                            return None;
+                        }
+                        // A database outage is not the therapist's fault.
+                        Err(error) => {
+                            tracing::warn!(error = %error, "event stream: credential re-check failed");
+                            continue;
+                        }
+                    }
+                }
                 revoked = feed.revocations.recv() => match revoked {
                     Ok(Revocation::Login(hash)) if hash == feed.login => return None,
                     Ok(Revocation::Therapist(id)) if id == feed.therapist_id => return None,
@@ -109,5 +141,5 @@ async fn appointment_events(
             }
         }
     });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

@@ -44,7 +44,7 @@ pub(crate) async fn start_login(
 ) -> Result<(Therapist, String), ApiError> {
     let email = auth::normalise_email(email);
     // A locked account or IP is answered at once, without hashing anything.
-    let keys = [format!("account:{email}"), format!("ip:{ip}")];
+    let keys = [format!("account:{email}"), format!("ip:{}", crate::limits::limit_key(ip))];
     // The counts are in the store, so the lock holds across instances.
     let limits = &state.limits;
     let store = &*state.store;

@@ -8,6 +8,7 @@ use axum::http::header::{
     X_FRAME_OPTIONS,
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use haven_protocol::api::ApiError as ErrorBody;
@@ -43,6 +44,7 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
     }
     let csrf = csrf.with_rejection_response(|_| ApiError::CrossSiteRequest.into_response());
     let header = |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
+    let deadline = std::time::Duration::from_secs(state.limits.settings.request_timeout_seconds.max(1));
 
     Ok(Router::new()
         .route("/healthz", get(healthz))
@@ -57,6 +59,9 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
         // API bodies are small; anything larger is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
+            request_deadline(deadline, request, next)
+        }))
         .layer(csrf)
         .layer(header(CONTENT_SECURITY_POLICY_HEADER, CONTENT_SECURITY_POLICY))
         .layer(header(X_CONTENT_TYPE_OPTIONS, "nosniff"))
@@ -68,6 +73,22 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
             tracing::info_span!("http", method = %request.method(), route)
         }))
         .with_state(state))
+}
+
+/// A request, its body's upload included, must reach its response within
+/// `--request-timeout-seconds`: a client that declares a body and never
+/// sends it gets 408, and its connection closes. (WebSocket upgrades and
+/// event streams answer at once; their lives are not bounded by this.)
+async fn request_deadline(deadline: std::time::Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::info!("request deadline passed");
+            let mut response = ApiError::RequestTimeout.into_response();
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -114,6 +135,9 @@ pub enum ApiError {
     /// Too many requests; retry after the given time.
     #[error("too many requests; retry later")]
     TooManyRequests { retry_after: std::time::Duration },
+    /// The request (its body included) took longer than the request deadline.
+    #[error("the request took too long; send it again")]
+    RequestTimeout,
     /// The request body is larger than the API accepts.
     #[error("the request body is too large")]
     PayloadTooLarge,
@@ -141,6 +165,7 @@ impl ApiError {
             ApiError::CrossSiteRequest => (StatusCode::FORBIDDEN, "cross_site_request"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod chat;
 mod cli;
+mod connections;
 mod durability;
 mod hardening;
 mod helpers;

@@ -1,0 +1,185 @@
+//! Connections that send nothing, or not enough: every one is closed within
+//! its deadline, one address cannot hold more than its share, and the
+//! dashboard's event streams are limited per login and end with it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::helpers::{EVENT_TIMEOUT, Options, TestApp};
+
+/// The head and request deadlines these tests give the server, in seconds.
+const DEADLINE: u64 = 2;
+/// Open connections one address may hold in these tests.
+const CAP: usize = 40;
+
+fn with_args(args: &[&str]) -> Options {
+    Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
+}
+
+/// A TCP connection to `server` from the loopback address `source`.
+async fn connect_from(source: &str, server: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(server.parse().unwrap()).await.unwrap()
+}
+
+/// Reads until the server closes `stream` (an end of file or a reset);
+/// returns what was read and when the close came, measured from `since`.
+async fn until_closed(mut stream: TcpStream, since: Instant) -> (String, Duration) {
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let wait = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, wait).await.expect("the server kept the connection open");
+    (String::from_utf8_lossy(&read).into_owned(), since.elapsed())
+}
+
+/// The HTTP/2 connection preface, an empty SETTINGS frame, and a HEADERS
+/// frame on stream 1 without END_HEADERS (its one byte is `:method: GET`).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+const H2_HEADERS_UNFINISHED: &[u8] = &[0, 0, 1, 1, 0, 0, 0, 0, 1, 0x82];
+
+#[tokio::test]
+async fn silent_and_stalled_connections_are_closed_while_others_chat() {
+    let deadline = DEADLINE.to_string();
+    let cap = CAP.to_string();
+    let app = TestApp::spawn_with(with_args(&[
+        "--max-connections-per-ip",
+        &cap,
+        "--handshake-timeout-seconds",
+        &deadline,
+        "--request-timeout-seconds",
+        &deadline,
+        "--message-rate",
+        "100",
+        "--message-burst",
+        "100",
+    ]))
+    .await;
+    let server = app.address.trim_start_matches("http://").to_owned();
+    let deadline = Duration::from_secs(DEADLINE);
+
+    // 127.0.0.2 opens connections that send nothing: up to its cap, and ten more.
+    let mut silent = Vec::new();
+    for _ in 0..CAP + 10 {
+        silent.push((connect_from("127.0.0.2", &server).await, Instant::now()));
+    }
+    // 127.0.0.3 stalls in every other way.
+    let mut stalled = Vec::new();
+    let kinds: [(&str, Vec<u8>); 6] = [
+        ("HTTP/2 preface", H2_PREFACE.to_vec()),
+        ("HTTP/2 preface and SETTINGS", [H2_PREFACE, H2_SETTINGS].concat()),
+        ("HTTP/2 HEADERS without END_HEADERS", [H2_PREFACE, H2_SETTINGS, H2_HEADERS_UNFINISHED].concat()),
+        ("half a request head", b"GET /healthz HTTP/1.1\r\nHost: haven\r\n".to_vec()),
+        (
+            "a declared body never sent",
+            b"POST /api/auth/login HTTP/1.1\r\nHost: haven\r\nContent-Type: application/json\r\n\
+              Content-Length: 10000\r\n\r\n"
+                .to_vec(),
+        ),
+        ("one request, then silence", b"GET /healthz HTTP/1.1\r\nHost: haven\r\n\r\n".to_vec()),
+    ];
+    for (kind, bytes) in kinds {
+        let mut stream = connect_from("127.0.0.3", &server).await;
+        stream.write_all(&bytes).await.unwrap();
+        stalled.push((kind, stream, Instant::now()));
+    }
+
+    // Meanwhile 127.0.0.1 creates sessions and chats.
+    let session = app.create_session().await;
+    app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let mut latencies = Vec::new();
+    for n in 0..50 {
+        let sent = Instant::now();
+        let id = client.send_message(&format!("note {n}: the bus was late and I made soup")).await;
+        client.ack(&id).await;
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100 - 1];
+    eprintln!("ack latency beside {} held connections: p99 {p99:?}", CAP + 16);
+    assert!(p99 < Duration::from_millis(100), "p99 ack latency {p99:?}");
+
+    // The ten beyond the cap were closed before anything was read; the
+    // others within their deadline. Each is watched from its own task, so
+    // every close is timed as it happens.
+    let silent: Vec<_> =
+        silent.into_iter().map(|(stream, since)| tokio::spawn(until_closed(stream, since))).collect();
+    let stalled: Vec<_> = stalled
+        .into_iter()
+        .map(|(kind, stream, since)| (kind, tokio::spawn(until_closed(stream, since))))
+        .collect();
+    let mut closes = Vec::new();
+    for task in silent {
+        closes.push(task.await.unwrap().1);
+    }
+    let early = closes.iter().filter(|after| **after < deadline / 2).count();
+    assert_eq!(early, 10, "connections beyond the cap are closed at once: {closes:?}");
+    let late = closes.iter().filter(|after| **after > deadline + Duration::from_secs(2)).count();
+    assert_eq!(late, 0, "silent connections outlived their deadline: {closes:?}");
+    for (kind, task) in stalled {
+        let (read, after) = task.await.unwrap();
+        assert!(after <= deadline + Duration::from_secs(2), "{kind}: closed after {after:?}");
+        if kind == "a declared body never sent" {
+            assert!(read.starts_with("HTTP/1.1 408"), "{kind}: {read}");
+            assert!(read.contains("\"request_timeout\""), "{kind}: {read}");
+        }
+        if kind == "one request, then silence" {
+            assert!(read.starts_with("HTTP/1.1 200"), "{kind}: {read}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_login_holds_a_bounded_number_of_event_streams_and_they_end_with_it() {
+    let app =
+        TestApp::spawn_with(with_args(&["--max-event-streams-per-login", "2", "--heartbeat-seconds", "1"]))
+            .await;
+    let tess = app.therapist("Tess").await;
+    let open = || app.http.get(app.url("/api/appointments/events")).bearer_auth(&tess.token).send();
+    let first = open().await.unwrap();
+    let mut second = open().await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.json::<Value>().await.unwrap()["error"], "rate_limited");
+    // A stream that ends gives its place back.
+    drop(first);
+    let again = async {
+        loop {
+            let response = open().await.unwrap();
+            if response.status() == 200 {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _again = tokio::time::timeout(EVENT_TIMEOUT, again).await.expect("the slot was not given back");
+
+    // Another process disables the account: the stream ends at the next re-check.
+    let disabled = app.cli(&["therapist", "disable", "--email", "tess@clinic.test"], "").await;
+    assert!(disabled.status.success());
+    let ended = async { while second.chunk().await.unwrap().is_some() {} };
+    tokio::time::timeout(EVENT_TIMEOUT, ended).await.expect("the event stream outlived its login");
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_file_limit_and_says_so() {
+    let app = TestApp::spawn().await;
+    let events = app.logs.wait_for(1, |event| event["message"] == "open file limit").await;
+    let (soft, hard) = (events[0]["soft"].as_u64().unwrap(), events[0]["hard"].as_u64().unwrap());
+    assert!(events[0]["soft_before"].as_u64().unwrap() <= soft);
+    assert_eq!(soft, hard, "the soft limit is raised to the hard one: {}", events[0]);
+}
