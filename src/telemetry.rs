@@ -13,7 +13,10 @@
 use std::io::{BufWriter, IsTerminal};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
@@ -21,7 +24,13 @@ use crate::config::LogFormat;
 /// logging waits for it.
 const QUEUED_LINES: usize = 16_384;
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default level.
+/// Crates that log what passes through them (WebSocket frames, in plain and
+/// in hex; HTTP heads) at `debug` and `trace`: capped at `info` whatever
+/// `RUST_LOG` says, so no level shows message content or credentials.
+const TRANSPORTS: [&str; 6] = ["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "h2", "reqwest"];
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default level,
+/// but never lifts the transport crates above `info`.
 /// Lines queued when the returned guard is dropped are written before the
 /// drop returns (it waits up to about a second for them), so it must live
 /// as long as the server.
@@ -36,10 +45,15 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("haven-log")
         .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    let transports =
+        TRANSPORTS.iter().fold(Targets::new().with_default(LevelFilter::TRACE), |cap, target| {
+            cap.with_target(*target, LevelFilter::INFO)
+        });
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().flatten_event(true).with_current_span(true).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(layer.with_filter(filter.and(transports))).try_init();
     guard
 }

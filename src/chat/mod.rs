@@ -119,7 +119,7 @@ async fn chat_socket(
                 }
             };
             // The path's session id is logged only if it is one.
-            let session_id = Uuid::parse_str(&session_id).ok().map(tracing::field::display);
+            let session_id = crate::http::canonical_uuid(&session_id).map(tracing::field::display);
             // The requested role only when it is a known one: no raw query text in logs.
             let role = match query.role.as_deref() {
                 None => "from credential",
@@ -140,7 +140,7 @@ async fn admit(
     headers: &HeaderMap,
     ip: IpAddr,
 ) -> Result<Admitted, Refusal> {
-    let session_id = Uuid::parse_str(session_id).map_err(|_| Refusal::Policy("unknown session"))?;
+    let session_id = crate::http::canonical_uuid(session_id).ok_or(Refusal::Policy("unknown session"))?;
     let requested = match query.role.as_deref() {
         None => None,
         Some("user") => Some(Role::User),

@@ -4,8 +4,8 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request};
 use axum::http::header::{
-    CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
-    X_FRAME_OPTIONS,
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
@@ -67,6 +67,9 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
         .layer(header(X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .layer(header(REFERRER_POLICY, "same-origin"))
         .layer(header(X_FRAME_OPTIONS, "DENY"))
+        // Transcripts and dashboards must not land in a browser's disk cache;
+        // only the static assets say otherwise (`no-cache`).
+        .layer(header(CACHE_CONTROL, "no-store"))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             // The route pattern, never the URI: paths and queries can carry secrets.
             let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
@@ -214,16 +217,55 @@ impl IntoResponse for ApiError {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
+/// `axum::extract::Query`, but a query that does not parse is a JSON 400
+/// `invalid_query`.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
 impl From<axum::extract::rejection::PathRejection> for ApiError {
     fn from(_: axum::extract::rejection::PathRejection) -> Self {
         ApiError::NotFound
     }
 }
 
-/// `axum::Json`, but a body that does not parse gets Haven's error shape.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json`, but a body that does not parse gets Haven's error shape,
+/// and a string holding U+0000 (which PostgreSQL cannot store) is refused
+/// here, the same on every store, as `invalid_json`.
 pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(request, state).await?;
+        if holds_nul(&value) {
+            return Err(ApiError::bad_request("invalid_json", "strings must not contain U+0000"));
+        }
+        serde_json::from_value(value).map(Json).map_err(|error| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("Failed to deserialize the JSON body into the target type: {error}"),
+            )
+        })
+    }
+}
+
+/// A session id as Haven writes it: lowercase and hyphenated. Uppercase,
+/// braced, `urn:uuid:` and unhyphenated forms name no session (404).
+pub fn canonical_uuid(text: &str) -> Option<uuid::Uuid> {
+    uuid::Uuid::parse_str(text).ok().filter(|id| id.hyphenated().to_string() == text)
+}
+
+fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields.iter().any(|(key, value)| key.contains('\0') || holds_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {

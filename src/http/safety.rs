@@ -1,16 +1,15 @@
 //! The crisis detector and its flags, for therapists (docs/safety.md).
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use haven_protocol::api::{AcknowledgeRequest, AuditEntry, ClassifyRequest, SafetyReport, SessionRisk};
 use haven_protocol::{MAX_CONTENT_CHARS, RiskLevel};
 use haven_safety::Assessment;
 use haven_store::{AcknowledgeOutcome, AuditKind, ChatSession};
 use serde::Deserialize;
-use uuid::Uuid;
 
-use super::{ApiError, Json, Path};
+use super::{ApiError, Json, Path, Query};
 use crate::auth::AuthTherapist;
 use crate::startup::AppState;
 
@@ -106,7 +105,7 @@ async fn visible_session(
     session_id: &str,
     caller: &AuthTherapist,
 ) -> Result<ChatSession, ApiError> {
-    let session_id = Uuid::parse_str(session_id).map_err(|_| ApiError::NotFound)?;
+    let session_id = super::canonical_uuid(session_id).ok_or(ApiError::NotFound)?;
     let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
     match session.therapist_id {
         Some(holder) if holder != caller.therapist.id => Err(ApiError::Forbidden),

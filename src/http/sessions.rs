@@ -11,7 +11,6 @@ use haven_protocol::CLOSE_MESSAGE;
 use haven_protocol::api::{CreatedSession, MessagePage};
 use haven_store::CloseOutcome;
 use serde::Deserialize;
-use uuid::Uuid;
 
 use super::{ApiError, Json, Path};
 use crate::auth::{self, AuthTherapist, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
@@ -87,7 +86,7 @@ async fn list_messages(
     if credentials.is_empty() {
         return Err(ApiError::Unauthorized);
     }
-    let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
+    let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
     let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
     let allowed = credentials.iter().any(|credential| match credential {
         Credential::Client { session_id: own } => *own == session.id,
@@ -109,7 +108,7 @@ async fn close_session(
     Path(session_id): Path<String>,
     caller: AuthTherapist,
 ) -> Result<StatusCode, ApiError> {
-    let session_id = Uuid::parse_str(&session_id).map_err(|_| ApiError::NotFound)?;
+    let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
     match state.store.close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE).await? {
         CloseOutcome::Closed { message } => {
             tracing::info!(session_id = %session_id, "chat closed by its therapist");

@@ -125,7 +125,7 @@ async fn chat(
     Query(query): Query<ChatQuery>,
     jar: CookieJar,
 ) -> Response {
-    let Some(session_id) = session_id.ok().and_then(|Path(id)| Uuid::parse_str(&id).ok()) else {
+    let Some(session_id) = session_id.ok().and_then(|Path(id)| crate::http::canonical_uuid(&id)) else {
         return not_found_page();
     };
     let session = match state.store.chat_session(session_id).await {
@@ -188,10 +188,19 @@ fn login_url(next: &str) -> String {
     url
 }
 
-/// Only same-site paths may be a redirect target.
+/// Only Haven's own pages that a login leads to may be a redirect target:
+/// the dashboard, or a chat by its canonical id, with a plain query at
+/// most. Anything else (another host, control characters, whitespace,
+/// escapes) leads to the dashboard.
 fn local_path(next: Option<&str>) -> &str {
+    let known = |path: &str| {
+        let (route, query) = path.split_once('?').unwrap_or((path, ""));
+        let page = route == "/therapist"
+            || route.strip_prefix("/chat/").is_some_and(|id| crate::http::canonical_uuid(id).is_some());
+        page && query.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"=&-_".contains(&byte))
+    };
     match next {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => path,
+        Some(path) if known(path) => path,
         _ => "/therapist",
     }
 }
@@ -282,7 +291,14 @@ mod tests {
 
     #[test]
     fn only_local_paths_are_redirect_targets() {
-        assert_eq!(local_path(Some("/chat/x?therapist=true")), "/chat/x?therapist=true");
+        let chat = "/chat/0192a6f0-7a4e-7c3d-9f1e-2b3c4d5e6f70?therapist=true";
+        assert_eq!(local_path(Some(chat)), chat);
+        assert_eq!(local_path(Some("/therapist")), "/therapist");
+        assert_eq!(local_path(Some("/\t/evil.example/x")), "/therapist");
+        assert_eq!(local_path(Some("/\n")), "/therapist");
+        assert_eq!(local_path(Some("/ /evil.example")), "/therapist");
+        assert_eq!(local_path(Some("/chat/x?therapist=true")), "/therapist", "not a session id");
+        assert_eq!(local_path(Some("/chat/0192A6F0-7A4E-7C3D-9F1E-2B3C4D5E6F70")), "/therapist");
         assert_eq!(local_path(Some("//evil.example")), "/therapist");
         assert_eq!(local_path(Some("https://evil.example")), "/therapist");
         assert_eq!(local_path(Some("/\\evil.example")), "/therapist");

@@ -196,6 +196,23 @@ async fn bad_frames_get_error_codes_store_nothing_and_keep_the_socket_open() {
             Some("c4"),
         ),
         (Message::Binary(vec![1, 2, 3].into()), ErrorCode::UnsupportedFrame, None),
+        // PostgreSQL cannot store U+0000: refused at the edge on every store.
+        (
+            Message::Text(
+                json!({"type": "message", "content": "hello\u{0}world", "client_id": "c5"})
+                    .to_string()
+                    .into(),
+            ),
+            ErrorCode::InvalidContent,
+            Some("c5"),
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": "hi", "client_id": "c\u{0}6"}).to_string().into(),
+            ),
+            ErrorCode::InvalidClientId,
+            None,
+        ),
     ];
     for (frame, expected, client_id) in cases {
         client.send_raw(frame).await;

@@ -8,6 +8,7 @@ mod chat;
 mod cli;
 mod connections;
 mod durability;
+mod edges;
 mod hardening;
 mod helpers;
 mod instances;

@@ -61,6 +61,8 @@ pub enum ErrorCode {
     EmptyContent,
     /// `content` is longer than 4,000 characters.
     ContentTooLong,
+    /// `content` holds a character no message may hold (U+0000).
+    InvalidContent,
     /// The message could not be stored right now; re-send it with the same
     /// `client_id`.
     Unavailable,
@@ -144,6 +146,14 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
     if content.trim().is_empty() {
         return Err(FrameError::new(ErrorCode::EmptyContent, "content is empty", Some(client_id)));
     }
+    // PostgreSQL cannot store U+0000 in text; refused here, on every store.
+    if content.contains('\0') {
+        return Err(FrameError::new(
+            ErrorCode::InvalidContent,
+            "content must not contain U+0000",
+            Some(client_id),
+        ));
+    }
     if content.chars().count() > MAX_CONTENT_CHARS {
         return Err(FrameError::new(
             ErrorCode::ContentTooLong,
@@ -155,7 +165,7 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
 }
 
 fn valid_client_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN
+    !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN && !id.contains('\0')
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -168,6 +178,18 @@ mod tests {
 
     fn code(text: &str) -> ErrorCode {
         parse_client_frame(text).unwrap_err().code
+    }
+
+    #[test]
+    fn a_nul_character_is_refused_in_content_and_in_client_id() {
+        let refused =
+            parse_client_frame(r#"{"type":"message","client_id":"a","content":"hello\u0000world"}"#);
+        let refused = refused.unwrap_err();
+        assert_eq!((refused.code, refused.client_id.as_deref()), (ErrorCode::InvalidContent, Some("a")));
+        assert_eq!(
+            code(r#"{"type":"message","client_id":"a\u0000","content":"hi"}"#),
+            ErrorCode::InvalidClientId
+        );
     }
 
     #[test]
@@ -274,7 +296,11 @@ mod tests {
                 extra in ".{0,10}",
             ) {
                 let frame = serde_json::json!({"type": "message", "content": content, "client_id": client_id, "sender": extra});
-                let valid = !content.trim().is_empty() && !client_id.is_empty() && client_id.len() <= MAX_CLIENT_ID_LEN;
+                let valid = !content.trim().is_empty()
+                    && !content.contains('\0')
+                    && !client_id.is_empty()
+                    && client_id.len() <= MAX_CLIENT_ID_LEN
+                    && !client_id.contains('\0');
                 prop_assert_eq!(parse_client_frame(&frame.to_string()).is_ok(), valid);
             }
         }

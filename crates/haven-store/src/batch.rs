@@ -116,6 +116,23 @@ pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: i
                     let _ = pending.done.send(result);
                 }
             }
+            Err(error) if batch.len() > 1 && refused_for_its_data(&error) => {
+                // One write may have been refused for what it holds: write
+                // each alone, so the others commit and only it gets an error.
+                tracing::warn!(error = %error, batch = batch.len(), "a batch was refused for its data: writing its writes one by one");
+                for pending in batch.drain(..) {
+                    let result = match writer.write_batch(std::slice::from_ref(&pending)).await {
+                        Ok(mut results) => results.pop().unwrap_or_else(|| {
+                            Err(StoreError::Corrupt("a write of the batch was left unsettled".into()))
+                        }),
+                        Err(error) => {
+                            tracing::error!(error = %error, "a message was not committed");
+                            Err(not_committed(&error))
+                        }
+                    };
+                    let _ = pending.done.send(result);
+                }
+            }
             Err(error) => {
                 tracing::error!(error = %error, batch = batch.len(), "a batch of messages was not committed");
                 for pending in batch.drain(..) {
@@ -124,6 +141,19 @@ pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: i
             }
         }
     }
+}
+
+/// Did the database refuse the batch for what one of its rows holds (a
+/// constraint, a value it cannot store), rather than for being unreachable?
+fn refused_for_its_data(error: &StoreError) -> bool {
+    use sqlx::error::ErrorKind;
+    let StoreError::Unavailable(sqlx::Error::Database(error)) = error else {
+        return false;
+    };
+    // SQLSTATE class 22 is PostgreSQL's "data exception" (U+0000 in text,
+    // a value out of range); SQLite's codes are numbers of four digits or fewer.
+    !matches!(error.kind(), ErrorKind::Other)
+        || error.code().is_some_and(|code| code.len() == 5 && code.starts_with("22"))
 }
 
 /// One row for the batch's shared insert.

@@ -965,4 +965,50 @@ mod tests {
             Some(Notification::Message { session_id: session, seq: 3, join: true })
         );
     }
+
+    /// A fresh database on the PostgreSQL server of the tests
+    /// (`HAVEN_TEST_POSTGRES_URL`, by default the local one with trust
+    /// authentication). PostgreSQL is required: without it the test fails.
+    async fn fresh_store() -> PgStore {
+        use sqlx::Connection;
+        let server = std::env::var("HAVEN_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("haven_store_test_{}", Uuid::now_v7().simple());
+        let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .unwrap_or_else(|error| panic!("PostgreSQL is required at {server}: {error}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        PgStore::connect(&format!("{server}/{name}"), Uuid::now_v7()).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_refused_for_what_it_holds_does_not_fail_its_batch() {
+        let store = fresh_store().await;
+        let session = store.create_chat_session(&[7; 32]).await.unwrap().id;
+        // Twenty writes at once share batches; one holds a character
+        // PostgreSQL refuses (the edge refuses it too; the store must not
+        // rely on that).
+        let writes: Vec<_> = (0..20)
+            .map(|n| {
+                let store = store.clone();
+                let content = if n == 7 { "hello\u{0}world".to_owned() } else { format!("message {n}") };
+                let message =
+                    NewMessage { sender: Sender::User, content, client_id: format!("c{n}"), risk: None };
+                tokio::spawn(async move { store.append_message(session, message).await })
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for (n, write) in writes.into_iter().enumerate() {
+            if write.await.unwrap().is_err() {
+                refused.push(n);
+            }
+        }
+        assert_eq!(refused, [7], "only the write holding U+0000 is refused");
+        let stored = store.messages_after(session, 0, 100).await.unwrap();
+        assert_eq!(stored.len(), 19);
+        assert!(stored.iter().all(|message| !message.content.contains('\0')));
+    }
 }

@@ -60,6 +60,25 @@ pub struct SqliteStore {
     writes: Writes,
 }
 
+/// The database file holds transcripts: it is created readable and
+/// writable by its owner only (0600), and an existing one, with its WAL and
+/// shared-memory files, is narrowed to that. SQLite creates those two files
+/// with the database file's mode.
+fn owner_only(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |error: std::io::Error| StoreError::Unavailable(sqlx::Error::Io(error));
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, e.g.
     /// `sqlite://haven.db`, and runs pending migrations.
@@ -75,6 +94,9 @@ impl SqliteStore {
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
             || url.contains("mode=memory");
+        if !in_memory {
+            owner_only(options.get_filename())?;
+        }
         // Neither pool pings a connection before lending it: a connection to
         // a file cannot drop like a network link, and each ping is a round
         // trip to the connection's thread (one more per batch of messages).

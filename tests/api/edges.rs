@@ -1,0 +1,164 @@
+//! Input at the edges: characters no store can hold, ids in odd forms,
+//! redirect targets, caching, query errors and the database file's mode.
+
+use std::os::unix::fs::PermissionsExt;
+
+use haven_protocol::{ErrorCode, ServerFrame};
+use serde_json::{Value, json};
+
+use crate::helpers::{Options, TestApp, message_of};
+
+async fn json_error(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("application/json"), "{content_type}");
+    let body: Value = response.json().await.expect("JSON error body");
+    assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_nul_character_is_refused_at_the_edge_and_fails_no_one_else() {
+    let app = TestApp::spawn().await;
+    // Twenty clients send at the same moment; one message holds U+0000.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let session = app.create_session().await;
+        let mut client = app.connect(session.session_id, &session.client_token).await;
+        client.mode().await;
+        clients.push(client);
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let content = if n == 7 { "hello\u{0}world".to_owned() } else { format!("hello from {n}") };
+        client.send_json(json!({"type": "message", "client_id": format!("m{n}"), "content": content})).await;
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let id = format!("m{n}");
+        if n == 7 {
+            match client.frame().await {
+                ServerFrame::Error { code, client_id, .. } => {
+                    assert_eq!((code, client_id.as_deref()), (ErrorCode::InvalidContent, Some(id.as_str())));
+                }
+                other => panic!("expected invalid_content, got {other:?}"),
+            }
+        } else {
+            client.ack(&id).await;
+        }
+    }
+    // Over HTTP: 400 `invalid_json`, never "database unavailable".
+    let login = app
+        .http
+        .post(app.url("/api/auth/login"))
+        .json(&json!({"email": "tess\u{0}@clinic.test", "password": "x"}));
+    let body = json_error(login.send().await.unwrap(), 400).await;
+    assert_eq!(body["error"], "invalid_json");
+    assert!(app.logs.matching(|event| message_of(event) == "database unavailable").is_empty());
+}
+
+#[tokio::test]
+async fn api_responses_and_signed_in_pages_are_never_cached() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let session = app.create_session().await;
+    let no_store = |response: &reqwest::Response| {
+        response.headers().get("cache-control").map(|value| value.to_str().unwrap().to_owned())
+    };
+    let messages = app
+        .http
+        .get(app.url(&format!("/api/sessions/{}/messages", session.session_id)))
+        .bearer_auth(&session.client_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.status(), 200);
+    assert_eq!(no_store(&messages).as_deref(), Some("no-store"));
+    let list = app.http.get(app.url("/api/appointments")).bearer_auth(&tess.token).send().await.unwrap();
+    assert_eq!(no_store(&list).as_deref(), Some("no-store"));
+    let refused = app.http.get(app.url("/api/appointments")).send().await.unwrap();
+    assert_eq!((refused.status().as_u16(), no_store(&refused).as_deref()), (401, Some("no-store")));
+    let dashboard = app
+        .http
+        .get(app.url("/therapist"))
+        .header("cookie", format!("haven_therapist={}", tess.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((dashboard.status().as_u16(), no_store(&dashboard).as_deref()), (200, Some("no-store")));
+    // Static assets keep their own, revalidated caching.
+    let script = app.http.get(app.url("/assets/chat.js")).send().await.unwrap();
+    assert_eq!((script.status().as_u16(), no_store(&script).as_deref()), (200, Some("no-cache")));
+}
+
+#[tokio::test]
+async fn a_login_redirects_only_to_haven_pages() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let session = app.create_session().await;
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let chat = format!("/chat/{}?therapist=true", session.session_id);
+    for (next, expected) in [
+        ("/\t/evil.example/x", "/therapist"),
+        ("/\n", "/therapist"),
+        ("/ /evil.example", "/therapist"),
+        ("//evil.example", "/therapist"),
+        (chat.as_str(), chat.as_str()),
+    ] {
+        let form = [("email", "tess@clinic.test"), ("password", crate::helpers::PASSWORD), ("next", next)];
+        let response = browser.post(app.url("/therapist/login")).form(&form).send().await.unwrap();
+        assert_eq!(response.status(), 303, "next={next:?}");
+        assert_eq!(response.headers()["location"], expected, "next={next:?}");
+    }
+}
+
+#[tokio::test]
+async fn session_ids_are_accepted_only_in_their_canonical_form() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let id = session.session_id.to_string();
+    let get = |id: String| {
+        app.http
+            .get(app.url(&format!("/api/sessions/{id}/messages")))
+            .bearer_auth(&session.client_token)
+            .send()
+    };
+    assert_eq!(get(id.clone()).await.unwrap().status(), 200);
+    for odd in [
+        id.to_uppercase(),
+        format!("{{{id}}}"),
+        format!("urn:uuid:{id}"),
+        session.session_id.simple().to_string(),
+    ] {
+        let body = json_error(get(odd.clone()).await.unwrap(), 404).await;
+        assert_eq!(body["error"], "not_found", "{odd}");
+    }
+    let mut socket = app.connect_with(&format!("/api/chat/ws/{}", id.to_uppercase()), &[]).await;
+    assert!(matches!(socket.receive().await, crate::helpers::Received::Closed(_)));
+}
+
+#[tokio::test]
+async fn query_errors_are_json() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let report = app.http.get(app.url("/api/safety/report?days=many")).bearer_auth(&tess.token).send();
+    let body = json_error(report.await.unwrap(), 400).await;
+    assert_eq!(body["error"], "invalid_query");
+}
+
+#[tokio::test]
+async fn the_database_file_is_readable_by_its_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("private.db");
+    let options =
+        Options { database_url: Some(format!("sqlite://{}", path.display())), ..Options::default() };
+    let app = TestApp::spawn_with(options).await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let id = client.send_message("a line for the write-ahead log").await;
+    client.ack(&id).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
+    }
+}
