@@ -17,6 +17,7 @@ use axum::http::request::Parts;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use haven_store::{StoreError, Therapist};
+use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -29,6 +30,11 @@ pub const THERAPIST_TOKEN_PREFIX: &str = "hvt_";
 pub const CLIENT_COOKIE: &str = "haven_client";
 /// Cookie holding a therapist's login (set by `POST /api/auth/login`).
 pub const THERAPIST_COOKIE: &str = "haven_therapist";
+/// Cookie marking a browser that has logged in to an account before (see
+/// [`device_cookie_value`]).
+pub const DEVICE_COOKIE: &str = "haven_device";
+/// How long a browser stays known after its last successful login.
+pub const DEVICE_DAYS: i64 = 90;
 /// Shortest password accepted for a therapist account.
 pub const MIN_PASSWORD_CHARS: usize = 8;
 
@@ -48,6 +54,44 @@ pub fn new_token(prefix: &str) -> String {
 /// useful about the token through timing.
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// The value of a device cookie for this account: `ID.ISSUED.MAC`, where
+/// MAC is an HMAC-SHA-256 of the account id and the issue time (Unix
+/// seconds) keyed with the account's stored password hash. Nothing is
+/// stored for it; a new password makes every earlier device unknown, and it
+/// is good for [`DEVICE_DAYS`]. It proves only that this browser logged in
+/// to this account before: it is never a credential.
+pub fn device_cookie_value(therapist_id: Uuid, password_hash: &str, issued: i64) -> String {
+    let mac = device_mac(therapist_id, password_hash, issued).finalize().into_bytes();
+    let hex: String = mac.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{therapist_id}.{issued}.{hex}")
+}
+
+/// Does this device cookie say the browser logged in to this account
+/// before (with its current password, within [`DEVICE_DAYS`])?
+pub fn known_device(cookie: &str, therapist_id: Uuid, password_hash: &str, now: i64) -> bool {
+    let mut parts = cookie.splitn(3, '.');
+    let (Some(id), Some(issued), Some(hex)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(id), Ok(issued)) = (id.parse::<Uuid>(), issued.parse::<i64>()) else {
+        return false;
+    };
+    let fresh = (0..=DEVICE_DAYS * 86_400).contains(&(now - issued));
+    let mac: Option<Vec<u8>> = (hex.len() == 64)
+        .then(|| (0..64).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect())
+        .flatten();
+    id == therapist_id
+        && fresh
+        && mac.is_some_and(|mac| device_mac(therapist_id, password_hash, issued).verify_slice(&mac).is_ok())
+}
+
+fn device_mac(therapist_id: Uuid, password_hash: &str, issued: i64) -> hmac::Hmac<Sha256> {
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(password_hash.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("haven-device:{therapist_id}:{issued}").as_bytes());
+    mac
 }
 
 /// Who a valid credential belongs to.
@@ -173,6 +217,20 @@ pub fn validate_new_account(email: &str, name: &str, password: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_cookie_is_known_only_for_its_account_password_and_time() {
+        let (id, hash, now) = (Uuid::now_v7(), "$argon2id$v=19$m=19456,t=2,p=1$salt$hash", 1_800_000_000);
+        let cookie = device_cookie_value(id, hash, now);
+        assert!(known_device(&cookie, id, hash, now + 3600));
+        assert!(!known_device(&cookie, Uuid::now_v7(), hash, now), "another account");
+        assert!(!known_device(&cookie, id, "$argon2id$another", now), "another password");
+        assert!(!known_device(&cookie, id, hash, now + (DEVICE_DAYS + 1) * 86_400), "too old");
+        let other = if cookie.ends_with('0') { '1' } else { '0' };
+        let forged = format!("{}{other}", &cookie[..cookie.len() - 1]);
+        assert!(!known_device(&forged, id, hash, now), "a changed MAC");
+        assert!(!known_device("nonsense", id, hash, now));
+    }
 
     #[test]
     fn tokens_are_random_prefixed_and_hash_stably() {

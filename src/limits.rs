@@ -71,7 +71,19 @@ impl Limits {
         Ok(None)
     }
 
-    /// `Some(wait)` when any of these login keys (account, IP) is locked.
+    /// How long a login to this account (its `account:` key) waits before
+    /// its password is checked: nothing below [`SLOWDOWN_AFTER`] failures in
+    /// the window, then 250 ms, doubling with each failure, up to
+    /// [`SLOWDOWN_MAX`]. Failures from anywhere slow an account down; they
+    /// never lock it (only the pair of account and address is locked), and a
+    /// browser that has logged in to it before is not slowed.
+    pub async fn login_delay(&self, store: &dyn Store, account_key: &str) -> Result<Duration, StoreError> {
+        let since = now_ms() - self.logins.window.as_millis() as i64;
+        let (failures, _) = store.count_rate_events(self.logins.kind, account_key, since).await?;
+        Ok(account_delay(failures))
+    }
+
+    /// `Some(wait)` when any of these login keys is locked.
     pub async fn login_locked(
         &self,
         store: &dyn Store,
@@ -84,9 +96,13 @@ impl Limits {
         self.logins.record(store, keys).await
     }
 
-    /// A successful login clears its account's failures (not its IP's).
-    pub async fn login_succeeded(&self, store: &dyn Store, account_key: &str) -> Result<(), StoreError> {
-        store.clear_rate_events(self.logins.kind, account_key).await
+    /// A successful login clears these keys' failures (its account's, and
+    /// its pair of account and address; not its address's).
+    pub async fn login_succeeded(&self, store: &dyn Store, keys: &[&str]) -> Result<(), StoreError> {
+        for key in keys {
+            store.clear_rate_events(self.logins.kind, key).await?;
+        }
+        Ok(())
     }
 
     /// A slot for one more open socket from this IP with this credential, or
@@ -217,6 +233,19 @@ impl SharedLimit {
     }
 }
 
+/// Failures of an account, within the login window, before its logins slow down.
+pub const SLOWDOWN_AFTER: i64 = 5;
+/// The longest a login waits for its account's failures.
+pub const SLOWDOWN_MAX: Duration = Duration::from_secs(8);
+
+fn account_delay(failures: i64) -> Duration {
+    if failures < SLOWDOWN_AFTER {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - SLOWDOWN_AFTER).min(16) as u32;
+    (Duration::from_millis(250) * 2u32.pow(doublings)).min(SLOWDOWN_MAX)
+}
+
 /// The key an address is limited by: IPv4 addresses (and IPv4-mapped IPv6
 /// ones) as they are, other IPv6 addresses by their /64 prefix.
 pub fn limit_key(ip: IpAddr) -> IpAddr {
@@ -246,6 +275,14 @@ mod tests {
         assert!(Counter::acquire(&counter, 2, 2).is_some(), "other keys are independent");
         drop(first);
         assert!(Counter::acquire(&counter, 1, 2).is_some());
+    }
+
+    #[test]
+    fn an_accounts_failures_slow_its_logins_down_up_to_a_bound() {
+        assert_eq!(account_delay(SLOWDOWN_AFTER - 1), Duration::ZERO);
+        assert_eq!(account_delay(SLOWDOWN_AFTER), Duration::from_millis(250));
+        assert_eq!(account_delay(SLOWDOWN_AFTER + 2), Duration::from_secs(1));
+        assert_eq!(account_delay(10_000), SLOWDOWN_MAX);
     }
 
     #[test]

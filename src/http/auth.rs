@@ -12,7 +12,7 @@ use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
 use haven_store::Therapist;
 
 use super::{ApiError, Json};
-use crate::auth::{self, AuthTherapist, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
+use crate::auth::{self, AuthTherapist, DEVICE_COOKIE, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
 use crate::chat::Revocation;
 use crate::startup::AppState;
 
@@ -28,27 +28,39 @@ async fn login(
     jar: CookieJar,
     Json(request): Json<LoginRequest>,
 ) -> Result<(CookieJar, Json<LoginResponse>), ApiError> {
-    let (therapist, token) = start_login(&state, peer.ip(), &request.email, request.password).await?;
+    let (therapist, token, jar) =
+        start_login(&state, peer.ip(), &request.email, request.password, jar).await?;
     let jar = jar.add(auth::auth_cookie(THERAPIST_COOKIE, token.clone(), state.settings.cookie_secure));
     let profile = TherapistProfile { id: therapist.id, name: therapist.name, email: therapist.email };
     Ok((jar, Json(LoginResponse { token, therapist: profile })))
 }
 
 /// Checks a password and records a new login; shared by the API and the
-/// login page. Returns the account and its new token.
+/// login page. Returns the account, its new token, and the cookie jar with
+/// this browser's device cookie renewed.
+///
+/// The policy (docs/reliability.md): failures lock the pair of account and
+/// address, and the address, after `--login-failures` within the window;
+/// failures of the account from anywhere only slow its logins down (see
+/// [`crate::limits::Limits::login_delay`]), and not for a browser whose
+/// device cookie says it logged in to the account before. So nobody can
+/// lock a therapist out from another address.
 pub(crate) async fn start_login(
     state: &AppState,
     ip: IpAddr,
     email: &str,
     password: String,
-) -> Result<(Therapist, String), ApiError> {
+    jar: CookieJar,
+) -> Result<(Therapist, String, CookieJar), ApiError> {
     let email = auth::normalise_email(email);
-    // A locked account or IP is answered at once, without hashing anything.
-    let keys = [format!("account:{email}"), format!("ip:{}", crate::limits::limit_key(ip))];
-    // The counts are in the store, so the lock holds across instances.
+    let address = crate::limits::limit_key(ip);
+    let (account_key, pair_key) = (format!("account:{email}"), format!("pair:{email}|{address}"));
+    let locks = [pair_key.clone(), format!("ip:{address}")];
+    // A locked pair or address is answered at once, without hashing
+    // anything. The counts are in the store, so they hold across instances.
     let limits = &state.limits;
     let store = &*state.store;
-    if let Some(retry_after) = limits.login_locked(store, &keys).await? {
+    if let Some(retry_after) = limits.login_locked(store, &locks).await? {
         tracing::warn!("login refused: too many failures");
         return Err(ApiError::TooManyRequests { retry_after });
     }
@@ -57,26 +69,46 @@ pub(crate) async fn start_login(
         Some((therapist, hash)) => (Some(therapist), Some(hash)),
         None => (None, None),
     };
+    let now = haven_store::now().unix_timestamp();
+    let known = match (&therapist, &stored_hash, jar.get(DEVICE_COOKIE)) {
+        (Some(therapist), Some(hash), Some(cookie)) => {
+            auth::known_device(cookie.value(), therapist.id, hash, now)
+        }
+        _ => false,
+    };
+    if !known {
+        let delay = limits.login_delay(store, &account_key).await?;
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "login slowed: the account has recent failures"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
     let Some(_slot) = limits.hashing_slot().await else {
         tracing::warn!("login refused: password hashing is saturated");
         return Err(ApiError::Unavailable);
     };
     // Again after the wait: parallel attempts must not slip past the lock.
-    if let Some(retry_after) = limits.login_locked(store, &keys).await? {
+    if let Some(retry_after) = limits.login_locked(store, &locks).await? {
         return Err(ApiError::TooManyRequests { retry_after });
     }
-    let verified = auth::verify_password(password, stored_hash).await;
+    let verified = auth::verify_password(password, stored_hash.clone()).await;
     let Some(therapist) = therapist.filter(|_| verified) else {
         tracing::warn!("login failed");
-        limits.login_failed(store, &keys).await?;
+        limits.login_failed(store, &[pair_key, locks[1].clone(), account_key]).await?;
         return Err(ApiError::InvalidCredentials);
     };
-    limits.login_succeeded(store, &keys[0]).await?;
+    limits.login_succeeded(store, &[&account_key, &pair_key]).await?;
     let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
     let expires_at = haven_store::now() + state.settings.therapist_session;
     state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at).await?;
     tracing::info!(therapist_id = %therapist.id, "therapist logged in");
-    Ok((therapist, token))
+    let device = auth::device_cookie_value(therapist.id, stored_hash.as_deref().unwrap_or_default(), now);
+    let mut device = auth::auth_cookie(DEVICE_COOKIE, device, state.settings.cookie_secure);
+    device.set_max_age(time::Duration::days(auth::DEVICE_DAYS));
+    Ok((therapist, token, jar.add(device)))
 }
 
 /// `POST /api/auth/logout`: revokes the token used and clears the cookie.

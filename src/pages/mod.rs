@@ -243,8 +243,8 @@ async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = local_path(form.next.as_deref()).to_owned();
-    match crate::http::auth::start_login(&state, peer.ip(), &form.email, form.password).await {
-        Ok((_, token)) => {
+    match crate::http::auth::start_login(&state, peer.ip(), &form.email, form.password, jar).await {
+        Ok((_, token, jar)) => {
             let jar = jar.add(auth::auth_cookie(THERAPIST_COOKIE, token, state.settings.cookie_secure));
             (jar, Redirect::to(&next)).into_response()
         }

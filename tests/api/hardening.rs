@@ -129,27 +129,75 @@ async fn sockets_per_credential_are_limited_and_freed_on_close() {
 }
 
 #[tokio::test]
-async fn logins_lock_after_repeated_failures_per_account_and_per_address() {
+async fn failures_lock_an_address_but_only_slow_an_account_down_and_never_a_known_browser() {
     let app = TestApp::spawn_with(with_args(&["--login-failures", "3"])).await;
     app.add_therapist("tess@clinic.test", "Tess").await;
     app.add_therapist("omar@clinic.test", "Omar").await;
+    let from =
+        |address: &str| reqwest::Client::builder().local_address(address.parse().ok()).build().unwrap();
+    let login = |client: &reqwest::Client, email: &str, password: &str, device: Option<&str>| {
+        let mut request =
+            client.post(app.url("/api/auth/login")).json(&json!({"email": email, "password": password}));
+        if let Some(device) = device {
+            request = request.header("cookie", format!("haven_device={device}"));
+        }
+        request.send()
+    };
+    // Tess's own browser logs in from 127.0.0.2 and is given a device cookie.
+    let (desk, home) = (from("127.0.0.2"), from("127.0.0.5"));
+    let first = login(&desk, "tess@clinic.test", PASSWORD, None).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let device = first
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok()?.strip_prefix("haven_device="))
+        .map(|rest| rest.split(';').next().unwrap().to_owned())
+        .next()
+        .expect("a device cookie");
+
+    // Three failures from 127.0.0.1 lock that pair and that address…
+    let attacker = from("127.0.0.1");
     for _ in 0..3 {
-        assert_eq!(app.login("tess@clinic.test", "wrong password").await.status(), 401);
+        assert_eq!(login(&attacker, "tess@clinic.test", "wrong password", None).await.unwrap().status(), 401);
     }
-    // Locked: even the right password is refused, at once, with Retry-After.
-    let (status, retry_after, body) = status_and_body(app.login("tess@clinic.test", PASSWORD).await).await;
+    let (status, retry_after, body) =
+        status_and_body(login(&attacker, "tess@clinic.test", PASSWORD, None).await.unwrap()).await;
     assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")));
     let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
     assert!(seconds > 800 && seconds <= 900, "the 15-minute window: {seconds}");
-    // The address that failed is locked for other accounts too…
-    assert_eq!(app.login("omar@clinic.test", PASSWORD).await.status(), 429);
-    // …and the account is locked from another address.
-    let elsewhere = reqwest::Client::builder().local_address("127.0.0.2".parse().ok()).build().unwrap();
-    let from_elsewhere = |email: &str| {
-        elsewhere.post(app.url("/api/auth/login")).json(&json!({"email": email, "password": PASSWORD})).send()
-    };
-    assert_eq!(from_elsewhere("tess@clinic.test").await.unwrap().status(), 429);
-    assert_eq!(from_elsewhere("omar@clinic.test").await.unwrap().status(), 200, "others are unaffected");
+    assert_eq!(login(&attacker, "omar@clinic.test", PASSWORD, None).await.unwrap().status(), 429);
+    // …and three more from 127.0.0.3 bring the account to six failures.
+    let other = from("127.0.0.3");
+    for _ in 0..3 {
+        assert_eq!(login(&other, "tess@clinic.test", "wrong password", None).await.unwrap().status(), 401);
+    }
+    assert_eq!(login(&other, "tess@clinic.test", PASSWORD, None).await.unwrap().status(), 429);
+
+    // The known browser, now at another address, is neither locked nor slowed.
+    let slowed =
+        |app: &TestApp| app.logs.matching(|event| message_of(event).starts_with("login slowed")).len();
+    let before = slowed(&app);
+    assert!(before > 0, "the sixth failure was slowed down");
+    assert_eq!(login(&home, "tess@clinic.test", PASSWORD, Some(&device)).await.unwrap().status(), 200);
+    assert_eq!(slowed(&app), before, "a known browser waits for no one's failures");
+    // That login cleared the account's failures. Five more, from five
+    // addresses (none of them locked), slow down a new browser elsewhere,
+    // and a forged device cookie is no better than none.
+    for n in 6..=10 {
+        let status = login(&from(&format!("127.0.0.{n}")), "tess@clinic.test", "still wrong", None)
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401);
+    }
+    let before = slowed(&app);
+    let forged = format!("{}.0.{}", uuid::Uuid::now_v7(), "0".repeat(64));
+    let newcomer = from("127.0.0.11");
+    assert_eq!(login(&newcomer, "tess@clinic.test", PASSWORD, Some(&forged)).await.unwrap().status(), 200);
+    assert_eq!(slowed(&app), before + 1, "the account's failures slow a new browser down");
+    let event = app.logs.matching(|event| message_of(event).starts_with("login slowed")).pop().unwrap();
+    assert_eq!(event["delay_ms"], 250, "five failures: the first step of the delay");
 }
 
 #[tokio::test]
