@@ -3,8 +3,8 @@
 // Rows are updated in place, keyed by session, so a refresh never moves
 // keyboard focus or replaces the link someone is about to press.
 //
-// Sessions flagged by the crisis detector come first (the server sorts
-// them), are marked in colour and words, are listed in an alert banner, and
+// Sessions flagged by the crisis detector come first, then those waiting
+// for a therapist (the server sorts them), are marked in colour and words, are listed in an alert banner, and
 // chime once per new flag until a therapist acknowledges them.
 
 import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
@@ -14,6 +14,7 @@ const status = document.getElementById("appointments-status");
 const alertBox = document.getElementById("risk-alert");
 const alertList = document.getElementById("risk-alert-list");
 const soundToggle = document.getElementById("alert-sound");
+const moreButton = document.getElementById("appointments-more");
 const baseTitle = document.title;
 let appointments = [];
 // Flags already chimed for: "session@last_flagged_at".
@@ -183,19 +184,55 @@ function renderAlerts() {
   if (fresh.length) chime(soundToggle);
 }
 
-async function refresh() {
+// The list comes in pages (newest activity first); "Show more" asks for one
+// more page, and every refresh reloads as many pages as are shown.
+let pages = 1;
+
+function nextPage(link) {
+  const match = /<([^>]+)>\s*;\s*rel="next"/.exec(link ?? "");
+  return match ? match[1] : null;
+}
+
+async function load() {
   try {
-    const response = await fetch("/api/appointments", { credentials: "same-origin" });
-    if (response.status === 401) {
-      window.location.assign("/therapist/login");
-      return;
+    const rows = [];
+    let url = "/api/appointments";
+    let next = null;
+    for (let page = 0; url && page < pages; page += 1) {
+      const response = await fetch(url, { credentials: "same-origin" });
+      if (response.status === 401) {
+        window.location.assign("/therapist/login");
+        return;
+      }
+      if (!response.ok) throw new Error(`status ${response.status}`);
+      rows.push(...(await response.json()));
+      next = nextPage(response.headers.get("Link"));
+      url = next;
     }
-    if (!response.ok) throw new Error(`status ${response.status}`);
-    appointments = await response.json();
+    appointments = rows;
+    moreButton.hidden = !next;
     render();
   } catch {
     status.textContent = "Could not load appointments; retrying.";
   }
+}
+
+// Refreshes are coalesced: at most one in flight and one queued behind it,
+// however many `changed` and `risk` events arrive meanwhile.
+let inFlight = null;
+let queued = false;
+function refresh() {
+  if (inFlight) {
+    queued = true;
+    return;
+  }
+  inFlight = load().finally(() => {
+    inFlight = null;
+    if (queued) {
+      queued = false;
+      refresh();
+    }
+  });
 }
 
 let pending = null;
@@ -206,6 +243,11 @@ function refreshSoon() {
     refresh();
   }, 250);
 }
+
+moreButton.addEventListener("click", () => {
+  pages += 1;
+  refresh();
+});
 
 const events = new EventSource("/api/appointments/events");
 events.addEventListener("changed", refreshSoon);

@@ -223,6 +223,12 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_REQUEST_TIMEOUT_SECONDS", default_value_t = 15)]
     pub request_timeout_seconds: u64,
 
+    /// Hours an unclaimed, unflagged chat may go untouched (no message)
+    /// before it leaves the therapists' waiting list. It stays open: its
+    /// client can still write, which brings it back.
+    #[arg(long, env = "HAVEN_WAITING_HOURS", default_value_t = 24)]
+    pub waiting_hours: u64,
+
     /// Minutes a therapist login may go unused before it ends.
     #[arg(long, env = "HAVEN_THERAPIST_IDLE_MINUTES", default_value_t = 30)]
     pub therapist_idle_minutes: u64,

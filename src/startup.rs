@@ -55,6 +55,8 @@ pub struct Settings {
     pub therapist_session: time::Duration,
     /// How long a therapist login may go unused.
     pub therapist_idle: time::Duration,
+    /// How long an unclaimed chat stays on the waiting list untouched.
+    pub waiting_window: time::Duration,
     /// Ask the language model for a second opinion on client messages.
     pub safety_second_opinion: bool,
 }
@@ -151,6 +153,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
             cookie_secure: args.cookie_secure,
             therapist_session: time::Duration::hours(args.therapist_session_hours.into()),
             therapist_idle: time::Duration::minutes(args.limits.therapist_idle_minutes.max(1) as i64),
+            waiting_window: time::Duration::hours(args.limits.waiting_hours.max(1) as i64),
             // The built-in companion has no opinion to give.
             safety_second_opinion: args.safety.safety_second_opinion
                 && args.ai.ai_provider != AiProvider::Companion,

@@ -5,6 +5,8 @@ use std::cmp::Reverse;
 use std::convert::Infallible;
 
 use axum::extract::State;
+use axum::http::header::LINK;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
 use futures_util::Stream;
@@ -13,7 +15,10 @@ use haven_protocol::api::Appointment;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{ApiError, Json};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{ApiError, Json, Query};
 use crate::auth::{self, AuthTherapist};
 use crate::chat::{Revocation, RiskAlert};
 use crate::limits::Slot;
@@ -25,15 +30,83 @@ pub fn router() -> Router<AppState> {
         .route("/api/appointments/events", get(appointment_events))
 }
 
-/// `GET /api/appointments`: open sessions and the caller's own. Flagged
-/// sessions that need attention come first, highest level first; then the
-/// other flagged ones; then the rest, oldest first.
+/// Rows of `GET /api/appointments` per page, by default and at most.
+pub const PAGE_MAX: usize = 200;
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Where a row sorts: flagged sessions that need attention first, highest
+/// level first; then unclaimed ones (waiting for a therapist); then the
+/// caller's own; within each, newest activity first. Compared descending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SortKey {
+    attention: bool,
+    level: u8,
+    unclaimed: bool,
+    activity: i128,
+    id: Uuid,
+}
+
+impl SortKey {
+    fn of(appointment: &Appointment) -> Self {
+        let activity = appointment.last_message_at.unwrap_or(appointment.created_at);
+        Self {
+            attention: appointment.risk_needs_attention,
+            level: if appointment.risk_needs_attention { appointment.risk_level as u8 } else { 0 },
+            unclaimed: appointment.therapist_id.is_none(),
+            activity: activity.unix_timestamp_nanos(),
+            id: appointment.session_id,
+        }
+    }
+
+    /// The opaque cursor: where the next page starts.
+    fn cursor(self) -> String {
+        let (attention, unclaimed) = (u8::from(self.attention), u8::from(self.unclaimed));
+        format!("{attention}.{}.{unclaimed}.{}.{}", self.level, self.activity, self.id)
+    }
+
+    fn parse(cursor: &str) -> Option<Self> {
+        let mut parts = cursor.split('.');
+        let mut next = || parts.next();
+        let key = Self {
+            attention: next()?.parse::<u8>().ok()? == 1,
+            level: next()?.parse().ok()?,
+            unclaimed: next()?.parse::<u8>().ok()? == 1,
+            activity: next()?.parse().ok()?,
+            id: next()?.parse().ok()?,
+        };
+        next().is_none().then_some(key)
+    }
+}
+
+/// `GET /api/appointments?limit=N&cursor=C`: the open sessions the caller
+/// can take or has taken, in pages of at most [`PAGE_MAX`] (the default),
+/// ordered by [`SortKey`]. Unclaimed sessions that nobody has touched for
+/// `--waiting-hours` leave the list (flagged ones stay). When there is
+/// more, a `Link: <…>; rel="next"` header gives the next page's URL.
 async fn list_appointments(
     State(state): State<AppState>,
     caller: AuthTherapist,
-) -> Result<Json<Vec<Appointment>>, ApiError> {
-    let sessions = state.store.appointments_for(caller.therapist.id).await?;
-    let mut appointments: Vec<Appointment> = sessions
+    Query(page): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<Appointment>>), ApiError> {
+    let limit = page.limit.unwrap_or(PAGE_MAX);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {PAGE_MAX}")));
+    }
+    let after = match page.cursor.as_deref().map(SortKey::parse) {
+        None => None,
+        Some(Some(key)) => Some(key),
+        Some(None) => {
+            return Err(ApiError::bad_request("invalid_query", "cursor is not one this server gave"));
+        }
+    };
+    let waiting_since = haven_store::now() - state.settings.waiting_window;
+    let sessions = state.store.appointments_for(caller.therapist.id, waiting_since).await?;
+    let mut appointments: Vec<(SortKey, Appointment)> = sessions
         .into_iter()
         .map(|session| Appointment {
             appointment_id: session.appointment_id,
@@ -48,12 +121,18 @@ async fn list_appointments(
             risk_last_flagged_at: session.risk.as_ref().map(|risk| risk.last_flagged_at),
             risk_needs_attention: session.risk.as_ref().is_some_and(|risk| risk.needs_attention()),
         })
+        .map(|appointment| (SortKey::of(&appointment), appointment))
+        .filter(|(key, _)| after.is_none_or(|after| *key < after))
         .collect();
-    // A stable sort keeps the store's oldest-first order within each group.
-    appointments.sort_by_key(|appointment| {
-        (Reverse(appointment.risk_needs_attention), Reverse(appointment.risk_level))
-    });
-    Ok(Json(appointments))
+    appointments.sort_unstable_by_key(|(key, _)| Reverse(*key));
+    let more = appointments.len() > limit;
+    appointments.truncate(limit);
+    let mut headers = HeaderMap::new();
+    if let Some((last, _)) = appointments.last().filter(|_| more) {
+        let next = format!("</api/appointments?limit={limit}&cursor={}>; rel=\"next\"", last.cursor());
+        headers.insert(LINK, HeaderValue::from_str(&next).map_err(|e| ApiError::Internal(e.into()))?);
+    }
+    Ok((headers, Json(appointments.into_iter().map(|(_, appointment)| appointment).collect())))
 }
 
 /// `GET /api/appointments/events`: server-sent `changed` events whenever the

@@ -651,3 +651,64 @@ async fn a_flagged_session_alerts_the_dashboard_within_seconds_while_the_model_i
     client.close().await;
     therapist.close().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    for _ in 0..205 {
+        app.create_session().await;
+    }
+    let driver = Driver::start().await;
+    let therapist = driver.browser().await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    // One page of 200, newest first, and a way to the rest.
+    therapist
+        .until("document.querySelectorAll('#appointments tbody tr').length === 200 && !document.getElementById('appointments-more').hidden", vec![])
+        .await;
+    therapist.find("#appointments-more").await.click().await.unwrap();
+    therapist
+        .until("document.querySelectorAll('#appointments tbody tr').length === 205 && document.getElementById('appointments-more').hidden", vec![])
+        .await;
+
+    // Five clients in crisis at the same moment, and ten new chats: every
+    // one reaches the list, with at most one refresh in flight at a time.
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let session = app.create_session().await;
+        let mut client = app.connect(session.session_id, &session.client_token).await;
+        client.mode().await;
+        clients.push(client);
+    }
+    for client in &mut clients {
+        client.send_message("i have the pills in front of me and im going to take them all tonight").await;
+    }
+    for _ in 0..10 {
+        app.create_session().await;
+    }
+    therapist
+        .until("document.querySelectorAll('#appointments tbody tr').length === 220 && document.querySelectorAll('#appointments tbody tr[data-risk=imminent]').length === 5", vec![])
+        .await;
+    let loads = therapist
+        .js(
+            "const loads = performance.getEntriesByType('resource')
+               .filter((entry) => new URL(entry.name).pathname === '/api/appointments');
+             let most = 0;
+             for (const load of loads) {
+               const overlapping = loads.filter((other) =>
+                 other.startTime < load.responseEnd && load.startTime < other.responseEnd);
+               most = Math.max(most, overlapping.length);
+             }
+             return [loads.length, most];",
+            vec![],
+        )
+        .await;
+    assert!(loads[0].as_u64().unwrap() >= 3, "the page loaded its list: {loads}");
+    assert_eq!(loads[1], json!(1), "refreshes overlapped: {loads}");
+    therapist.screenshot("dashboard-paged").await;
+    therapist.close().await;
+}

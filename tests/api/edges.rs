@@ -162,3 +162,104 @@ async fn the_database_file_is_readable_by_its_owner_only() {
         assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
     }
 }
+
+/// Follows `GET /api/appointments` pages by their `Link` headers.
+async fn every_page(app: &TestApp, token: &str, limit: usize) -> Vec<Vec<Value>> {
+    let mut pages = Vec::new();
+    let mut url = Some(format!("/api/appointments?limit={limit}"));
+    while let Some(path) = url {
+        let response = app.http.get(app.url(&path)).bearer_auth(token).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        url = response.headers().get("link").map(|link| {
+            let link = link.to_str().unwrap();
+            assert!(link.ends_with("; rel=\"next\""), "{link}");
+            link.trim_start_matches('<').split('>').next().unwrap().to_owned()
+        });
+        pages.push(response.json::<Vec<Value>>().await.unwrap());
+    }
+    pages
+}
+
+#[tokio::test]
+async fn the_appointments_list_comes_in_pages_newest_activity_first() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(app.create_session().await.session_id.to_string());
+    }
+    // The oldest chat gets a message: it becomes the newest activity.
+    let oldest = app.create_session().await;
+    let mut client = app.connect(oldest.session_id, &oldest.client_token).await;
+    client.mode().await;
+    let id = client.send_message("back again").await;
+    client.ack(&id).await;
+    created.insert(0, oldest.session_id.to_string());
+
+    let pages = every_page(&app, &tess.token, 2).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2]);
+    let order: Vec<String> =
+        pages.iter().flatten().map(|row| row["session_id"].as_str().unwrap().to_owned()).collect();
+    let mut expected: Vec<String> = created[1..].iter().rev().cloned().collect();
+    expected.insert(0, created[0].clone());
+    assert_eq!(order, expected, "newest activity first, each once");
+    for bad in ["limit=0", "limit=201", "cursor=nonsense"] {
+        let response =
+            app.http.get(app.url(&format!("/api/appointments?{bad}"))).bearer_auth(&tess.token).send();
+        assert_eq!(json_error(response.await.unwrap(), 400).await["error"], "invalid_query", "{bad}");
+    }
+}
+
+/// Moves these sessions' creation two days back and clears their last
+/// message time, in the database itself: a day cannot be waited for.
+async fn age(app: &TestApp, sessions: &[uuid::Uuid]) {
+    use sqlx::Connection;
+    let two_days_ago = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    for id in sessions {
+        if crate::helpers::on_postgres() {
+            let mut db = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+            sqlx::query("UPDATE chat_sessions SET created_at = $1, last_message_at = NULL WHERE id = $2")
+                .bind(two_days_ago)
+                .bind(id)
+                .execute(&mut db)
+                .await
+                .unwrap();
+        } else {
+            let mut db = sqlx::SqliteConnection::connect(&app.database_url).await.unwrap();
+            sqlx::query("UPDATE chat_sessions SET created_at = ?, last_message_at = NULL WHERE id = ?")
+                .bind(two_days_ago)
+                .bind(id)
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn chats_untouched_for_a_day_leave_the_waiting_list_unless_flagged() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let (stale, flagged, fresh) =
+        (app.create_session().await, app.create_session().await, app.create_session().await);
+    let mut alarm = app.connect(flagged.session_id, &flagged.client_token).await;
+    alarm.mode().await;
+    let id =
+        alarm.send_message("i have the pills in front of me and im going to take them all tonight").await;
+    alarm.ack(&id).await;
+    age(&app, &[stale.session_id, flagged.session_id]).await;
+    let listed = |pages: Vec<Vec<Value>>| -> Vec<String> {
+        pages.into_iter().flatten().map(|row| row["session_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let now = listed(every_page(&app, &tess.token, 200).await);
+    assert!(now.contains(&fresh.session_id.to_string()), "{now:?}");
+    assert!(now.contains(&flagged.session_id.to_string()), "a flagged chat never leaves the list: {now:?}");
+    assert!(!now.contains(&stale.session_id.to_string()), "an untouched chat leaves the list: {now:?}");
+    // It stays open: its client writes again, and it is back.
+    let mut client = app.connect(stale.session_id, &stale.client_token).await;
+    client.mode().await;
+    let id = client.send_message("sorry, I was away").await;
+    client.ack(&id).await;
+    let again = listed(every_page(&app, &tess.token, 200).await);
+    assert!(again.contains(&stale.session_id.to_string()), "{again:?}");
+}

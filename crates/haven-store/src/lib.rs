@@ -275,8 +275,14 @@ pub trait Store: Send + Sync + 'static {
     async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>>;
     /// The session a client token is bound to.
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>>;
-    /// Open (unassigned) sessions and those assigned to this therapist, oldest first.
-    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>>;
+    /// The open sessions assigned to this therapist, and the unassigned ones
+    /// still waiting: flagged, or with activity (a message, or creation)
+    /// since `waiting_since`. Oldest first.
+    async fn appointments_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<Vec<ChatSession>>;
 
     /// The takeover, in one transaction: claims the session for the therapist
     /// if it is unassigned, switches it to `THERAPIST_JOINED` and appends

@@ -559,11 +559,17 @@ impl Store for PgStore {
             .await?)
     }
 
-    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
+    async fn appointments_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<Vec<ChatSession>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE closed_at IS NULL AND (therapist_id IS NULL OR therapist_id = $1) ORDER BY id"
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE closed_at IS NULL AND (therapist_id = $1 OR (therapist_id IS NULL
+               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= $2))) ORDER BY id"
         )))
         .bind(therapist_id)
+        .bind(waiting_since)
         .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()

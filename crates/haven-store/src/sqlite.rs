@@ -689,12 +689,18 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn appointments_for(&self, therapist_id: Uuid) -> Result<Vec<ChatSession>> {
+    async fn appointments_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<Vec<ChatSession>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions
-             WHERE closed_at IS NULL AND (therapist_id IS NULL OR therapist_id = ?) ORDER BY id"
+             WHERE closed_at IS NULL AND (therapist_id = ? OR (therapist_id IS NULL
+               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= ?))) ORDER BY id"
         )))
         .bind(therapist_id)
+        .bind(waiting_since)
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
