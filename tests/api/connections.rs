@@ -183,3 +183,41 @@ async fn serve_raises_its_open_file_limit_and_says_so() {
     assert!(events[0]["soft_before"].as_u64().unwrap() <= soft);
     assert_eq!(soft, hard, "the soft limit is raised to the hard one: {}", events[0]);
 }
+
+#[tokio::test]
+async fn when_descriptors_run_out_the_accept_loop_pauses_and_serves_again() {
+    let options = Options { open_files: Some(64), ..Options::default() };
+    let app = TestApp::spawn_with(options).await;
+    let server = app.address.trim_start_matches("http://").to_owned();
+    // More connections than the process may hold descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(connect_from("127.0.0.2", &server).await);
+    }
+    // The loop pauses between failed accepts, doubling each pause: it
+    // does not spin.
+    let failed = |event: &Value| event["message"] == "accept failed; pausing";
+    let events = app.logs.wait_for(5, failed).await;
+    let pauses: Vec<u64> = events[..5].iter().map(|event| event["pause_ms"].as_u64().unwrap()).collect();
+    assert_eq!(pauses, [10, 20, 40, 80, 160]);
+    let at = |event: &Value| {
+        let text = event["timestamp"].as_str().unwrap();
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    for (pair, pause) in events[..5].windows(2).zip(&pauses) {
+        let gap = at(&pair[1]) - at(&pair[0]);
+        assert!(gap >= time::Duration::milliseconds(*pause as i64), "{gap} after a pause of {pause} ms");
+    }
+    // Descriptors come back, and others are served again.
+    drop(held);
+    let health = async {
+        loop {
+            let client = reqwest::Client::builder().local_address("127.0.0.3".parse().ok()).build().unwrap();
+            if let Ok(response) = client.get(app.url("/healthz")).send().await {
+                return response.status();
+            }
+        }
+    };
+    let status = tokio::time::timeout(EVENT_TIMEOUT, health).await.expect("the server no longer serves");
+    assert_eq!(status, 200);
+}

@@ -39,6 +39,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Share this database (another instance's) instead of a fresh one.
     pub database_url: Option<String>,
+    /// Run the server with this hard and soft limit on open files
+    /// (through util-linux's `prlimit`).
+    pub open_files: Option<u64>,
 }
 
 /// A running `haven serve` and the database it owns.
@@ -227,7 +230,14 @@ impl TestApp {
 }
 
 async fn start(database: &str, bind: &str, options: &Options) -> (Child, String, Option<String>, Logs) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_haven"));
+    let mut command = match options.open_files {
+        Some(limit) => {
+            let mut command = Command::new("prlimit");
+            command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(env!("CARGO_BIN_EXE_haven"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_haven")),
+    };
     command
         .args(["--database", database, "serve", "--bind", bind, "--log-format", "json"])
         .arg("--companion-delay-ms")
