@@ -5,14 +5,7 @@ use haven_protocol::{ChatMode, ErrorCode, MAX_CONTENT_CHARS, ServerFrame};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{PASSWORD, TestApp};
-
-async fn error_body(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status(), status);
-    let body: Value = response.json().await.expect("JSON error body");
-    assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
-    body
-}
+use crate::helpers::{PASSWORD, TestApp, error_body};
 
 #[tokio::test]
 async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie() {
@@ -41,7 +34,16 @@ async fn login_answers_unknown_email_and_wrong_password_alike() {
 
     let response = app.login("  Tess@Clinic.test ", PASSWORD).await;
     assert_eq!(response.status(), 200);
-    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let cookies: Vec<String> = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|value| value.to_str().unwrap().to_owned())
+        .collect();
+    let cookie =
+        cookies.iter().find(|cookie| cookie.starts_with("haven_therapist=")).expect("a login cookie");
+    let device = cookies.iter().find(|cookie| cookie.starts_with("haven_device=")).expect("a device cookie");
+    assert!(device.contains("HttpOnly") && device.contains("Max-Age=7776000"), "{device}");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["therapist"]["email"], "tess@clinic.test");
     assert_eq!(body["therapist"]["name"], "Tess");

@@ -6,16 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use haven_protocol::{ErrorCode, ServerFrame};
 use serde_json::{Value, json};
 
-use crate::helpers::{Options, TestApp, message_of};
-
-async fn json_error(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status(), status);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(content_type.starts_with("application/json"), "{content_type}");
-    let body: Value = response.json().await.expect("JSON error body");
-    assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
-    body
-}
+use crate::helpers::{Options, TestApp, error_body, message_of};
 
 #[tokio::test]
 async fn a_nul_character_is_refused_at_the_edge_and_fails_no_one_else() {
@@ -50,7 +41,7 @@ async fn a_nul_character_is_refused_at_the_edge_and_fails_no_one_else() {
         .http
         .post(app.url("/api/auth/login"))
         .json(&json!({"email": "tess\u{0}@clinic.test", "password": "x"}));
-    let body = json_error(login.send().await.unwrap(), 400).await;
+    let body = error_body(login.send().await.unwrap(), 400).await;
     assert_eq!(body["error"], "invalid_json");
     assert!(app.logs.matching(|event| message_of(event) == "database unavailable").is_empty());
 }
@@ -128,7 +119,7 @@ async fn session_ids_are_accepted_only_in_their_canonical_form() {
         format!("urn:uuid:{id}"),
         session.session_id.simple().to_string(),
     ] {
-        let body = json_error(get(odd.clone()).await.unwrap(), 404).await;
+        let body = error_body(get(odd.clone()).await.unwrap(), 404).await;
         assert_eq!(body["error"], "not_found", "{odd}");
     }
     let mut socket = app.connect_with(&format!("/api/chat/ws/{}", id.to_uppercase()), &[]).await;
@@ -140,7 +131,7 @@ async fn query_errors_are_json() {
     let app = TestApp::spawn().await;
     let tess = app.therapist("Tess").await;
     let report = app.http.get(app.url("/api/safety/report?days=many")).bearer_auth(&tess.token).send();
-    let body = json_error(report.await.unwrap(), 400).await;
+    let body = error_body(report.await.unwrap(), 400).await;
     assert_eq!(body["error"], "invalid_query");
 }
 
@@ -206,7 +197,7 @@ async fn the_appointments_list_comes_in_pages_newest_activity_first() {
     for bad in ["limit=0", "limit=201", "cursor=nonsense"] {
         let response =
             app.http.get(app.url(&format!("/api/appointments?{bad}"))).bearer_auth(&tess.token).send();
-        assert_eq!(json_error(response.await.unwrap(), 400).await["error"], "invalid_query", "{bad}");
+        assert_eq!(error_body(response.await.unwrap(), 400).await["error"], "invalid_query", "{bad}");
     }
 }
 

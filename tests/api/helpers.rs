@@ -335,6 +335,19 @@ impl Logs {
     }
 }
 
+/// Checks an API error: this status, a JSON body with `error` and `message`.
+pub async fn error_body(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response.headers().get("content-type").map(|value| value.to_str().unwrap().to_owned());
+    assert!(
+        content_type.as_deref().is_some_and(|value| value.starts_with("application/json")),
+        "{content_type:?}"
+    );
+    let body: Value = response.json().await.expect("JSON error body");
+    assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
+    body
+}
+
 /// A log event's message.
 pub fn message_of(event: &Value) -> &str {
     event["message"].as_str().unwrap_or_default()
