@@ -189,8 +189,9 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_MAX_EVENT_STREAMS_PER_LOGIN", default_value_t = 8)]
     pub max_event_streams_per_login: usize,
 
-    /// Failed logins, per account or per IP, after which logins are refused
-    /// (HTTP 429) until the window has passed.
+    /// Failed logins, per account and address and per address, after which
+    /// logins from there are refused (HTTP 429) until the window has passed.
+    /// An account's failures from anywhere only slow its logins down.
     #[arg(long, env = "HAVEN_LOGIN_FAILURES", default_value_t = 10)]
     pub login_failures: usize,
 

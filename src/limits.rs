@@ -1,6 +1,7 @@
 //! Abuse limits:
 //! - kept in the store, so they hold across instances sharing a database:
-//!   failed logins per account and per IP, and new chat sessions per IP;
+//!   failed logins per account and address, per address and per account
+//!   (docs/reliability.md), and new chat sessions per IP;
 //! - kept in this process: message rates per connection, open connections
 //!   per IP (counted at accept, before a byte is read), open sockets per IP
 //!   and per credential, event streams per login, and a small pool for
@@ -28,7 +29,8 @@ pub struct Limits {
     pub settings: LimitArgs,
     /// New anonymous chat sessions per client IP, per minute.
     sessions: SharedLimit,
-    /// Failed logins per account and per IP.
+    /// Failed logins, by key: `pair:EMAIL|ADDRESS` and `ip:ADDRESS` lock,
+    /// `account:EMAIL` slows down.
     logins: SharedLimit,
     connections_per_ip: Arc<Counter<IpAddr>>,
     sockets_per_ip: Arc<Counter<IpAddr>>,
@@ -234,9 +236,9 @@ impl SharedLimit {
 }
 
 /// Failures of an account, within the login window, before its logins slow down.
-pub const SLOWDOWN_AFTER: i64 = 5;
+const SLOWDOWN_AFTER: i64 = 5;
 /// The longest a login waits for its account's failures.
-pub const SLOWDOWN_MAX: Duration = Duration::from_secs(8);
+const SLOWDOWN_MAX: Duration = Duration::from_secs(8);
 
 fn account_delay(failures: i64) -> Duration {
     if failures < SLOWDOWN_AFTER {

@@ -12,10 +12,9 @@ use axum::routing::get;
 use futures_util::Stream;
 use haven_protocol::RiskLevel;
 use haven_protocol::api::Appointment;
+use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
-
-use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{ApiError, Json, Query};
@@ -156,14 +155,13 @@ async fn appointment_events(
         recheck: tokio::time::Interval,
         state: AppState,
         login: [u8; 32],
-        therapist_id: uuid::Uuid,
+        therapist_id: Uuid,
         _slot: Slot<[u8; 32]>,
     }
     let login = auth::token_hash(&caller.token);
-    let slot = state.limits.open_event_stream(login).ok_or(ApiError::TooManyRequests {
-        retry_after: std::time::Duration::from_secs(state.limits.settings.heartbeat_seconds.max(1)),
-    })?;
     let period = std::time::Duration::from_secs(state.limits.settings.heartbeat_seconds.max(1));
+    let slot =
+        state.limits.open_event_stream(login).ok_or(ApiError::TooManyRequests { retry_after: period })?;
     let feed = Feed {
         changes: state.hub.watch_appointments(),
         risks: state.hub.watch_risks(),
