@@ -120,9 +120,9 @@ function render(message) {
   if (message.seq <= state.lastSeq) return;
   state.lastSeq = message.seq;
   if (message.reply_id) dropStreaming(message.reply_id);
-  // A system message (the join message, or an outage notice) ends the
-  // companion's turn: no partial reply survives it.
-  if (message.sender === "system") dropAllStreaming();
+  // Any message that is not chat (the join, the close, crisis resources,
+  // an outage notice) ends the companion's turn: no partial reply survives it.
+  if (message.kind !== "chat") dropAllStreaming();
   const mine = message.sender === ownSender && message.client_id && state.pending.get(message.client_id);
   let element;
   if (mine) {
@@ -135,6 +135,7 @@ function render(message) {
     announce(message);
   }
   element.dataset.seq = String(message.seq);
+  element.dataset.kind = message.kind;
   element.dataset.clientId = message.client_id ?? "";
   placeConfirmed(element);
   element.scrollIntoView({ block: "nearest" });

@@ -1,20 +1,23 @@
 //! The companion's state machine in one session, driven by any sequence of
-//! events: client messages starting replies, deltas, commits, failures, the
-//! takeover, deltas relayed from other instances, closing the chat. Whatever
-//! the order, there is one reply at a time, and no companion output follows
-//! the join (or closing) message.
+//! events: client messages starting replies, deltas, commits, failures, and
+//! the committed events that reach the hub (`Hub::apply`): the takeover,
+//! deltas relayed from other instances, closing the chat. Whatever the
+//! order, there is one reply at a time, and no companion output follows the
+//! join (or closing) message.
 #![no_main]
 
 use haven::chat::{Finished, Hub};
-use haven_protocol::{ChatMessage, Sender};
+use haven_protocol::{ChatMessage, MessageKind, Sender};
+use haven_store::SessionEvent;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 
-fn message(seq: i64, sender: Sender) -> ChatMessage {
+fn message(seq: i64, sender: Sender, kind: MessageKind) -> ChatMessage {
     ChatMessage {
         seq,
         id: Uuid::now_v7(),
         sender,
+        kind,
         content: String::new(),
         created_at: time::OffsetDateTime::UNIX_EPOCH,
         client_id: None,
@@ -24,7 +27,9 @@ fn message(seq: i64, sender: Sender) -> ChatMessage {
 
 fuzz_target!(|steps: &[u8]| {
     let hub = Hub::default();
-    let room = hub.room(Uuid::now_v7());
+    let session_id = Uuid::now_v7();
+    let room = hub.room(session_id);
+    let committed = |message| [SessionEvent::message(session_id, message)];
     let mut events = room.subscribe();
     let mut current: Option<Uuid> = None;
     let mut seq = 0;
@@ -47,7 +52,8 @@ fuzz_target!(|steps: &[u8]| {
                     // Only a stored reply takes a seq.
                     let finished = if step % 7 == 2 && !ended {
                         seq += 1;
-                        Finished::Committed(message(seq, Sender::Ai))
+                        hub.apply(committed(message(seq, Sender::Ai, MessageKind::Chat)));
+                        Finished::Committed
                     } else {
                         Finished::Abandoned
                     };
@@ -57,13 +63,16 @@ fuzz_target!(|steps: &[u8]| {
             4 => {
                 seq += 1;
                 ended = true;
-                room.takeover(message(seq, Sender::System));
+                hub.apply(committed(message(seq, Sender::System, MessageKind::Join)));
             }
-            5 => room.relay_delta(Uuid::now_v7(), "remote".into()),
+            5 => {
+                let delta = SessionEvent::Delta { session_id, reply_id: Uuid::now_v7(), delta: "remote".into() };
+                hub.apply([delta]);
+            }
             _ => {
                 seq += 1;
                 ended = true;
-                room.close_chat(message(seq, Sender::System));
+                hub.apply(committed(message(seq, Sender::System, MessageKind::Close)));
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use haven_protocol::{ChatMessage, RiskLevel, Sender};
 use haven_responder::{ReplyRequest, Responder, Turn};
-use haven_store::{Announcement, BotMessage};
+use haven_store::{BotMessage, SessionEvent};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -47,8 +47,8 @@ async fn run(state: AppState, room: Arc<Room>, mut reply_id: Uuid) {
         let abandoned = matches!(finished, Finished::Abandoned);
         let next = room.finish_generation(reply_id, finished);
         if abandoned {
-            let announcement = Announcement::Cancelled { session_id: room.session_id, reply_id };
-            if let Err(error) = state.store.announce(announcement).await {
+            let cancelled = SessionEvent::Cancelled { session_id: room.session_id, reply_id };
+            if let Err(error) = state.store.announce(cancelled).await {
                 tracing::warn!(error = %error, "could not announce a cancelled reply");
             }
         }
@@ -167,8 +167,8 @@ async fn stream_reply(
                     return Ok(Finished::Abandoned);
                 }
                 // Connections on other instances sharing the database.
-                let announcement = Announcement::Delta { session_id: room.session_id, reply_id, delta };
-                if let Err(error) = state.store.announce(announcement).await {
+                let delta = SessionEvent::Delta { session_id: room.session_id, reply_id, delta };
+                if let Err(error) = state.store.announce(delta).await {
                     tracing::warn!(error = %error, "could not announce a companion delta");
                 }
             }
@@ -192,14 +192,17 @@ async fn stream_reply(
         .append_if_bot_only(room.session_id, BotMessage::Reply { id: reply_id, content: text })
         .await
     {
-        Ok(Some(message)) => {
-            tracing::info!(seq = message.seq, responder = responder_name, "companion reply stored");
-            Ok(Finished::Committed(message))
-        }
-        Ok(None) => {
-            tracing::info!("companion reply discarded: therapist joined");
-            Ok(Finished::Abandoned)
-        }
+        Ok(committed) => match committed.outcome {
+            Some(message) => {
+                tracing::info!(seq = message.seq, responder = responder_name, "companion reply stored");
+                state.hub.apply(committed.events);
+                Ok(Finished::Committed)
+            }
+            None => {
+                tracing::info!("companion reply discarded: therapist joined");
+                Ok(Finished::Abandoned)
+            }
+        },
         Err(error) => {
             tracing::error!(error = %error, "companion reply not stored");
             Err(())
@@ -212,10 +215,9 @@ async fn stream_reply(
 async fn tell_unavailable(state: &AppState, room: &Arc<Room>) {
     let notice = BotMessage::Notice { content: UNAVAILABLE_NOTICE.to_owned() };
     match state.store.append_if_bot_only(room.session_id, notice).await {
-        Ok(Some(message)) => {
-            room.publish(message);
+        Ok(committed) => {
+            state.hub.apply(committed.events);
         }
-        Ok(None) => {}
         Err(error) => tracing::error!(error = %error, "companion notice not stored"),
     }
 }

@@ -18,10 +18,10 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMessage, ChatMode, ErrorCode, JOIN_MESSAGE, RiskLevel, Role, Sender, ServerFrame, close_code,
-    parse_client_frame,
+    ChatMessage, ChatMode, ErrorCode, JOIN_MESSAGE, MessageKind, RiskLevel, Role, Sender, ServerFrame,
+    close_code, parse_client_frame,
 };
-use haven_store::{Appended, Flagged, JoinOutcome, NewMessage, StoreError};
+use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -162,23 +162,15 @@ async fn next_alert(risks: &mut Option<broadcast::Receiver<RiskAlert>>) -> Resul
     }
 }
 
-/// After a flag committed: the crisis message to every tab of the client,
-/// and the alert to therapists. Logs levels only, never words.
-fn escalated(state: &AppState, room: &Arc<Room>, detected: RiskLevel, flagged: Flagged) {
+/// Logs a flag that committed (levels only, never words); its crisis
+/// message and alert are among the write's events.
+fn log_flag(detected: RiskLevel, flagged: Flagged) {
     tracing::warn!(
         detected = detected.as_str(),
         session_level = flagged.level.as_str(),
-        crisis_message = flagged.crisis_message.is_some(),
+        crisis_message = flagged.referred,
         "client message flagged by the crisis detector"
     );
-    if let Some(crisis) = flagged.crisis_message {
-        room.publish(crisis);
-    }
-    state.hub.risk_flagged(RiskAlert {
-        session_id: room.session_id,
-        level: flagged.level,
-        therapist_id: flagged.therapist_id,
-    });
 }
 
 /// Asks the language model for a second opinion on a client message, in
@@ -186,7 +178,7 @@ fn escalated(state: &AppState, room: &Arc<Room>, detected: RiskLevel, flagged: F
 fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: RiskLevel, text: String) {
     let opinion = state.responder.assess_risk(&text);
     let tasks = state.tasks.clone();
-    let (state, room) = (state.clone(), room.clone());
+    let (state, session_id) = (state.clone(), room.session_id);
     let task = async move {
         let opinion = opinion.await;
         tracing::info!(
@@ -196,8 +188,11 @@ fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: Ri
         );
         let Some(level) = opinion.filter(|level| *level > detected) else { return };
         let flag = state.escalation.second_opinion(level);
-        match state.store.flag_risk(room.session_id, seq, flag).await {
-            Ok(flagged) => escalated(&state, &room, level, flagged),
+        match state.store.flag_risk(session_id, seq, flag).await {
+            Ok(flagged) => {
+                log_flag(level, flagged.outcome);
+                state.hub.apply(flagged.events);
+            }
             Err(error) => tracing::error!(error = %error, "the model's risk flag was not stored"),
         }
     };
@@ -322,11 +317,11 @@ struct Storing {
     detected: RiskLevel,
     /// The text to ask the model about, when it gives second opinions.
     second_opinion: Option<String>,
-    commit: BoxFuture<'static, haven_store::Result<Appended>>,
+    commit: BoxFuture<'static, haven_store::Result<Committed<Appended>>>,
 }
 
 /// The commit in flight; never, when there is none.
-async fn next_commit(storing: &mut Option<Storing>) -> haven_store::Result<Appended> {
+async fn next_commit(storing: &mut Option<Storing>) -> haven_store::Result<Committed<Appended>> {
     match storing {
         Some(storing) => (&mut storing.commit).await,
         None => std::future::pending().await,
@@ -343,13 +338,13 @@ impl Connection {
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
         self.mode = session.chat_mode;
         if let Some(therapist) = &self.admitted.therapist {
-            match store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await? {
-                JoinOutcome::Joined { message } => {
+            let joined = store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await?;
+            match joined.outcome {
+                JoinOutcome::Joined => {
                     self.mode = ChatMode::TherapistJoined;
                     tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
-                    self.guard.room().takeover(message);
+                    self.state.hub.apply(joined.events);
                     tracing::info!("join message sent");
-                    self.state.hub.appointments_changed();
                 }
                 JoinOutcome::AlreadyJoined => self.mode = ChatMode::TherapistJoined,
                 JoinOutcome::ClaimedByOther => {
@@ -534,22 +529,24 @@ impl Connection {
 
     /// A client message's commit ended: ack, publish, escalate, and let the
     /// companion answer only if the session is still `BOT_ONLY`.
-    fn on_stored(&mut self, storing: Storing, stored: haven_store::Result<Appended>) -> Result<(), Stop> {
+    fn on_stored(
+        &mut self,
+        storing: Storing,
+        stored: haven_store::Result<Committed<Appended>>,
+    ) -> Result<(), Stop> {
         let Storing { client_id, acked, detected, second_opinion, .. } = storing;
         let role = self.admitted.role;
         match stored {
-            Ok(Appended::Stored { message, chat_mode, flagged }) => {
+            Ok(Committed { outcome: Appended::Stored { seq, chat_mode, flagged }, events }) => {
                 self.spoke = true;
-                let seq = message.seq;
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
                 let acked = if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) };
-                let frame = self.guard.room().publish(message);
-                self.state.hub.appointments_changed();
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if let Some(flagged) = flagged {
-                    escalated(&self.state, self.guard.room(), detected, *flagged);
+                    log_flag(detected, flagged);
                 }
+                let frame = self.state.hub.apply(events);
                 if let Some(text) = second_opinion {
                     ask_second_opinion(&self.state, self.guard.room(), seq, detected, text);
                 }
@@ -559,9 +556,21 @@ impl Connection {
                     tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
                     companion::spawn(&self.state, self.guard.room());
                 }
-                acked.and_then(|()| self.send_own(seq, frame))
+                match frame {
+                    Some(frame) => acked.and_then(|()| self.send_own(seq, frame)),
+                    None => acked,
+                }
             }
-            Ok(Appended::Duplicate { seq }) => {
+            Ok(Committed { outcome: Appended::Closed, .. }) => {
+                tracing::info!("message refused: the chat is closed");
+                self.send(ServerFrame::Error {
+                    code: ErrorCode::ChatClosed,
+                    message: "this chat was closed by the therapist; the message was not stored".into(),
+                    client_id: Some(client_id),
+                })?;
+                Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"))
+            }
+            Ok(Committed { outcome: Appended::Duplicate { seq }, .. }) => {
                 tracing::info!(seq, "duplicate client_id: original ack sent again");
                 if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) }
             }
@@ -650,7 +659,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends every stored message with `last_seq < seq <= up_to`.
+    /// Sends every stored message with `last_seq < seq <= up_to`, reading
+    /// what each is from its kind, never its text.
     async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
         while self.last_seq < up_to {
             let page = (up_to - self.last_seq).min(CATCH_UP_PAGE);
@@ -662,7 +672,7 @@ impl Connection {
             for message in messages {
                 self.ack_before_own(&message)?;
                 let seq = message.seq;
-                let joins = message.sender == Sender::System && message.content == JOIN_MESSAGE;
+                let kind = message.kind;
                 if message.sender == Sender::Ai {
                     self.finished_reply = message.reply_id;
                 }
@@ -670,9 +680,15 @@ impl Connection {
                     .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
                     .await?;
                 self.last_seq = seq;
-                // The mode frame follows the join message, as it does live.
-                if joins {
-                    self.tell_mode(ChatMode::TherapistJoined)?;
+                // As live: the mode frame follows the join message, and the
+                // socket closes after the closing message.
+                match kind {
+                    MessageKind::Join => self.tell_mode(ChatMode::TherapistJoined)?,
+                    MessageKind::Close => {
+                        tracing::info!("chat closed: closing");
+                        return Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"));
+                    }
+                    MessageKind::Chat | MessageKind::Crisis | MessageKind::Notice => {}
                 }
             }
         }

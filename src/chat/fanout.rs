@@ -1,16 +1,16 @@
 //! Events from other Haven instances sharing the database, delivered to
-//! this instance's sockets.
+//! this instance's sockets through the same [`Hub::apply`](super::Hub::apply)
+//! as this instance's own writes.
 //!
-//! A message committed elsewhere arrives as its session and seq; it is read
-//! from the database and published to the local room, where connections
-//! order it by seq like any other. The join message also runs the local
-//! takeover, which cancels a companion reply this instance is generating.
+//! A message committed elsewhere arrives as its session, seq and kind; it
+//! is read from the database and applied like a local one: published to
+//! the local room, where connections order it by seq like any other, and
+//! at a join or a close the room's takeover or close runs too.
 //! Notifications can be lost; after the listener reconnects, every local
 //! room re-reads its session from the database.
 
-use haven_store::{Announcement, Listener, Notification};
+use haven_store::{Listener, Notification, SessionEvent};
 
-use super::RiskAlert;
 use crate::startup::AppState;
 
 /// Runs until shutdown.
@@ -21,41 +21,19 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
             notification = listener.next() => notification,
         };
         match notification {
-            Notification::Message { session_id, seq, join } => {
-                state.hub.appointments_changed();
-                let Some(room) = state.hub.existing_room(session_id) else { continue };
-                match state.store.messages_after(session_id, seq - 1, 1).await {
-                    Ok(mut found) if !found.is_empty() => {
-                        let message = found.remove(0);
-                        if join {
-                            tracing::info!(session_id = %session_id, "therapist joined on another instance");
-                            room.takeover(message);
-                        } else {
-                            room.publish(message);
-                        }
-                    }
-                    // Connections fill the gap when the next event arrives,
-                    // or at the resync below.
-                    Ok(_) => room.resync(),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "could not read a message announced by another instance");
-                        room.resync();
-                    }
+            Notification::Event(SessionEvent::Message { session_id, seq, kind, .. }) => {
+                // Only a session with sockets here needs the message itself.
+                let message = match state.hub.existing_room(session_id) {
+                    Some(_) => read(&state, session_id, seq).await,
+                    None => None,
+                };
+                if kind == haven_protocol::MessageKind::Join && message.is_some() {
+                    tracing::info!(session_id = %session_id, "therapist joined on another instance");
                 }
+                state.hub.apply([SessionEvent::Message { session_id, seq, kind, message }]);
             }
-            Notification::AppointmentsChanged => state.hub.appointments_changed(),
-            Notification::Risk { session_id, level, therapist_id } => {
-                state.hub.risk_flagged(RiskAlert { session_id, level, therapist_id });
-            }
-            Notification::Announced(Announcement::Delta { session_id, reply_id, delta }) => {
-                if let Some(room) = state.hub.existing_room(session_id) {
-                    room.relay_delta(reply_id, delta);
-                }
-            }
-            Notification::Announced(Announcement::Cancelled { session_id, reply_id }) => {
-                if let Some(room) = state.hub.existing_room(session_id) {
-                    room.relay_cancelled(reply_id);
-                }
+            Notification::Event(event) => {
+                state.hub.apply([event]);
             }
             Notification::Reconnected => {
                 tracing::info!("notification listener reconnected: re-reading open sessions");
@@ -64,6 +42,25 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
                     room.resync();
                 }
             }
+        }
+    }
+}
+
+/// The message another instance committed as `seq`; `None` when it cannot
+/// be read now (connections then read the gap themselves).
+async fn read(
+    state: &AppState,
+    session_id: uuid::Uuid,
+    seq: i64,
+) -> Option<Box<haven_protocol::ChatMessage>> {
+    match state.store.messages_after(session_id, seq - 1, 1).await {
+        Ok(mut found) if found.first().is_some_and(|message| message.seq == seq) => {
+            Some(Box::new(found.remove(0)))
+        }
+        Ok(_) => None,
+        Err(error) => {
+            tracing::warn!(error = %error, "could not read a message announced by another instance");
+            None
         }
     }
 }

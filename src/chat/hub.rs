@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use haven_protocol::{ChatMessage, ChatMode, RiskLevel, ServerFrame};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, ServerFrame};
+use haven_store::SessionEvent;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -112,6 +113,52 @@ impl Hub {
         }
     }
 
+    /// The one path from a committed write to this process's sockets and
+    /// dashboards, for writes made here and for those other instances
+    /// announce (`fanout`): publishes a message, takes over at a join,
+    /// closes at a close, alerts to a flag, refreshes the appointments
+    /// lists, and relays another instance's companion deltas. Returns the
+    /// frame of the first message it published, for a writer that sends its
+    /// own message at once.
+    pub fn apply(&self, events: impl IntoIterator<Item = SessionEvent>) -> Option<Utf8Bytes> {
+        let mut published = None;
+        for event in events {
+            let frame = self.apply_one(event);
+            published = published.or(frame);
+        }
+        published
+    }
+
+    fn apply_one(&self, event: SessionEvent) -> Option<Utf8Bytes> {
+        let room = self.existing_room(event.session_id());
+        match event {
+            SessionEvent::Message { kind, message, .. } => {
+                self.appointments_changed();
+                let room = room?;
+                // A remote message arrives without its text when it could
+                // not be read: connections read the session again.
+                let Some(message) = message else {
+                    room.resync();
+                    return None;
+                };
+                match kind {
+                    MessageKind::Join => room.takeover(*message),
+                    MessageKind::Close => room.close_chat(*message),
+                    MessageKind::Chat | MessageKind::Crisis | MessageKind::Notice => {
+                        return Some(room.publish(*message));
+                    }
+                }
+            }
+            SessionEvent::Flagged { session_id, level, therapist_id } => {
+                self.risk_flagged(RiskAlert { session_id, level, therapist_id });
+            }
+            SessionEvent::Acknowledged { .. } | SessionEvent::Created { .. } => self.appointments_changed(),
+            SessionEvent::Delta { reply_id, delta, .. } => room?.relay_delta(reply_id, delta),
+            SessionEvent::Cancelled { reply_id, .. } => room?.relay_cancelled(reply_id),
+        }
+        None
+    }
+
     /// Closes the sockets that use a revoked credential, in this process.
     /// (Other processes notice at their next heartbeat, which re-checks.)
     pub fn revoke(&self, revocation: Revocation) {
@@ -132,7 +179,7 @@ impl Hub {
     }
 
     /// Alerts therapists' sockets and dashboards to a flagged session.
-    pub fn risk_flagged(&self, alert: RiskAlert) {
+    fn risk_flagged(&self, alert: RiskAlert) {
         let _ = self.risks.send(alert);
         self.appointments_changed();
     }
@@ -268,8 +315,9 @@ impl History {
 
 /// How a generation ended, for [`Room::finish_generation`].
 pub enum Finished {
-    /// The reply was committed as this message.
-    Committed(ChatMessage),
+    /// The reply was committed (and its message published, by
+    /// [`Hub::apply`]).
+    Committed,
     /// No reply was committed; clients drop the partial text.
     Abandoned,
 }
@@ -302,7 +350,7 @@ impl Room {
 
     /// Sends a committed message to every connection of the session here.
     /// Returns its frame, for a connection that sends it at once.
-    pub fn publish(self: &Arc<Self>, message: ChatMessage) -> Utf8Bytes {
+    fn publish(self: &Arc<Self>, message: ChatMessage) -> Utf8Bytes {
         self.remember(&message);
         let event = Event::message(message, None);
         let frame = event.frame.clone();
@@ -421,7 +469,20 @@ impl Room {
     /// The takeover, as seen by this room: no reply may start or stream
     /// after this; a reply in flight is cancelled and its partial text
     /// withdrawn before the join message goes out.
-    pub fn takeover(self: &Arc<Self>, join_message: ChatMessage) {
+    fn takeover(self: &Arc<Self>, join_message: ChatMessage) {
+        self.silence_companion_then(Event::message(join_message, Some(ChatMode::TherapistJoined)));
+    }
+
+    /// Publishes the closing message; every connection closes after it.
+    fn close_chat(self: &Arc<Self>, closing_message: ChatMessage) {
+        // Nothing from the companion after the chat ends, either.
+        self.silence_companion_then(Event { closes: true, ..Event::message(closing_message, None) });
+    }
+
+    /// Stops the companion for good (a reply in flight is cancelled and its
+    /// partial text withdrawn), then sends `event`, under the lock that
+    /// every delta takes: no delta can follow it.
+    fn silence_companion_then(self: &Arc<Self>, event: Event) {
         let mut generation = self.generation();
         generation.joined = true;
         *self.history() = None;
@@ -429,7 +490,7 @@ impl Room {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
         self.takeover.cancel();
-        self.send_in_order(Event::message(join_message, Some(ChatMode::TherapistJoined)));
+        self.send_in_order(event);
     }
 
     /// Starts a companion reply unless one is running (then the running one
@@ -451,7 +512,7 @@ impl Room {
 
     /// Relays a piece of a reply generated by another instance, unless a
     /// therapist has joined.
-    pub fn relay_delta(&self, reply_id: Uuid, delta: String) {
+    fn relay_delta(&self, reply_id: Uuid, delta: String) {
         let generation = self.generation();
         if !generation.joined {
             self.send(Event::companion(reply_id, &ServerFrame::AiDelta { reply_id, delta }));
@@ -459,7 +520,7 @@ impl Room {
     }
 
     /// Relays the end of another instance's reply that left no message.
-    pub fn relay_cancelled(&self, reply_id: Uuid) {
+    fn relay_cancelled(&self, reply_id: Uuid) {
         let generation = self.generation();
         if !generation.joined {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
@@ -479,19 +540,6 @@ impl Room {
         });
     }
 
-    /// Publishes the closing message; every connection closes after it.
-    pub fn close_chat(self: &Arc<Self>, closing_message: ChatMessage) {
-        let mut generation = self.generation();
-        // Nothing from the companion after the chat ends, either.
-        generation.joined = true;
-        *self.history() = None;
-        if let Some(reply_id) = generation.in_flight.take() {
-            self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
-        }
-        self.takeover.cancel();
-        self.send_in_order(Event { closes: true, ..Event::message(closing_message, None) });
-    }
-
     /// The reply being generated right now, if any.
     pub fn reply_in_flight(&self) -> Option<Uuid> {
         self.generation().in_flight
@@ -508,8 +556,8 @@ impl Room {
         true
     }
 
-    /// Ends reply `reply_id`: publishes its message, or withdraws its partial
-    /// text. Returns the id of a follow-up reply to generate now, when client
+    /// Ends reply `reply_id`: withdraws its partial text unless it was
+    /// committed. Returns the id of a follow-up reply to generate now, when client
     /// messages arrived meanwhile.
     pub fn finish_generation(self: &Arc<Self>, reply_id: Uuid, finished: Finished) -> Option<Uuid> {
         let mut generation = self.generation();
@@ -518,10 +566,7 @@ impl Room {
             generation.in_flight = None;
         }
         match finished {
-            Finished::Committed(message) => {
-                self.remember(&message);
-                self.send_in_order(Event::message(message, None));
-            }
+            Finished::Committed => {}
             // After a takeover the withdrawal already went out, before the join.
             Finished::Abandoned if current => {
                 self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
@@ -640,6 +685,7 @@ mod tests {
             created_at: time::OffsetDateTime::now_utc(),
             client_id: None,
             reply_id: None,
+            kind: MessageKind::Chat,
         }
     }
 
@@ -684,7 +730,8 @@ mod tests {
         assert_eq!(seqs_of(room.recent_history(1)), None, "not kept before the first reply");
         room.keep_history(&[message(1, User)]);
         room.publish(message(2, User));
-        room.finish_generation(Uuid::now_v7(), Finished::Committed(message(3, Ai)));
+        room.publish(message(3, Ai));
+        room.finish_generation(Uuid::now_v7(), Finished::Committed);
         assert_eq!(seqs_of(room.recent_history(3)), Some(vec![1, 2, 3]));
         assert_eq!(seqs_of(room.recent_history(4)), None, "seq 4 is committed but not here");
         room.publish(message(5, User));
@@ -765,7 +812,8 @@ mod tests {
                                 // commit (its mode check), so it is abandoned.
                                 let finished = if matches!(step, Step::Commit) && !joined_in_database {
                                     seq += 1;
-                                    Finished::Committed(message(seq, haven_protocol::Sender::Ai))
+                                    hub.apply([SessionEvent::message(room.session_id, message(seq, haven_protocol::Sender::Ai))]);
+                                    Finished::Committed
                                 } else {
                                     Finished::Abandoned
                                 };
@@ -775,7 +823,8 @@ mod tests {
                         Step::Takeover => {
                             seq += 1;
                             joined_in_database = true;
-                            room.takeover(message(seq, haven_protocol::Sender::System));
+                            let join = ChatMessage { kind: MessageKind::Join, ..message(seq, haven_protocol::Sender::System) };
+                            hub.apply([SessionEvent::message(room.session_id, join)]);
                         }
                     }
                 }

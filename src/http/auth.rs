@@ -117,9 +117,18 @@ async fn logout(
     jar: CookieJar,
     caller: AuthTherapist,
 ) -> Result<(StatusCode, CookieJar), ApiError> {
-    let hash = auth::token_hash(&caller.token);
-    state.store.revoke_auth_session(&hash).await?;
-    state.hub.revoke(Revocation::Login(hash));
+    end_login(&state, &caller.token).await?;
     tracing::info!(therapist_id = %caller.therapist.id, "therapist logged out");
     Ok((StatusCode::NO_CONTENT, jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"))))
+}
+
+/// Ends the login of `token`, for the API's logout and the pages' logout
+/// alike: deleted from the store, and its sockets here closed with 1008
+/// (other instances' sockets close at their next heartbeat, which checks
+/// the login again).
+pub(crate) async fn end_login(state: &AppState, token: &str) -> haven_store::Result<()> {
+    let hash = auth::token_hash(token);
+    state.store.revoke_auth_session(&hash).await?;
+    state.hub.revoke(Revocation::Login(hash));
+    Ok(())
 }

@@ -85,10 +85,11 @@ async fn acknowledge(
             message: format!("the note is longer than {MAX_NOTE_CHARS} characters"),
         });
     }
-    match state.store.acknowledge_risk(session.id, caller.therapist.id, note).await? {
+    let acknowledged = state.store.acknowledge_risk(session.id, caller.therapist.id, note).await?;
+    match acknowledged.outcome {
         AcknowledgeOutcome::Acknowledged(_) => {
             tracing::info!(session_id = %session.id, "risk flag acknowledged");
-            state.hub.appointments_changed();
+            state.hub.apply(acknowledged.events);
             let session = state.store.chat_session(session.id).await?.ok_or(ApiError::NotFound)?;
             Ok(Json(risk_of(&state, &session).await?))
         }

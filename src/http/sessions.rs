@@ -39,9 +39,10 @@ async fn create_session(
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let token = auth::new_token(CLIENT_TOKEN_PREFIX);
-    let session = state.store.create_chat_session(&auth::token_hash(&token)).await?;
+    let created = state.store.create_chat_session(&auth::token_hash(&token)).await?;
+    let session = created.outcome;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
-    state.hub.appointments_changed();
+    state.hub.apply(created.events);
     let jar = jar.add(auth::auth_cookie(CLIENT_COOKIE, token.clone(), state.settings.cookie_secure));
     let body = CreatedSession {
         session_id: session.id,
@@ -109,13 +110,11 @@ async fn close_session(
     caller: AuthTherapist,
 ) -> Result<StatusCode, ApiError> {
     let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
-    match state.store.close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE).await? {
-        CloseOutcome::Closed { message } => {
+    let closed = state.store.close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE).await?;
+    match closed.outcome {
+        CloseOutcome::Closed => {
             tracing::info!(session_id = %session_id, "chat closed by its therapist");
-            if let Some(room) = state.hub.existing_room(session_id) {
-                room.close_chat(message);
-            }
-            state.hub.appointments_changed();
+            state.hub.apply(closed.events);
             Ok(StatusCode::NO_CONTENT)
         }
         CloseOutcome::AlreadyClosed => Ok(StatusCode::NO_CONTENT),

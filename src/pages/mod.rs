@@ -265,12 +265,10 @@ async fn login(
 }
 
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> Response {
-    if let Some(cookie) = jar.get(THERAPIST_COOKIE) {
-        let hash = auth::token_hash(cookie.value());
-        if let Err(error) = state.store.revoke_auth_session(&hash).await {
-            return unavailable(error);
-        }
-        state.hub.revoke(crate::chat::Revocation::Login(hash));
+    if let Some(cookie) = jar.get(THERAPIST_COOKIE)
+        && let Err(error) = crate::http::auth::end_login(&state, cookie.value()).await
+    {
+        return unavailable(error);
     }
     let jar = jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"));
     (jar, Redirect::to("/therapist/login")).into_response()

@@ -324,7 +324,7 @@ async fn the_reference_procedure_works_in_a_real_browser() {
         .await;
     for tab in &tabs {
         client.client.switch_to_window(tab.clone()).await.unwrap();
-        client.until("[...document.querySelectorAll('#messages .msg--system')].some(m => m.textContent.includes('Therapist has joined'))", vec![]).await;
+        client.until("[...document.querySelectorAll('#messages .msg--system[data-kind=join]')].some(m => m.textContent.includes('Therapist has joined'))", vec![]).await;
         client
             .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
             .await;
@@ -615,7 +615,7 @@ async fn a_flagged_session_alerts_the_dashboard_within_seconds_while_the_model_i
     therapist.screenshot("risk-dashboard-alert").await;
 
     // The client got the crisis resources, then the safety script.
-    client.until("[...document.querySelectorAll('#messages .msg--system')].some(m => m.textContent.includes('emergency'))", vec![]).await;
+    client.until("[...document.querySelectorAll('#messages .msg--system[data-kind=crisis]')].some(m => m.textContent.includes('emergency'))", vec![]).await;
     client.until_message("ai", haven::safety::SAFETY_SCRIPT[0]).await;
     client.screenshot("risk-client-resources").await;
 

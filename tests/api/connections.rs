@@ -107,10 +107,13 @@ async fn silent_and_stalled_connections_are_closed_while_others_chat() {
         client.ack(&id).await;
         latencies.push(sent.elapsed());
     }
+    // Held connections must not make the chat wait for their deadline: a
+    // starved ack would take about `DEADLINE`. (Latency itself is measured
+    // in scripts/bench.sh; a loaded test machine makes milliseconds noise.)
     latencies.sort();
-    let p99 = latencies[latencies.len() * 99 / 100 - 1];
-    eprintln!("ack latency beside {} held connections: p99 {p99:?}", CAP + 16);
-    assert!(p99 < Duration::from_millis(100), "p99 ack latency {p99:?}");
+    let slowest = latencies[latencies.len() - 1];
+    eprintln!("ack latency beside {} held connections: slowest {slowest:?}", CAP + 16);
+    assert!(slowest < deadline / 2, "an ack waited {slowest:?}, as long as a held connection's deadline");
 
     // The ten beyond the cap were closed before anything was read; the
     // others within their deadline. Each is watched from its own task, so

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use haven_protocol::api::CreatedSession;
-use haven_protocol::{ChatMode, Sender, ServerFrame};
+use haven_protocol::{ChatMode, ErrorCode, MessageKind, Sender, ServerFrame};
 use serde_json::json;
 
 use crate::helpers::{
-    Options, PASSWORD, TestApp, Ws, fresh_postgres_database, message_of, messages, session_of,
+    Options, PASSWORD, Received, TestApp, Ws, fresh_postgres_database, message_of, messages, session_of,
 };
 use crate::mock_llm::{MockLlm, Script};
 
@@ -95,6 +95,76 @@ async fn a_client_on_one_instance_and_a_therapist_on_another_talk_as_one_service
             (Sender::User, "are you there?".to_owned()),
             (Sender::Therapist, "Yes, I'm here to help".to_owned())
         ]
+    );
+}
+
+/// Frames until the socket closes: the frames, and the close code and reason.
+async fn frames_until_closed(ws: &mut Ws) -> (Vec<ServerFrame>, u16, String) {
+    let mut frames = Vec::new();
+    loop {
+        match ws.receive().await {
+            Received::Frame(frame) => frames.push(frame),
+            Received::Closed(Some(close)) => return (frames, close.code.into(), close.reason.to_string()),
+            Received::Closed(None) => panic!("closed without a close frame after {frames:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_closed_on_one_instance_closes_every_socket_on_another_and_takes_no_more_writes() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(b, a).await;
+    let session = a.create_session().await;
+    let mut tab = b.connect(session.session_id, &session.client_token).await;
+    tab.mode().await;
+    let mut desk = b.connect(session.session_id, &token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    let join = desk.message().await;
+    assert_eq!(join.kind, MessageKind::Join);
+    // A second socket of the therapist on B, which writes as the chat closes.
+    let mut late = b.connect(session.session_id, &token).await;
+    late.mode().await;
+
+    let closed = a
+        .http
+        .post(a.url(&format!("/api/sessions/{}/close", session.session_id)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 204);
+    let sent = late.send_message("one more thing").await;
+    // The close reaches B's sockets through the notification, within 1 s.
+    for ws in [&mut tab, &mut desk] {
+        let (frames, code, reason) = tokio::time::timeout(Duration::from_secs(1), frames_until_closed(ws))
+            .await
+            .expect("the close did not reach B within 1 s");
+        assert_eq!((code, reason.as_str()), (1008, "chat closed"));
+        assert!(
+            matches!(frames.last(), Some(ServerFrame::Message(m)) if m.kind == MessageKind::Close),
+            "the closing message comes last: {frames:?}"
+        );
+    }
+    // The write raced the close: either it reached the store after the
+    // close and was refused there, or the close reached the socket first.
+    let (frames, code, _) = frames_until_closed(&mut late).await;
+    assert_eq!(code, 1008);
+    let refused = frames.iter().any(|frame| {
+        matches!(frame, ServerFrame::Error { code: ErrorCode::ChatClosed, client_id: Some(id), .. } if *id == sent)
+    });
+    let told =
+        frames.iter().any(|frame| matches!(frame, ServerFrame::Message(m) if m.kind == MessageKind::Close));
+    assert!(refused || told, "neither refused nor told of the close: {frames:?}");
+    assert!(
+        !frames.iter().any(|frame| matches!(frame, ServerFrame::Ack { .. })),
+        "nothing is stored: {frames:?}"
+    );
+    let history = a.history(session.session_id, &token).await;
+    assert_eq!(
+        history.last().map(|m| m.kind),
+        Some(MessageKind::Close),
+        "nothing follows the closing message"
     );
 }
 

@@ -21,7 +21,7 @@ use axum::response::Response;
 use axum::routing::get;
 use clap::Args as ClapArgs;
 use futures_util::{SinkExt, StreamExt};
-use haven_protocol::{ChatMessage, ChatMode, Sender, ServerFrame, parse_client_frame};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, ServerFrame, parse_client_frame};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -134,6 +134,7 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
                                 seq: *seq,
                                 id: Uuid::now_v7(),
                                 sender,
+                                kind: MessageKind::Chat,
                                 content: new.content,
                                 created_at: time::OffsetDateTime::now_utc(),
                                 client_id: Some(new.client_id.clone()),

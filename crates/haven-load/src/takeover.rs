@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::{SinkExt, StreamExt, stream};
-use haven_protocol::{ChatMode, JOIN_MESSAGE, Sender, ServerFrame};
+use haven_protocol::{ChatMode, MessageKind, Sender, ServerFrame};
 use serde_json::json;
 use tokio::time::sleep_until;
 
@@ -86,9 +86,7 @@ impl Seen {
     /// Counts one frame; `streaming` holds the replies with deltas but no end yet.
     fn frame(&mut self, frame: &ServerFrame, streaming: &mut HashSet<uuid::Uuid>) {
         match frame {
-            ServerFrame::Message(message)
-                if message.sender == Sender::System && message.content == JOIN_MESSAGE && !self.joined =>
-            {
+            ServerFrame::Message(message) if message.kind == MessageKind::Join && !self.joined => {
                 self.joined = true;
                 self.joined_at = Some(Instant::now());
                 self.in_flight_at_join = !streaming.is_empty() || self.just_cancelled;

@@ -69,6 +69,9 @@ pub enum ErrorCode {
     /// Too many messages on this connection; nothing was stored. Re-send it
     /// later with the same `client_id`.
     RateLimited,
+    /// The chat was closed by its therapist; nothing more can be sent to it.
+    /// The socket closes with 1008 after this frame.
+    ChatClosed,
 }
 
 /// A validated message from a client, ready to be stored.

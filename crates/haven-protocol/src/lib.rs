@@ -97,6 +97,44 @@ impl From<Role> for Sender {
     }
 }
 
+/// What a stored message is to its session. Clients tell the join, the
+/// close and the crisis resources apart by this, never by the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    /// A message of the conversation: the client's, the therapist's or the
+    /// companion's.
+    #[default]
+    Chat,
+    /// The therapist joined: the session is `THERAPIST_JOINED` from here.
+    Join,
+    /// The therapist closed the chat: nothing follows it.
+    Close,
+    /// Crisis resources, sent when the session's risk level rose.
+    Crisis,
+    /// Any other `system` notice, such as "the companion is unavailable".
+    Notice,
+}
+
+impl MessageKind {
+    pub const ALL: [MessageKind; 5] =
+        [MessageKind::Chat, MessageKind::Join, MessageKind::Close, MessageKind::Crisis, MessageKind::Notice];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Chat => "chat",
+            MessageKind::Join => "join",
+            MessageKind::Close => "close",
+            MessageKind::Crisis => "crisis",
+            MessageKind::Notice => "notice",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        MessageKind::ALL.into_iter().find(|kind| kind.as_str() == value)
+    }
+}
+
 /// Who may speak in a session: the companion until a therapist joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -164,6 +202,10 @@ pub struct ChatMessage {
     pub seq: i64,
     pub id: Uuid,
     pub sender: Sender,
+    /// What the message is to the session (`chat` for every message of a
+    /// client, a therapist or the companion).
+    #[serde(default)]
+    pub kind: MessageKind,
     pub content: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -20,13 +20,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use haven_protocol::{ChatMessage, ChatMode, Sender};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::rows::new_message;
-use crate::{Appended, BotMessage, NewMessage, Result, StoreError};
+use crate::{Appended, BotMessage, Committed, NewMessage, Result, SessionEvent, StoreError};
 
 /// Writes waiting for the group-commit task; senders wait when it is full.
 const WRITE_QUEUE: usize = 4_096;
@@ -54,8 +54,8 @@ pub(crate) enum Write {
 
 #[derive(Debug)]
 pub(crate) enum Written {
-    Message(Appended),
-    Bot(Option<ChatMessage>),
+    Message(Committed<Appended>),
+    Bot(Committed<Option<ChatMessage>>),
 }
 
 /// The sending end of the queue; clones share it. The commit task ends
@@ -69,14 +69,14 @@ impl Writes {
         (Self(writes), queue)
     }
 
-    pub async fn message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
+    pub async fn message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
         match self.write(session_id, Write::Message(new)).await? {
             Written::Message(appended) => Ok(appended),
             Written::Bot(_) => Err(StoreError::Corrupt("a message write answered as a companion's".into())),
         }
     }
 
-    pub async fn bot(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
+    pub async fn bot(&self, session_id: Uuid, message: BotMessage) -> Result<Committed<Option<ChatMessage>>> {
         match self.write(session_id, Write::Bot(message)).await? {
             Written::Bot(written) => Ok(written),
             Written::Message(_) => Err(StoreError::Corrupt("a companion write answered as a message".into())),
@@ -164,6 +164,7 @@ pub(crate) struct Row<'a> {
     pub id: Uuid,
     pub session_id: Uuid,
     pub sender: Sender,
+    pub kind: MessageKind,
     pub content: &'a str,
     /// `None` for the companion's writes, which are stored only while the
     /// session is `BOT_ONLY`.
@@ -189,24 +190,32 @@ pub(crate) fn usual_rows(batch: &[Pending]) -> (Vec<Row<'_>>, Settled) {
                     id: Uuid::now_v7(),
                     session_id,
                     sender: new.sender,
+                    kind: MessageKind::Chat,
                     content: &new.content,
                     client_id,
                 }
             }
-            Write::Bot(BotMessage::Reply { id, content }) => {
-                Row { index, id: *id, session_id, sender: Sender::Ai, content, client_id: None }
-            }
+            Write::Bot(BotMessage::Reply { id, content }) => Row {
+                index,
+                id: *id,
+                session_id,
+                sender: Sender::Ai,
+                kind: MessageKind::Chat,
+                content,
+                client_id: None,
+            },
             Write::Bot(BotMessage::Notice { content }) => Row {
                 index,
                 id: Uuid::now_v7(),
                 session_id,
                 sender: Sender::System,
+                kind: MessageKind::Notice,
                 content,
                 client_id: None,
             },
         };
         if row.client_id.is_none() {
-            settled.insert(index, Ok(Written::Bot(None)));
+            settled.insert(index, Ok(Written::Bot(Committed::nothing(None))));
         }
         rows.push(row);
     }
@@ -216,11 +225,30 @@ pub(crate) fn usual_rows(batch: &[Pending]) -> (Vec<Row<'_>>, Settled) {
 /// The result of a row the shared insert stored with `seq`, in a session
 /// whose mode is `chat_mode`.
 pub(crate) fn stored(row: &Row, seq: i64, chat_mode: ChatMode, at: OffsetDateTime) -> Written {
-    let message = new_message(row.id, seq, row.sender, row.content, row.client_id, at);
+    let message = new_message(row.id, seq, row.sender, row.kind, row.content, row.client_id, at);
     match row.client_id {
-        Some(_) => Written::Message(Appended::Stored { message, chat_mode, flagged: None }),
-        None => Written::Bot(Some(message)),
+        Some(_) => {
+            let events = vec![SessionEvent::message(row.session_id, message)];
+            Written::Message(Committed::new(Appended::Stored { seq, chat_mode, flagged: None }, events))
+        }
+        None => Written::Bot(Committed::new(
+            Some(message.clone()),
+            vec![SessionEvent::message(row.session_id, message)],
+        )),
     }
+}
+
+/// The events of what [`Written`] results committed, in batch order: what
+/// a store announces to other instances in the batch's transaction.
+pub(crate) fn events_of<'a>(settled: impl Iterator<Item = &'a Result<Written>>) -> Vec<&'a SessionEvent> {
+    settled
+        .filter_map(|result| match result {
+            Ok(Written::Message(committed)) => Some(committed.events.iter()),
+            Ok(Written::Bot(committed)) => Some(committed.events.iter()),
+            Err(_) => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// The error a write's caller gets when its transaction failed: nothing of
@@ -246,7 +274,7 @@ pub(crate) fn left_over<'a>(batch: &'a [Pending], settled: &Settled) -> Vec<(usi
 /// Records the result of a message written one by one. `NotFound` is its
 /// own result: it wrote nothing. Any other error is returned: part of the
 /// write may be in the transaction, so the batch must be given up.
-pub(crate) fn settle(settled: &mut Settled, index: usize, result: Result<Appended>) -> Result<()> {
+pub(crate) fn settle(settled: &mut Settled, index: usize, result: Result<Committed<Appended>>) -> Result<()> {
     match result {
         Ok(appended) => settled.insert(index, Ok(Written::Message(appended))),
         Err(StoreError::NotFound) => settled.insert(index, Err(StoreError::NotFound)),

@@ -8,7 +8,8 @@
 //! default; a PostgreSQL implementation plugs in behind the same trait.
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, api::AppointmentStatus};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -119,15 +120,14 @@ pub struct RiskFlag {
     pub crisis_message: String,
 }
 
-/// What flagging did to the session.
-#[derive(Debug, Clone)]
+/// What flagging did to the session. The crisis message and the alert
+/// are among the write's [`SessionEvent`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flagged {
     /// The session's level after the flag (the highest so far).
     pub level: RiskLevel,
-    /// The crisis message, when the level rose and it was appended.
-    pub crisis_message: Option<ChatMessage>,
-    /// The therapist the session is assigned to, who must be alerted.
-    pub therapist_id: Option<Uuid>,
+    /// The level rose, and the crisis message was appended.
+    pub referred: bool,
 }
 
 /// The result of [`Store::acknowledge_risk`].
@@ -198,18 +198,94 @@ pub enum BotMessage {
 /// The result of [`Store::append_message`].
 #[derive(Debug, Clone)]
 pub enum Appended {
-    /// Committed now. `chat_mode` is the session's mode in the same transaction.
-    Stored { message: ChatMessage, chat_mode: ChatMode, flagged: Option<Box<Flagged>> },
+    /// Committed now with this seq. `chat_mode` is the session's mode in the
+    /// same transaction.
+    Stored { seq: i64, chat_mode: ChatMode, flagged: Option<Flagged> },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
+    /// The session was closed by its therapist; nothing was written.
+    Closed,
+}
+
+/// What a committed write did to a session, as every instance sharing the
+/// store must hear of it. Every write returns the events it committed, in
+/// commit order; the server applies them to its sockets and dashboards
+/// (`Hub::apply`), and [`PgStore`] sends exactly these to the other
+/// instances, inside the transaction. Serialised, an event holds ids,
+/// seqs, levels and kinds, never a message's text: a receiver reads the
+/// message by its seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// A message was committed; its kind says what it did to the session.
+    Message {
+        session_id: Uuid,
+        seq: i64,
+        kind: MessageKind,
+        /// The message itself, where it was written; never serialised.
+        #[serde(skip)]
+        message: Option<Box<ChatMessage>>,
+    },
+    /// The safety detector flagged a client message; `level` is the
+    /// session's level after it.
+    Flagged { session_id: Uuid, level: RiskLevel, therapist_id: Option<Uuid> },
+    /// A therapist acknowledged a session's flag.
+    Acknowledged { session_id: Uuid },
+    /// A chat session was created.
+    Created { session_id: Uuid },
+    /// A piece of a companion reply being generated (not stored).
+    Delta { session_id: Uuid, reply_id: Uuid, delta: String },
+    /// A companion reply ended without a message (not stored).
+    Cancelled { session_id: Uuid, reply_id: Uuid },
+}
+
+impl SessionEvent {
+    /// A message committed here, with the message.
+    pub fn message(session_id: Uuid, message: ChatMessage) -> Self {
+        SessionEvent::Message {
+            session_id,
+            seq: message.seq,
+            kind: message.kind,
+            message: Some(Box::new(message)),
+        }
+    }
+
+    /// The session the event is about, if one.
+    pub fn session_id(&self) -> Uuid {
+        match self {
+            SessionEvent::Message { session_id, .. }
+            | SessionEvent::Flagged { session_id, .. }
+            | SessionEvent::Acknowledged { session_id }
+            | SessionEvent::Created { session_id }
+            | SessionEvent::Delta { session_id, .. }
+            | SessionEvent::Cancelled { session_id, .. } => *session_id,
+        }
+    }
+}
+
+/// A write's outcome, and the [`SessionEvent`]s it committed.
+#[derive(Debug, Clone)]
+pub struct Committed<T> {
+    pub outcome: T,
+    pub events: Vec<SessionEvent>,
+}
+
+impl<T> Committed<T> {
+    pub(crate) fn new(outcome: T, events: Vec<SessionEvent>) -> Self {
+        Self { outcome, events }
+    }
+
+    /// An outcome that wrote nothing.
+    pub(crate) fn nothing(outcome: T) -> Self {
+        Self { outcome, events: Vec::new() }
+    }
 }
 
 /// The result of [`Store::close_chat_session`].
 #[derive(Debug, Clone)]
 pub enum CloseOutcome {
-    Closed {
-        message: ChatMessage,
-    },
+    /// Closed now; the closing message is among the write's events.
+    Closed,
     /// It was closed before; nothing was written.
     AlreadyClosed,
     /// The session is not assigned to this therapist; nothing was written.
@@ -219,9 +295,9 @@ pub enum CloseOutcome {
 /// The result of [`Store::join_as_therapist`].
 #[derive(Debug, Clone)]
 pub enum JoinOutcome {
-    /// The session switched to `THERAPIST_JOINED` in this call; `message` is the
-    /// join system message committed in the same transaction.
-    Joined { message: ChatMessage },
+    /// The session switched to `THERAPIST_JOINED` in this call; the join
+    /// message, committed in the same transaction, is among its events.
+    Joined,
     /// This therapist had already joined; nothing was written.
     AlreadyJoined,
     /// Another therapist holds the session; nothing was written.
@@ -271,7 +347,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// "Chat Now": a new open, unassigned `BOT_ONLY` session whose client
     /// credential has this token hash.
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<ChatSession>;
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>>;
     async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>>;
     /// The session a client token is bound to.
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>>;
@@ -292,7 +368,7 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         join_message: &str,
-    ) -> Result<JoinOutcome>;
+    ) -> Result<Committed<JoinOutcome>>;
 
     /// Closes a session assigned to this therapist, in one transaction:
     /// marks it closed, deletes its client credential and appends
@@ -302,18 +378,22 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         closing_message: &str,
-    ) -> Result<CloseOutcome>;
+    ) -> Result<Committed<CloseOutcome>>;
 
     /// Appends a message from a connection with the next seq, unless its
-    /// `client_id` was already stored for this sender. `NotFound` for no such
-    /// session.
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended>;
+    /// `client_id` was already stored for this sender or the session is
+    /// closed. `NotFound` for no such session.
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>>;
 
     /// Appends a message from the companion's side — an `ai` reply, or a
     /// `system` notice such as "the companion is unavailable" — only if the
     /// session is still `BOT_ONLY`, checked in the same transaction as the
     /// insert. `None` means a therapist joined first and nothing was written.
-    async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>>;
+    async fn append_if_bot_only(
+        &self,
+        session_id: Uuid,
+        message: BotMessage,
+    ) -> Result<Committed<Option<ChatMessage>>>;
 
     /// The newest `limit` messages, in seq order.
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>>;
@@ -330,9 +410,9 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()>;
 
     /// Tells the other instances sharing this store about something that is
-    /// not stored (a companion delta). Nothing to do for a store that only
-    /// one instance uses.
-    async fn announce(&self, _announcement: Announcement) -> Result<()> {
+    /// not stored ([`SessionEvent::Delta`], [`SessionEvent::Cancelled`]).
+    /// Nothing to do for a store that only one instance uses.
+    async fn announce(&self, _event: SessionEvent) -> Result<()> {
         Ok(())
     }
 
@@ -345,7 +425,7 @@ pub trait Store: Send + Sync + 'static {
     /// Flags the stored message `seq` after the fact (the model's second
     /// opinion), as [`Store::append_message`] does in line. A flag only ever
     /// raises the session's level. `NotFound` for no such session.
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged>;
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>>;
 
     /// Records that a therapist saw a session's flag, with an optional note,
     /// in the audit trail. The level stays: flags are never cleared.
@@ -354,7 +434,7 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         note: Option<&str>,
-    ) -> Result<AcknowledgeOutcome>;
+    ) -> Result<Committed<AcknowledgeOutcome>>;
 
     /// A session's safety audit trail, oldest first.
     async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>>;
@@ -366,33 +446,11 @@ pub trait Store: Send + Sync + 'static {
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
 }
 
-/// Something other instances must hear about that is not a stored message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Announcement {
-    /// A piece of a companion reply being generated.
-    Delta { session_id: Uuid, reply_id: Uuid, delta: String },
-    /// A companion reply ended without a message.
-    Cancelled { session_id: Uuid, reply_id: Uuid },
-}
-
 /// What another instance did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
-    /// A message was committed; read it by seq. `join` marks the takeover.
-    Message {
-        session_id: Uuid,
-        seq: i64,
-        join: bool,
-    },
-    /// A chat session was created or changed (e.g. a flag acknowledged).
-    AppointmentsChanged,
-    /// A session was flagged by the safety detector.
-    Risk {
-        session_id: Uuid,
-        level: RiskLevel,
-        therapist_id: Option<Uuid>,
-    },
-    Announced(Announcement),
+    /// An event another instance committed (or announced).
+    Event(SessionEvent),
     /// The connection to the notification source was lost and is back:
     /// notifications in between may be lost, so read what was missed.
     Reconnected,
@@ -405,7 +463,9 @@ pub trait Listener: Send {
     async fn next(&mut self) -> Notification;
 }
 
-/// Now, in UTC, as stored.
+/// Now, in UTC, as stored: to the microsecond, PostgreSQL's precision, so
+/// that a message reads back exactly as its writer saw it.
 pub fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
+    let now = OffsetDateTime::now_utc();
+    now.replace_microsecond(now.microsecond()).unwrap_or(now)
 }

@@ -14,11 +14,11 @@
 //! batches cannot deadlock), stores the usual ones with one statement, and
 //! commits once.
 //!
-//! Fan-out between instances uses `LISTEN/NOTIFY` on one channel:
-//! - a committed message is announced by `pg_notify` inside the transaction
-//!   that stores it, so the notification goes out on commit, in commit
-//!   order; it carries ids and a seq, never content — the receiver reads
-//!   the row;
+//! Fan-out between instances uses `LISTEN/NOTIFY` on one channel, and
+//! carries [`SessionEvent`]s, serialised by one encoder ([`Db::notify`]):
+//! - the events a write committed are sent by `pg_notify` inside its
+//!   transaction, so they go out on commit, in commit order; they carry
+//!   ids, seqs and kinds, never content — the receiver reads the row;
 //! - companion deltas, which are not stored, are announced as they stream.
 //!
 //! Notifications are lossy (a listener that reconnects misses some): the
@@ -28,8 +28,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
-use serde_json::{Value, json};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
+use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{FromRow, PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -40,13 +40,14 @@ use crate::batch::{
     usual_rows,
 };
 use crate::rows::{
-    AUDIT_COLUMNS, AuditRow, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS, TOUCH_INTERVAL,
-    TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows, stored_level,
+    AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
+    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
+    stored_level,
 };
 use crate::{
-    AcknowledgeOutcome, Announcement, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Flagged,
-    JoinOutcome, Listener, NewMessage, NewTherapist, Notification, Result, RiskFlag, SafetyReport, Store,
-    StoreError, Therapist, now,
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
+    JoinOutcome, Listener, NewMessage, NewTherapist, Notification, Result, RiskFlag, SafetyReport,
+    SessionEvent, Store, StoreError, Therapist, now,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -92,15 +93,29 @@ impl PgStore {
     }
 }
 
-impl Db {
-    /// Queues a notification inside `tx`; PostgreSQL sends it on commit.
-    async fn notify(&self, tx: &mut PgConnection, mut payload: Value) -> Result<()> {
-        payload["origin"] = json!(self.instance);
-        self.notify_all(tx, &[payload.to_string()]).await
-    }
+/// A notification's payload: an event and the instance that committed it.
+#[derive(Serialize, Deserialize)]
+struct Envelope<E> {
+    origin: Uuid,
+    event: E,
+}
 
-    /// Queues notifications inside `tx`, in order, in one statement.
-    async fn notify_all(&self, tx: &mut PgConnection, payloads: &[String]) -> Result<()> {
+impl Db {
+    /// Queues `events` inside `tx`, in order, in one statement; PostgreSQL
+    /// sends them on commit. The one place that encodes a notification.
+    async fn notify<'a>(
+        &self,
+        tx: &mut PgConnection,
+        events: impl IntoIterator<Item = &'a SessionEvent>,
+    ) -> Result<()> {
+        let payloads: Vec<String> = events
+            .into_iter()
+            .map(|event| serde_json::to_string(&Envelope { origin: self.instance, event }))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        if payloads.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
             "SELECT pg_notify($1, p.payload)
              FROM (SELECT payload FROM unnest($2::text[]) WITH ORDINALITY AS u (payload, place)
@@ -113,22 +128,6 @@ impl Db {
         Ok(())
     }
 
-    /// A committed message's announcement: ids and a seq, never content.
-    fn message_payload(&self, session_id: Uuid, seq: i64, join: bool) -> String {
-        json!({"kind": "message", "session": session_id, "seq": seq, "join": join, "origin": self.instance})
-            .to_string()
-    }
-
-    async fn notify_message(
-        &self,
-        tx: &mut PgConnection,
-        message: &ChatMessage,
-        session_id: Uuid,
-        join: bool,
-    ) -> Result<()> {
-        self.notify_all(tx, &[self.message_payload(session_id, message.seq, join)]).await
-    }
-
     /// Raises a session's flag for its message `seq`, inside a transaction
     /// that holds the session's row lock: the level, the audit record, and —
     /// when the level rises — the crisis message and the referral counter.
@@ -138,16 +137,21 @@ impl Db {
         session_id: Uuid,
         seq: i64,
         flag: &RiskFlag,
-    ) -> Result<Flagged> {
-        let (stored, therapist_id): (Option<String>, Option<Uuid>) =
-            sqlx::query_as("SELECT risk_level, therapist_id FROM chat_sessions WHERE id = $1 FOR UPDATE")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NotFound)?;
+    ) -> Result<Committed<Flagged>> {
+        let (stored, therapist_id, closed_at): (Option<String>, Option<Uuid>, Option<OffsetDateTime>) =
+            sqlx::query_as(
+                "SELECT risk_level, therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE",
+            )
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         let before = stored_level(stored)?;
         let level = before.max(flag.level);
-        let raised = flag.level > before;
+        // Nothing follows a closed chat's closing message, crisis resources
+        // included; the flag itself is still recorded.
+        let raised = flag.level > before && closed_at.is_none();
+        let mut events = Vec::new();
         let at = now();
         sqlx::query(
             "UPDATE chat_sessions SET risk_level = $1, risk_first_at = COALESCE(risk_first_at, $2),
@@ -158,7 +162,7 @@ impl Db {
         .bind(session_id)
         .execute(&mut *tx)
         .await?;
-        let crisis_message = if raised {
+        if raised {
             let seq: i64 = sqlx::query_scalar(
                 "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
                  WHERE id = $2 RETURNING last_seq",
@@ -167,9 +171,17 @@ impl Db {
             .bind(session_id)
             .fetch_one(&mut *tx)
             .await?;
-            let message = new_message(Uuid::now_v7(), seq, Sender::System, &flag.crisis_message, None, at);
+            let message = new_message(
+                Uuid::now_v7(),
+                seq,
+                Sender::System,
+                MessageKind::Crisis,
+                &flag.crisis_message,
+                None,
+                at,
+            );
             insert_message(tx, session_id, &message).await?;
-            self.notify_message(tx, &message, session_id, false).await?;
+            events.push(SessionEvent::message(session_id, message));
             sqlx::query(
                 "INSERT INTO safety_referrals (day, level, count) VALUES ($1, $2, 1)
                  ON CONFLICT (day, level) DO UPDATE SET count = safety_referrals.count + 1",
@@ -178,10 +190,7 @@ impl Db {
             .bind(flag.level.as_str())
             .execute(&mut *tx)
             .await?;
-            Some(message)
-        } else {
-            None
-        };
+        }
         sqlx::query(
             "INSERT INTO safety_audit
                  (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
@@ -197,10 +206,8 @@ impl Db {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        let payload =
-            json!({"kind": "risk", "session": session_id, "level": level, "therapist": therapist_id});
-        self.notify(tx, payload).await?;
-        Ok(Flagged { level, crisis_message, therapist_id })
+        events.push(SessionEvent::Flagged { session_id, level, therapist_id });
+        Ok(Committed::new(Flagged { level, referred: raised }, events))
     }
 
     /// One client's or therapist's message, for what the batch's insert
@@ -211,15 +218,16 @@ impl Db {
         tx: &mut PgConnection,
         session_id: Uuid,
         new: &NewMessage,
-    ) -> Result<Appended> {
+    ) -> Result<Committed<Appended>> {
         // The batch holds the session's lock: a concurrent re-send of the
         // same client_id on another instance waited for it, and finds the
         // first one stored.
-        let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = $1")
-            .bind(session_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        known.ok_or(StoreError::NotFound)?;
+        let closed_at: Option<OffsetDateTime> =
+            sqlx::query_scalar("SELECT closed_at FROM chat_sessions WHERE id = $1")
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
         let existing: Option<i64> = sqlx::query_scalar(
             "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
         )
@@ -229,7 +237,10 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(seq) = existing {
-            return Ok(Appended::Duplicate { seq });
+            return Ok(Committed::nothing(Appended::Duplicate { seq }));
+        }
+        if closed_at.is_some() {
+            return Ok(Committed::nothing(Appended::Closed));
         }
         let at = now();
         let (seq, mode): (i64, String) = sqlx::query_as(
@@ -240,24 +251,36 @@ impl Db {
         .bind(session_id)
         .fetch_one(&mut *tx)
         .await?;
-        let message = new_message(Uuid::now_v7(), seq, new.sender, &new.content, Some(&new.client_id), at);
+        let message = new_message(
+            Uuid::now_v7(),
+            seq,
+            new.sender,
+            MessageKind::Chat,
+            &new.content,
+            Some(&new.client_id),
+            at,
+        );
         insert_message(tx, session_id, &message).await?;
-        self.notify_message(tx, &message, session_id, false).await?;
+        let mut events = vec![SessionEvent::message(session_id, message)];
         let flagged = match &new.risk {
-            Some(flag) => Some(Box::new(self.flag_in_tx(tx, session_id, seq, flag).await?)),
+            Some(flag) => {
+                let flagged = self.flag_in_tx(tx, session_id, seq, flag).await?;
+                events.extend(flagged.events);
+                Some(flagged.outcome)
+            }
             None => None,
         };
-        Ok(Appended::Stored { message, chat_mode: parse_mode(&mode)?, flagged })
+        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
     }
 
     /// The batch's usual writes ([`usual_rows`]) in one statement, bound as
     /// arrays: it numbers them after each session's `last_seq` in batch
     /// order, skipping a key (session, sender, `client_id`) stored already
     /// and an unknown session, and a companion's write unless the session is
-    /// `BOT_ONLY`; stores them; moves those sessions' `last_seq`; and
-    /// returns the seq and session mode of every row stored. A second
-    /// statement queues one notification per stored message, in seq order.
-    /// Returns the results it settled, by index in the batch.
+    /// `BOT_ONLY`, and any write to a closed session; stores them; moves
+    /// those sessions' `last_seq`; and returns the seq and session mode of
+    /// every row stored. Returns the results it settled, by index in the
+    /// batch.
     async fn write_together_in_tx(&self, tx: &mut PgConnection, batch: &[Pending]) -> Result<Settled> {
         let (rows, mut settled) = usual_rows(batch);
         if rows.is_empty() {
@@ -268,18 +291,20 @@ impl Db {
         let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
         let sessions: Vec<Uuid> = rows.iter().map(|row| row.session_id).collect();
         let senders: Vec<&str> = rows.iter().map(|row| row.sender.as_str()).collect();
+        let kinds: Vec<&str> = rows.iter().map(|row| row.kind.as_str()).collect();
         let contents: Vec<&str> = rows.iter().map(|row| row.content).collect();
         let client_ids: Vec<Option<&str>> = rows.iter().map(|row| row.client_id).collect();
         let stored: Vec<(i64, i64, String)> = sqlx::query_as(
             "WITH batch AS (
-                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
-                     AS b (place, id, session_id, sender, content, client_id)
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                                      $8::text[])
+                     AS b (place, id, session_id, sender, content, client_id, kind)
              ),
              fresh AS (
                  SELECT b.*, s.chat_mode,
                         s.last_seq + row_number() OVER (PARTITION BY b.session_id ORDER BY b.place) AS seq
                  FROM batch AS b JOIN chat_sessions AS s ON s.id = b.session_id
-                 WHERE CASE WHEN b.client_id IS NULL THEN s.chat_mode = 'BOT_ONLY'
+                 WHERE s.closed_at IS NULL AND CASE WHEN b.client_id IS NULL THEN s.chat_mode = 'BOT_ONLY'
                             ELSE NOT EXISTS (
                                 SELECT 1 FROM messages AS m
                                 WHERE m.session_id = b.session_id AND m.sender = b.sender
@@ -287,8 +312,8 @@ impl Db {
                        END
              ),
              inserted AS (
-                 INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
-                 SELECT id, session_id, seq, sender, content, client_id, $7 FROM fresh
+                 INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
+                 SELECT id, session_id, seq, sender, kind, content, client_id, $7 FROM fresh
              ),
              moved AS (
                  UPDATE chat_sessions AS s SET last_seq = f.seq, updated_at = $7, last_message_at = $7
@@ -304,18 +329,16 @@ impl Db {
         .bind(&contents)
         .bind(&client_ids)
         .bind(at)
+        .bind(&kinds)
         .fetch_all(&mut *tx)
         .await?;
-        let mut payloads = Vec::with_capacity(stored.len());
         for (place, seq, mode) in stored {
             let Some(row) = usize::try_from(place).ok().and_then(|place| rows.get(place)) else {
                 let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
                 return Err(StoreError::Unavailable(unknown));
             };
-            payloads.push(self.message_payload(row.session_id, seq, false));
             settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
         }
-        self.notify_all(tx, &payloads).await?;
         Ok(settled)
     }
 }
@@ -334,10 +357,16 @@ impl WriteBatch for Db {
             .execute(&mut *tx)
             .await?;
         let mut settled = self.write_together_in_tx(&mut tx, batch).await?;
+        // The shared insert's events in batch order (each session's in seq
+        // order), then those written one by one, as they were written.
+        let mut order: Vec<usize> = settled.keys().copied().collect();
+        order.sort_unstable();
         for (index, session_id, new) in left_over(batch, &settled) {
             let result = self.append_in_tx(&mut tx, session_id, new).await;
             batch::settle(&mut settled, index, result)?;
+            order.push(index);
         }
+        self.notify(&mut tx, batch::events_of(order.iter().filter_map(|index| settled.get(index)))).await?;
         tx.commit().await?;
         in_batch_order(batch, settled)
     }
@@ -506,7 +535,7 @@ impl Store for PgStore {
         Ok(Some(row.into()))
     }
 
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<ChatSession> {
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
         let session = ChatSession {
             id: Uuid::now_v7(),
             appointment_id: Uuid::now_v7(),
@@ -537,9 +566,10 @@ impl Store for PgStore {
         .bind(session.created_at)
         .execute(&mut *tx)
         .await?;
-        self.db.notify(&mut tx, json!({"kind": "session"})).await?;
+        let events = vec![SessionEvent::Created { session_id: session.id }];
+        self.db.notify(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(session)
+        Ok(Committed::new(session, events))
     }
 
     async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
@@ -580,7 +610,7 @@ impl Store for PgStore {
         session_id: Uuid,
         therapist_id: Uuid,
         join_message: &str,
-    ) -> Result<JoinOutcome> {
+    ) -> Result<Committed<JoinOutcome>> {
         let mut tx = self.db.pool.begin().await?;
         // The row lock makes racing therapists (on any instance) take turns.
         let current: Option<(Option<Uuid>, String)> =
@@ -590,9 +620,11 @@ impl Store for PgStore {
                 .await?;
         let (holder, mode) = current.ok_or(StoreError::NotFound)?;
         match holder {
-            Some(holder) if holder != therapist_id => return Ok(JoinOutcome::ClaimedByOther),
+            Some(holder) if holder != therapist_id => {
+                return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
+            }
             Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
-                return Ok(JoinOutcome::AlreadyJoined);
+                return Ok(Committed::nothing(JoinOutcome::AlreadyJoined));
             }
             _ => {}
         }
@@ -608,11 +640,13 @@ impl Store for PgStore {
         .bind(session_id)
         .fetch_one(&mut *tx)
         .await?;
-        let message = new_message(Uuid::now_v7(), seq, Sender::System, join_message, None, at);
+        let message =
+            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
         insert_message(&mut tx, session_id, &message).await?;
-        self.db.notify_message(&mut tx, &message, session_id, true).await?;
+        let events = vec![SessionEvent::message(session_id, message)];
+        self.db.notify(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(JoinOutcome::Joined { message })
+        Ok(Committed::new(JoinOutcome::Joined, events))
     }
 
     async fn close_chat_session(
@@ -620,7 +654,7 @@ impl Store for PgStore {
         session_id: Uuid,
         therapist_id: Uuid,
         closing_message: &str,
-    ) -> Result<CloseOutcome> {
+    ) -> Result<Committed<CloseOutcome>> {
         let mut tx = self.db.pool.begin().await?;
         let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
             sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE")
@@ -629,10 +663,10 @@ impl Store for PgStore {
                 .await?;
         let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
         if holder != Some(therapist_id) {
-            return Ok(CloseOutcome::NotYours);
+            return Ok(Committed::nothing(CloseOutcome::NotYours));
         }
         if closed_at.is_some() {
-            return Ok(CloseOutcome::AlreadyClosed);
+            return Ok(Committed::nothing(CloseOutcome::AlreadyClosed));
         }
         let at = now();
         let seq: i64 = sqlx::query_scalar(
@@ -647,18 +681,24 @@ impl Store for PgStore {
             .bind(session_id)
             .execute(&mut *tx)
             .await?;
-        let message = new_message(Uuid::now_v7(), seq, Sender::System, closing_message, None, at);
+        let message =
+            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
         insert_message(&mut tx, session_id, &message).await?;
-        self.db.notify_message(&mut tx, &message, session_id, false).await?;
+        let events = vec![SessionEvent::message(session_id, message)];
+        self.db.notify(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(CloseOutcome::Closed { message })
+        Ok(Committed::new(CloseOutcome::Closed, events))
     }
 
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Appended> {
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
         self.writes.message(session_id, new).await
     }
 
-    async fn append_if_bot_only(&self, session_id: Uuid, message: BotMessage) -> Result<Option<ChatMessage>> {
+    async fn append_if_bot_only(
+        &self,
+        session_id: Uuid,
+        message: BotMessage,
+    ) -> Result<Committed<Option<ChatMessage>>> {
         self.writes.bot(session_id, message).await
     }
 
@@ -697,9 +737,10 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Flagged> {
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
         let mut tx = self.db.pool.begin().await?;
         let flagged = self.db.flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        self.db.notify(&mut tx, &flagged.events).await?;
         tx.commit().await?;
         Ok(flagged)
     }
@@ -709,7 +750,7 @@ impl Store for PgStore {
         session_id: Uuid,
         therapist_id: Uuid,
         note: Option<&str>,
-    ) -> Result<AcknowledgeOutcome> {
+    ) -> Result<Committed<AcknowledgeOutcome>> {
         let mut tx = self.db.pool.begin().await?;
         let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1 FOR UPDATE"
@@ -719,10 +760,10 @@ impl Store for PgStore {
         .await?;
         let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
         if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
-            return Ok(AcknowledgeOutcome::NotYours);
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
         }
         let Some(mut risk) = session.risk else {
-            return Ok(AcknowledgeOutcome::NotFlagged);
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
         };
         let at = now();
         sqlx::query(
@@ -745,12 +786,12 @@ impl Store for PgStore {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        // Other instances' dashboards refresh.
-        self.db.notify(&mut tx, json!({"kind": "session"})).await?;
+        let events = vec![SessionEvent::Acknowledged { session_id }];
+        self.db.notify(&mut tx, &events).await?;
         tx.commit().await?;
         risk.acknowledged_at = Some(at);
         risk.acknowledged_by = Some(therapist_id);
-        Ok(AcknowledgeOutcome::Acknowledged(risk))
+        Ok(Committed::new(AcknowledgeOutcome::Acknowledged(risk), events))
     }
 
     async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
@@ -788,10 +829,9 @@ impl Store for PgStore {
     }
 
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(
-            "SELECT seq, id, sender, content, created_at, client_id FROM messages
-             WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        )))
         .bind(session_id)
         .bind(after)
         .bind(limit)
@@ -801,11 +841,11 @@ impl Store for PgStore {
     }
 
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(
-            "SELECT seq, id, sender, content, created_at, client_id FROM (
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM (
                  SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
-             ) AS newest ORDER BY seq",
-        )
+             ) AS newest ORDER BY seq"
+        )))
         .bind(session_id)
         .bind(limit)
         .fetch_all(&self.db.pool)
@@ -813,20 +853,15 @@ impl Store for PgStore {
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
-    async fn announce(&self, announcement: Announcement) -> Result<()> {
-        let payloads = match &announcement {
-            Announcement::Delta { session_id, reply_id, delta } => split(delta, MAX_DELTA_BYTES)
-                .map(|piece| json!({"kind": "delta", "session": session_id, "reply": reply_id, "delta": piece}))
+    async fn announce(&self, event: SessionEvent) -> Result<()> {
+        let events = match event {
+            SessionEvent::Delta { session_id, reply_id, delta } => split(&delta, MAX_DELTA_BYTES)
+                .map(|piece| SessionEvent::Delta { session_id, reply_id, delta: piece.to_owned() })
                 .collect(),
-            Announcement::Cancelled { session_id, reply_id } => {
-                vec![json!({"kind": "cancelled", "session": session_id, "reply": reply_id})]
-            }
+            other => vec![other],
         };
         let mut connection = self.db.pool.acquire().await?;
-        for payload in payloads {
-            self.db.notify(&mut connection, payload).await?;
-        }
-        Ok(())
+        self.db.notify(&mut connection, &events).await
     }
 
     async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
@@ -838,13 +873,14 @@ impl Store for PgStore {
 
 async fn insert_message(tx: &mut PgConnection, session_id: Uuid, message: &ChatMessage) -> Result<()> {
     sqlx::query(
-        "INSERT INTO messages (id, session_id, seq, sender, content, client_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(message.id)
     .bind(session_id)
     .bind(message.seq)
     .bind(message.sender.as_str())
+    .bind(message.kind.as_str())
     .bind(&message.content)
     .bind(message.client_id.as_deref())
     .bind(message.created_at)
@@ -862,17 +898,26 @@ async fn end_logins(tx: &mut PgConnection, therapist_id: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// `text` in pieces of at most `max` bytes, cut at character boundaries.
+/// `text` in pieces of at most `max` bytes once written as JSON (a quote
+/// takes two, a control character up to six), cut at character boundaries.
 fn split(text: &str, max: usize) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let mut end = rest.len().min(max);
-        while !rest.is_char_boundary(end) {
-            end -= 1;
-        }
+        let mut size = 0;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                size += match c {
+                    '"' | '\\' => 2,
+                    c if u32::from(c) < 0x20 => 6,
+                    c => c.len_utf8(),
+                };
+                size > max
+            })
+            .map_or(rest.len(), |(at, _)| at.max(rest.chars().next().map_or(0, char::len_utf8)));
         let (piece, tail) = rest.split_at(end);
         rest = tail;
         Some(piece)
@@ -917,34 +962,8 @@ impl Listener for PgNotifications {
 /// A notification from another instance; `None` for this instance's own
 /// and for anything unreadable.
 fn parse(payload: &str, instance: Uuid) -> Option<Notification> {
-    let value: Value = serde_json::from_str(payload).ok()?;
-    let uuid = |field: &str| value[field].as_str().and_then(|text| Uuid::parse_str(text).ok());
-    if uuid("origin") == Some(instance) {
-        return None;
-    }
-    match value["kind"].as_str()? {
-        "message" => Some(Notification::Message {
-            session_id: uuid("session")?,
-            seq: value["seq"].as_i64()?,
-            join: value["join"].as_bool().unwrap_or(false),
-        }),
-        "session" => Some(Notification::AppointmentsChanged),
-        "risk" => Some(Notification::Risk {
-            session_id: uuid("session")?,
-            level: RiskLevel::parse(value["level"].as_str()?)?,
-            therapist_id: uuid("therapist"),
-        }),
-        "delta" => Some(Notification::Announced(Announcement::Delta {
-            session_id: uuid("session")?,
-            reply_id: uuid("reply")?,
-            delta: value["delta"].as_str()?.to_owned(),
-        })),
-        "cancelled" => Some(Notification::Announced(Announcement::Cancelled {
-            session_id: uuid("session")?,
-            reply_id: uuid("reply")?,
-        })),
-        _ => None,
-    }
+    let envelope: Envelope<SessionEvent> = serde_json::from_str(payload).ok()?;
+    (envelope.origin != instance).then_some(Notification::Event(envelope.event))
 }
 
 #[cfg(test)]
@@ -952,69 +971,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_deltas_are_split_at_character_boundaries() {
+    fn long_deltas_are_split_at_character_boundaries_by_their_json_size() {
         let text = "é".repeat(10);
         let pieces: Vec<&str> = split(&text, 5).collect();
         assert!(pieces.iter().all(|piece| piece.len() <= 5));
         assert_eq!(pieces.concat(), text);
+        let quoted = "\"\\\n".repeat(10);
+        let pieces: Vec<&str> = split(&quoted, 11).collect();
+        for piece in &pieces {
+            assert!(serde_json::to_string(piece).unwrap().len() <= 11 + 2, "{piece:?}");
+        }
+        assert_eq!(pieces.concat(), quoted);
     }
 
     #[test]
-    fn own_notifications_are_ignored() {
+    fn own_notifications_are_ignored_and_messages_travel_without_their_text() {
         let me = Uuid::now_v7();
         let session = Uuid::now_v7();
-        let payload =
-            json!({"kind": "message", "session": session, "seq": 3, "join": true, "origin": me}).to_string();
+        let message =
+            new_message(Uuid::now_v7(), 3, Sender::System, MessageKind::Join, "secret words", None, now());
+        let event = SessionEvent::message(session, message);
+        let payload = serde_json::to_string(&Envelope { origin: me, event: &event }).unwrap();
+        assert!(!payload.contains("secret"), "{payload}");
         assert_eq!(parse(&payload, me), None);
-        assert_eq!(
-            parse(&payload, Uuid::now_v7()),
-            Some(Notification::Message { session_id: session, seq: 3, join: true })
-        );
+        let received =
+            SessionEvent::Message { session_id: session, seq: 3, kind: MessageKind::Join, message: None };
+        assert_eq!(parse(&payload, Uuid::now_v7()), Some(Notification::Event(received)));
     }
 
-    /// A fresh database on the PostgreSQL server of the tests
-    /// (`HAVEN_TEST_POSTGRES_URL`, by default the local one with trust
-    /// authentication). PostgreSQL is required: without it the test fails.
-    async fn fresh_store() -> PgStore {
-        use sqlx::Connection;
-        let server = std::env::var("HAVEN_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let name = format!("haven_store_test_{}", Uuid::now_v7().simple());
-        let mut admin = PgConnection::connect(&format!("{server}/postgres"))
-            .await
-            .unwrap_or_else(|error| panic!("PostgreSQL is required at {server}: {error}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        PgStore::connect(&format!("{server}/{name}"), Uuid::now_v7()).await.unwrap()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_refused_for_what_it_holds_does_not_fail_its_batch() {
-        let store = fresh_store().await;
-        let session = store.create_chat_session(&[7; 32]).await.unwrap().id;
-        // Twenty writes at once share batches; one holds a character
-        // PostgreSQL refuses (the edge refuses it too; the store must not
-        // rely on that).
-        let writes: Vec<_> = (0..20)
-            .map(|n| {
-                let store = store.clone();
-                let content = if n == 7 { "hello\u{0}world".to_owned() } else { format!("message {n}") };
-                let message =
-                    NewMessage { sender: Sender::User, content, client_id: format!("c{n}"), risk: None };
-                tokio::spawn(async move { store.append_message(session, message).await })
+    #[test]
+    fn every_notification_fits_in_a_payload() {
+        let id = Uuid::now_v7();
+        // Long deltas of characters JSON writes longest, cut as `announce` cuts them.
+        let mut events: Vec<SessionEvent> = ["\u{1F9D1}", "\"", "\\", "\u{1}", "a"]
+            .iter()
+            .flat_map(|text| {
+                let delta = text.repeat(3 * MAX_DELTA_BYTES);
+                split(&delta, MAX_DELTA_BYTES)
+                    .map(|piece| SessionEvent::Delta {
+                        session_id: id,
+                        reply_id: id,
+                        delta: piece.to_owned(),
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect();
-        let mut refused = Vec::new();
-        for (n, write) in writes.into_iter().enumerate() {
-            if write.await.unwrap().is_err() {
-                refused.push(n);
-            }
+        let level = haven_protocol::RiskLevel::Imminent;
+        events.push(SessionEvent::Flagged { session_id: id, level, therapist_id: Some(id) });
+        for event in events {
+            let payload = serde_json::to_string(&Envelope { origin: id, event }).unwrap();
+            assert!(payload.len() < 8_000, "{} bytes", payload.len());
         }
-        assert_eq!(refused, [7], "only the write holding U+0000 is refused");
-        let stored = store.messages_after(session, 0, 100).await.unwrap();
-        assert_eq!(stored.len(), 19);
-        assert!(stored.iter().all(|message| !message.content.contains('\0')));
     }
 }

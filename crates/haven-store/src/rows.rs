@@ -1,7 +1,7 @@
 //! Row types and conversions shared by the SQLite and PostgreSQL stores.
 //! The SQL differs between the two; what a row means does not.
 
-use haven_protocol::{ChatMessage, ChatMode, RiskLevel, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, api::AppointmentStatus};
 use sqlx::FromRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -91,10 +91,14 @@ pub(crate) struct MessageRow {
     pub(crate) seq: i64,
     pub(crate) id: Uuid,
     pub(crate) sender: String,
+    pub(crate) kind: String,
     pub(crate) content: String,
     pub(crate) created_at: OffsetDateTime,
     pub(crate) client_id: Option<String>,
 }
+
+/// The columns of [`MessageRow`], for a query on `messages`.
+pub(crate) const MESSAGE_COLUMNS: &str = "seq, id, sender, kind, content, created_at, client_id";
 
 impl TryFrom<MessageRow> for ChatMessage {
     type Error = StoreError;
@@ -102,10 +106,13 @@ impl TryFrom<MessageRow> for ChatMessage {
     fn try_from(row: MessageRow) -> Result<Self> {
         let sender = Sender::parse(&row.sender)
             .ok_or_else(|| StoreError::Corrupt(format!("sender {:?}", row.sender)))?;
+        let kind = MessageKind::parse(&row.kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("message kind {:?}", row.kind)))?;
         Ok(ChatMessage {
             seq: row.seq,
             id: row.id,
             sender,
+            kind,
             content: row.content,
             created_at: row.created_at,
             client_id: row.client_id,
@@ -204,6 +211,7 @@ pub(crate) fn new_message(
     id: Uuid,
     seq: i64,
     sender: Sender,
+    kind: MessageKind,
     content: &str,
     client_id: Option<&str>,
     created_at: OffsetDateTime,
@@ -212,6 +220,7 @@ pub(crate) fn new_message(
         seq,
         id,
         sender,
+        kind,
         content: content.to_owned(),
         created_at,
         client_id: client_id.map(str::to_owned),
