@@ -12,9 +12,12 @@ Input:
   never does.
 
 The labelled data is split, per level, into train (85 %) and validation
-(15 %) with a fixed seed. Three logistic regressions are fitted on train,
-one per row of the ordinal head: `concern` or above, `high` or above,
-`imminent`. The thresholds that turn their probabilities into a level are
+(15 %) with a fixed seed. The head has two parts whose logits add up, one
+row per level of the ordinal head (`concern` or above, `high` or above,
+`imminent`): three logistic regressions over all the features, and small
+neural networks (one hidden layer, rectified) over the dense features,
+fitted with fixed seeds and averaged into one wider hidden layer; MIX
+weighs the second part against the first. The thresholds that turn their probabilities into a level are
 chosen on validation for the detector as it runs, the rules and the model
 together (the higher level wins): the pair with the best recall whose
 false alarms on validation stay within FALSE_ALARMS. Prints train and
@@ -36,17 +39,28 @@ import scipy.sparse as sp
 from safetensors.numpy import load_file, save
 from safetensors import safe_open
 from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 
 LEVELS = ["none", "concern", "high", "imminent"]
 BUCKETS = 1 << 17
-FORMAT = "haven-crisis-model/2"
+FORMAT = "haven-crisis-model/3"
 SEED = 20261203
+# The hidden layer: units per network, networks (seeds) averaged, their L2
+# penalty, and their weight in the logits against the linear part's.
+HIDDEN = 128
+NETWORKS = 3
+ALPHA = 1e-2
+MIX = 0.3
 # False alarms allowed on validation when the thresholds are chosen.
 FALSE_ALARMS = 0.05
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DATA = os.path.join(ROOT, "crates", "haven-safety", "data")
 # Unseen rounds already scored once and recorded: they now train the model.
-JOINED = ["unseen/round-1.jsonl"]
+JOINED = ["unseen/round-1.jsonl", "unseen/round-2.jsonl"]
+
+
+# The model file's tensors, in the order of its `data_sha256`.
+TENSORS = ["token_vectors", "token_scales", "head_weight", "head_bias", "hidden_weight", "hidden_bias", "hidden_output"]
 
 
 def load_labelled():
@@ -94,22 +108,53 @@ def features(binary, encoder, texts):
     dense = np.array(dense, dtype=np.float32)
     sparse = sp.csr_matrix((vals, (rows, cols)), shape=(len(texts), BUCKETS), dtype=np.float32)
     assert len(rules) == len(texts)
-    return sp.hstack([sp.csr_matrix(dense), sparse], format="csr"), np.array(rules)
+    return sp.hstack([sp.csr_matrix(dense), sparse], format="csr"), dense, np.array(rules)
 
 
-def fit(x, y):
-    """One logistic regression per row of the head."""
-    heads = []
+class Head:
+    """The tensors of the head: a linear part over all the features and a
+    hidden layer over the dense ones, as crates/haven-safety/src/model.rs
+    computes them."""
+
+    def __init__(self, weight, bias, hidden_weight, hidden_bias, hidden_output):
+        self.weight = weight.astype(np.float32)
+        self.bias = bias.astype(np.float32)
+        self.hidden_weight = hidden_weight.astype(np.float32)
+        self.hidden_bias = hidden_bias.astype(np.float32)
+        self.hidden_output = hidden_output.astype(np.float32)
+
+    def probabilities(self, x, dense):
+        logits = np.asarray(x @ self.weight.T.astype(np.float64)) + self.bias
+        units = np.maximum(dense.astype(np.float64) @ self.hidden_weight.T + self.hidden_bias, 0.0)
+        logits = logits + units @ self.hidden_output.T
+        return 1.0 / (1.0 + np.exp(-logits))
+
+
+def fit(x, y, dense):
+    """One logistic regression per row of the head, and NETWORKS small
+    networks over the dense features (multi-label: the three rows)."""
+    linear = []
     for level in (1, 2, 3):
         head = LogisticRegression(
             C=4.0, solver="liblinear", max_iter=5000, tol=1e-6, class_weight="balanced", random_state=SEED
         )
-        heads.append(head.fit(x, (y >= level).astype(int)))
-    return heads
-
-
-def probabilities(heads, x):
-    return np.stack([head.predict_proba(x)[:, 1] for head in heads], axis=1)
+        linear.append(head.fit(x, (y >= level).astype(int)))
+    targets = np.stack([y >= 1, y >= 2, y >= 3], axis=1).astype(int)
+    networks = []
+    for seed in range(NETWORKS):
+        network = MLPClassifier(
+            hidden_layer_sizes=(HIDDEN,), alpha=ALPHA, batch_size=64, max_iter=100, random_state=SEED + seed
+        )
+        networks.append(network.fit(dense, targets))
+    share = MIX / NETWORKS
+    return Head(
+        weight=(1 - MIX) * np.concatenate([head.coef_ for head in linear]),
+        bias=(1 - MIX) * np.concatenate([head.intercept_ for head in linear])
+        + share * sum(network.intercepts_[1] for network in networks),
+        hidden_weight=np.concatenate([network.coefs_[0].T for network in networks]),
+        hidden_bias=np.concatenate([network.intercepts_[0] for network in networks]),
+        hidden_output=share * np.concatenate([network.coefs_[1] for network in networks]).T,
+    )
 
 
 def levels(p, rules, t):
@@ -120,12 +165,20 @@ def levels(p, rules, t):
     return np.maximum(out, rules)
 
 
+def candidates(p, none):
+    """Thresholds worth trying for one row: a fixed grid, and just above
+    each of the highest scores of `none` items (where false alarms change)."""
+    grid = np.round(np.arange(0.05, 0.99, 0.01), 2)
+    top = np.sort(p[none])[::-1][: int(none.sum() * FALSE_ALARMS) + 2]
+    near = np.round(np.minimum(top + 5e-7, 0.999999), 6)
+    return np.unique(np.concatenate([grid, near]))
+
+
 def choose_thresholds(p, rules, y):
     """Best recall (high+ counted twice) with false alarms within budget."""
-    grid = np.concatenate([np.round(np.arange(0.05, 0.99, 0.01), 2), [0.99, 0.995, 0.998, 0.999]])
     best = None
-    for concern in grid:
-        for high in grid:
+    for concern in candidates(p[:, 0], y == 0):
+        for high in candidates(p[:, 1], y == 0):
             t = {"concern": float(concern), "high": float(high), "imminent": 0.5}
             predicted = levels(p, rules, t)
             if np.mean(predicted[y == 0] >= 1) > FALSE_ALARMS:
@@ -170,18 +223,18 @@ def main():
     files, rows = load_labelled()
     train, validation = split(rows)
     print(f"{len(rows)} labelled messages from {len(files)} files: {len(train)} train, {len(validation)} validation")
-    x_train, rules_train = features(args.features, args.encoder, [t for t, _ in train])
-    x_val, rules_val = features(args.features, args.encoder, [t for t, _ in validation])
+    x_train, dense_train, rules_train = features(args.features, args.encoder, [t for t, _ in train])
+    x_val, dense_val, rules_val = features(args.features, args.encoder, [t for t, _ in validation])
     y_train = np.array([y for _, y in train])
     y_val = np.array([y for _, y in validation])
 
-    heads = fit(x_train, y_train)
-    p_val = probabilities(heads, x_val)
+    head = fit(x_train, y_train, dense_train)
+    p_val = head.probabilities(x_val, dense_val)
     report("validation, rules alone", y_val, rules_val)
     thresholds = choose_thresholds(p_val, rules_val, y_val)
     print("thresholds", thresholds)
     no_rules = np.zeros_like(y_val)
-    report("train, rules and model", y_train, levels(probabilities(heads, x_train), rules_train, thresholds))
+    report("train, rules and model", y_train, levels(head.probabilities(x_train, dense_train), rules_train, thresholds))
     report("validation, model alone", y_val, levels(p_val, no_rules, thresholds))
     report("validation, rules and model", y_val, levels(p_val, rules_val, thresholds))
 
@@ -191,11 +244,14 @@ def main():
     tensors = {
         "token_vectors": encoder["token_vectors"],
         "token_scales": encoder["token_scales"].astype(np.float32),
-        "head_weight": np.concatenate([head.coef_ for head in heads]).astype(np.float32),
-        "head_bias": np.concatenate([head.intercept_ for head in heads]).astype(np.float32),
+        "head_weight": head.weight,
+        "head_bias": head.bias,
+        "hidden_weight": head.hidden_weight,
+        "hidden_bias": head.hidden_bias,
+        "hidden_output": head.hidden_output,
     }
     digest = hashlib.sha256()
-    for name in ["token_vectors", "token_scales", "head_weight", "head_bias"]:
+    for name in TENSORS:
         digest.update(np.ascontiguousarray(tensors[name]).tobytes())
     data_sha = hashlib.sha256()
     for path in files:

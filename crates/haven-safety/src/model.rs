@@ -11,11 +11,15 @@
 //! - **sparse**: hashed word unigrams and bigrams and character 3–5-grams
 //!   of each word, which carry typos, slang and other languages.
 //!
-//! An ordinal logistic head gives three probabilities: that the text is at
-//! `concern` or above, at `high` or above, and `imminent`; the file's
-//! thresholds turn those into a level ([`Model::assess`]). The file is safetensors: the int8 token vectors
-//! with a scale per token, the head, and metadata (format, version,
-//! vocabulary, thresholds, a SHA-256 of every tensor). A file that does not
+//! An ordinal head gives three probabilities: that the text is at
+//! `concern` or above, at `high` or above, and `imminent`. Each row's logit
+//! is a linear function of all the features plus a small hidden layer
+//! (rectified) over the dense ones, which lets the head combine meanings
+//! that no single weight carries; the file's thresholds turn the
+//! probabilities into a level ([`Model::assess`]). The file is
+//! safetensors: the int8 token vectors with a scale per token, the head,
+//! and metadata (format, version, vocabulary, thresholds, a SHA-256 of
+//! every tensor). A file that does not
 //! match in any of these is refused with a [`ModelError`], never used.
 
 use std::collections::HashMap;
@@ -27,13 +31,27 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The format this code reads, recorded in every model file.
-pub const FORMAT: &str = "haven-crisis-model/2";
+pub const FORMAT: &str = "haven-crisis-model/3";
 
 /// Hash buckets of the sparse features (part of the format).
 pub const BUCKETS: usize = 1 << 17;
 
 /// The head's rows: `concern` or above, `high` or above, `imminent`.
 const ROWS: usize = 3;
+
+/// The tensors of a model file, in the order of its `data_sha256`.
+const TENSORS: [&str; 7] = [
+    "token_vectors",
+    "token_scales",
+    "head_weight",
+    "head_bias",
+    "hidden_weight",
+    "hidden_bias",
+    "hidden_output",
+];
+
+/// The most hidden units a file may have (a bound on the work per message).
+const MAX_HIDDEN: usize = 4096;
 
 /// The weight of the sparse features against the dense ones (part of the
 /// format): `SPARSE_WEIGHT / sqrt(max(count, SPARSE_FLOOR))` per occurrence.
@@ -44,7 +62,7 @@ const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// The shipped model's SHA-256, as printed by the training script; a test
 /// checks the file against it.
-pub const BUILTIN_SHA256: &str = "cdb0ec3c4f6f98e88afe4f468c82b769f172be983026db0c3a43b7d4a3742949";
+pub const BUILTIN_SHA256: &str = "083c38ef2d732f2f41fc26857d4949bd349bd6e8cd8b633f23e808908c466f73";
 
 /// A model file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +121,13 @@ pub struct Model {
     /// `ROWS` rows of `2 * dims + BUCKETS` weights.
     weights: Vec<f32>,
     bias: [f32; ROWS],
+    /// The hidden layer over the dense features: `hidden` rows of
+    /// `2 * dims` weights, a bias per unit, and `ROWS` rows of `hidden`
+    /// weights from the units to the logits.
+    hidden: usize,
+    hidden_weight: Vec<f32>,
+    hidden_bias: Vec<f32>,
+    hidden_output: Vec<f32>,
     thresholds: Thresholds,
 }
 
@@ -147,7 +172,7 @@ impl Model {
         }
 
         let mut digest = Sha256::new();
-        for name in ["token_vectors", "token_scales", "head_weight", "head_bias"] {
+        for name in TENSORS {
             let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
             digest.update(tensor.data());
         }
@@ -161,10 +186,31 @@ impl Model {
         let weights = f32_tensor(&file, "head_weight", &[ROWS, features])?;
         let bias = f32_tensor(&file, "head_bias", &[ROWS])?;
         let bias = [bias[0], bias[1], bias[2]];
-        if weights.iter().chain(&bias).any(|w| !w.is_finite()) {
+        let dense = 2 * encoder.dims;
+        let hidden = match file.tensor("hidden_bias").map_err(|_| error("no tensor `hidden_bias`"))?.shape() {
+            [units] if (1..=MAX_HIDDEN).contains(units) => *units,
+            shape => {
+                return Err(error(format!("`hidden_bias` must have 1 to {MAX_HIDDEN} units, is {shape:?}")));
+            }
+        };
+        let hidden_weight = f32_tensor(&file, "hidden_weight", &[hidden, dense])?;
+        let hidden_bias = f32_tensor(&file, "hidden_bias", &[hidden])?;
+        let hidden_output = f32_tensor(&file, "hidden_output", &[ROWS, hidden])?;
+        let all = [&weights[..], &bias, &hidden_weight, &hidden_bias, &hidden_output];
+        if all.iter().flat_map(|t| t.iter()).any(|w| !w.is_finite()) {
             return Err(error("the head has a weight that is not a finite number"));
         }
-        Ok(Model { version, encoder, weights, bias, thresholds })
+        Ok(Model {
+            version,
+            encoder,
+            weights,
+            bias,
+            hidden,
+            hidden_weight,
+            hidden_bias,
+            hidden_output,
+            thresholds,
+        })
     }
 
     pub fn version(&self) -> &str {
@@ -208,6 +254,15 @@ impl Model {
         for (class, logit) in logits.iter_mut().enumerate() {
             let row = &self.weights[class * features..class * features + dense_len];
             *logit += row.iter().zip(&dense).map(|(w, x)| w * x).sum::<f32>() + sparse[class] * scale;
+        }
+        let rows = self.hidden_weight.chunks_exact(dense_len).zip(&self.hidden_bias);
+        for (unit, (row, bias)) in rows.enumerate() {
+            let activation = (bias + row.iter().zip(&dense).map(|(w, x)| w * x).sum::<f32>()).max(0.0);
+            if activation > 0.0 {
+                for (class, logit) in logits.iter_mut().enumerate() {
+                    *logit += self.hidden_output[class * self.hidden + unit] * activation;
+                }
+            }
         }
         logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
     }
