@@ -17,6 +17,8 @@ use crate::{CONTEXT_RULE, Classifier, classify};
 const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
 const ROUND_2: &str = include_str!("../data/unseen/round-2.jsonl");
 const ROUND_2_CONVERSATIONS: &str = include_str!("../data/unseen/round-2-conversations.jsonl");
+const ROUND_3: &str = include_str!("../data/unseen/round-3.jsonl");
+const ROUND_3_CONVERSATIONS: &str = include_str!("../data/unseen/round-3-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -29,6 +31,13 @@ const ROUND_2_FALSE_ALARMS: usize = 9;
 /// the model; their conversations do not): 25 + 27 with model 2026.12.3.
 /// Model 2026.12.4 gives 30 + 25, so the floor is on the sum.
 const CONVERSATIONS_SUFFICIENT: usize = 52;
+
+/// Round 3 with the detector it was first scored with (rules 2026.12.1,
+/// model 2026.12.4), scored once.
+const ROUND_3_HIGH_DETECTED: usize = 243;
+const ROUND_3_CONCERN_DETECTED: usize = 97;
+const ROUND_3_FALSE_ALARMS: usize = 10;
+const ROUND_3_CONVERSATIONS_SUFFICIENT: usize = 37;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -99,11 +108,13 @@ impl Counts {
     }
 }
 
-#[test]
-fn unseen_round_2_does_not_fall_below_its_first_score() {
+/// Scores a round of single messages with the shipped detector, prints
+/// its figures (rules and model, each alone, and by language) and returns
+/// the counts of rules and model together.
+fn score(name: &str, source: &str) -> Counts {
     let classifier = Classifier::builtin();
     let rules = crate::Detector::builtin();
-    let items = parse(ROUND_2);
+    let items = parse(source);
     assert_eq!(items.len(), 700);
     let (mut both, mut rules_only, mut model_only) =
         (Counts::default(), Counts::default(), Counts::default());
@@ -115,15 +126,29 @@ fn unseen_round_2_does_not_fall_below_its_first_score() {
         model_only.add(item.level, assessment.model.as_ref().map_or(RiskLevel::None, |m| m.level));
         by_language.entry(item.lang.as_str()).or_default().add(item.level, assessment.level);
     }
-    println!("{}", both.report("unseen round 2, rules and model"));
-    println!("{}", rules_only.report("unseen round 2, rules alone"));
-    println!("{}", model_only.report("unseen round 2, model alone"));
+    println!("{}", both.report(&format!("{name}, rules and model")));
+    println!("{}", rules_only.report(&format!("{name}, rules alone")));
+    println!("{}", model_only.report(&format!("{name}, model alone")));
     for (language, counts) in &by_language {
-        println!("{}", counts.report(&format!("unseen round 2, rules and model, {language}")));
+        println!("{}", counts.report(&format!("{name}, rules and model, {language}")));
     }
+    both
+}
+
+#[test]
+fn unseen_round_2_does_not_fall_below_its_first_score() {
+    let both = score("round 2 (now training data)", ROUND_2);
     assert!(both.high.0 >= ROUND_2_HIGH_DETECTED, "{both:?}");
     assert!(both.concern.0 >= ROUND_2_CONCERN_DETECTED, "{both:?}");
     assert!(both.none.0 <= ROUND_2_FALSE_ALARMS, "{both:?}");
+}
+
+#[test]
+fn unseen_round_3_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 3", ROUND_3);
+    assert!(both.high.0 >= ROUND_3_HIGH_DETECTED, "{both:?}");
+    assert!(both.concern.0 >= ROUND_3_CONCERN_DETECTED, "{both:?}");
+    assert!(both.none.0 <= ROUND_3_FALSE_ALARMS, "{both:?}");
 }
 
 /// The conversations of a round: the last message read with the earlier
@@ -154,11 +179,13 @@ fn conversations(name: &str, source: &str) -> usize {
 fn unseen_conversations_are_read_with_their_window() {
     let round_1 = conversations("unseen round 1", ROUND_1_CONVERSATIONS);
     let round_2 = conversations("unseen round 2", ROUND_2_CONVERSATIONS);
-    println!("sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50");
+    let round_3 = conversations("unseen round 3", ROUND_3_CONVERSATIONS);
+    println!("sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50");
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
         "round 1: {round_1}, round 2: {round_2} sufficient"
     );
+    assert!(round_3 >= ROUND_3_CONVERSATIONS_SUFFICIENT, "round 3: {round_3} sufficient");
 }
 
 #[test]
