@@ -72,7 +72,10 @@ async fn silent_and_stalled_connections_are_closed_while_others_chat() {
     // 127.0.0.2 opens connections that send nothing: up to its cap, and ten more.
     let mut silent = Vec::new();
     for _ in 0..CAP + 10 {
-        silent.push((connect_from("127.0.0.2", &server).await, Instant::now()));
+        // Watched from its own task from the start, so every close is timed
+        // as it happens, whatever the test does meanwhile.
+        let stream = connect_from("127.0.0.2", &server).await;
+        silent.push(tokio::spawn(until_closed(stream, Instant::now())));
     }
     // 127.0.0.3 stalls in every other way.
     let mut stalled = Vec::new();
@@ -92,7 +95,7 @@ async fn silent_and_stalled_connections_are_closed_while_others_chat() {
     for (kind, bytes) in kinds {
         let mut stream = connect_from("127.0.0.3", &server).await;
         stream.write_all(&bytes).await.unwrap();
-        stalled.push((kind, stream, Instant::now()));
+        stalled.push((kind, tokio::spawn(until_closed(stream, Instant::now()))));
     }
 
     // Meanwhile 127.0.0.1 creates sessions and chats.
@@ -116,14 +119,7 @@ async fn silent_and_stalled_connections_are_closed_while_others_chat() {
     assert!(slowest < deadline / 2, "an ack waited {slowest:?}, as long as a held connection's deadline");
 
     // The ten beyond the cap were closed before anything was read; the
-    // others within their deadline. Each is watched from its own task, so
-    // every close is timed as it happens.
-    let silent: Vec<_> =
-        silent.into_iter().map(|(stream, since)| tokio::spawn(until_closed(stream, since))).collect();
-    let stalled: Vec<_> = stalled
-        .into_iter()
-        .map(|(kind, stream, since)| (kind, tokio::spawn(until_closed(stream, since))))
-        .collect();
+    // others within their deadline.
     let mut closes = Vec::new();
     for task in silent {
         closes.push(task.await.unwrap().1);
