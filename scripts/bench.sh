@@ -240,7 +240,9 @@ for RUN in $(seq 1 "$RUNS"); do
     fi
     if want direct; then
         haven_run "direct saturation" -- direct --sessions "$SAT_SESSIONS" "${D[@]}"
-        haven_run "direct ${RATE}/s" -- direct --sessions "$RATE_SESSIONS" --rate "$RATE" "${D[@]}"
+        # One client in 20 also sends one message the crisis detector flags:
+        # how long its crisis message takes under this load.
+        haven_run "direct ${RATE}/s" -- direct --sessions "$RATE_SESSIONS" --rate "$RATE" --crisis-every 20 "${D[@]}"
     fi
     if want idle; then
         haven_run "idle ${IDLE[0]}" -- idle --connections "${IDLE[0]}" --hold "$HOLD"

@@ -14,6 +14,10 @@
 //!
 //! `--bare` points the same load at `haven-load relay`: no HTTP setup, no
 //! credentials, no storage.
+//!
+//! `--crisis-every K`: one client in every K sends, once, partway through
+//! the measured window, a message the crisis detector flags, and reports
+//! how long the crisis message that answers it took to arrive.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use futures_util::{SinkExt, StreamExt, stream};
-use haven_protocol::{ChatMode, Sender, ServerFrame};
+use haven_protocol::{ChatMode, MessageKind, Sender, ServerFrame};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -80,7 +84,17 @@ pub struct Args {
     /// Sockets being opened at once during setup.
     #[arg(long, default_value_t = 100)]
     pub connect_concurrency: usize,
+
+    /// One client in every K sends one message that the crisis detector
+    /// flags, within the measured window, and times the crisis message
+    /// that answers it. 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub crisis_every: usize,
 }
+
+/// What a crisis client sends: the detector flags it `imminent` (the
+/// server's API tests rely on this text too).
+const CRISIS_TEXT: &str = "i have the pills in front of me and im going to take them all tonight";
 
 /// When things happen, shared by every task.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +138,10 @@ struct ClientOutcome {
     /// How late each send within the window was against its schedule
     /// (open loop only), in µs.
     send_lags: Vec<u32>,
+    /// A crisis message was sent (`--crisis-every`).
+    crisis_sent: bool,
+    /// From sending it to the crisis message that answered it, in µs.
+    crisis_latency: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +165,7 @@ struct Pacing {
     client_max_rate: f64,
     /// Sessions asked for: client `i` starts `i / requested` into its interval.
     requested: usize,
+    crisis_every: usize,
 }
 
 impl Pacing {
@@ -159,6 +178,16 @@ impl Pacing {
             let gap = Duration::from_secs_f64(1.0 / self.client_max_rate);
             Plan::Closed { gap, phase: gap.mul_f64(fraction) }
         }
+    }
+
+    /// When client `index` sends its crisis message, if it sends one:
+    /// spread over the middle of the window.
+    fn crisis_at(&self, index: usize, times: &Times) -> Option<Instant> {
+        if self.crisis_every == 0 || index % self.crisis_every != 0 {
+            return None;
+        }
+        let fraction = 0.1 + 0.8 * index as f64 / self.requested.max(1) as f64;
+        Some(times.window_start + (times.stop - times.window_start).mul_f64(fraction))
     }
 }
 
@@ -242,7 +271,12 @@ async fn setup(
 ) -> Result<(Vec<Tasks>, usize)> {
     let target = args.target.target;
     let sources = Sources::new(args.target.source_net);
-    let pacing = Pacing { rate: args.rate, client_max_rate: args.client_max_rate, requested: args.sessions };
+    let pacing = Pacing {
+        rate: args.rate,
+        client_max_rate: args.client_max_rate,
+        requested: args.sessions,
+        crisis_every: args.crisis_every,
+    };
     let sessions: Vec<(Uuid, Option<String>)> = if args.bare {
         (0..args.sessions).map(|_| (Uuid::now_v7(), None)).collect()
     } else {
@@ -319,6 +353,9 @@ async fn run_client(
         }
     };
     let plan = pacing.plan(index, sessions);
+    let crisis_at = pacing.crisis_at(index, &times);
+    // When the crisis message was sent, in µs since the origin (0: not yet).
+    let crisis_sent_at = AtomicU64::new(0);
     let (mut sink, mut stream) = ws.split();
     let sent = AtomicU64::new(0);
     // Acks and refusals received: every sent message gets exactly one.
@@ -346,8 +383,13 @@ async fn run_client(
             }
             let stamp = now;
             let client_id = format!("{index}.{}", micros_since_origin(stamp));
-            if sink.send(net::message_frame(&content, client_id)).await.is_err() {
+            let crisis = crisis_at.is_some_and(|at| next >= at) && crisis_sent_at.load(Ordering::SeqCst) == 0;
+            let text = if crisis { CRISIS_TEXT } else { &content };
+            if sink.send(net::message_frame(text, client_id)).await.is_err() {
                 break;
+            }
+            if crisis {
+                crisis_sent_at.store(micros_since_origin(stamp).max(1), Ordering::SeqCst);
             }
             index += 1;
             sent.store(index, Ordering::SeqCst);
@@ -373,8 +415,11 @@ async fn run_client(
     let reader = async {
         let mut outcome = ClientOutcome::default();
         loop {
+            let crisis_pending =
+                crisis_sent_at.load(Ordering::SeqCst) != 0 && outcome.crisis_latency.is_none();
             if writer_done.load(Ordering::SeqCst)
                 && settled.load(Ordering::SeqCst) >= sent.load(Ordering::SeqCst)
+                && !crisis_pending
             {
                 break;
             }
@@ -397,6 +442,13 @@ async fn run_client(
                     settled.fetch_add(1, Ordering::SeqCst);
                     answer_arrived.notify_one();
                 }
+                Incoming::Frame(ServerFrame::Message(message)) if message.kind == MessageKind::Crisis => {
+                    let sent_at = crisis_sent_at.load(Ordering::SeqCst);
+                    if sent_at != 0 && outcome.crisis_latency.is_none() {
+                        let latency = micros_since_origin(Instant::now()).saturating_sub(sent_at);
+                        outcome.crisis_latency = Some(latency.min(u64::from(u32::MAX)) as u32);
+                    }
+                }
                 Incoming::Frame(_) => {}
                 Incoming::Unparsed => outcome.unparsed += 1,
                 Incoming::Closed(close) => {
@@ -413,6 +465,7 @@ async fn run_client(
     let (mut sink, mut outcome) = tokio::join!(writer, reader);
     outcome.sent = sent.load(Ordering::SeqCst);
     outcome.send_lags = send_lags;
+    outcome.crisis_sent = crisis_sent_at.load(Ordering::SeqCst) != 0;
     net::close_sink(&mut sink).await;
     outcome
 }
@@ -546,6 +599,8 @@ fn analyse(
     let latency =
         Percentiles::of_micros(outcomes.iter().map(|(_, therapist)| therapist.latencies.as_slice()));
     let sessions = outcomes.len();
+    let crisis_latencies: Vec<u32> =
+        outcomes.iter().filter_map(|(client, _)| client.crisis_latency).collect();
     json!({
         "scenario": "direct",
         "label": args.target.label,
@@ -571,6 +626,9 @@ fn analyse(
         "errors": errors,
         "closed_early": closed,
         "connect_failures": connect_failures,
+        "crisis_sent": outcomes.iter().filter(|(client, _)| client.crisis_sent).count(),
+        "crisis_answered": crisis_latencies.len(),
+        "crisis_ms": Percentiles::of_micros([crisis_latencies.as_slice()]),
         "send_lag_ms": Percentiles::of_micros(outcomes.iter().map(|(client, _)| client.send_lags.as_slice())),
         "setup_s": round(setup_s),
         "cpu": cpu,
@@ -583,7 +641,7 @@ fn summarise(result: &serde_json::Value) -> String {
     let latency: Percentiles = serde_json::from_value(result["latency_ms"].clone()).unwrap_or_default();
     let cpu: CpuSplit = serde_json::from_value(result["cpu"].clone()).unwrap_or_default();
     format!(
-        "direct{} ({}): {} sessions, {} offered/s, {} bytes\n  delivered {}/s; latency {}{}\n  sent {}, acked {}, received {}, refused {}, unanswered {}; lost {}, duplicated {}, out of order {}\n  {}{}",
+        "direct{} ({}): {} sessions, {} offered/s, {} bytes\n  delivered {}/s; latency {}{}{}\n  sent {}, acked {}, received {}, refused {}, unanswered {}; lost {}, duplicated {}, out of order {}\n  {}{}",
         if result["bare"].as_bool() == Some(true) { " --bare" } else { "" },
         result["mode"].as_str().unwrap_or(""),
         result["sessions"],
@@ -591,6 +649,14 @@ fn summarise(result: &serde_json::Value) -> String {
         result["size_bytes"],
         result["delivered_per_s"],
         latency.line(),
+        match result["crisis_sent"].as_u64() {
+            Some(sent) if sent > 0 => format!(
+                "\n  crisis messages: {sent} sent, {} answered; from send to the crisis message: {}",
+                result["crisis_answered"],
+                serde_json::from_value::<Percentiles>(result["crisis_ms"].clone()).unwrap_or_default().line()
+            ),
+            _ => String::new(),
+        },
         match result["send_lag_ms"]["count"].as_u64() {
             Some(count) if count > 0 => format!(
                 "\n  sends behind schedule: p99 {} ms, max {} ms",

@@ -362,13 +362,18 @@ fn classification_speed() {
         ("4000 chars, near rules in every sentence", at_limit("kill myself tonight. ")),
         ("4000 chars, one long unknown word per 99 letters", at_limit(&format!("{} ", "q".repeat(99)))),
     ];
-    let earlier = ["I want to die.".repeat(300), "kill myself tonight. ".repeat(200), "x".repeat(4000)];
-    let earlier: Vec<&str> = earlier.iter().map(String::as_str).collect();
+    let long = ["I want to die.".repeat(300), "kill myself tonight. ".repeat(200), "x".repeat(4000)];
+    let long: Vec<&str> = long.iter().map(String::as_str).collect();
+    let short =
+        ["hi, can we talk for a bit?", "work has been a lot this week", "my sister is visiting on sunday"];
     for (name, text) in &cases {
         let rounds = 100;
-        for (how, run) in
-            [("rules alone", 0), ("rules and model", 1), ("rules and model, window of 3 long messages", 2)]
-        {
+        for (how, run) in [
+            ("rules alone", 0),
+            ("rules and model", 1),
+            ("rules and model, window of 3 short messages", 2),
+            ("rules and model, window of 3 long messages", 3),
+        ] {
             let mut times: Vec<std::time::Duration> = (0..rounds)
                 .map(|_| {
                     let started = Instant::now();
@@ -376,7 +381,8 @@ fn classification_speed() {
                     let _ = match run {
                         0 => detector.classify(text),
                         1 => classifier.classify(text),
-                        _ => classifier.classify_in_context(text, &earlier),
+                        2 => classifier.classify_in_context(text, &short),
+                        _ => classifier.classify_in_context(text, &long),
                     };
                     started.elapsed()
                 })

@@ -200,10 +200,12 @@ impl Classifier {
             window.push_str(&message[start..]);
             window.push('\n');
         }
-        let before = self.classify(&window).level;
+        let before_len = window.len();
         window.push_str(text);
         let with = self.classify(&window).level;
-        if with > own.level && with > before {
+        // The conversation without the message matters only when the one
+        // with it would raise the message's level.
+        if with > own.level && with > self.classify(&window[..before_len]).level {
             own.level = with;
             own.rules.insert(0, RuleHit { id: CONTEXT_RULE.to_owned(), level: with, matched: String::new() });
         }

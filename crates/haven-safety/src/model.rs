@@ -121,13 +121,8 @@ pub struct Model {
     /// `ROWS` rows of `2 * dims + BUCKETS` weights.
     weights: Vec<f32>,
     bias: [f32; ROWS],
-    /// The hidden layer over the dense features: `hidden` rows of
-    /// `2 * dims` weights, a bias per unit, and `ROWS` rows of `hidden`
-    /// weights from the units to the logits.
-    hidden: usize,
-    hidden_weight: Vec<f32>,
-    hidden_bias: Vec<f32>,
-    hidden_output: Vec<f32>,
+    /// The hidden layer over the dense features.
+    hidden: Hidden,
     thresholds: Thresholds,
 }
 
@@ -200,17 +195,8 @@ impl Model {
         if all.iter().flat_map(|t| t.iter()).any(|w| !w.is_finite()) {
             return Err(error("the head has a weight that is not a finite number"));
         }
-        Ok(Model {
-            version,
-            encoder,
-            weights,
-            bias,
-            hidden,
-            hidden_weight,
-            hidden_bias,
-            hidden_output,
-            thresholds,
-        })
+        let hidden = Hidden::new(dense, &hidden_weight, &hidden_bias, &hidden_output);
+        Ok(Model { version, encoder, weights, bias, hidden, thresholds })
     }
 
     pub fn version(&self) -> &str {
@@ -255,16 +241,75 @@ impl Model {
             let row = &self.weights[class * features..class * features + dense_len];
             *logit += dot(row, &dense) + sparse[class] * scale;
         }
-        let rows = self.hidden_weight.chunks_exact(dense_len).zip(&self.hidden_bias);
-        for (unit, (row, bias)) in rows.enumerate() {
-            let activation = (bias + dot(row, &dense)).max(0.0);
+        self.hidden.add_to(&dense, &mut logits);
+        logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
+    }
+}
+
+/// The hidden layer as it runs: the units that can move a logit, in the
+/// file's order.
+///
+/// Training leaves many weights vanishingly small (weight decay drives the
+/// weights of unused units towards zero; about a quarter of model
+/// `2026.12.4`'s are below 1e-30, most of them subnormal floats, on which a
+/// processor takes a slow path for every multiplication). Such a weight is
+/// read as zero: its product with a feature is far below the rounding of
+/// any sum it joins. A unit whose output weights are then all zero adds
+/// nothing and is left out; a unit whose input weights are all zero has a
+/// sum of zero, so its dot product is not computed. The logits are the
+/// same floats as with every unit computed, bit for bit (`model_tests.rs`
+/// checks this against the file's own weights).
+pub(crate) struct Hidden {
+    /// Input weights of the units that have any (`dense` per row).
+    rows: Vec<f32>,
+    dense: usize,
+    pub(crate) units: Vec<Unit>,
+}
+
+pub(crate) struct Unit {
+    /// Its row in `Hidden::rows`, or `None` when its input weights are all
+    /// zero.
+    row: Option<usize>,
+    bias: f32,
+    output: [f32; ROWS],
+}
+
+/// Weights smaller than this are read as zero ([`Hidden`]).
+const NEGLIGIBLE: f32 = 1e-30;
+
+impl Hidden {
+    /// From the file's tensors: `weight` is `units × dense`, `output` is
+    /// `ROWS × units`.
+    pub(crate) fn new(dense: usize, weight: &[f32], bias: &[f32], output: &[f32]) -> Hidden {
+        let flush = |w: f32| if w.abs() < NEGLIGIBLE { 0.0 } else { w };
+        let count = bias.len();
+        let mut hidden = Hidden { rows: Vec::new(), dense, units: Vec::new() };
+        for (unit, (row, &bias)) in weight.chunks_exact(dense).zip(bias).enumerate() {
+            let output: [f32; ROWS] = std::array::from_fn(|class| flush(output[class * count + unit]));
+            if output.iter().all(|&w| w == 0.0) {
+                continue;
+            }
+            let row_index = row.iter().any(|w| w.abs() >= NEGLIGIBLE).then(|| {
+                hidden.rows.extend(row.iter().map(|&w| flush(w)));
+                hidden.rows.len() / dense - 1
+            });
+            hidden.units.push(Unit { row: row_index, bias, output });
+        }
+        hidden
+    }
+
+    /// Adds the layer's output to `logits`.
+    pub(crate) fn add_to(&self, features: &[f32], logits: &mut [f32; ROWS]) {
+        for unit in &self.units {
+            let sum =
+                unit.row.map_or(0.0, |r| dot(&self.rows[r * self.dense..(r + 1) * self.dense], features));
+            let activation = (unit.bias + sum).max(0.0);
             if activation > 0.0 {
-                for (class, logit) in logits.iter_mut().enumerate() {
-                    *logit += self.hidden_output[class * self.hidden + unit] * activation;
+                for (logit, weight) in logits.iter_mut().zip(unit.output) {
+                    *logit += weight * activation;
                 }
             }
         }
-        logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
     }
 }
 
@@ -460,7 +505,7 @@ fn fnv(kind: &[u8], parts: &[&[u8]]) -> u64 {
 /// sum of floats is one long chain of dependent additions that the compiler
 /// may not reorder, where eight lanes run side by side (in SIMD registers).
 /// The hidden layer is most of the model's work per message.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a_lanes, a_rest) = a.as_chunks::<8>();
     let (b_lanes, b_rest) = b.as_chunks::<8>();
     let mut sums = [0.0f32; 8];
@@ -472,7 +517,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
 }
 
-fn f32_tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn f32_tensor(
+    file: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>, ModelError> {
     let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
     if tensor.dtype() != Dtype::F32 || tensor.shape() != shape {
         return Err(error(format!(

@@ -11,7 +11,7 @@ use haven_protocol::RiskLevel;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{BUILTIN_SHA256, FORMAT, Model, hex};
+use crate::model::{BUILTIN_SHA256, Encoder, FORMAT, Hidden, Model, dot, f32_tensor, hex};
 use crate::{CONTEXT_RULE, Classifier, classify};
 
 const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
@@ -209,6 +209,54 @@ fn with_header(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     out.extend(text);
     out.extend_from_slice(&BUILTIN[8 + length..]);
     out
+}
+
+/// The hidden layer as it runs (vanishing weights read as zero, silent
+/// units left out, see `Hidden`) adds the same floats, bit for bit, as
+/// every unit of the shipped file computed from its own weights, on every
+/// unseen message and conversation.
+#[test]
+fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
+    let file = safetensors::SafeTensors::deserialize(BUILTIN).expect("the shipped file parses");
+    let bias = f32_tensor(&file, "hidden_bias", &[file.tensor("hidden_bias").unwrap().shape()[0]]).unwrap();
+    let units = bias.len();
+    let encoder = Encoder::from_bytes(BUILTIN).unwrap();
+    let dense = encoder.feature_count() - crate::model::BUCKETS;
+    let weight = f32_tensor(&file, "hidden_weight", &[units, dense]).unwrap();
+    let output = f32_tensor(&file, "hidden_output", &[3, units]).unwrap();
+    let hidden = Hidden::new(dense, &weight, &bias, &output);
+    assert!(
+        hidden.units.len() < units,
+        "the shipped model has units that add nothing, and they are left out"
+    );
+
+    let mut texts: Vec<String> = Vec::new();
+    for round in [ROUND_2, ROUND_3] {
+        texts.extend(parse(round).into_iter().map(|item| item.text));
+    }
+    for round in [ROUND_1_CONVERSATIONS, ROUND_2_CONVERSATIONS, ROUND_3_CONVERSATIONS] {
+        texts.extend(parse(round).into_iter().map(|item| item.context.join("\n") + "\n" + &item.text));
+    }
+    let mut features = vec![0.0f32; dense];
+    let mut checked = 0;
+    for text in &texts {
+        encoder.features(&crate::normalise(text), &mut features, |_| {});
+        let start = [0.25f32, -1.5, 2.0];
+        let mut running = start;
+        hidden.add_to(&features, &mut running);
+        let mut whole = start;
+        for (unit, row) in weight.chunks_exact(dense).enumerate() {
+            let activation = (bias[unit] + dot(row, &features)).max(0.0);
+            if activation > 0.0 {
+                for (class, logit) in whole.iter_mut().enumerate() {
+                    *logit += output[class * units + unit] * activation;
+                }
+            }
+        }
+        assert_eq!(running.map(f32::to_bits), whole.map(f32::to_bits), "{text:?}");
+        checked += usize::from(whole != start);
+    }
+    assert!(checked > texts.len() / 2, "the layer moved the logits of only {checked} texts");
 }
 
 #[test]
