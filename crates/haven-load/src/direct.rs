@@ -183,7 +183,7 @@ impl Pacing {
     /// When client `index` sends its crisis message, if it sends one:
     /// spread over the middle of the window.
     fn crisis_at(&self, index: usize, times: &Times) -> Option<Instant> {
-        if self.crisis_every == 0 || index % self.crisis_every != 0 {
+        if self.crisis_every == 0 || !index.is_multiple_of(self.crisis_every) {
             return None;
         }
         let fraction = 0.1 + 0.8 * index as f64 / self.requested.max(1) as f64;

@@ -118,8 +118,12 @@ pub struct Encoder {
 pub struct Model {
     version: String,
     encoder: Encoder,
-    /// `ROWS` rows of `2 * dims + BUCKETS` weights.
-    weights: Vec<f32>,
+    /// The linear part: `ROWS` rows of `2 * dims` weights over the dense
+    /// features, and each sparse bucket's `ROWS` weights side by side (the
+    /// file keeps them row by row; one bucket's three weights are one
+    /// memory read this way).
+    dense_weights: Vec<f32>,
+    sparse_weights: Vec<[f32; ROWS]>,
     bias: [f32; ROWS],
     /// The hidden layer over the dense features.
     hidden: Hidden,
@@ -196,7 +200,11 @@ impl Model {
             return Err(error("the head has a weight that is not a finite number"));
         }
         let hidden = Hidden::new(dense, &hidden_weight, &hidden_bias, &hidden_output);
-        Ok(Model { version, encoder, weights, bias, hidden, thresholds })
+        let dense_weights = weights.chunks_exact(features).flat_map(|row| &row[..dense]).copied().collect();
+        let sparse_weights = (dense..features)
+            .map(|column| std::array::from_fn(|class| weights[class * features + column]))
+            .collect();
+        Ok(Model { version, encoder, dense_weights, sparse_weights, bias, hidden, thresholds })
     }
 
     pub fn version(&self) -> &str {
@@ -226,20 +234,20 @@ impl Model {
     /// The probabilities that a normalised text is at `concern` or above,
     /// at `high` or above, and `imminent`.
     pub fn probabilities(&self, normalised: &str) -> [f32; ROWS] {
-        let features = self.encoder.feature_count();
         let dense_len = 2 * self.encoder.dims;
         let mut dense = vec![0.0; dense_len];
         let mut sparse = [0.0f32; ROWS];
         let count = self.encoder.features(normalised, &mut dense, |bucket| {
-            for (class, sum) in sparse.iter_mut().enumerate() {
-                *sum += self.weights[class * features + dense_len + bucket];
+            for (sum, weight) in sparse.iter_mut().zip(self.sparse_weights[bucket]) {
+                *sum += weight;
             }
         });
         let scale = sparse_scale(count);
         let mut logits = self.bias;
-        for (class, logit) in logits.iter_mut().enumerate() {
-            let row = &self.weights[class * features..class * features + dense_len];
-            *logit += dot(row, &dense) + sparse[class] * scale;
+        for ((logit, row), sparse) in
+            logits.iter_mut().zip(self.dense_weights.chunks_exact(dense_len)).zip(sparse)
+        {
+            *logit += dot(row, &dense) + sparse * scale;
         }
         self.hidden.add_to(&dense, &mut logits);
         logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
@@ -412,10 +420,11 @@ impl Encoder {
             if bytes.len() > 40 {
                 continue;
             }
-            let mut padded = Vec::with_capacity(bytes.len() + 2);
-            padded.push(b'<');
-            padded.extend_from_slice(bytes);
-            padded.push(b'>');
+            let mut padded = [0u8; 42];
+            padded[0] = b'<';
+            padded[1..=bytes.len()].copy_from_slice(bytes);
+            padded[bytes.len() + 1] = b'>';
+            let padded = &padded[..bytes.len() + 2];
             for n in 3..=5 {
                 for gram in padded.windows(n) {
                     emit(fnv(b"c", &[gram]));
@@ -450,7 +459,9 @@ impl Encoder {
         if word.len() > MAX_WORD {
             return token(self.unknown);
         }
-        let mut pieces = Vec::new();
+        // At most one piece per byte.
+        let mut pieces = [0u32; MAX_WORD];
+        let mut found_pieces = 0;
         let mut start = 0;
         while start < word.len() {
             let table = if start == 0 { &self.words } else { &self.continuations };
@@ -460,13 +471,14 @@ impl Encoder {
                 .find_map(|end| table.get(&word[start..end]).map(|&id| (id, end)));
             match found {
                 Some((id, end)) => {
-                    pieces.push(id);
+                    pieces[found_pieces] = id;
+                    found_pieces += 1;
                     start = end;
                 }
                 None => return token(self.unknown),
             }
         }
-        pieces.into_iter().for_each(token);
+        pieces[..found_pieces].iter().copied().for_each(token);
     }
 }
 
