@@ -6,6 +6,7 @@
 //! start replies of their own: when the current reply ends, one more reply
 //! is generated, which sees (and answers) all of them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -15,7 +16,7 @@ use haven_store::{BotMessage, SessionEvent};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::hub::{Finished, HISTORY_MESSAGES, Room};
+use super::hub::{Finished, Room};
 use crate::safety::SafetyScript;
 use crate::startup::AppState;
 
@@ -219,5 +220,142 @@ async fn tell_unavailable(state: &AppState, room: &Arc<Room>) {
             state.hub.apply(committed.events);
         }
         Err(error) => tracing::error!(error = %error, "companion notice not stored"),
+    }
+}
+
+/// How many of the latest messages the companion is shown at most; the
+/// responder then keeps what fits its budget.
+pub const HISTORY_MESSAGES: usize = 200;
+
+/// The most message text a room keeps for the companion: many times the
+/// responder's default budget (8,000 characters), and a bound on what a
+/// chatty session holds in memory.
+pub const HISTORY_BYTES: usize = 256 * 1024;
+
+/// The companion's state in one session, in this process. Its room holds
+/// it under one lock, and sends a delta, the takeover and the close while
+/// holding it: once [`Companion::silence`] has run, no reply starts,
+/// streams or is answered again, and nothing of the conversation is kept.
+#[derive(Debug, Default)]
+pub struct Companion {
+    /// A therapist joined or the chat closed.
+    silenced: bool,
+    /// The reply being generated, if any. One at a time per session.
+    in_flight: Option<Uuid>,
+    /// Client messages arrived while a reply was being generated; the next
+    /// reply answers all of them.
+    more_to_answer: bool,
+    /// The session's latest messages, kept from the first reply until the
+    /// companion is silenced, so that a reply need not read them from the
+    /// database.
+    history: Option<History>,
+}
+
+impl Companion {
+    /// Starts a reply unless one is running (then it is asked to answer
+    /// again when done) or the companion is silenced. Returns its id.
+    pub fn start(&mut self) -> Option<Uuid> {
+        if self.silenced {
+            return None;
+        }
+        if self.in_flight.is_some() {
+            self.more_to_answer = true;
+            return None;
+        }
+        let reply_id = Uuid::now_v7();
+        self.in_flight = Some(reply_id);
+        Some(reply_id)
+    }
+
+    /// Ends reply `reply_id`. Returns whether it was the reply in flight
+    /// (not one that a takeover already withdrew), and the id of a
+    /// follow-up reply to generate now, when client messages came meanwhile.
+    pub fn finish(&mut self, reply_id: Uuid) -> (bool, Option<Uuid>) {
+        let current = self.in_flight == Some(reply_id);
+        if current {
+            self.in_flight = None;
+        }
+        if self.silenced || !std::mem::take(&mut self.more_to_answer) {
+            return (current, None);
+        }
+        let next = Uuid::now_v7();
+        self.in_flight = Some(next);
+        (current, Some(next))
+    }
+
+    /// Silences the companion for good and forgets the conversation.
+    /// Returns the reply in flight, whose partial text must be withdrawn.
+    pub fn silence(&mut self) -> Option<Uuid> {
+        self.silenced = true;
+        self.history = None;
+        self.in_flight.take()
+    }
+
+    pub fn silenced(&self) -> bool {
+        self.silenced
+    }
+
+    /// Whether reply `reply_id` may stream a delta now.
+    pub fn may_stream(&self, reply_id: Uuid) -> bool {
+        !self.silenced && self.in_flight == Some(reply_id)
+    }
+
+    pub fn in_flight(&self) -> Option<Uuid> {
+        self.in_flight
+    }
+
+    /// Adds a committed message to the history, if kept.
+    pub fn remember(&mut self, message: &ChatMessage) {
+        if let Some(kept) = self.history.as_mut() {
+            kept.add(message.clone());
+        }
+    }
+
+    /// Starts keeping the history from the latest messages, read from the
+    /// database, unless the companion is silenced.
+    pub fn keep_history(&mut self, latest: &[ChatMessage]) {
+        if self.silenced {
+            return;
+        }
+        let kept = self.history.get_or_insert_default();
+        for message in latest {
+            kept.add(message.clone());
+        }
+    }
+
+    /// The latest kept messages in seq order, reaching at least `last_seq`,
+    /// when none is missing in between; else the caller reads them from the
+    /// database. Kept messages always end the conversation: they start as
+    /// its latest messages read from the database, and grow at the end.
+    pub fn recent_history(&self, last_seq: i64) -> Option<Vec<ChatMessage>> {
+        let kept = &self.history.as_ref()?.messages;
+        let (&first, &last) = (kept.first_key_value()?.0, kept.last_key_value()?.0);
+        let gapless = usize::try_from(last - first + 1).is_ok_and(|span| span == kept.len());
+        (gapless && last >= last_seq).then(|| kept.values().cloned().collect())
+    }
+}
+
+/// The companion's history in one room: the latest messages by seq, at
+/// most [`HISTORY_MESSAGES`] of them and [`HISTORY_BYTES`] of text.
+#[derive(Debug, Default)]
+struct History {
+    messages: BTreeMap<i64, ChatMessage>,
+    /// The text of `messages`, in bytes.
+    bytes: usize,
+}
+
+impl History {
+    fn add(&mut self, message: ChatMessage) {
+        self.bytes += message.content.len();
+        if let Some(replaced) = self.messages.insert(message.seq, message) {
+            self.bytes -= replaced.content.len();
+        }
+        while self.messages.len() > HISTORY_MESSAGES
+            || (self.bytes > HISTORY_BYTES && self.messages.len() > 1)
+        {
+            if let Some((_, dropped)) = self.messages.pop_first() {
+                self.bytes -= dropped.content.len();
+            }
+        }
     }
 }

@@ -13,8 +13,9 @@
 //!   has them already; one that sees a seq it has delivered drops it. So
 //!   clients see every message once, in order, whatever the channel does.
 //! - **Companion deltas** (`ai_delta`, `ai_cancelled`), which are not stored.
-//!   They are published under the room's generation lock, which the takeover
-//!   also takes: once the join message is published, no delta follows it.
+//!   They are published under the lock of the room's companion state
+//!   (`chat::companion::Companion`), which the takeover and the close also
+//!   take: once the join message is published, no delta follows it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +28,8 @@ use haven_store::SessionEvent;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use super::companion::Companion;
 
 /// Events buffered per room before a slow receiver lags (and then catches
 /// up from the database). Allocated when the room opens, so kept small:
@@ -42,15 +45,6 @@ const ROOM_CAPACITY: usize = 32;
 /// connection reads the gap from the database, and companion deltas can
 /// then interleave differently on different connections.
 const HOLD: Duration = Duration::from_millis(250);
-
-/// How many of the latest messages the companion is shown at most; the
-/// responder then keeps what fits its budget.
-pub const HISTORY_MESSAGES: usize = 200;
-
-/// The most message text a room keeps for the companion: many times the
-/// responder's default budget (8,000 characters), and a bound on what a
-/// chatty session holds in memory.
-const HISTORY_BYTES: usize = 256 * 1024;
 
 type Rooms = Mutex<HashMap<Uuid, Weak<Room>>>;
 
@@ -211,8 +205,7 @@ impl Hub {
             events,
             order: Mutex::default(),
             takeover: CancellationToken::new(),
-            generation: Mutex::default(),
-            history: Mutex::default(),
+            companion: Mutex::default(),
             client_window: Mutex::default(),
             connections: AtomicUsize::new(0),
             rooms: Arc::downgrade(&self.rooms),
@@ -265,18 +258,6 @@ pub fn frame_text(frame: &ServerFrame) -> Utf8Bytes {
     serde_json::to_string(frame).unwrap_or_default().into()
 }
 
-/// The companion's state in one session, in this process.
-#[derive(Debug, Default)]
-struct Generation {
-    /// A therapist has joined: no generation may start or speak again.
-    joined: bool,
-    /// The reply being generated, if any. One at a time per session.
-    in_flight: Option<Uuid>,
-    /// Client messages arrived while a reply was being generated; the next
-    /// reply answers all of them.
-    more_to_answer: bool,
-}
-
 /// Messages waiting for their turn, in one room.
 #[derive(Debug, Default)]
 struct Order {
@@ -286,31 +267,6 @@ struct Order {
     held: BTreeMap<i64, Event>,
     /// A task will send the held messages when [`HOLD`] runs out.
     timer: bool,
-}
-
-/// The companion's history in one room: the latest messages by seq, at
-/// most [`HISTORY_MESSAGES`] of them and [`HISTORY_BYTES`] of text.
-#[derive(Debug, Default)]
-struct History {
-    messages: BTreeMap<i64, ChatMessage>,
-    /// The text of `messages`, in bytes.
-    bytes: usize,
-}
-
-impl History {
-    fn add(&mut self, message: ChatMessage) {
-        self.bytes += message.content.len();
-        if let Some(replaced) = self.messages.insert(message.seq, message) {
-            self.bytes -= replaced.content.len();
-        }
-        while self.messages.len() > HISTORY_MESSAGES
-            || (self.bytes > HISTORY_BYTES && self.messages.len() > 1)
-        {
-            if let Some((_, dropped)) = self.messages.pop_first() {
-                self.bytes -= dropped.content.len();
-            }
-        }
-    }
 }
 
 /// How a generation ended, for [`Room::finish_generation`].
@@ -330,11 +286,9 @@ pub struct Room {
     /// Cancelled when a therapist takes over, stopping the reply in flight
     /// (and with it the provider request).
     pub takeover: CancellationToken,
-    generation: Mutex<Generation>,
-    /// The session's latest messages, kept from the companion's first reply
-    /// until a therapist joins, so that a reply need not read them from the
-    /// database.
-    history: Mutex<Option<History>>,
+    /// The companion's replies and history, one lock: a delta is sent,
+    /// and the takeover or close happens, under it.
+    companion: Mutex<Companion>,
     /// The client's latest messages seen here, oldest first, at most
     /// [`haven_safety::WINDOW`]: the crisis detector reads a new client
     /// message with them.
@@ -361,9 +315,7 @@ impl Room {
     /// Adds a committed message to the companion's history, if kept, and a
     /// client's message to the detector's window.
     fn remember(&self, message: &ChatMessage) {
-        if let Some(kept) = self.history().as_mut() {
-            kept.add(message.clone());
-        }
+        self.companion().remember(message);
         if message.sender == haven_protocol::Sender::User {
             let mut window = self.client_window.lock().unwrap_or_else(PoisonError::into_inner);
             if window.len() == haven_safety::WINDOW {
@@ -383,30 +335,13 @@ impl Room {
     /// database. Kept messages always end the conversation: they start as
     /// its latest messages read from the database, and grow at the end.
     pub fn recent_history(&self, last_seq: i64) -> Option<Vec<ChatMessage>> {
-        let history = self.history();
-        let kept = &history.as_ref()?.messages;
-        let (&first, &last) = (kept.first_key_value()?.0, kept.last_key_value()?.0);
-        let gapless = usize::try_from(last - first + 1).is_ok_and(|span| span == kept.len());
-        (gapless && last >= last_seq).then(|| kept.values().cloned().collect())
+        self.companion().recent_history(last_seq)
     }
 
     /// Starts keeping the history from the latest messages, read from the
     /// database, unless a therapist has joined.
     pub fn keep_history(&self, latest: &[ChatMessage]) {
-        let generation = self.generation();
-        if generation.joined {
-            return;
-        }
-        let mut history = self.history();
-        let kept = history.get_or_insert_default();
-        for message in latest {
-            kept.add(message.clone());
-        }
-    }
-
-    fn history(&self) -> MutexGuard<'_, Option<History>> {
-        // Each update leaves the map consistent; a panic cannot tear it.
-        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+        self.companion().keep_history(latest);
     }
 
     fn send(&self, event: Event) {
@@ -483,10 +418,8 @@ impl Room {
     /// partial text withdrawn), then sends `event`, under the lock that
     /// every delta takes: no delta can follow it.
     fn silence_companion_then(self: &Arc<Self>, event: Event) {
-        let mut generation = self.generation();
-        generation.joined = true;
-        *self.history() = None;
-        if let Some(reply_id) = generation.in_flight.take() {
+        let mut companion = self.companion();
+        if let Some(reply_id) = companion.silence() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
         self.takeover.cancel();
@@ -497,32 +430,22 @@ impl Room {
     /// is asked to answer again when done) or a therapist joined. Returns the
     /// new reply's id.
     pub fn start_generation(&self) -> Option<Uuid> {
-        let mut generation = self.generation();
-        if generation.joined {
-            return None;
-        }
-        if generation.in_flight.is_some() {
-            generation.more_to_answer = true;
-            return None;
-        }
-        let reply_id = Uuid::now_v7();
-        generation.in_flight = Some(reply_id);
-        Some(reply_id)
+        self.companion().start()
     }
 
     /// Relays a piece of a reply generated by another instance, unless a
     /// therapist has joined.
     fn relay_delta(&self, reply_id: Uuid, delta: String) {
-        let generation = self.generation();
-        if !generation.joined {
+        let companion = self.companion();
+        if !companion.silenced() {
             self.send(Event::companion(reply_id, &ServerFrame::AiDelta { reply_id, delta }));
         }
     }
 
     /// Relays the end of another instance's reply that left no message.
     fn relay_cancelled(&self, reply_id: Uuid) {
-        let generation = self.generation();
-        if !generation.joined {
+        let companion = self.companion();
+        if !companion.silenced() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
     }
@@ -542,14 +465,14 @@ impl Room {
 
     /// The reply being generated right now, if any.
     pub fn reply_in_flight(&self) -> Option<Uuid> {
-        self.generation().in_flight
+        self.companion().in_flight()
     }
 
     /// Streams a piece of reply `reply_id`. `false` means the reply was
     /// cancelled (a therapist joined) and must stop.
     pub fn publish_delta(&self, reply_id: Uuid, delta: String) -> bool {
-        let generation = self.generation();
-        if generation.joined || generation.in_flight != Some(reply_id) {
+        let companion = self.companion();
+        if !companion.may_stream(reply_id) {
             return false;
         }
         self.send(Event::companion(reply_id, &ServerFrame::AiDelta { reply_id, delta }));
@@ -560,25 +483,13 @@ impl Room {
     /// committed. Returns the id of a follow-up reply to generate now, when client
     /// messages arrived meanwhile.
     pub fn finish_generation(self: &Arc<Self>, reply_id: Uuid, finished: Finished) -> Option<Uuid> {
-        let mut generation = self.generation();
-        let current = generation.in_flight == Some(reply_id);
-        if current {
-            generation.in_flight = None;
+        let mut companion = self.companion();
+        let (current, next) = companion.finish(reply_id);
+        // After a takeover the withdrawal already went out, before the join.
+        if current && matches!(finished, Finished::Abandoned) {
+            self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
-        match finished {
-            Finished::Committed => {}
-            // After a takeover the withdrawal already went out, before the join.
-            Finished::Abandoned if current => {
-                self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
-            }
-            Finished::Abandoned => {}
-        }
-        if generation.joined || !std::mem::take(&mut generation.more_to_answer) {
-            return None;
-        }
-        let next = Uuid::now_v7();
-        generation.in_flight = Some(next);
-        Some(next)
+        next
     }
 
     /// Counts a connection until the returned guard drops; also returns the
@@ -588,9 +499,9 @@ impl Room {
         (ConnectionGuard { room: self.clone() }, count)
     }
 
-    fn generation(&self) -> MutexGuard<'_, Generation> {
+    fn companion(&self) -> MutexGuard<'_, Companion> {
         // Every update leaves the state consistent; a panic cannot tear it.
-        self.generation.lock().unwrap_or_else(PoisonError::into_inner)
+        self.companion.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -631,6 +542,7 @@ fn lock(rooms: &Rooms) -> MutexGuard<'_, HashMap<Uuid, Weak<Room>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::companion::{HISTORY_BYTES, HISTORY_MESSAGES};
 
     #[test]
     fn a_room_is_shared_while_owned_and_removed_after() {
