@@ -16,6 +16,7 @@ use uuid::Uuid;
 mod batch;
 mod postgres;
 mod rows;
+mod scripts;
 mod sqlite;
 
 pub use postgres::PgStore;

@@ -17,10 +17,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
+use haven_protocol::{ChatMessage, MessageKind};
 use serde::Serialize;
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -28,11 +28,8 @@ use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
     not_committed, usual_rows,
 };
-use crate::rows::{
-    AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
-    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
-    stored_level,
-};
+use crate::rows::{new_message, parse_mode};
+use crate::scripts::{Backend, Scripts};
 use crate::{
     AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
     JoinOutcome, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store, StoreError,
@@ -143,11 +140,6 @@ impl SqliteStore {
             })
             .map_err(unavailable)?;
         Ok(Self { writer, reader, writes })
-    }
-
-    /// A write transaction on the writer connection, outside the batches.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// Closes both pools, waiting for in-flight statements.
@@ -380,7 +372,7 @@ async fn append_in_tx(
     let mut events = vec![SessionEvent::message(session_id, message)];
     let flagged = match &new.risk {
         Some(flag) => {
-            let flagged = flag_in_tx(tx, session_id, seq, flag).await?;
+            let flagged = Scripts::<SqliteStore>::flag_in_tx(tx, session_id, seq, flag).await?;
             events.extend(flagged.events);
             Some(flagged.outcome)
         }
@@ -389,176 +381,48 @@ async fn append_in_tx(
     Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
 }
 
-/// Inserts a message row; the caller has already advanced `last_seq`.
-async fn insert_message(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
-    message: &ChatMessage,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message.id)
-    .bind(session_id)
-    .bind(message.seq)
-    .bind(message.sender.as_str())
-    .bind(message.kind.as_str())
-    .bind(&message.content)
-    .bind(message.client_id.as_deref())
-    .bind(message.created_at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
+impl Backend for SqliteStore {
+    type Db = sqlx::Sqlite;
 
-/// Raises a session's flag for its message `seq`, inside a transaction:
-/// the level, the audit record, and — when the level rises — the crisis
-/// message and the referral counter.
-async fn flag_in_tx(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
-    seq: i64,
-    flag: &RiskFlag,
-) -> Result<Committed<Flagged>> {
-    let (stored, therapist_id, closed_at): (Option<String>, Option<Uuid>, Option<OffsetDateTime>) =
-        sqlx::query_as("SELECT risk_level, therapist_id, closed_at FROM chat_sessions WHERE id = ?")
-            .bind(session_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-    let before = stored_level(stored)?;
-    let level = before.max(flag.level);
-    // Nothing follows a closed chat's closing message, crisis resources
-    // included; the flag itself is still recorded.
-    let raised = flag.level > before && closed_at.is_none();
-    let mut events = Vec::new();
-    let at = now();
-    sqlx::query(
-        "UPDATE chat_sessions SET risk_level = ?, risk_first_at = COALESCE(risk_first_at, ?), risk_last_at = ?
-         WHERE id = ?",
-    )
-    .bind(level.as_str())
-    .bind(at)
-    .bind(at)
-    .bind(session_id)
-    .execute(&mut *tx)
-    .await?;
-    if raised {
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message = new_message(
-            Uuid::now_v7(),
-            seq,
-            Sender::System,
-            MessageKind::Crisis,
-            &flag.crisis_message,
-            None,
-            at,
-        );
-        insert_message(tx, session_id, &message).await?;
-        events.push(SessionEvent::message(session_id, message));
-        sqlx::query(
-            "INSERT INTO safety_referrals (day, level, count) VALUES (?, ?, 1)
-             ON CONFLICT (day, level) DO UPDATE SET count = count + 1",
-        )
-        .bind(at.date())
-        .bind(flag.level.as_str())
-        .execute(&mut *tx)
-        .await?;
+    /// Nothing: a write transaction's `BEGIN IMMEDIATE` already holds the
+    /// database's only write lock.
+    const LOCK: &'static str = "";
+
+    fn reader(&self) -> &SqlitePool {
+        &self.reader
     }
-    sqlx::query(
-        "INSERT INTO safety_audit
-             (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
-         VALUES (?, ?, 'flagged', ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(Uuid::now_v7())
-    .bind(session_id)
-    .bind(flag.level.as_str())
-    .bind(seq)
-    .bind(join_rules(&flag.rules))
-    .bind(&flag.detector_version)
-    .bind(raised)
-    .bind(at)
-    .execute(&mut *tx)
-    .await?;
-    events.push(SessionEvent::Flagged { session_id, level, therapist_id });
-    Ok(Committed::new(Flagged { level, referred: raised }, events))
-}
 
-/// Ends every login of a therapist, inside a transaction.
-async fn end_logins(tx: &mut sqlx::SqliteConnection, therapist_id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-        .bind(therapist_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// A write transaction on the writer connection, outside the batches.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Nothing to do: no other instance shares the file.
+    async fn notify(&self, _tx: &mut sqlx::SqliteConnection, _events: &[SessionEvent]) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        let therapist = Therapist {
-            id: Uuid::now_v7(),
-            email: new.email,
-            name: new.name,
-            created_at: now(),
-            disabled: false,
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(therapist.id)
-        .bind(&therapist.email)
-        .bind(&therapist.name)
-        .bind(&new.password_hash)
-        .bind(therapist.created_at)
-        .execute(&self.writer)
-        .await;
-        match inserted {
-            Ok(_) => Ok(therapist),
-            Err(error) if is_unique_violation(&error) => {
-                Err(StoreError::Conflict("email already registered"))
-            }
-            Err(error) => Err(error.into()),
-        }
+        Scripts(self).create_therapist(new).await
     }
 
     async fn therapists(&self) -> Result<Vec<Therapist>> {
-        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
-        )))
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        Scripts(self).therapists().await
     }
 
     async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.reader).await?)
+        Scripts(self).count_therapists().await
     }
 
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            password_hash: String,
-        }
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists
-             WHERE email = ? AND disabled_at IS NULL"
-        )))
-        .bind(email)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+        Scripts(self).therapist_with_password(email).await
     }
 
     async fn create_auth_session(
@@ -567,17 +431,7 @@ impl Store for SqliteStore {
         token_hash: &[u8],
         expires_at: OffsetDateTime,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
-             VALUES (?, ?, ?, ?)",
-        )
-        .bind(token_hash)
-        .bind(therapist_id)
-        .bind(now())
-        .bind(expires_at)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        Scripts(self).create_auth_session(therapist_id, token_hash, expires_at).await
     }
 
     async fn therapist_by_token(
@@ -587,137 +441,35 @@ impl Store for SqliteStore {
         idle: time::Duration,
         touch: bool,
     ) -> Result<Option<Therapist>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            logged_in_at: OffsetDateTime,
-            last_seen_at: Option<OffsetDateTime>,
-            expires_at: OffsetDateTime,
-        }
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
-                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
-             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
-             WHERE s.token_hash = ?",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.reader)
-        .await?;
-        // Compared here rather than in SQL: the stored text is RFC 3339, whose
-        // variable-length fractions do not sort as text.
-        let Some(row) = row else { return Ok(None) };
-        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
-        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
-            return Ok(None);
-        }
-        if touch && now - last_seen >= TOUCH_INTERVAL {
-            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = ? WHERE token_hash = ?")
-                .bind(now)
-                .bind(token_hash)
-                .execute(&self.writer)
-                .await?;
-        }
-        Ok(Some(row.therapist.into()))
+        Scripts(self).therapist_by_token(token_hash, now, idle, touch).await
     }
 
     async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-            .bind(therapist_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        Scripts(self).revoke_therapist_sessions(therapist_id).await
     }
 
     async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET password_hash = ? WHERE email = ? RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(password_hash)
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
+        Scripts(self).set_password(email, password_hash).await
     }
 
     async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, ?) WHERE email = ?
-             RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(now())
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
+        Scripts(self).disable_therapist(email).await
     }
 
     async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = ?")
-            .bind(token_hash)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        Scripts(self).revoke_auth_session(token_hash).await
     }
 
     async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
-        let session = ChatSession {
-            id: Uuid::now_v7(),
-            appointment_id: Uuid::now_v7(),
-            therapist_id: None,
-            status: AppointmentStatus::Open,
-            chat_mode: ChatMode::BotOnly,
-            last_seq: 0,
-            created_at: now(),
-            last_message_at: None,
-            closed: false,
-            risk: None,
-        };
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
-             VALUES (?, ?, 'open', 'BOT_ONLY', ?, ?)",
-        )
-        .bind(session.id)
-        .bind(session.appointment_id)
-        .bind(session.created_at)
-        .bind(session.created_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)")
-            .bind(client_token_hash)
-            .bind(session.id)
-            .bind(session.created_at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let events = vec![SessionEvent::Created { session_id: session.id }];
-        Ok(Committed::new(session, events))
+        Scripts(self).create_chat_session(client_token_hash).await
     }
 
     async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
-        )))
-        .bind(session_id)
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(TryInto::try_into).transpose()
+        Scripts(self).chat_session(session_id).await
     }
 
     async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&self.reader)
-            .await?)
+        Scripts(self).session_for_client_token(token_hash).await
     }
 
     async fn appointments_for(
@@ -725,16 +477,7 @@ impl Store for SqliteStore {
         therapist_id: Uuid,
         waiting_since: OffsetDateTime,
     ) -> Result<Vec<ChatSession>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions
-             WHERE closed_at IS NULL AND (therapist_id = ? OR (therapist_id IS NULL
-               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= ?))) ORDER BY id"
-        )))
-        .bind(therapist_id)
-        .bind(waiting_since)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        Scripts(self).appointments_for(therapist_id, waiting_since).await
     }
 
     async fn join_as_therapist(
@@ -743,40 +486,7 @@ impl Store for SqliteStore {
         therapist_id: Uuid,
         join_message: &str,
     ) -> Result<Committed<JoinOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let current: Option<(Option<Uuid>, String)> =
-            sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = ?")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
-        match holder {
-            Some(holder) if holder != therapist_id => {
-                return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
-            }
-            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
-                return Ok(Committed::nothing(JoinOutcome::AlreadyJoined));
-            }
-            _ => {}
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions
-             SET therapist_id = ?, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
-                 last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(therapist_id)
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        tx.commit().await?;
-        Ok(Committed::new(JoinOutcome::Joined, vec![SessionEvent::message(session_id, message)]))
+        Scripts(self).join_as_therapist(session_id, therapist_id, join_message).await
     }
 
     async fn close_chat_session(
@@ -785,39 +495,7 @@ impl Store for SqliteStore {
         therapist_id: Uuid,
         closing_message: &str,
     ) -> Result<Committed<CloseOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
-            sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = ?")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
-        if holder != Some(therapist_id) {
-            return Ok(Committed::nothing(CloseOutcome::NotYours));
-        }
-        if closed_at.is_some() {
-            return Ok(Committed::nothing(CloseOutcome::AlreadyClosed));
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions SET closed_at = ?, updated_at = ?, last_message_at = ?, last_seq = last_seq + 1
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM client_credentials WHERE session_id = ?")
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        tx.commit().await?;
-        Ok(Committed::new(CloseOutcome::Closed, vec![SessionEvent::message(session_id, message)]))
+        Scripts(self).close_chat_session(session_id, therapist_id, closing_message).await
     }
 
     async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
@@ -833,58 +511,23 @@ impl Store for SqliteStore {
     }
 
     async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM (
-                 SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?
-             ) ORDER BY seq"
-        )))
-        .bind(session_id)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        Scripts(self).recent_messages(session_id, limit).await
     }
 
     async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = ? AND key = ? AND at < ?")
-            .bind(kind)
-            .bind(key)
-            .bind(since_ms)
-            .execute(&self.writer)
-            .await?;
-        let (count, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = ? AND key = ?")
-                .bind(kind)
-                .bind(key)
-                .fetch_one(&self.writer)
-                .await?;
-        Ok((count, oldest))
+        Scripts(self).count_rate_events(kind, key, since_ms).await
     }
 
     async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES (?, ?, ?)")
-            .bind(kind)
-            .bind(key)
-            .bind(at_ms)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        Scripts(self).record_rate_event(kind, key, at_ms).await
     }
 
     async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = ? AND key = ?")
-            .bind(kind)
-            .bind(key)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        Scripts(self).clear_rate_events(kind, key).await
     }
 
     async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
-        let mut tx = self.begin_write().await?;
-        let flagged = flag_in_tx(&mut tx, session_id, seq, &flag).await?;
-        tx.commit().await?;
-        Ok(flagged)
+        Scripts(self).flag_risk(session_id, seq, &flag).await
     }
 
     async fn acknowledge_risk(
@@ -893,94 +536,19 @@ impl Store for SqliteStore {
         therapist_id: Uuid,
         note: Option<&str>,
     ) -> Result<Committed<AcknowledgeOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
-        )))
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
-        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
-        }
-        let Some(mut risk) = session.risk else {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
-        };
-        let at = now();
-        sqlx::query(
-            "UPDATE chat_sessions SET risk_acknowledged_at = ?, risk_acknowledged_by = ? WHERE id = ?",
-        )
-        .bind(at)
-        .bind(therapist_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
-             VALUES (?, ?, 'acknowledged', ?, ?, ?, ?)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(session_id)
-        .bind(risk.level.as_str())
-        .bind(therapist_id)
-        .bind(note)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        risk.acknowledged_at = Some(at);
-        risk.acknowledged_by = Some(therapist_id);
-        Ok(Committed::new(
-            AcknowledgeOutcome::Acknowledged(risk),
-            vec![SessionEvent::Acknowledged { session_id }],
-        ))
+        Scripts(self).acknowledge_risk(session_id, therapist_id, note).await
     }
 
     async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = ? ORDER BY created_at, id"
-        )))
-        .bind(session_id)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        Scripts(self).safety_audit(session_id).await
     }
 
     async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        let referrals: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, SUM(count) FROM safety_referrals WHERE day >= ? GROUP BY level ORDER BY level",
-        )
-        .bind(since.date())
-        .fetch_all(&self.reader)
-        .await?;
-        let flags: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= ?
-             GROUP BY level ORDER BY level",
-        )
-        .bind(since)
-        .fetch_all(&self.reader)
-        .await?;
-        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COALESCE(SUM(risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at), 0)
-             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= ?",
-        )
-        .bind(since)
-        .fetch_one(&self.reader)
-        .await?;
-        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
+        Scripts(self).safety_report(since).await
     }
 
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        )))
-        .bind(session_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        Scripts(self).messages_after(session_id, after, limit).await
     }
 }
 
@@ -989,6 +557,7 @@ mod tests {
     //! What only the SQLite store does; the contract both stores keep is
     //! checked in `tests/contract.rs`.
     use super::*;
+    use haven_protocol::Sender;
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
