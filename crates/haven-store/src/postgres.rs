@@ -28,7 +28,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, MessageKind};
+use haven_protocol::MessageKind;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
@@ -41,11 +41,7 @@ use crate::batch::{
 };
 use crate::rows::{new_message, parse_mode};
 use crate::scripts::{Backend, Scripts};
-use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    JoinOutcome, Listener, NewMessage, NewTherapist, Notification, Result, RiskFlag, SafetyReport,
-    SessionEvent, Store, StoreError, Therapist, now,
-};
+use crate::{Appended, Committed, Listener, NewMessage, Notification, Result, SessionEvent, StoreError, now};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -175,11 +171,11 @@ impl Db {
             Some(&new.client_id),
             at,
         );
-        Scripts::<Db>::insert_message(tx, session_id, &message).await?;
+        Scripts::<PgStore>::insert_message(tx, session_id, &message).await?;
         let mut events = vec![SessionEvent::message(session_id, message)];
         let flagged = match &new.risk {
             Some(flag) => {
-                let flagged = Scripts::<Db>::flag_in_tx(tx, session_id, seq, flag).await?;
+                let flagged = Scripts::<PgStore>::flag_in_tx(tx, session_id, seq, flag).await?;
                 events.extend(flagged.events);
                 Some(flagged.outcome)
             }
@@ -287,7 +283,7 @@ impl WriteBatch for Db {
     }
 }
 
-impl Backend for Db {
+impl Backend for PgStore {
     type Db = sqlx::Postgres;
 
     /// Writers lock the session row, so that they take turns on it across
@@ -295,164 +291,23 @@ impl Backend for Db {
     const LOCK: &'static str = " FOR UPDATE";
 
     fn reader(&self) -> &PgPool {
-        &self.pool
+        &self.db.pool
     }
 
     fn writer(&self) -> &PgPool {
-        &self.pool
+        &self.db.pool
+    }
+
+    fn writes(&self) -> &Writes {
+        &self.writes
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        Ok(self.pool.begin().await?)
+        Ok(self.db.pool.begin().await?)
     }
 
     async fn notify(&self, tx: &mut PgConnection, events: &[SessionEvent]) -> Result<()> {
-        Db::notify(self, tx, events).await
-    }
-}
-
-#[async_trait]
-impl Store for PgStore {
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        Scripts(&self.db).create_therapist(new).await
-    }
-
-    async fn therapists(&self) -> Result<Vec<Therapist>> {
-        Scripts(&self.db).therapists().await
-    }
-
-    async fn count_therapists(&self) -> Result<i64> {
-        Scripts(&self.db).count_therapists().await
-    }
-
-    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
-        Scripts(&self.db).therapist_with_password(email).await
-    }
-
-    async fn create_auth_session(
-        &self,
-        therapist_id: Uuid,
-        token_hash: &[u8],
-        expires_at: OffsetDateTime,
-    ) -> Result<()> {
-        Scripts(&self.db).create_auth_session(therapist_id, token_hash, expires_at).await
-    }
-
-    async fn therapist_by_token(
-        &self,
-        token_hash: &[u8],
-        now: OffsetDateTime,
-        idle: time::Duration,
-        touch: bool,
-    ) -> Result<Option<Therapist>> {
-        Scripts(&self.db).therapist_by_token(token_hash, now, idle, touch).await
-    }
-
-    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
-        Scripts(&self.db).revoke_therapist_sessions(therapist_id).await
-    }
-
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        Scripts(&self.db).set_password(email, password_hash).await
-    }
-
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        Scripts(&self.db).disable_therapist(email).await
-    }
-
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        Scripts(&self.db).revoke_auth_session(token_hash).await
-    }
-
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
-        Scripts(&self.db).create_chat_session(client_token_hash).await
-    }
-
-    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
-        Scripts(&self.db).chat_session(session_id).await
-    }
-
-    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Scripts(&self.db).session_for_client_token(token_hash).await
-    }
-
-    async fn appointments_for(
-        &self,
-        therapist_id: Uuid,
-        waiting_since: OffsetDateTime,
-    ) -> Result<Vec<ChatSession>> {
-        Scripts(&self.db).appointments_for(therapist_id, waiting_since).await
-    }
-
-    async fn join_as_therapist(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        join_message: &str,
-    ) -> Result<Committed<JoinOutcome>> {
-        Scripts(&self.db).join_as_therapist(session_id, therapist_id, join_message).await
-    }
-
-    async fn close_chat_session(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        closing_message: &str,
-    ) -> Result<Committed<CloseOutcome>> {
-        Scripts(&self.db).close_chat_session(session_id, therapist_id, closing_message).await
-    }
-
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
-        self.writes.message(session_id, new).await
-    }
-
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Committed<Option<ChatMessage>>> {
-        self.writes.bot(session_id, message).await
-    }
-
-    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        Scripts(&self.db).recent_messages(session_id, limit).await
-    }
-
-    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
-        Scripts(&self.db).count_rate_events(kind, key, since_ms).await
-    }
-
-    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        Scripts(&self.db).record_rate_event(kind, key, at_ms).await
-    }
-
-    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        Scripts(&self.db).clear_rate_events(kind, key).await
-    }
-
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
-        Scripts(&self.db).flag_risk(session_id, seq, &flag).await
-    }
-
-    async fn acknowledge_risk(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        note: Option<&str>,
-    ) -> Result<Committed<AcknowledgeOutcome>> {
-        Scripts(&self.db).acknowledge_risk(session_id, therapist_id, note).await
-    }
-
-    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        Scripts(&self.db).safety_audit(session_id).await
-    }
-
-    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        Scripts(&self.db).safety_report(since).await
-    }
-
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        Scripts(&self.db).messages_after(session_id, after, limit).await
+        self.db.notify(tx, events).await
     }
 
     async fn announce(&self, event: SessionEvent) -> Result<()> {

@@ -21,6 +21,9 @@
 //! The message writes (group commit), listening and connection set-up
 //! differ for real and stay in each store's module.
 
+use std::marker::PhantomData;
+
+use async_trait::async_trait;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
 use sqlx::{
     ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type,
@@ -28,18 +31,20 @@ use sqlx::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::batch::Writes;
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
     TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
     stored_level,
 };
 use crate::{
-    AcknowledgeOutcome, AuditRecord, ChatSession, CloseOutcome, Committed, Flagged, JoinOutcome,
-    NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, StoreError, Therapist, now,
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
+    JoinOutcome, Listener, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store,
+    StoreError, Therapist, now,
 };
 
 /// What a store tells the shared scripts: the few things that differ.
-pub(crate) trait Backend: Sync {
+pub(crate) trait Backend: Send + Sync + 'static {
     type Db: Database;
 
     /// Appended to the select that reads a session row before a write that
@@ -52,6 +57,9 @@ pub(crate) trait Backend: Sync {
     /// Where single-statement writes go.
     fn writer(&self) -> &Pool<Self::Db>;
 
+    /// The group-commit queue of message writes ([`crate::batch`]).
+    fn writes(&self) -> &Writes;
+
     /// A write transaction.
     fn begin_write(&self) -> impl Future<Output = Result<Transaction<'static, Self::Db>>> + Send;
 
@@ -61,6 +69,16 @@ pub(crate) trait Backend: Sync {
         tx: &mut <Self::Db as Database>::Connection,
         events: &[SessionEvent],
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// [`Store::announce`]: nothing for a store that only one instance uses.
+    fn announce(&self, _event: SessionEvent) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// [`Store::listen`]: `None` for a store that only one instance uses.
+    fn listen(&self) -> impl Future<Output = Result<Option<Box<dyn Listener>>>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// A type stored in a column of both databases: bound, and read back.
@@ -74,10 +92,11 @@ impl<DB: Database, T> Column<DB> for T where
 {
 }
 
-/// The shared scripts, run on a store's [`Backend`].
-pub(crate) struct Scripts<'s, B>(pub(crate) &'s B);
+/// Every operation of [`Store`], written once for any [`Backend`] whose
+/// database binds and reads Haven's column types.
 
-impl<B, DB> Scripts<'_, B>
+#[async_trait]
+impl<B, DB> Store for B
 where
     B: Backend<Db = DB>,
     DB: Database,
@@ -97,7 +116,7 @@ where
 {
     // Accounts.
 
-    pub(crate) async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
+    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
         let therapist = Therapist {
             id: Uuid::now_v7(),
             email: new.email,
@@ -113,7 +132,7 @@ where
         .bind(&therapist.name)
         .bind(&new.password_hash)
         .bind(therapist.created_at)
-        .execute(self.0.writer())
+        .execute(self.writer())
         .await;
         match inserted {
             Ok(_) => Ok(therapist),
@@ -124,20 +143,20 @@ where
         }
     }
 
-    pub(crate) async fn therapists(&self) -> Result<Vec<Therapist>> {
+    async fn therapists(&self) -> Result<Vec<Therapist>> {
         let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
         )))
-        .fetch_all(self.0.reader())
+        .fetch_all(self.reader())
         .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
-    pub(crate) async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(self.0.reader()).await?)
+    async fn count_therapists(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(self.reader()).await?)
     }
 
-    pub(crate) async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
+    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
         #[derive(FromRow)]
         struct Row {
             #[sqlx(flatten)]
@@ -148,14 +167,14 @@ where
             "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists WHERE email = $1 AND disabled_at IS NULL"
         )))
         .bind(email)
-        .fetch_optional(self.0.reader())
+        .fetch_optional(self.reader())
         .await?;
         Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
     }
 
     /// Replaces an account's password hash and ends its logins.
-    pub(crate) async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.0.begin_write().await?;
+    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
         )))
@@ -164,14 +183,14 @@ where
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        Self::end_logins(&mut tx, row.id).await?;
+        Scripts::<B>::end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
 
     /// Disables an account and ends its logins.
-    pub(crate) async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.0.begin_write().await?;
+    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
              RETURNING {THERAPIST_COLUMNS}"
@@ -181,23 +200,14 @@ where
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        Self::end_logins(&mut tx, row.id).await?;
+        Scripts::<B>::end_logins(&mut tx, row.id).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
 
-    /// Ends every login of a therapist, inside a transaction.
-    async fn end_logins(tx: &mut DB::Connection, therapist_id: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
-            .bind(therapist_id)
-            .execute(&mut *tx)
-            .await?;
-        Ok(())
-    }
-
     // Logins.
 
-    pub(crate) async fn create_auth_session(
+    async fn create_auth_session(
         &self,
         therapist_id: Uuid,
         token_hash: &[u8],
@@ -211,12 +221,12 @@ where
         .bind(therapist_id)
         .bind(now())
         .bind(expires_at)
-        .execute(self.0.writer())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
 
-    pub(crate) async fn therapist_by_token(
+    async fn therapist_by_token(
         &self,
         token_hash: &[u8],
         now: OffsetDateTime,
@@ -238,7 +248,7 @@ where
              WHERE s.token_hash = $1",
         )
         .bind(token_hash)
-        .fetch_optional(self.0.reader())
+        .fetch_optional(self.reader())
         .await?;
         // Compared here rather than in SQL: SQLite stores RFC 3339 text, whose
         // variable-length fractions do not sort as text.
@@ -251,34 +261,31 @@ where
             sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = $1 WHERE token_hash = $2")
                 .bind(now)
                 .bind(token_hash)
-                .execute(self.0.writer())
+                .execute(self.writer())
                 .await?;
         }
         Ok(Some(row.therapist.into()))
     }
 
-    pub(crate) async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
+    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
         sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
             .bind(token_hash)
-            .execute(self.0.writer())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
 
-    pub(crate) async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
+    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
         sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
             .bind(therapist_id)
-            .execute(self.0.writer())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
 
     // Sessions.
 
-    pub(crate) async fn create_chat_session(
-        &self,
-        client_token_hash: &[u8],
-    ) -> Result<Committed<ChatSession>> {
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
         let session = ChatSession {
             id: Uuid::now_v7(),
             appointment_id: Uuid::now_v7(),
@@ -291,7 +298,7 @@ where
             closed: false,
             risk: None,
         };
-        let mut tx = self.0.begin_write().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
              VALUES ($1, $2, 'open', 'BOT_ONLY', $3, $3)",
@@ -310,29 +317,29 @@ where
         .execute(&mut *tx)
         .await?;
         let events = vec![SessionEvent::Created { session_id: session.id }];
-        self.0.notify(&mut tx, &events).await?;
+        self.notify(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(Committed::new(session, events))
     }
 
-    pub(crate) async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
+    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
         let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1"
         )))
         .bind(session_id)
-        .fetch_optional(self.0.reader())
+        .fetch_optional(self.reader())
         .await?;
         row.map(TryInto::try_into).transpose()
     }
 
-    pub(crate) async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
+    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
         Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = $1")
             .bind(token_hash)
-            .fetch_optional(self.0.reader())
+            .fetch_optional(self.reader())
             .await?)
     }
 
-    pub(crate) async fn appointments_for(
+    async fn appointments_for(
         &self,
         therapist_id: Uuid,
         waiting_since: OffsetDateTime,
@@ -344,19 +351,19 @@ where
         )))
         .bind(therapist_id)
         .bind(waiting_since)
-        .fetch_all(self.0.reader())
+        .fetch_all(self.reader())
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
     /// The takeover, in one transaction.
-    pub(crate) async fn join_as_therapist(
+    async fn join_as_therapist(
         &self,
         session_id: Uuid,
         therapist_id: Uuid,
         join_message: &str,
     ) -> Result<Committed<JoinOutcome>> {
-        let mut tx = self.0.begin_write().await?;
+        let mut tx = self.begin_write().await?;
         // The lock makes racing therapists (on any instance) take turns.
         let lock = B::LOCK;
         let current: Option<(Option<Uuid>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -389,21 +396,21 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        Self::insert_message(&mut tx, session_id, &message).await?;
+        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
         let events = vec![SessionEvent::message(session_id, message)];
-        self.0.notify(&mut tx, &events).await?;
+        self.notify(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(Committed::new(JoinOutcome::Joined, events))
     }
 
     /// Closes a session, in one transaction.
-    pub(crate) async fn close_chat_session(
+    async fn close_chat_session(
         &self,
         session_id: Uuid,
         therapist_id: Uuid,
         closing_message: &str,
     ) -> Result<Committed<CloseOutcome>> {
-        let mut tx = self.0.begin_write().await?;
+        let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
         let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(
             format!("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1{lock}"),
@@ -433,11 +440,228 @@ where
             .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        Self::insert_message(&mut tx, session_id, &message).await?;
+        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
         let events = vec![SessionEvent::message(session_id, message)];
-        self.0.notify(&mut tx, &events).await?;
+        self.notify(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(Committed::new(CloseOutcome::Closed, events))
+    }
+
+    // Messages.
+
+    /// The newest `limit` messages, in seq order.
+    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM (
+                 SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
+             ) AS newest ORDER BY seq"
+        )))
+        .bind(session_id)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    // Rate limits.
+
+    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2 AND at < $3")
+            .bind(kind)
+            .bind(key)
+            .bind(since_ms)
+            .execute(self.writer())
+            .await?;
+        let (count, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
+                .bind(kind)
+                .bind(key)
+                .fetch_one(self.writer())
+                .await?;
+        Ok((count, oldest))
+    }
+
+    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
+        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES ($1, $2, $3)")
+            .bind(kind)
+            .bind(key)
+            .bind(at_ms)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
+            .bind(kind)
+            .bind(key)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    // Safety.
+
+    /// Flags the stored message `seq` after the fact, in a transaction of
+    /// its own.
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
+        let mut tx = self.begin_write().await?;
+        let flagged = Scripts::<B>::flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        self.notify(&mut tx, &flagged.events).await?;
+        tx.commit().await?;
+        Ok(flagged)
+    }
+
+    async fn acknowledge_risk(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+    ) -> Result<Committed<AcknowledgeOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1{lock}"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
+        }
+        let Some(mut risk) = session.risk else {
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
+        };
+        let at = now();
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_acknowledged_at = $1, risk_acknowledged_by = $2 WHERE id = $3",
+        )
+        .bind(at)
+        .bind(therapist_id)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
+             VALUES ($1, $2, 'acknowledged', $3, $4, $5, $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(risk.level.as_str())
+        .bind(therapist_id)
+        .bind(note)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let events = vec![SessionEvent::Acknowledged { session_id }];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        risk.acknowledged_at = Some(at);
+        risk.acknowledged_by = Some(therapist_id);
+        Ok(Committed::new(AcknowledgeOutcome::Acknowledged(risk), events))
+    }
+
+    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
+        )))
+        .bind(session_id)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
+        let referrals: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, CAST(SUM(count) AS BIGINT) FROM safety_referrals WHERE day >= $1
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since.date())
+        .fetch_all(self.reader())
+        .await?;
+        let flags: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since)
+        .fetch_all(self.reader())
+        .await?;
+        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*),
+                    COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
+             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(self.reader())
+        .await?;
+        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
+    }
+
+    // Messages written by group commit, and notifications.
+
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
+        self.writes().message(session_id, new).await
+    }
+
+    async fn append_if_bot_only(
+        &self,
+        session_id: Uuid,
+        message: BotMessage,
+    ) -> Result<Committed<Option<ChatMessage>>> {
+        self.writes().bot(session_id, message).await
+    }
+
+    async fn announce(&self, event: SessionEvent) -> Result<()> {
+        Backend::announce(self, event).await
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
+        Backend::listen(self).await
+    }
+}
+
+/// The steps of a write that several transactions share, and that each
+/// store's group commit runs too, for a [`Backend`] `B`.
+pub(crate) struct Scripts<B>(PhantomData<B>);
+
+impl<B, DB> Scripts<B>
+where
+    B: Backend<Db = DB>,
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'n> &'n str: ColumnIndex<DB::Row>,
+    Uuid: Column<DB>,
+    OffsetDateTime: Column<DB>,
+    time::Date: Column<DB>,
+    i64: Column<DB>,
+    bool: Column<DB>,
+    String: Column<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+{
+    /// Ends every login of a therapist, inside a transaction.
+    async fn end_logins(tx: &mut DB::Connection, therapist_id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(therapist_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
     }
 
     /// Inserts a message row; the caller has already advanced `last_seq`.
@@ -461,98 +685,6 @@ where
         .execute(&mut *tx)
         .await?;
         Ok(())
-    }
-
-    // Messages.
-
-    /// The newest `limit` messages, in seq order.
-    pub(crate) async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM (
-                 SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
-             ) AS newest ORDER BY seq"
-        )))
-        .bind(session_id)
-        .bind(limit)
-        .fetch_all(self.0.reader())
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    pub(crate) async fn messages_after(
-        &self,
-        session_id: Uuid,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        )))
-        .bind(session_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(self.0.reader())
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    // Rate limits.
-
-    pub(crate) async fn count_rate_events(
-        &self,
-        kind: &str,
-        key: &str,
-        since_ms: i64,
-    ) -> Result<(i64, Option<i64>)> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2 AND at < $3")
-            .bind(kind)
-            .bind(key)
-            .bind(since_ms)
-            .execute(self.0.writer())
-            .await?;
-        let (count, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
-                .bind(kind)
-                .bind(key)
-                .fetch_one(self.0.writer())
-                .await?;
-        Ok((count, oldest))
-    }
-
-    pub(crate) async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES ($1, $2, $3)")
-            .bind(kind)
-            .bind(key)
-            .bind(at_ms)
-            .execute(self.0.writer())
-            .await?;
-        Ok(())
-    }
-
-    pub(crate) async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
-            .bind(kind)
-            .bind(key)
-            .execute(self.0.writer())
-            .await?;
-        Ok(())
-    }
-
-    // Safety.
-
-    /// Flags the stored message `seq` after the fact, in a transaction of
-    /// its own.
-    pub(crate) async fn flag_risk(
-        &self,
-        session_id: Uuid,
-        seq: i64,
-        flag: &RiskFlag,
-    ) -> Result<Committed<Flagged>> {
-        let mut tx = self.0.begin_write().await?;
-        let flagged = Self::flag_in_tx(&mut tx, session_id, seq, flag).await?;
-        self.0.notify(&mut tx, &flagged.events).await?;
-        tx.commit().await?;
-        Ok(flagged)
     }
 
     /// Raises a session's flag for its message `seq`, inside a write
@@ -636,92 +768,5 @@ where
         .await?;
         events.push(SessionEvent::Flagged { session_id, level, therapist_id });
         Ok(Committed::new(Flagged { level, referred: raised }, events))
-    }
-
-    /// Records that a therapist saw a session's flag, in one transaction.
-    pub(crate) async fn acknowledge_risk(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        note: Option<&str>,
-    ) -> Result<Committed<AcknowledgeOutcome>> {
-        let mut tx = self.0.begin_write().await?;
-        let lock = B::LOCK;
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1{lock}"
-        )))
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
-        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
-        }
-        let Some(mut risk) = session.risk else {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
-        };
-        let at = now();
-        sqlx::query(
-            "UPDATE chat_sessions SET risk_acknowledged_at = $1, risk_acknowledged_by = $2 WHERE id = $3",
-        )
-        .bind(at)
-        .bind(therapist_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
-             VALUES ($1, $2, 'acknowledged', $3, $4, $5, $6)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(session_id)
-        .bind(risk.level.as_str())
-        .bind(therapist_id)
-        .bind(note)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        let events = vec![SessionEvent::Acknowledged { session_id }];
-        self.0.notify(&mut tx, &events).await?;
-        tx.commit().await?;
-        risk.acknowledged_at = Some(at);
-        risk.acknowledged_by = Some(therapist_id);
-        Ok(Committed::new(AcknowledgeOutcome::Acknowledged(risk), events))
-    }
-
-    pub(crate) async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
-        )))
-        .bind(session_id)
-        .fetch_all(self.0.reader())
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    pub(crate) async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        let referrals: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, CAST(SUM(count) AS BIGINT) FROM safety_referrals WHERE day >= $1
-             GROUP BY level ORDER BY level",
-        )
-        .bind(since.date())
-        .fetch_all(self.0.reader())
-        .await?;
-        let flags: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
-             GROUP BY level ORDER BY level",
-        )
-        .bind(since)
-        .fetch_all(self.0.reader())
-        .await?;
-        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*),
-                    COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
-             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
-        )
-        .bind(since)
-        .fetch_one(self.0.reader())
-        .await?;
-        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
     }
 }

@@ -16,12 +16,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use haven_protocol::{ChatMessage, MessageKind};
+use haven_protocol::MessageKind;
 use serde::Serialize;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::batch::{
@@ -30,11 +28,7 @@ use crate::batch::{
 };
 use crate::rows::{new_message, parse_mode};
 use crate::scripts::{Backend, Scripts};
-use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    JoinOutcome, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store, StoreError,
-    Therapist, now,
-};
+use crate::{Appended, Committed, NewMessage, Result, SessionEvent, StoreError, now};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -396,6 +390,10 @@ impl Backend for SqliteStore {
         &self.writer
     }
 
+    fn writes(&self) -> &Writes {
+        &self.writes
+    }
+
     /// A write transaction on the writer connection, outside the batches.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
@@ -407,156 +405,12 @@ impl Backend for SqliteStore {
     }
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        Scripts(self).create_therapist(new).await
-    }
-
-    async fn therapists(&self) -> Result<Vec<Therapist>> {
-        Scripts(self).therapists().await
-    }
-
-    async fn count_therapists(&self) -> Result<i64> {
-        Scripts(self).count_therapists().await
-    }
-
-    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
-        Scripts(self).therapist_with_password(email).await
-    }
-
-    async fn create_auth_session(
-        &self,
-        therapist_id: Uuid,
-        token_hash: &[u8],
-        expires_at: OffsetDateTime,
-    ) -> Result<()> {
-        Scripts(self).create_auth_session(therapist_id, token_hash, expires_at).await
-    }
-
-    async fn therapist_by_token(
-        &self,
-        token_hash: &[u8],
-        now: OffsetDateTime,
-        idle: time::Duration,
-        touch: bool,
-    ) -> Result<Option<Therapist>> {
-        Scripts(self).therapist_by_token(token_hash, now, idle, touch).await
-    }
-
-    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
-        Scripts(self).revoke_therapist_sessions(therapist_id).await
-    }
-
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        Scripts(self).set_password(email, password_hash).await
-    }
-
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        Scripts(self).disable_therapist(email).await
-    }
-
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        Scripts(self).revoke_auth_session(token_hash).await
-    }
-
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
-        Scripts(self).create_chat_session(client_token_hash).await
-    }
-
-    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
-        Scripts(self).chat_session(session_id).await
-    }
-
-    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Scripts(self).session_for_client_token(token_hash).await
-    }
-
-    async fn appointments_for(
-        &self,
-        therapist_id: Uuid,
-        waiting_since: OffsetDateTime,
-    ) -> Result<Vec<ChatSession>> {
-        Scripts(self).appointments_for(therapist_id, waiting_since).await
-    }
-
-    async fn join_as_therapist(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        join_message: &str,
-    ) -> Result<Committed<JoinOutcome>> {
-        Scripts(self).join_as_therapist(session_id, therapist_id, join_message).await
-    }
-
-    async fn close_chat_session(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        closing_message: &str,
-    ) -> Result<Committed<CloseOutcome>> {
-        Scripts(self).close_chat_session(session_id, therapist_id, closing_message).await
-    }
-
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
-        self.writes.message(session_id, new).await
-    }
-
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Committed<Option<ChatMessage>>> {
-        self.writes.bot(session_id, message).await
-    }
-
-    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        Scripts(self).recent_messages(session_id, limit).await
-    }
-
-    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
-        Scripts(self).count_rate_events(kind, key, since_ms).await
-    }
-
-    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        Scripts(self).record_rate_event(kind, key, at_ms).await
-    }
-
-    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        Scripts(self).clear_rate_events(kind, key).await
-    }
-
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
-        Scripts(self).flag_risk(session_id, seq, &flag).await
-    }
-
-    async fn acknowledge_risk(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        note: Option<&str>,
-    ) -> Result<Committed<AcknowledgeOutcome>> {
-        Scripts(self).acknowledge_risk(session_id, therapist_id, note).await
-    }
-
-    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        Scripts(self).safety_audit(session_id).await
-    }
-
-    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        Scripts(self).safety_report(since).await
-    }
-
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        Scripts(self).messages_after(session_id, after, limit).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! What only the SQLite store does; the contract both stores keep is
     //! checked in `tests/contract.rs`.
     use super::*;
+    use crate::{BotMessage, JoinOutcome, NewTherapist, Store};
     use haven_protocol::Sender;
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
