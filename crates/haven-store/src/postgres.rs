@@ -24,6 +24,11 @@
 //! Notifications are lossy (a listener that reconnects misses some): the
 //! listener reports [`Notification::Reconnected`], and the server then reads
 //! what it missed by seq.
+//!
+//! Every other operation is a transaction script written once for both
+//! stores ([`crate::scripts`]); this module is PostgreSQL's [`Backend`]:
+//! its pool, `FOR UPDATE` on the session row, and the in-transaction
+//! `NOTIFY`.
 
 use std::time::Duration;
 

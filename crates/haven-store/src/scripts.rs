@@ -18,8 +18,11 @@
 //! - how committed events reach other instances ([`Backend::notify`]): in
 //!   the transaction on PostgreSQL; nowhere on SQLite.
 //!
-//! The message writes (group commit), listening and connection set-up
-//! differ for real and stay in each store's module.
+//! [`Store`] is implemented once, below, for every [`Backend`]. Connection
+//! set-up, the message writes (group commit, [`crate::batch`]), listening
+//! and SQLite's checkpointer differ for real and stay in each store's
+//! module, which calls [`Scripts`] for the steps its group commit shares
+//! with these scripts (inserting a message, raising a flag).
 
 use std::marker::PhantomData;
 
@@ -48,7 +51,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     type Db: Database;
 
     /// Appended to the select that reads a session row before a write that
-    /// depends on it.
+    /// depends on it: `" FOR UPDATE"`, or `""` where the write transaction
+    /// already excludes every other writer.
     const LOCK: &'static str;
 
     /// Where reads that are not part of a write go.
@@ -60,7 +64,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// The group-commit queue of message writes ([`crate::batch`]).
     fn writes(&self) -> &Writes;
 
-    /// A write transaction.
+    /// A write transaction (on SQLite, `BEGIN IMMEDIATE`).
     fn begin_write(&self) -> impl Future<Output = Result<Transaction<'static, Self::Db>>> + Send;
 
     /// Tells the other instances, inside `tx`, about `events` (sent on commit).
@@ -93,8 +97,8 @@ impl<DB: Database, T> Column<DB> for T where
 }
 
 /// Every operation of [`Store`], written once for any [`Backend`] whose
-/// database binds and reads Haven's column types.
-
+/// database binds and reads Haven's column types (the bounds below; the
+/// same on [`Scripts`]). A store's message writes go to its group commit.
 #[async_trait]
 impl<B, DB> Store for B
 where

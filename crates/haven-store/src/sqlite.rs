@@ -12,6 +12,10 @@
 //! the commit task runs on a thread of its own, and the batch's usual
 //! writes are one call. A second connection on the same thread checkpoints
 //! the WAL in the background, so commits seldom do.
+//!
+//! Every other operation is a transaction script written once for both
+//! stores ([`crate::scripts`]); this module is SQLite's [`Backend`]: its two
+//! pools, `BEGIN IMMEDIATE`, no row lock and no notifications.
 
 use std::str::FromStr;
 use std::time::Duration;
