@@ -144,15 +144,7 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
+        if let Some(seq) = Scripts::<PgStore>::stored_seq(tx, session_id, new).await? {
             return Ok(Committed::nothing(Appended::Duplicate { seq }));
         }
         if closed_at.is_some() {
@@ -177,16 +169,7 @@ impl Db {
             at,
         );
         Scripts::<PgStore>::insert_message(tx, session_id, &message).await?;
-        let mut events = vec![SessionEvent::message(session_id, message)];
-        let flagged = match &new.risk {
-            Some(flag) => {
-                let flagged = Scripts::<PgStore>::flag_in_tx(tx, session_id, seq, flag).await?;
-                events.extend(flagged.events);
-                Some(flagged.outcome)
-            }
-            None => None,
-        };
-        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
+        Scripts::<PgStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
     }
 
     /// The batch's usual writes ([`usual_rows`]) in one statement, bound as

@@ -668,6 +668,46 @@ where
         Ok(())
     }
 
+    /// The seq of the message already stored with this sender and
+    /// `client_id`, if any: a re-sent message.
+    pub(crate) async fn stored_seq(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        new: &NewMessage,
+    ) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?)
+    }
+
+    /// A client's or therapist's message just stored in a session of this
+    /// `mode`, then its safety flag if any, raised in the same transaction:
+    /// the write's result and events.
+    pub(crate) async fn stored(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        message: ChatMessage,
+        mode: &str,
+        risk: Option<&RiskFlag>,
+    ) -> Result<Committed<Appended>> {
+        let seq = message.seq;
+        let mut events = vec![SessionEvent::message(session_id, message)];
+        let flagged = match risk {
+            Some(flag) => {
+                let flagged = Self::flag_in_tx(tx, session_id, seq, flag).await?;
+                events.extend(flagged.events);
+                Some(flagged.outcome)
+            }
+            None => None,
+        };
+        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(mode)?, flagged }, events))
+    }
+
     /// Inserts a message row; the caller has already advanced `last_seq`.
     pub(crate) async fn insert_message(
         tx: &mut DB::Connection,

@@ -338,15 +338,7 @@ async fn append_in_tx(
     let Some(seq) = seq else {
         // Nothing was written: a re-sent client_id, a closed session, or
         // no such session.
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
+        if let Some(seq) = Scripts::<SqliteStore>::stored_seq(tx, session_id, new).await? {
             return Ok(Committed::nothing(Appended::Duplicate { seq }));
         }
         let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = ?")
@@ -367,16 +359,7 @@ async fn append_in_tx(
     .fetch_one(&mut *tx)
     .await?;
     let message = new_message(id, seq, new.sender, MessageKind::Chat, &new.content, Some(&new.client_id), at);
-    let mut events = vec![SessionEvent::message(session_id, message)];
-    let flagged = match &new.risk {
-        Some(flag) => {
-            let flagged = Scripts::<SqliteStore>::flag_in_tx(tx, session_id, seq, flag).await?;
-            events.extend(flagged.events);
-            Some(flagged.outcome)
-        }
-        None => None,
-    };
-    Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
+    Scripts::<SqliteStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
 }
 
 impl Backend for SqliteStore {
