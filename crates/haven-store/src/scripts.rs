@@ -638,7 +638,9 @@ where
 }
 
 /// The steps of a write that several transactions share, and that each
-/// store's group commit runs too, for a [`Backend`] `B`.
+/// store's group commit runs too, for a [`Backend`] `B`. Its bounds are
+/// those of `impl Store for B` above: Rust does not carry an impl's bounds
+/// over to another.
 pub(crate) struct Scripts<B>(PhantomData<B>);
 
 impl<B, DB> Scripts<B>
