@@ -5,7 +5,8 @@
 //! multi-step write is one transaction, so the invariants Haven promises —
 //! gap-free seqs, `client_id` de-duplication, the atomic takeover — are kept by
 //! the database rather than by the caller. [`SqliteStore`] is the embedded
-//! default; a PostgreSQL implementation plugs in behind the same trait.
+//! default; [`PgStore`] serves several instances from one database. Both
+//! run the same transaction scripts (`scripts.rs`), written once.
 
 use async_trait::async_trait;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, api::AppointmentStatus};
@@ -16,6 +17,7 @@ use uuid::Uuid;
 mod batch;
 mod postgres;
 mod rows;
+mod scripts;
 mod sqlite;
 
 pub use postgres::PgStore;

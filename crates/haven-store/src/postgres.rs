@@ -24,14 +24,19 @@
 //! Notifications are lossy (a listener that reconnects misses some): the
 //! listener reports [`Notification::Reconnected`], and the server then reads
 //! what it missed by seq.
+//!
+//! Every other operation is a transaction script written once for both
+//! stores ([`crate::scripts`]); this module is PostgreSQL's [`Backend`]:
+//! its pool, `FOR UPDATE` on the session row, and the in-transaction
+//! `NOTIFY`.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
+use haven_protocol::MessageKind;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -39,16 +44,9 @@ use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
     usual_rows,
 };
-use crate::rows::{
-    AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
-    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
-    stored_level,
-};
-use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    JoinOutcome, Listener, NewMessage, NewTherapist, Notification, Result, RiskFlag, SafetyReport,
-    SessionEvent, Store, StoreError, Therapist, now,
-};
+use crate::rows::{new_message, parse_mode};
+use crate::scripts::{Backend, Scripts};
+use crate::{Appended, Committed, Listener, NewMessage, Notification, Result, SessionEvent, StoreError, now};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -128,88 +126,6 @@ impl Db {
         Ok(())
     }
 
-    /// Raises a session's flag for its message `seq`, inside a transaction
-    /// that holds the session's row lock: the level, the audit record, and —
-    /// when the level rises — the crisis message and the referral counter.
-    async fn flag_in_tx(
-        &self,
-        tx: &mut PgConnection,
-        session_id: Uuid,
-        seq: i64,
-        flag: &RiskFlag,
-    ) -> Result<Committed<Flagged>> {
-        let (stored, therapist_id, closed_at): (Option<String>, Option<Uuid>, Option<OffsetDateTime>) =
-            sqlx::query_as(
-                "SELECT risk_level, therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE",
-            )
-            .bind(session_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        let before = stored_level(stored)?;
-        let level = before.max(flag.level);
-        // Nothing follows a closed chat's closing message, crisis resources
-        // included; the flag itself is still recorded.
-        let raised = flag.level > before && closed_at.is_none();
-        let mut events = Vec::new();
-        let at = now();
-        sqlx::query(
-            "UPDATE chat_sessions SET risk_level = $1, risk_first_at = COALESCE(risk_first_at, $2),
-             risk_last_at = $2 WHERE id = $3",
-        )
-        .bind(level.as_str())
-        .bind(at)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        if raised {
-            let seq: i64 = sqlx::query_scalar(
-                "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
-                 WHERE id = $2 RETURNING last_seq",
-            )
-            .bind(at)
-            .bind(session_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let message = new_message(
-                Uuid::now_v7(),
-                seq,
-                Sender::System,
-                MessageKind::Crisis,
-                &flag.crisis_message,
-                None,
-                at,
-            );
-            insert_message(tx, session_id, &message).await?;
-            events.push(SessionEvent::message(session_id, message));
-            sqlx::query(
-                "INSERT INTO safety_referrals (day, level, count) VALUES ($1, $2, 1)
-                 ON CONFLICT (day, level) DO UPDATE SET count = safety_referrals.count + 1",
-            )
-            .bind(at.date())
-            .bind(flag.level.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO safety_audit
-                 (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
-             VALUES ($1, $2, 'flagged', $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(session_id)
-        .bind(flag.level.as_str())
-        .bind(seq)
-        .bind(join_rules(&flag.rules))
-        .bind(&flag.detector_version)
-        .bind(raised)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        events.push(SessionEvent::Flagged { session_id, level, therapist_id });
-        Ok(Committed::new(Flagged { level, referred: raised }, events))
-    }
-
     /// One client's or therapist's message, for what the batch's insert
     /// left: the next seq, unless its `client_id` is already stored for this
     /// sender, then its safety flag if any.
@@ -228,15 +144,7 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(StoreError::NotFound)?;
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
+        if let Some(seq) = Scripts::<PgStore>::stored_seq(tx, session_id, new).await? {
             return Ok(Committed::nothing(Appended::Duplicate { seq }));
         }
         if closed_at.is_some() {
@@ -260,17 +168,8 @@ impl Db {
             Some(&new.client_id),
             at,
         );
-        insert_message(tx, session_id, &message).await?;
-        let mut events = vec![SessionEvent::message(session_id, message)];
-        let flagged = match &new.risk {
-            Some(flag) => {
-                let flagged = self.flag_in_tx(tx, session_id, seq, flag).await?;
-                events.extend(flagged.events);
-                Some(flagged.outcome)
-            }
-            None => None,
-        };
-        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
+        Scripts::<PgStore>::insert_message(tx, session_id, &message).await?;
+        Scripts::<PgStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
     }
 
     /// The batch's usual writes ([`usual_rows`]) in one statement, bound as
@@ -372,485 +271,31 @@ impl WriteBatch for Db {
     }
 }
 
-#[async_trait]
-impl Store for PgStore {
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        let therapist = Therapist {
-            id: Uuid::now_v7(),
-            email: new.email,
-            name: new.name,
-            created_at: now(),
-            disabled: false,
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(therapist.id)
-        .bind(&therapist.email)
-        .bind(&therapist.name)
-        .bind(&new.password_hash)
-        .bind(therapist.created_at)
-        .execute(&self.db.pool)
-        .await;
-        match inserted {
-            Ok(_) => Ok(therapist),
-            Err(error) if is_unique_violation(&error) => {
-                Err(StoreError::Conflict("email already registered"))
-            }
-            Err(error) => Err(error.into()),
-        }
+impl Backend for PgStore {
+    type Db = sqlx::Postgres;
+
+    /// Writers lock the session row, so that they take turns on it across
+    /// instances.
+    const LOCK: &'static str = " FOR UPDATE";
+
+    fn reader(&self) -> &PgPool {
+        &self.db.pool
     }
 
-    async fn therapists(&self) -> Result<Vec<Therapist>> {
-        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
-        )))
-        .fetch_all(&self.db.pool)
-        .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+    fn writer(&self) -> &PgPool {
+        &self.db.pool
     }
 
-    async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.db.pool).await?)
+    fn writes(&self) -> &Writes {
+        &self.writes
     }
 
-    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            password_hash: String,
-        }
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists WHERE email = $1 AND disabled_at IS NULL"
-        )))
-        .bind(email)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(self.db.pool.begin().await?)
     }
 
-    async fn create_auth_session(
-        &self,
-        therapist_id: Uuid,
-        token_hash: &[u8],
-        expires_at: OffsetDateTime,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(token_hash)
-        .bind(therapist_id)
-        .bind(now())
-        .bind(expires_at)
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn therapist_by_token(
-        &self,
-        token_hash: &[u8],
-        now: OffsetDateTime,
-        idle: time::Duration,
-        touch: bool,
-    ) -> Result<Option<Therapist>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            logged_in_at: OffsetDateTime,
-            last_seen_at: Option<OffsetDateTime>,
-            expires_at: OffsetDateTime,
-        }
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
-                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
-             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
-             WHERE s.token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
-        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
-            return Ok(None);
-        }
-        if touch && now - last_seen >= TOUCH_INTERVAL {
-            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = $1 WHERE token_hash = $2")
-                .bind(now)
-                .bind(token_hash)
-                .execute(&self.db.pool)
-                .await?;
-        }
-        Ok(Some(row.therapist.into()))
-    }
-
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
-            .bind(token_hash)
-            .execute(&self.db.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
-            .bind(therapist_id)
-            .execute(&self.db.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.db.pool.begin().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(password_hash)
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
-    }
-
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.db.pool.begin().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
-             RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(now())
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
-    }
-
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
-        let session = ChatSession {
-            id: Uuid::now_v7(),
-            appointment_id: Uuid::now_v7(),
-            therapist_id: None,
-            status: AppointmentStatus::Open,
-            chat_mode: ChatMode::BotOnly,
-            last_seq: 0,
-            created_at: now(),
-            last_message_at: None,
-            closed: false,
-            risk: None,
-        };
-        let mut tx = self.db.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
-             VALUES ($1, $2, 'open', 'BOT_ONLY', $3, $3)",
-        )
-        .bind(session.id)
-        .bind(session.appointment_id)
-        .bind(session.created_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES ($1, $2, $3)",
-        )
-        .bind(client_token_hash)
-        .bind(session.id)
-        .bind(session.created_at)
-        .execute(&mut *tx)
-        .await?;
-        let events = vec![SessionEvent::Created { session_id: session.id }];
-        self.db.notify(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(Committed::new(session, events))
-    }
-
-    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1"
-        )))
-        .bind(session_id)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        row.map(TryInto::try_into).transpose()
-    }
-
-    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = $1")
-            .bind(token_hash)
-            .fetch_optional(&self.db.pool)
-            .await?)
-    }
-
-    async fn appointments_for(
-        &self,
-        therapist_id: Uuid,
-        waiting_since: OffsetDateTime,
-    ) -> Result<Vec<ChatSession>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE closed_at IS NULL AND (therapist_id = $1 OR (therapist_id IS NULL
-               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= $2))) ORDER BY id"
-        )))
-        .bind(therapist_id)
-        .bind(waiting_since)
-        .fetch_all(&self.db.pool)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn join_as_therapist(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        join_message: &str,
-    ) -> Result<Committed<JoinOutcome>> {
-        let mut tx = self.db.pool.begin().await?;
-        // The row lock makes racing therapists (on any instance) take turns.
-        let current: Option<(Option<Uuid>, String)> =
-            sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = $1 FOR UPDATE")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
-        match holder {
-            Some(holder) if holder != therapist_id => {
-                return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
-            }
-            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
-                return Ok(Committed::nothing(JoinOutcome::AlreadyJoined));
-            }
-            _ => {}
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions
-             SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
-                 last_seq = last_seq + 1, updated_at = $2, last_message_at = $2
-             WHERE id = $3 RETURNING last_seq",
-        )
-        .bind(therapist_id)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        let events = vec![SessionEvent::message(session_id, message)];
-        self.db.notify(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(Committed::new(JoinOutcome::Joined, events))
-    }
-
-    async fn close_chat_session(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        closing_message: &str,
-    ) -> Result<Committed<CloseOutcome>> {
-        let mut tx = self.db.pool.begin().await?;
-        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
-            sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1 FOR UPDATE")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
-        if holder != Some(therapist_id) {
-            return Ok(Committed::nothing(CloseOutcome::NotYours));
-        }
-        if closed_at.is_some() {
-            return Ok(Committed::nothing(CloseOutcome::AlreadyClosed));
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions SET closed_at = $1, updated_at = $1, last_message_at = $1, last_seq = last_seq + 1
-             WHERE id = $2 RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM client_credentials WHERE session_id = $1")
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        let events = vec![SessionEvent::message(session_id, message)];
-        self.db.notify(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(Committed::new(CloseOutcome::Closed, events))
-    }
-
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
-        self.writes.message(session_id, new).await
-    }
-
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Committed<Option<ChatMessage>>> {
-        self.writes.bot(session_id, message).await
-    }
-
-    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2 AND at < $3")
-            .bind(kind)
-            .bind(key)
-            .bind(since_ms)
-            .execute(&self.db.pool)
-            .await?;
-        let (count, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
-                .bind(kind)
-                .bind(key)
-                .fetch_one(&self.db.pool)
-                .await?;
-        Ok((count, oldest))
-    }
-
-    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES ($1, $2, $3)")
-            .bind(kind)
-            .bind(key)
-            .bind(at_ms)
-            .execute(&self.db.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
-            .bind(kind)
-            .bind(key)
-            .execute(&self.db.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
-        let mut tx = self.db.pool.begin().await?;
-        let flagged = self.db.flag_in_tx(&mut tx, session_id, seq, &flag).await?;
-        self.db.notify(&mut tx, &flagged.events).await?;
-        tx.commit().await?;
-        Ok(flagged)
-    }
-
-    async fn acknowledge_risk(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        note: Option<&str>,
-    ) -> Result<Committed<AcknowledgeOutcome>> {
-        let mut tx = self.db.pool.begin().await?;
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1 FOR UPDATE"
-        )))
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
-        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
-        }
-        let Some(mut risk) = session.risk else {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
-        };
-        let at = now();
-        sqlx::query(
-            "UPDATE chat_sessions SET risk_acknowledged_at = $1, risk_acknowledged_by = $2 WHERE id = $3",
-        )
-        .bind(at)
-        .bind(therapist_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
-             VALUES ($1, $2, 'acknowledged', $3, $4, $5, $6)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(session_id)
-        .bind(risk.level.as_str())
-        .bind(therapist_id)
-        .bind(note)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        let events = vec![SessionEvent::Acknowledged { session_id }];
-        self.db.notify(&mut tx, &events).await?;
-        tx.commit().await?;
-        risk.acknowledged_at = Some(at);
-        risk.acknowledged_by = Some(therapist_id);
-        Ok(Committed::new(AcknowledgeOutcome::Acknowledged(risk), events))
-    }
-
-    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
-        )))
-        .bind(session_id)
-        .fetch_all(&self.db.pool)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        let referrals: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, SUM(count)::BIGINT FROM safety_referrals WHERE day >= $1 GROUP BY level ORDER BY level",
-        )
-        .bind(since.date())
-        .fetch_all(&self.db.pool)
-        .await?;
-        let flags: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
-             GROUP BY level ORDER BY level",
-        )
-        .bind(since)
-        .fetch_all(&self.db.pool)
-        .await?;
-        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
-             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
-        )
-        .bind(since)
-        .fetch_one(&self.db.pool)
-        .await?;
-        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
-    }
-
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        )))
-        .bind(session_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM (
-                 SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
-             ) AS newest ORDER BY seq"
-        )))
-        .bind(session_id)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+    async fn notify(&self, tx: &mut PgConnection, events: &[SessionEvent]) -> Result<()> {
+        self.db.notify(tx, events).await
     }
 
     async fn announce(&self, event: SessionEvent) -> Result<()> {
@@ -869,33 +314,6 @@ impl Store for PgStore {
         listener.listen(CHANNEL).await?;
         Ok(Some(Box::new(PgNotifications { listener, instance: self.db.instance })))
     }
-}
-
-async fn insert_message(tx: &mut PgConnection, session_id: Uuid, message: &ChatMessage) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(message.id)
-    .bind(session_id)
-    .bind(message.seq)
-    .bind(message.sender.as_str())
-    .bind(message.kind.as_str())
-    .bind(&message.content)
-    .bind(message.client_id.as_deref())
-    .bind(message.created_at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-/// Ends every login of a therapist, inside a transaction.
-async fn end_logins(tx: &mut PgConnection, therapist_id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
-        .bind(therapist_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }
 
 /// `text` in pieces of at most `max` bytes once written as JSON (a quote
@@ -969,6 +387,7 @@ fn parse(payload: &str, instance: Uuid) -> Option<Notification> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use haven_protocol::Sender;
 
     #[test]
     fn long_deltas_are_split_at_character_boundaries_by_their_json_size() {

@@ -12,32 +12,27 @@
 //! the commit task runs on a thread of its own, and the batch's usual
 //! writes are one call. A second connection on the same thread checkpoints
 //! the WAL in the background, so commits seldom do.
+//!
+//! Every other operation is a transaction script written once for both
+//! stores ([`crate::scripts`]); this module is SQLite's [`Backend`]: its two
+//! pools, `BEGIN IMMEDIATE`, no row lock and no notifications.
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
+use haven_protocol::MessageKind;
 use serde::Serialize;
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
     not_committed, usual_rows,
 };
-use crate::rows::{
-    AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
-    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
-    stored_level,
-};
-use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    JoinOutcome, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store, StoreError,
-    Therapist, now,
-};
+use crate::rows::{new_message, parse_mode};
+use crate::scripts::{Backend, Scripts};
+use crate::{Appended, Committed, NewMessage, Result, SessionEvent, StoreError, now};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -143,11 +138,6 @@ impl SqliteStore {
             })
             .map_err(unavailable)?;
         Ok(Self { writer, reader, writes })
-    }
-
-    /// A write transaction on the writer connection, outside the batches.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// Closes both pools, waiting for in-flight statements.
@@ -348,15 +338,7 @@ async fn append_in_tx(
     let Some(seq) = seq else {
         // Nothing was written: a re-sent client_id, a closed session, or
         // no such session.
-        let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages WHERE session_id = ? AND sender = ? AND client_id = ?",
-        )
-        .bind(session_id)
-        .bind(new.sender.as_str())
-        .bind(&new.client_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(seq) = existing {
+        if let Some(seq) = Scripts::<SqliteStore>::stored_seq(tx, session_id, new).await? {
             return Ok(Committed::nothing(Appended::Duplicate { seq }));
         }
         let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = ?")
@@ -377,610 +359,36 @@ async fn append_in_tx(
     .fetch_one(&mut *tx)
     .await?;
     let message = new_message(id, seq, new.sender, MessageKind::Chat, &new.content, Some(&new.client_id), at);
-    let mut events = vec![SessionEvent::message(session_id, message)];
-    let flagged = match &new.risk {
-        Some(flag) => {
-            let flagged = flag_in_tx(tx, session_id, seq, flag).await?;
-            events.extend(flagged.events);
-            Some(flagged.outcome)
-        }
-        None => None,
-    };
-    Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(&mode)?, flagged }, events))
+    Scripts::<SqliteStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
 }
 
-/// Inserts a message row; the caller has already advanced `last_seq`.
-async fn insert_message(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
-    message: &ChatMessage,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message.id)
-    .bind(session_id)
-    .bind(message.seq)
-    .bind(message.sender.as_str())
-    .bind(message.kind.as_str())
-    .bind(&message.content)
-    .bind(message.client_id.as_deref())
-    .bind(message.created_at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
+impl Backend for SqliteStore {
+    type Db = sqlx::Sqlite;
 
-/// Raises a session's flag for its message `seq`, inside a transaction:
-/// the level, the audit record, and — when the level rises — the crisis
-/// message and the referral counter.
-async fn flag_in_tx(
-    tx: &mut sqlx::SqliteConnection,
-    session_id: Uuid,
-    seq: i64,
-    flag: &RiskFlag,
-) -> Result<Committed<Flagged>> {
-    let (stored, therapist_id, closed_at): (Option<String>, Option<Uuid>, Option<OffsetDateTime>) =
-        sqlx::query_as("SELECT risk_level, therapist_id, closed_at FROM chat_sessions WHERE id = ?")
-            .bind(session_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-    let before = stored_level(stored)?;
-    let level = before.max(flag.level);
-    // Nothing follows a closed chat's closing message, crisis resources
-    // included; the flag itself is still recorded.
-    let raised = flag.level > before && closed_at.is_none();
-    let mut events = Vec::new();
-    let at = now();
-    sqlx::query(
-        "UPDATE chat_sessions SET risk_level = ?, risk_first_at = COALESCE(risk_first_at, ?), risk_last_at = ?
-         WHERE id = ?",
-    )
-    .bind(level.as_str())
-    .bind(at)
-    .bind(at)
-    .bind(session_id)
-    .execute(&mut *tx)
-    .await?;
-    if raised {
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message = new_message(
-            Uuid::now_v7(),
-            seq,
-            Sender::System,
-            MessageKind::Crisis,
-            &flag.crisis_message,
-            None,
-            at,
-        );
-        insert_message(tx, session_id, &message).await?;
-        events.push(SessionEvent::message(session_id, message));
-        sqlx::query(
-            "INSERT INTO safety_referrals (day, level, count) VALUES (?, ?, 1)
-             ON CONFLICT (day, level) DO UPDATE SET count = count + 1",
-        )
-        .bind(at.date())
-        .bind(flag.level.as_str())
-        .execute(&mut *tx)
-        .await?;
-    }
-    sqlx::query(
-        "INSERT INTO safety_audit
-             (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
-         VALUES (?, ?, 'flagged', ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(Uuid::now_v7())
-    .bind(session_id)
-    .bind(flag.level.as_str())
-    .bind(seq)
-    .bind(join_rules(&flag.rules))
-    .bind(&flag.detector_version)
-    .bind(raised)
-    .bind(at)
-    .execute(&mut *tx)
-    .await?;
-    events.push(SessionEvent::Flagged { session_id, level, therapist_id });
-    Ok(Committed::new(Flagged { level, referred: raised }, events))
-}
+    /// Nothing: a write transaction's `BEGIN IMMEDIATE` already holds the
+    /// database's only write lock.
+    const LOCK: &'static str = "";
 
-/// Ends every login of a therapist, inside a transaction.
-async fn end_logins(tx: &mut sqlx::SqliteConnection, therapist_id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-        .bind(therapist_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
-        let therapist = Therapist {
-            id: Uuid::now_v7(),
-            email: new.email,
-            name: new.name,
-            created_at: now(),
-            disabled: false,
-        };
-        let inserted = sqlx::query(
-            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(therapist.id)
-        .bind(&therapist.email)
-        .bind(&therapist.name)
-        .bind(&new.password_hash)
-        .bind(therapist.created_at)
-        .execute(&self.writer)
-        .await;
-        match inserted {
-            Ok(_) => Ok(therapist),
-            Err(error) if is_unique_violation(&error) => {
-                Err(StoreError::Conflict("email already registered"))
-            }
-            Err(error) => Err(error.into()),
-        }
+    fn reader(&self) -> &SqlitePool {
+        &self.reader
     }
 
-    async fn therapists(&self) -> Result<Vec<Therapist>> {
-        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
-        )))
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 
-    async fn count_therapists(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(&self.reader).await?)
+    fn writes(&self) -> &Writes {
+        &self.writes
     }
 
-    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            password_hash: String,
-        }
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists
-             WHERE email = ? AND disabled_at IS NULL"
-        )))
-        .bind(email)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+    /// A write transaction on the writer connection, outside the batches.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    async fn create_auth_session(
-        &self,
-        therapist_id: Uuid,
-        token_hash: &[u8],
-        expires_at: OffsetDateTime,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
-             VALUES (?, ?, ?, ?)",
-        )
-        .bind(token_hash)
-        .bind(therapist_id)
-        .bind(now())
-        .bind(expires_at)
-        .execute(&self.writer)
-        .await?;
+    /// Nothing to do: no other instance shares the file.
+    async fn notify(&self, _tx: &mut sqlx::SqliteConnection, _events: &[SessionEvent]) -> Result<()> {
         Ok(())
-    }
-
-    async fn therapist_by_token(
-        &self,
-        token_hash: &[u8],
-        now: OffsetDateTime,
-        idle: time::Duration,
-        touch: bool,
-    ) -> Result<Option<Therapist>> {
-        #[derive(FromRow)]
-        struct Row {
-            #[sqlx(flatten)]
-            therapist: TherapistRow,
-            logged_in_at: OffsetDateTime,
-            last_seen_at: Option<OffsetDateTime>,
-            expires_at: OffsetDateTime,
-        }
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
-                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
-             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
-             WHERE s.token_hash = ?",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.reader)
-        .await?;
-        // Compared here rather than in SQL: the stored text is RFC 3339, whose
-        // variable-length fractions do not sort as text.
-        let Some(row) = row else { return Ok(None) };
-        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
-        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
-            return Ok(None);
-        }
-        if touch && now - last_seen >= TOUCH_INTERVAL {
-            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = ? WHERE token_hash = ?")
-                .bind(now)
-                .bind(token_hash)
-                .execute(&self.writer)
-                .await?;
-        }
-        Ok(Some(row.therapist.into()))
-    }
-
-    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = ?")
-            .bind(therapist_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET password_hash = ? WHERE email = ? RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(password_hash)
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
-    }
-
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, ?) WHERE email = ?
-             RETURNING {THERAPIST_COLUMNS}"
-        )))
-        .bind(now())
-        .bind(email)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        end_logins(&mut tx, row.id).await?;
-        tx.commit().await?;
-        Ok(Some(row.into()))
-    }
-
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = ?")
-            .bind(token_hash)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
-        let session = ChatSession {
-            id: Uuid::now_v7(),
-            appointment_id: Uuid::now_v7(),
-            therapist_id: None,
-            status: AppointmentStatus::Open,
-            chat_mode: ChatMode::BotOnly,
-            last_seq: 0,
-            created_at: now(),
-            last_message_at: None,
-            closed: false,
-            risk: None,
-        };
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
-             VALUES (?, ?, 'open', 'BOT_ONLY', ?, ?)",
-        )
-        .bind(session.id)
-        .bind(session.appointment_id)
-        .bind(session.created_at)
-        .bind(session.created_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES (?, ?, ?)")
-            .bind(client_token_hash)
-            .bind(session.id)
-            .bind(session.created_at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let events = vec![SessionEvent::Created { session_id: session.id }];
-        Ok(Committed::new(session, events))
-    }
-
-    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
-        )))
-        .bind(session_id)
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(TryInto::try_into).transpose()
-    }
-
-    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
-        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&self.reader)
-            .await?)
-    }
-
-    async fn appointments_for(
-        &self,
-        therapist_id: Uuid,
-        waiting_since: OffsetDateTime,
-    ) -> Result<Vec<ChatSession>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions
-             WHERE closed_at IS NULL AND (therapist_id = ? OR (therapist_id IS NULL
-               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= ?))) ORDER BY id"
-        )))
-        .bind(therapist_id)
-        .bind(waiting_since)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn join_as_therapist(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        join_message: &str,
-    ) -> Result<Committed<JoinOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let current: Option<(Option<Uuid>, String)> =
-            sqlx::query_as("SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = ?")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
-        match holder {
-            Some(holder) if holder != therapist_id => {
-                return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
-            }
-            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
-                return Ok(Committed::nothing(JoinOutcome::AlreadyJoined));
-            }
-            _ => {}
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions
-             SET therapist_id = ?, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
-                 last_seq = last_seq + 1, updated_at = ?, last_message_at = ?
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(therapist_id)
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        tx.commit().await?;
-        Ok(Committed::new(JoinOutcome::Joined, vec![SessionEvent::message(session_id, message)]))
-    }
-
-    async fn close_chat_session(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        closing_message: &str,
-    ) -> Result<Committed<CloseOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> =
-            sqlx::query_as("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = ?")
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
-        if holder != Some(therapist_id) {
-            return Ok(Committed::nothing(CloseOutcome::NotYours));
-        }
-        if closed_at.is_some() {
-            return Ok(Committed::nothing(CloseOutcome::AlreadyClosed));
-        }
-        let at = now();
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE chat_sessions SET closed_at = ?, updated_at = ?, last_message_at = ?, last_seq = last_seq + 1
-             WHERE id = ? RETURNING last_seq",
-        )
-        .bind(at)
-        .bind(at)
-        .bind(at)
-        .bind(session_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM client_credentials WHERE session_id = ?")
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
-        let message =
-            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        insert_message(&mut tx, session_id, &message).await?;
-        tx.commit().await?;
-        Ok(Committed::new(CloseOutcome::Closed, vec![SessionEvent::message(session_id, message)]))
-    }
-
-    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
-        self.writes.message(session_id, new).await
-    }
-
-    async fn append_if_bot_only(
-        &self,
-        session_id: Uuid,
-        message: BotMessage,
-    ) -> Result<Committed<Option<ChatMessage>>> {
-        self.writes.bot(session_id, message).await
-    }
-
-    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM (
-                 SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?
-             ) ORDER BY seq"
-        )))
-        .bind(session_id)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = ? AND key = ? AND at < ?")
-            .bind(kind)
-            .bind(key)
-            .bind(since_ms)
-            .execute(&self.writer)
-            .await?;
-        let (count, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = ? AND key = ?")
-                .bind(kind)
-                .bind(key)
-                .fetch_one(&self.writer)
-                .await?;
-        Ok((count, oldest))
-    }
-
-    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES (?, ?, ?)")
-            .bind(kind)
-            .bind(key)
-            .bind(at_ms)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM rate_events WHERE kind = ? AND key = ?")
-            .bind(kind)
-            .bind(key)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
-        let mut tx = self.begin_write().await?;
-        let flagged = flag_in_tx(&mut tx, session_id, seq, &flag).await?;
-        tx.commit().await?;
-        Ok(flagged)
-    }
-
-    async fn acknowledge_risk(
-        &self,
-        session_id: Uuid,
-        therapist_id: Uuid,
-        note: Option<&str>,
-    ) -> Result<Committed<AcknowledgeOutcome>> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?"
-        )))
-        .bind(session_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
-        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
-        }
-        let Some(mut risk) = session.risk else {
-            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
-        };
-        let at = now();
-        sqlx::query(
-            "UPDATE chat_sessions SET risk_acknowledged_at = ?, risk_acknowledged_by = ? WHERE id = ?",
-        )
-        .bind(at)
-        .bind(therapist_id)
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
-             VALUES (?, ?, 'acknowledged', ?, ?, ?, ?)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(session_id)
-        .bind(risk.level.as_str())
-        .bind(therapist_id)
-        .bind(note)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        risk.acknowledged_at = Some(at);
-        risk.acknowledged_by = Some(therapist_id);
-        Ok(Committed::new(
-            AcknowledgeOutcome::Acknowledged(risk),
-            vec![SessionEvent::Acknowledged { session_id }],
-        ))
-    }
-
-    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = ? ORDER BY created_at, id"
-        )))
-        .bind(session_id)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
-    }
-
-    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
-        let referrals: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, SUM(count) FROM safety_referrals WHERE day >= ? GROUP BY level ORDER BY level",
-        )
-        .bind(since.date())
-        .fetch_all(&self.reader)
-        .await?;
-        let flags: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= ?
-             GROUP BY level ORDER BY level",
-        )
-        .bind(since)
-        .fetch_all(&self.reader)
-        .await?;
-        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COALESCE(SUM(risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at), 0)
-             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= ?",
-        )
-        .bind(since)
-        .fetch_one(&self.reader)
-        .await?;
-        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
-    }
-
-    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        )))
-        .bind(session_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
     }
 }
 
@@ -989,6 +397,8 @@ mod tests {
     //! What only the SQLite store does; the contract both stores keep is
     //! checked in `tests/contract.rs`.
     use super::*;
+    use crate::{BotMessage, JoinOutcome, NewTherapist, Store};
+    use haven_protocol::Sender;
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,818 @@
+//! The transaction scripts both stores run, each written once.
+//!
+//! Every operation here is the same on SQLite and on PostgreSQL: the same
+//! statements, in the same transactions, returning the same events. The SQL
+//! is what both databases read (`$N` placeholders, which sqlx binds by
+//! number on SQLite too). What really differs is behind [`Backend`], which
+//! each store implements:
+//! - where reads and writes go ([`Backend::reader`], [`Backend::writer`]):
+//!   SQLite has a read pool and a one-connection write pool, PostgreSQL one
+//!   pool;
+//! - how a write transaction begins ([`Backend::begin_write`]): `BEGIN
+//!   IMMEDIATE` on SQLite, so a read-then-write never fails to upgrade its
+//!   lock; a plain `BEGIN` on PostgreSQL;
+//! - how a session row is read before a write that depends on it
+//!   ([`Backend::LOCK`]): `FOR UPDATE` on PostgreSQL, where several
+//!   instances write; nothing on SQLite, whose writer already holds the
+//!   database's only write lock;
+//! - how committed events reach other instances ([`Backend::notify`]): in
+//!   the transaction on PostgreSQL; nowhere on SQLite.
+//!
+//! [`Store`] is implemented once, below, for every [`Backend`]. Connection
+//! set-up, the message writes (group commit, [`crate::batch`]), listening
+//! and SQLite's checkpointer differ for real and stay in each store's
+//! module, which calls [`Scripts`] for the steps its group commit shares
+//! with these scripts (inserting a message, raising a flag).
+
+use std::marker::PhantomData;
+
+use async_trait::async_trait;
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
+use sqlx::{
+    ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type,
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::batch::Writes;
+use crate::rows::{
+    AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
+    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
+    stored_level,
+};
+use crate::{
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
+    JoinOutcome, Listener, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store,
+    StoreError, Therapist, now,
+};
+
+/// What a store tells the shared scripts: the few things that differ.
+pub(crate) trait Backend: Send + Sync + 'static {
+    type Db: Database;
+
+    /// Appended to the select that reads a session row before a write that
+    /// depends on it: `" FOR UPDATE"`, or `""` where the write transaction
+    /// already excludes every other writer.
+    const LOCK: &'static str;
+
+    /// Where reads that are not part of a write go.
+    fn reader(&self) -> &Pool<Self::Db>;
+
+    /// Where single-statement writes go.
+    fn writer(&self) -> &Pool<Self::Db>;
+
+    /// The group-commit queue of message writes ([`crate::batch`]).
+    fn writes(&self) -> &Writes;
+
+    /// A write transaction (on SQLite, `BEGIN IMMEDIATE`).
+    fn begin_write(&self) -> impl Future<Output = Result<Transaction<'static, Self::Db>>> + Send;
+
+    /// Tells the other instances, inside `tx`, about `events` (sent on commit).
+    fn notify(
+        &self,
+        tx: &mut <Self::Db as Database>::Connection,
+        events: &[SessionEvent],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// [`Store::announce`]: nothing for a store that only one instance uses.
+    fn announce(&self, _event: SessionEvent) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// [`Store::listen`]: `None` for a store that only one instance uses.
+    fn listen(&self) -> impl Future<Output = Result<Option<Box<dyn Listener>>>> + Send {
+        async { Ok(None) }
+    }
+}
+
+/// A type stored in a column of both databases: bound, and read back.
+pub(crate) trait Column<DB: Database>:
+    for<'q> Encode<'q, DB> + for<'r> Decode<'r, DB> + Type<DB> + Send
+{
+}
+
+impl<DB: Database, T> Column<DB> for T where
+    T: for<'q> Encode<'q, DB> + for<'r> Decode<'r, DB> + Type<DB> + Send
+{
+}
+
+/// Every operation of [`Store`], written once for any [`Backend`] whose
+/// database binds and reads Haven's column types (the bounds below; the
+/// same on [`Scripts`]). A store's message writes go to its group commit.
+#[async_trait]
+impl<B, DB> Store for B
+where
+    B: Backend<Db = DB>,
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'n> &'n str: ColumnIndex<DB::Row>,
+    Uuid: Column<DB>,
+    OffsetDateTime: Column<DB>,
+    time::Date: Column<DB>,
+    i64: Column<DB>,
+    bool: Column<DB>,
+    String: Column<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+{
+    // Accounts.
+
+    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
+        let therapist = Therapist {
+            id: Uuid::now_v7(),
+            email: new.email,
+            name: new.name,
+            created_at: now(),
+            disabled: false,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(therapist.id)
+        .bind(&therapist.email)
+        .bind(&therapist.name)
+        .bind(&new.password_hash)
+        .bind(therapist.created_at)
+        .execute(self.writer())
+        .await;
+        match inserted {
+            Ok(_) => Ok(therapist),
+            Err(error) if is_unique_violation(&error) => {
+                Err(StoreError::Conflict("email already registered"))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn therapists(&self) -> Result<Vec<Therapist>> {
+        let rows: Vec<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS} FROM therapists ORDER BY id"
+        )))
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn count_therapists(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(self.reader()).await?)
+    }
+
+    async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            password_hash: String,
+        }
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {THERAPIST_COLUMNS}, password_hash FROM therapists WHERE email = $1 AND disabled_at IS NULL"
+        )))
+        .bind(email)
+        .fetch_optional(self.reader())
+        .await?;
+        Ok(row.map(|row| (row.therapist.into(), row.password_hash)))
+    }
+
+    /// Replaces an account's password hash and ends its logins.
+    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(password_hash)
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Scripts::<B>::end_logins(&mut tx, row.id).await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
+    }
+
+    /// Disables an account and ends its logins.
+    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
+             RETURNING {THERAPIST_COLUMNS}"
+        )))
+        .bind(now())
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Scripts::<B>::end_logins(&mut tx, row.id).await?;
+        tx.commit().await?;
+        Ok(Some(row.into()))
+    }
+
+    // Logins.
+
+    async fn create_auth_session(
+        &self,
+        therapist_id: Uuid,
+        token_hash: &[u8],
+        expires_at: OffsetDateTime,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(token_hash)
+        .bind(therapist_id)
+        .bind(now())
+        .bind(expires_at)
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    async fn therapist_by_token(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+        idle: time::Duration,
+        touch: bool,
+    ) -> Result<Option<Therapist>> {
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            therapist: TherapistRow,
+            logged_in_at: OffsetDateTime,
+            last_seen_at: Option<OffsetDateTime>,
+            expires_at: OffsetDateTime,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT t.id, t.email, t.name, t.created_at, t.disabled_at,
+                    s.created_at AS logged_in_at, s.last_seen_at, s.expires_at
+             FROM therapist_auth_sessions s JOIN therapists t ON t.id = s.therapist_id
+             WHERE s.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(self.reader())
+        .await?;
+        // Compared here rather than in SQL: SQLite stores RFC 3339 text, whose
+        // variable-length fractions do not sort as text.
+        let Some(row) = row else { return Ok(None) };
+        let last_seen = row.last_seen_at.unwrap_or(row.logged_in_at);
+        if row.expires_at <= now || last_seen + idle <= now || row.therapist.disabled_at.is_some() {
+            return Ok(None);
+        }
+        if touch && now - last_seen >= TOUCH_INTERVAL {
+            sqlx::query("UPDATE therapist_auth_sessions SET last_seen_at = $1 WHERE token_hash = $2")
+                .bind(now)
+                .bind(token_hash)
+                .execute(self.writer())
+                .await?;
+        }
+        Ok(Some(row.therapist.into()))
+    }
+
+    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(therapist_id)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    // Sessions.
+
+    async fn create_chat_session(&self, client_token_hash: &[u8]) -> Result<Committed<ChatSession>> {
+        let session = ChatSession {
+            id: Uuid::now_v7(),
+            appointment_id: Uuid::now_v7(),
+            therapist_id: None,
+            status: AppointmentStatus::Open,
+            chat_mode: ChatMode::BotOnly,
+            last_seq: 0,
+            created_at: now(),
+            last_message_at: None,
+            closed: false,
+            risk: None,
+        };
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO chat_sessions (id, appointment_id, status, chat_mode, created_at, updated_at)
+             VALUES ($1, $2, 'open', 'BOT_ONLY', $3, $3)",
+        )
+        .bind(session.id)
+        .bind(session.appointment_id)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO client_credentials (token_hash, session_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(client_token_hash)
+        .bind(session.id)
+        .bind(session.created_at)
+        .execute(&mut *tx)
+        .await?;
+        let events = vec![SessionEvent::Created { session_id: session.id }];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(session, events))
+    }
+
+    async fn chat_session(&self, session_id: Uuid) -> Result<Option<ChatSession>> {
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1"
+        )))
+        .bind(session_id)
+        .fetch_optional(self.reader())
+        .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    async fn session_for_client_token(&self, token_hash: &[u8]) -> Result<Option<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT session_id FROM client_credentials WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(self.reader())
+            .await?)
+    }
+
+    async fn appointments_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<Vec<ChatSession>> {
+        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions
+             WHERE closed_at IS NULL AND (therapist_id = $1 OR (therapist_id IS NULL
+               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= $2))) ORDER BY id"
+        )))
+        .bind(therapist_id)
+        .bind(waiting_since)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    /// The takeover, in one transaction.
+    async fn join_as_therapist(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        join_message: &str,
+    ) -> Result<Committed<JoinOutcome>> {
+        let mut tx = self.begin_write().await?;
+        // The lock makes racing therapists (on any instance) take turns.
+        let lock = B::LOCK;
+        let current: Option<(Option<Uuid>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT therapist_id, chat_mode FROM chat_sessions WHERE id = $1{lock}"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (holder, mode) = current.ok_or(StoreError::NotFound)?;
+        match holder {
+            Some(holder) if holder != therapist_id => {
+                return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
+            }
+            Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
+                return Ok(Committed::nothing(JoinOutcome::AlreadyJoined));
+            }
+            _ => {}
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions
+             SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
+                 last_seq = last_seq + 1, updated_at = $2, last_message_at = $2
+             WHERE id = $3 RETURNING last_seq",
+        )
+        .bind(therapist_id)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message =
+            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
+        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
+        let events = vec![SessionEvent::message(session_id, message)];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(JoinOutcome::Joined, events))
+    }
+
+    /// Closes a session, in one transaction.
+    async fn close_chat_session(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        closing_message: &str,
+    ) -> Result<Committed<CloseOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(
+            format!("SELECT therapist_id, closed_at FROM chat_sessions WHERE id = $1{lock}"),
+        ))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
+        if holder != Some(therapist_id) {
+            return Ok(Committed::nothing(CloseOutcome::NotYours));
+        }
+        if closed_at.is_some() {
+            return Ok(Committed::nothing(CloseOutcome::AlreadyClosed));
+        }
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions SET closed_at = $1, updated_at = $1, last_message_at = $1, last_seq = last_seq + 1
+             WHERE id = $2 RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM client_credentials WHERE session_id = $1")
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        let message =
+            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
+        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
+        let events = vec![SessionEvent::message(session_id, message)];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(CloseOutcome::Closed, events))
+    }
+
+    // Messages.
+
+    /// The newest `limit` messages, in seq order.
+    async fn recent_messages(&self, session_id: Uuid, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM (
+                 SELECT * FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2
+             ) AS newest ORDER BY seq"
+        )))
+        .bind(session_id)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    // Rate limits.
+
+    async fn count_rate_events(&self, kind: &str, key: &str, since_ms: i64) -> Result<(i64, Option<i64>)> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2 AND at < $3")
+            .bind(kind)
+            .bind(key)
+            .bind(since_ms)
+            .execute(self.writer())
+            .await?;
+        let (count, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(at) FROM rate_events WHERE kind = $1 AND key = $2")
+                .bind(kind)
+                .bind(key)
+                .fetch_one(self.writer())
+                .await?;
+        Ok((count, oldest))
+    }
+
+    async fn record_rate_event(&self, kind: &str, key: &str, at_ms: i64) -> Result<()> {
+        sqlx::query("INSERT INTO rate_events (kind, key, at) VALUES ($1, $2, $3)")
+            .bind(kind)
+            .bind(key)
+            .bind(at_ms)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    async fn clear_rate_events(&self, kind: &str, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM rate_events WHERE kind = $1 AND key = $2")
+            .bind(kind)
+            .bind(key)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    // Safety.
+
+    /// Flags the stored message `seq` after the fact, in a transaction of
+    /// its own.
+    async fn flag_risk(&self, session_id: Uuid, seq: i64, flag: RiskFlag) -> Result<Committed<Flagged>> {
+        let mut tx = self.begin_write().await?;
+        let flagged = Scripts::<B>::flag_in_tx(&mut tx, session_id, seq, &flag).await?;
+        self.notify(&mut tx, &flagged.events).await?;
+        tx.commit().await?;
+        Ok(flagged)
+    }
+
+    async fn acknowledge_risk(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+    ) -> Result<Committed<AcknowledgeOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = $1{lock}"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
+        if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
+        }
+        let Some(mut risk) = session.risk else {
+            return Ok(Committed::nothing(AcknowledgeOutcome::NotFlagged));
+        };
+        let at = now();
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_acknowledged_at = $1, risk_acknowledged_by = $2 WHERE id = $3",
+        )
+        .bind(at)
+        .bind(therapist_id)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO safety_audit (id, session_id, kind, level, therapist_id, note, created_at)
+             VALUES ($1, $2, 'acknowledged', $3, $4, $5, $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(risk.level.as_str())
+        .bind(therapist_id)
+        .bind(note)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let events = vec![SessionEvent::Acknowledged { session_id }];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        risk.acknowledged_at = Some(at);
+        risk.acknowledged_by = Some(therapist_id);
+        Ok(Committed::new(AcknowledgeOutcome::Acknowledged(risk), events))
+    }
+
+    async fn safety_audit(&self, session_id: Uuid) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM safety_audit WHERE session_id = $1 ORDER BY created_at, id"
+        )))
+        .bind(session_id)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn safety_report(&self, since: OffsetDateTime) -> Result<SafetyReport> {
+        let referrals: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, CAST(SUM(count) AS BIGINT) FROM safety_referrals WHERE day >= $1
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since.date())
+        .fetch_all(self.reader())
+        .await?;
+        let flags: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT level, COUNT(*) FROM safety_audit WHERE kind = 'flagged' AND created_at >= $1
+             GROUP BY level ORDER BY level",
+        )
+        .bind(since)
+        .fetch_all(self.reader())
+        .await?;
+        let (flagged_sessions, unacknowledged_sessions): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*),
+                    COUNT(*) FILTER (WHERE risk_acknowledged_at IS NULL OR risk_acknowledged_at < risk_last_at)
+             FROM chat_sessions WHERE risk_level IS NOT NULL AND risk_last_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(self.reader())
+        .await?;
+        report_from_rows(referrals, flags, flagged_sessions, unacknowledged_sessions)
+    }
+
+    // Messages written by group commit, and notifications.
+
+    async fn append_message(&self, session_id: Uuid, new: NewMessage) -> Result<Committed<Appended>> {
+        self.writes().message(session_id, new).await
+    }
+
+    async fn append_if_bot_only(
+        &self,
+        session_id: Uuid,
+        message: BotMessage,
+    ) -> Result<Committed<Option<ChatMessage>>> {
+        self.writes().bot(session_id, message).await
+    }
+
+    async fn announce(&self, event: SessionEvent) -> Result<()> {
+        Backend::announce(self, event).await
+    }
+
+    async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
+        Backend::listen(self).await
+    }
+}
+
+/// The steps of a write that several transactions share, and that each
+/// store's group commit runs too, for a [`Backend`] `B`. Its bounds are
+/// those of `impl Store for B` above: Rust does not carry an impl's bounds
+/// over to another.
+pub(crate) struct Scripts<B>(PhantomData<B>);
+
+impl<B, DB> Scripts<B>
+where
+    B: Backend<Db = DB>,
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'n> &'n str: ColumnIndex<DB::Row>,
+    Uuid: Column<DB>,
+    OffsetDateTime: Column<DB>,
+    time::Date: Column<DB>,
+    i64: Column<DB>,
+    bool: Column<DB>,
+    String: Column<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+{
+    /// Ends every login of a therapist, inside a transaction.
+    async fn end_logins(tx: &mut DB::Connection, therapist_id: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM therapist_auth_sessions WHERE therapist_id = $1")
+            .bind(therapist_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The seq of the message already stored with this sender and
+    /// `client_id`, if any: a re-sent message.
+    pub(crate) async fn stored_seq(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        new: &NewMessage,
+    ) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE session_id = $1 AND sender = $2 AND client_id = $3",
+        )
+        .bind(session_id)
+        .bind(new.sender.as_str())
+        .bind(&new.client_id)
+        .fetch_optional(&mut *tx)
+        .await?)
+    }
+
+    /// A client's or therapist's message just stored in a session of this
+    /// `mode`, then its safety flag if any, raised in the same transaction:
+    /// the write's result and events.
+    pub(crate) async fn stored(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        message: ChatMessage,
+        mode: &str,
+        risk: Option<&RiskFlag>,
+    ) -> Result<Committed<Appended>> {
+        let seq = message.seq;
+        let mut events = vec![SessionEvent::message(session_id, message)];
+        let flagged = match risk {
+            Some(flag) => {
+                let flagged = Self::flag_in_tx(tx, session_id, seq, flag).await?;
+                events.extend(flagged.events);
+                Some(flagged.outcome)
+            }
+            None => None,
+        };
+        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(mode)?, flagged }, events))
+    }
+
+    /// Inserts a message row; the caller has already advanced `last_seq`.
+    pub(crate) async fn insert_message(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        message: &ChatMessage,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(message.id)
+        .bind(session_id)
+        .bind(message.seq)
+        .bind(message.sender.as_str())
+        .bind(message.kind.as_str())
+        .bind(&message.content)
+        .bind(message.client_id.as_deref())
+        .bind(message.created_at)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Raises a session's flag for its message `seq`, inside a write
+    /// transaction (holding the session's lock): the level, the audit
+    /// record, and — when the level rises — the crisis message and the
+    /// referral counter.
+    pub(crate) async fn flag_in_tx(
+        tx: &mut DB::Connection,
+        session_id: Uuid,
+        seq: i64,
+        flag: &RiskFlag,
+    ) -> Result<Committed<Flagged>> {
+        let lock = B::LOCK;
+        let (stored, therapist_id, closed_at): (Option<String>, Option<Uuid>, Option<OffsetDateTime>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT risk_level, therapist_id, closed_at FROM chat_sessions WHERE id = $1{lock}"
+            )))
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let before = stored_level(stored)?;
+        let level = before.max(flag.level);
+        // Nothing follows a closed chat's closing message, crisis resources
+        // included; the flag itself is still recorded.
+        let raised = flag.level > before && closed_at.is_none();
+        let mut events = Vec::new();
+        let at = now();
+        sqlx::query(
+            "UPDATE chat_sessions SET risk_level = $1, risk_first_at = COALESCE(risk_first_at, $2),
+             risk_last_at = $2 WHERE id = $3",
+        )
+        .bind(level.as_str())
+        .bind(at)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        if raised {
+            let seq: i64 = sqlx::query_scalar(
+                "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+                 WHERE id = $2 RETURNING last_seq",
+            )
+            .bind(at)
+            .bind(session_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let message = new_message(
+                Uuid::now_v7(),
+                seq,
+                Sender::System,
+                MessageKind::Crisis,
+                &flag.crisis_message,
+                None,
+                at,
+            );
+            Self::insert_message(tx, session_id, &message).await?;
+            events.push(SessionEvent::message(session_id, message));
+            sqlx::query(
+                "INSERT INTO safety_referrals (day, level, count) VALUES ($1, $2, 1)
+                 ON CONFLICT (day, level) DO UPDATE SET count = safety_referrals.count + 1",
+            )
+            .bind(at.date())
+            .bind(flag.level.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO safety_audit
+                 (id, session_id, kind, level, message_seq, rules, detector_version, referred, created_at)
+             VALUES ($1, $2, 'flagged', $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(flag.level.as_str())
+        .bind(seq)
+        .bind(join_rules(&flag.rules))
+        .bind(&flag.detector_version)
+        .bind(raised)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        events.push(SessionEvent::Flagged { session_id, level, therapist_id });
+        Ok(Committed::new(Flagged { level, referred: raised }, events))
+    }
+}
