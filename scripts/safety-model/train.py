@@ -20,8 +20,9 @@ fitted with fixed seeds and averaged into one wider hidden layer; MIX
 weighs the second part against the first. The thresholds that turn their probabilities into a level are
 chosen on validation for the detector as it runs, the rules and the model
 together (the higher level wins): the pair with the best recall whose
-false alarms on validation stay within FALSE_ALARMS. Prints train and
-validation figures, the file's SHA-256 and its size.
+false alarms on validation stay within FALSE_ALARMS. Weights below 1e-30
+are written as exactly zero. Prints train and validation figures, the
+file's SHA-256 and its size.
 
 Usage: python train.py --encoder ENC --features BIN --out MODEL --version V
 """
@@ -56,7 +57,7 @@ FALSE_ALARMS = 0.05
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DATA = os.path.join(ROOT, "crates", "haven-safety", "data")
 # Unseen rounds already scored once and recorded: they now train the model.
-JOINED = ["unseen/round-1.jsonl", "unseen/round-2.jsonl"]
+JOINED = ["unseen/round-1.jsonl", "unseen/round-2.jsonl", "unseen/round-3.jsonl"]
 
 
 # The model file's tensors, in the order of its `data_sha256`.
@@ -111,17 +112,31 @@ def features(binary, encoder, texts):
     return sp.hstack([sp.csr_matrix(dense), sparse], format="csr"), dense, np.array(rules)
 
 
+# Weights smaller than this are written as exactly zero (NEGLIGIBLE in
+# crates/haven-safety/src/model.rs, which reads them as zero anyway).
+NEGLIGIBLE = np.float32(1e-30)
+
+
+def flushed(values):
+    """float32, with every vanishing weight written as exactly 0.0: weight
+    decay leaves many weights of unused units and buckets far below any
+    rounding (most of them subnormal floats, on which a processor takes a
+    slow path), and the file should carry the weights that count."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.where(np.abs(values) < NEGLIGIBLE, np.float32(0.0), values)
+
+
 class Head:
     """The tensors of the head: a linear part over all the features and a
     hidden layer over the dense ones, as crates/haven-safety/src/model.rs
     computes them."""
 
     def __init__(self, weight, bias, hidden_weight, hidden_bias, hidden_output):
-        self.weight = weight.astype(np.float32)
-        self.bias = bias.astype(np.float32)
-        self.hidden_weight = hidden_weight.astype(np.float32)
-        self.hidden_bias = hidden_bias.astype(np.float32)
-        self.hidden_output = hidden_output.astype(np.float32)
+        self.weight = flushed(weight)
+        self.bias = flushed(bias)
+        self.hidden_weight = flushed(hidden_weight)
+        self.hidden_bias = flushed(hidden_bias)
+        self.hidden_output = flushed(hidden_output)
 
     def probabilities(self, x, dense):
         logits = np.asarray(x @ self.weight.T.astype(np.float64)) + self.bias

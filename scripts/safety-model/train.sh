@@ -12,6 +12,9 @@
 # (distill.py): the encoder's floating-point sums depend on the machine's
 # BLAS, so a distillation elsewhere differs by one int8 step on some tokens.
 set -euo pipefail
+# OpenBLAS picks its kernels by processor, and kernels sum in different
+# orders: pinned, every x86-64 machine with AVX2 trains the same file.
+export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Haswell}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 version=${1:?usage: train.sh VERSION [--distill]}

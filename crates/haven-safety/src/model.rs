@@ -62,7 +62,7 @@ const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// The shipped model's SHA-256, as printed by the training script; a test
 /// checks the file against it.
-pub const BUILTIN_SHA256: &str = "083c38ef2d732f2f41fc26857d4949bd349bd6e8cd8b633f23e808908c466f73";
+pub const BUILTIN_SHA256: &str = "88f73d79bf631b97ceeca990414bd548beb276ad19f4ad7fedbf14c9c6d21d76";
 
 /// A model file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,9 +259,10 @@ impl Model {
 ///
 /// Training leaves many weights vanishingly small (weight decay drives the
 /// weights of unused units towards zero; about a quarter of model
-/// `2026.12.4`'s are below 1e-30, most of them subnormal floats, on which a
-/// processor takes a slow path for every multiplication). Such a weight is
-/// read as zero: its product with a feature is far below the rounding of
+/// `2026.12.4`'s were below 1e-30, most of them subnormal floats, on which a
+/// processor takes a slow path for every multiplication; `train.py` now
+/// writes them as exactly zero, and files made before are read the same
+/// way). Such a weight is read as zero: its product with a feature is far below the rounding of
 /// any sum it joins. A unit whose output weights are then all zero adds
 /// nothing and is left out; a unit whose input weights are all zero has a
 /// sum of zero, so its dot product is not computed. The logits are the

@@ -19,6 +19,8 @@ const ROUND_2: &str = include_str!("../data/unseen/round-2.jsonl");
 const ROUND_2_CONVERSATIONS: &str = include_str!("../data/unseen/round-2-conversations.jsonl");
 const ROUND_3: &str = include_str!("../data/unseen/round-3.jsonl");
 const ROUND_3_CONVERSATIONS: &str = include_str!("../data/unseen/round-3-conversations.jsonl");
+const ROUND_4: &str = include_str!("../data/unseen/round-4.jsonl");
+const ROUND_4_CONVERSATIONS: &str = include_str!("../data/unseen/round-4-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -33,11 +35,19 @@ const ROUND_2_FALSE_ALARMS: usize = 9;
 const CONVERSATIONS_SUFFICIENT: usize = 52;
 
 /// Round 3 with the detector it was first scored with (rules 2026.12.1,
-/// model 2026.12.4), scored once.
+/// model 2026.12.4), scored once. Round 3 now trains the model, so this is
+/// only a floor.
 const ROUND_3_HIGH_DETECTED: usize = 243;
 const ROUND_3_CONCERN_DETECTED: usize = 97;
 const ROUND_3_FALSE_ALARMS: usize = 10;
 const ROUND_3_CONVERSATIONS_SUFFICIENT: usize = 37;
+
+/// Round 4 with the detector it was first scored with (rules 2026.12.1,
+/// model 2026.12.5), scored once.
+const ROUND_4_HIGH_DETECTED: usize = 257;
+const ROUND_4_CONCERN_DETECTED: usize = 123;
+const ROUND_4_FALSE_ALARMS: usize = 16;
+const ROUND_4_CONVERSATIONS_SUFFICIENT: usize = 39;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -145,10 +155,18 @@ fn unseen_round_2_does_not_fall_below_its_first_score() {
 
 #[test]
 fn unseen_round_3_does_not_fall_below_its_first_score() {
-    let both = score("unseen round 3", ROUND_3);
+    let both = score("round 3 (now training data)", ROUND_3);
     assert!(both.high.0 >= ROUND_3_HIGH_DETECTED, "{both:?}");
     assert!(both.concern.0 >= ROUND_3_CONCERN_DETECTED, "{both:?}");
     assert!(both.none.0 <= ROUND_3_FALSE_ALARMS, "{both:?}");
+}
+
+#[test]
+fn unseen_round_4_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 4", ROUND_4);
+    assert!(both.high.0 >= ROUND_4_HIGH_DETECTED, "{both:?}");
+    assert!(both.concern.0 >= ROUND_4_CONCERN_DETECTED, "{both:?}");
+    assert!(both.none.0 <= ROUND_4_FALSE_ALARMS, "{both:?}");
 }
 
 /// The conversations of a round: the last message read with the earlier
@@ -180,20 +198,24 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_1 = conversations("unseen round 1", ROUND_1_CONVERSATIONS);
     let round_2 = conversations("unseen round 2", ROUND_2_CONVERSATIONS);
     let round_3 = conversations("unseen round 3", ROUND_3_CONVERSATIONS);
-    println!("sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50");
+    let round_4 = conversations("unseen round 4", ROUND_4_CONVERSATIONS);
+    println!(
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50"
+    );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
         "round 1: {round_1}, round 2: {round_2} sufficient"
     );
     assert!(round_3 >= ROUND_3_CONVERSATIONS_SUFFICIENT, "round 3: {round_3} sufficient");
+    assert!(round_4 >= ROUND_4_CONVERSATIONS_SUFFICIENT, "round 4: {round_4} sufficient");
 }
 
 #[test]
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.4");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.4", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.5");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.5", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -231,10 +253,11 @@ fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
     );
 
     let mut texts: Vec<String> = Vec::new();
-    for round in [ROUND_2, ROUND_3] {
+    for round in [ROUND_2, ROUND_3, ROUND_4] {
         texts.extend(parse(round).into_iter().map(|item| item.text));
     }
-    for round in [ROUND_1_CONVERSATIONS, ROUND_2_CONVERSATIONS, ROUND_3_CONVERSATIONS] {
+    for round in [ROUND_1_CONVERSATIONS, ROUND_2_CONVERSATIONS, ROUND_3_CONVERSATIONS, ROUND_4_CONVERSATIONS]
+    {
         texts.extend(parse(round).into_iter().map(|item| item.context.join("\n") + "\n" + &item.text));
     }
     let mut features = vec![0.0f32; dense];
@@ -287,7 +310,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.4");
+    assert_eq!(json["model"]["version"], "2026.12.5");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
@@ -312,7 +335,9 @@ fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
     let classifier = Classifier::builtin();
     let earlier = ["i keep thinking i want to kill myself"];
     let when = "after everyone is asleep";
-    assert_eq!(classifier.classify(when).level, RiskLevel::None);
+    // Alone, model 2026.12.5 reads it as `concern` at most; the window
+    // makes it imminent.
+    assert!(classifier.classify(when).level < RiskLevel::High);
     let tonight = classifier.classify_in_context(when, &earlier);
     assert_eq!(tonight.level, RiskLevel::Imminent, "{tonight:?}");
     assert_eq!(tonight.rules[0].id, CONTEXT_RULE);
