@@ -27,8 +27,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
-use uuid::Uuid;
 
+use super::delivery::{Delivery, Live};
 use super::hub::{ConnectionGuard, Event, Revocation, RiskAlert, Room, frame_text};
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
@@ -81,10 +81,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             events,
             revocations,
             risks,
-            last_seq: 0,
-            mode: ChatMode::BotOnly,
-            skipped_reply,
-            finished_reply: None,
+            delivery: Delivery::new(skipped_reply),
             messages,
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
@@ -284,16 +281,8 @@ struct Connection {
     revocations: broadcast::Receiver<Revocation>,
     /// Flagged sessions, for therapist connections only.
     risks: Option<broadcast::Receiver<RiskAlert>>,
-    /// The highest seq the client has: sent by this connection, or covered
-    /// by the `since` it connected with.
-    last_seq: i64,
-    /// The mode this connection last told the client.
-    mode: ChatMode,
-    /// The reply that was streaming when this connection opened.
-    skipped_reply: Option<Uuid>,
-    /// The last companion reply a catch-up read from the database: deltas
-    /// of it still in the channel come too late.
-    finished_reply: Option<Uuid>,
+    /// What the client has been told.
+    delivery: Delivery,
     /// This connection's message rate.
     messages: DefaultDirectRateLimiter,
     /// When messages were refused for going over the rate, within the window.
@@ -336,17 +325,17 @@ impl Connection {
             .chat_session(self.admitted.session_id)
             .await?
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
-        self.mode = session.chat_mode;
+        self.delivery.mode = session.chat_mode;
         if let Some(therapist) = &self.admitted.therapist {
             let joined = store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await?;
             match joined.outcome {
                 JoinOutcome::Joined => {
-                    self.mode = ChatMode::TherapistJoined;
+                    self.delivery.mode = ChatMode::TherapistJoined;
                     tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
                     self.state.hub.apply(joined.events);
                     tracing::info!("join message sent");
                 }
-                JoinOutcome::AlreadyJoined => self.mode = ChatMode::TherapistJoined,
+                JoinOutcome::AlreadyJoined => self.delivery.mode = ChatMode::TherapistJoined,
                 JoinOutcome::ClaimedByOther => {
                     let reason = "session is assigned to another therapist";
                     tracing::warn!(reason, "connection rejected");
@@ -354,18 +343,18 @@ impl Connection {
                 }
             }
         }
-        Span::current().record("chat_mode", self.mode.as_str());
+        Span::current().record("chat_mode", self.delivery.mode.as_str());
         tracing::info!(connections, "connected");
 
-        self.send(ServerFrame::Mode { chat_mode: self.mode })?;
+        self.send(ServerFrame::Mode { chat_mode: self.delivery.mode })?;
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
         match self.admitted.since {
             Some(since) => {
-                self.last_seq = since.clamp(0, session.last_seq);
+                self.delivery.last_seq = since.clamp(0, session.last_seq);
                 self.catch_up(session.last_seq).await?;
             }
-            None => self.last_seq = session.last_seq,
+            None => self.delivery.last_seq = session.last_seq,
         }
         Ok(())
     }
@@ -612,11 +601,11 @@ impl Connection {
     /// connection, so no other tab could see it in a different place. Its
     /// event, coming back through the room, is then dropped as delivered.
     fn send_own(&mut self, seq: i64, frame: Utf8Bytes) -> Result<(), Stop> {
-        if self.mode != ChatMode::TherapistJoined || seq != self.last_seq + 1 {
+        if self.delivery.mode != ChatMode::TherapistJoined || seq != self.delivery.last_seq + 1 {
             return Ok(());
         }
         self.outbound.push(Message::Text(frame))?;
-        self.last_seq = seq;
+        self.delivery.last_seq = seq;
         Ok(())
     }
 
@@ -627,27 +616,10 @@ impl Connection {
     /// Sends an event's message in seq order, filling any gap from the
     /// database first and skipping what the client already has.
     async fn deliver(&mut self, event: Arc<Event>) -> Result<(), Stop> {
-        if event.resync {
-            return Box::pin(self.resync()).await;
-        }
-        let Some(seq) = event.seq else {
-            // A companion delta. After the join message (this connection's
-            // mode is THERAPIST_JOINED exactly once it has sent it) none may
-            // follow, whatever order the events raced in.
-            let late = event.reply_id == self.skipped_reply || event.reply_id == self.finished_reply;
-            if self.mode == ChatMode::BotOnly && !late {
-                self.outbound.push(Message::Text(event.frame.clone()))?;
-            }
-            return Ok(());
-        };
-        if seq > self.last_seq + 1 {
-            // Out of order or missed: the database has everything up to here,
-            // and the mode that goes with it.
-            return Box::pin(self.resync()).await;
-        }
-        if seq == self.last_seq + 1 {
-            self.outbound.push(Message::Text(event.frame.clone()))?;
-            self.last_seq = seq;
+        match self.delivery.live(&event) {
+            Live::Resync => return Box::pin(self.resync()).await,
+            Live::Send => self.outbound.push(Message::Text(event.frame.clone()))?,
+            Live::Skip => {}
         }
         if event.closes {
             tracing::info!("chat closed: closing");
@@ -662,24 +634,23 @@ impl Connection {
     /// Sends every stored message with `last_seq < seq <= up_to`, reading
     /// what each is from its kind, never its text.
     async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
-        while self.last_seq < up_to {
-            let page = (up_to - self.last_seq).min(CATCH_UP_PAGE);
-            let messages =
-                self.state.store.messages_after(self.admitted.session_id, self.last_seq, page).await?;
+        while self.delivery.last_seq < up_to {
+            let page = (up_to - self.delivery.last_seq).min(CATCH_UP_PAGE);
+            let messages = self
+                .state
+                .store
+                .messages_after(self.admitted.session_id, self.delivery.last_seq, page)
+                .await?;
             if messages.is_empty() {
                 break;
             }
             for message in messages {
                 self.ack_before_own(&message)?;
-                let seq = message.seq;
+                self.delivery.stored(&message);
                 let kind = message.kind;
-                if message.sender == Sender::Ai {
-                    self.finished_reply = message.reply_id;
-                }
                 self.outbound
                     .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
                     .await?;
-                self.last_seq = seq;
                 // As live: the mode frame follows the join message, and the
                 // socket closes after the closing message.
                 match kind {
@@ -721,8 +692,7 @@ impl Connection {
     }
 
     fn tell_mode(&mut self, mode: ChatMode) -> Result<(), Stop> {
-        if mode != self.mode {
-            self.mode = mode;
+        if self.delivery.tell_mode(mode) {
             Span::current().record("chat_mode", mode.as_str());
             self.send(ServerFrame::Mode { chat_mode: mode })?;
         }

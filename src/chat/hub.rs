@@ -19,7 +19,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, PoisonError, Weak};
+// The room's locks. Under the `model-check` feature they are Shuttle's, so
+// that its scheduler can switch threads at each of them (the `model_check`
+// tests below); the server always uses the standard library's.
+#[cfg(feature = "model-check")]
+use shuttle::sync::{Mutex, MutexGuard};
+#[cfg(not(feature = "model-check"))]
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -749,6 +756,296 @@ mod tests {
                     joined |= is_join;
                 }
             }
+        }
+    }
+
+    /// The room under a deterministic scheduler: Shuttle runs the writers,
+    /// the companion, another instance's listener, the hold's timer and two
+    /// connections as threads, switching between them at every lock, over
+    /// thousands of schedules (PCT, which finds any bug of up to three
+    /// ordering constraints with a known probability, and uniformly random
+    /// ones). Run with `cargo test --features model-check --lib model_check`.
+    #[cfg(feature = "model-check")]
+    mod model_check {
+        use haven_protocol::Sender::{Ai, System, User};
+        use shuttle::sync::atomic::{AtomicBool, Ordering as Atomic};
+        use shuttle::thread;
+        use tokio::sync::broadcast::error::TryRecvError;
+
+        use super::*;
+        use crate::chat::delivery::{Delivery, Live};
+
+        /// The store as the room's writers see it: one lock is one
+        /// transaction. It refuses what the real stores refuse: anything
+        /// after the close, and the companion's reply or a second join after
+        /// the join (the mode check in the reply's commit).
+        #[derive(Default)]
+        struct Database {
+            messages: Vec<ChatMessage>,
+            joined: bool,
+            closed: bool,
+        }
+
+        impl Database {
+            fn commit(
+                &mut self,
+                sender: haven_protocol::Sender,
+                kind: MessageKind,
+                reply: Option<Uuid>,
+            ) -> Option<ChatMessage> {
+                let refused = self.closed || (self.joined && (sender == Ai || kind == MessageKind::Join));
+                if refused {
+                    return None;
+                }
+                self.joined |= kind == MessageKind::Join;
+                self.closed |= kind == MessageKind::Close;
+                let seq = self.messages.len() as i64 + 1;
+                self.messages.push(ChatMessage { kind, reply_id: reply, ..message(seq, sender) });
+                self.messages.last().cloned()
+            }
+        }
+
+        /// One instance's view of the world: its hub, the session's room
+        /// (held open, as a connection holds it) and the shared store.
+        #[derive(Clone)]
+        struct World {
+            hub: Arc<Hub>,
+            room: Arc<Room>,
+            database: Arc<Mutex<Database>>,
+        }
+
+        impl World {
+            /// Commits a message and applies its event, as every writer does.
+            fn write(&self, sender: haven_protocol::Sender, kind: MessageKind, reply: Option<Uuid>) -> bool {
+                let committed = self.database.lock().unwrap().commit(sender, kind, reply);
+                let Some(message) = committed else { return false };
+                self.hub.apply([SessionEvent::message(self.room.session_id, message)]);
+                true
+            }
+
+            /// The companion task (`companion.rs`): one reply at a time,
+            /// streamed in pieces until the room refuses one, committed
+            /// unless the store refuses it, then the follow-up reply.
+            fn companion(&self) {
+                let mut next = self.room.start_generation();
+                while let Some(reply) = next {
+                    let streamed = (0..2).all(|_| self.room.publish_delta(reply, "x".into()));
+                    let committed = streamed && self.write(Ai, MessageKind::Chat, Some(reply));
+                    let finished = if committed { Finished::Committed } else { Finished::Abandoned };
+                    next = self.room.finish_generation(reply, finished);
+                }
+            }
+        }
+
+        /// What a client was sent, in order.
+        #[derive(Debug, Clone, PartialEq)]
+        enum Seen {
+            Message { seq: i64, sender: String, kind: String },
+            Companion(String),
+        }
+
+        impl Seen {
+            fn of(frame: &str) -> Self {
+                let frame: serde_json::Value = serde_json::from_str(frame).unwrap();
+                match frame["type"].as_str() {
+                    Some("message") => Seen::Message {
+                        seq: frame["seq"].as_i64().unwrap(),
+                        sender: frame["sender"].as_str().unwrap().into(),
+                        kind: frame["kind"].as_str().unwrap_or("chat").into(),
+                    },
+                    other => Seen::Companion(other.unwrap_or_default().into()),
+                }
+            }
+
+            fn is_companion(&self) -> bool {
+                matches!(self, Seen::Companion(_))
+                    || matches!(self, Seen::Message { sender, .. } if sender == "ai")
+            }
+
+            fn kind(&self) -> Option<&str> {
+                match self {
+                    Seen::Message { kind, .. } => Some(kind),
+                    Seen::Companion(_) => None,
+                }
+            }
+        }
+
+        /// A connection (`connection.rs`): its [`Delivery`] decides on each
+        /// event; a resync reads the session's last seq and mode, then the
+        /// messages up to that seq, as two reads. Returns what its client
+        /// was sent, up to the closing message or until `done` and drained,
+        /// and the events the room sent it.
+        fn connection(
+            world: World,
+            mut events: broadcast::Receiver<Arc<Event>>,
+            done: Arc<AtomicBool>,
+        ) -> (Vec<Seen>, Vec<Arc<Event>>) {
+            let mut delivery = Delivery::new(None);
+            let (mut seen, mut raw) = (Vec::new(), Vec::new());
+            loop {
+                // Read before the channel: once set, every event is in it.
+                let drained_when_empty = done.load(Atomic::SeqCst);
+                let event = match events.try_recv() {
+                    Ok(event) => event,
+                    Err(TryRecvError::Empty) if drained_when_empty => return (seen, raw),
+                    Err(TryRecvError::Empty) => {
+                        thread::yield_now();
+                        continue;
+                    }
+                    Err(TryRecvError::Lagged(_)) => {
+                        Arc::new(Event { resync: true, ..Event::message(message(0, System), None) })
+                    }
+                    Err(TryRecvError::Closed) => return (seen, raw),
+                };
+                raw.push(event.clone());
+                match delivery.live(&event) {
+                    Live::Send => seen.push(Seen::of(&event.frame)),
+                    Live::Skip => {}
+                    Live::Resync => {
+                        let (up_to, mode) = {
+                            let database = world.database.lock().unwrap();
+                            let mode =
+                                if database.joined { ChatMode::TherapistJoined } else { ChatMode::BotOnly };
+                            (database.messages.len(), mode)
+                        };
+                        let stored = world.database.lock().unwrap().messages
+                            [delivery.last_seq as usize..up_to]
+                            .to_vec();
+                        for message in stored {
+                            delivery.stored(&message);
+                            seen.push(Seen::of(&frame_text(&ServerFrame::Message(message.clone()))));
+                            match message.kind {
+                                MessageKind::Join => _ = delivery.tell_mode(ChatMode::TherapistJoined),
+                                MessageKind::Close => return (seen, raw),
+                                _ => {}
+                            }
+                        }
+                        delivery.tell_mode(mode);
+                        continue;
+                    }
+                }
+                if event.closes {
+                    return (seen, raw);
+                }
+                if let Some(mode) = event.mode {
+                    delivery.tell_mode(mode);
+                }
+            }
+        }
+
+        /// One schedule: a client writes twice and the companion answers,
+        /// a client on another instance writes and that instance's reply
+        /// streams in through the listener, a therapist joins, the hold's
+        /// timer fires, and (with `close`) the chat is closed; two
+        /// connections watch.
+        fn schedule(close: bool) {
+            let hub = Arc::new(Hub::default());
+            let room = hub.room(Uuid::now_v7());
+            let world = World { hub, room, database: Arc::default() };
+            let done = Arc::new(AtomicBool::new(false));
+            let connections: Vec<_> = (0..2)
+                .map(|_| {
+                    let (world, events, done) = (world.clone(), world.room.subscribe(), done.clone());
+                    thread::spawn(move || connection(world, events, done))
+                })
+                .collect();
+            let mut writers = vec![
+                thread::spawn({
+                    let world = world.clone();
+                    move || {
+                        for _ in 0..2 {
+                            world.write(User, MessageKind::Chat, None);
+                        }
+                    }
+                }),
+                thread::spawn({
+                    let world = world.clone();
+                    move || world.companion()
+                }),
+                thread::spawn({
+                    let world = world.clone();
+                    move || {
+                        let (session_id, reply_id) = (world.room.session_id, Uuid::now_v7());
+                        world.hub.apply([SessionEvent::Delta { session_id, reply_id, delta: "y".into() }]);
+                        world.write(User, MessageKind::Chat, None);
+                    }
+                }),
+                thread::spawn({
+                    let world = world.clone();
+                    move || _ = world.write(System, MessageKind::Join, None)
+                }),
+                thread::spawn({
+                    let room = world.room.clone();
+                    move || room.release_held()
+                }),
+            ];
+            if close {
+                let world = world.clone();
+                writers.push(thread::spawn(move || _ = world.write(System, MessageKind::Close, None)));
+            }
+            for writer in writers {
+                writer.join().unwrap();
+            }
+            // A hold always runs out in the end.
+            world.room.release_held();
+            done.store(true, Atomic::SeqCst);
+            let (views, streams): (Vec<Vec<Seen>>, Vec<Vec<Arc<Event>>>) =
+                connections.into_iter().map(|c| c.join().unwrap()).unzip();
+            // The room itself: no delta and no withdrawal of the companion's
+            // after the join or closing message, in the order it sent them.
+            for stream in &streams {
+                let silenced = stream.iter().position(|event| event.mode.is_some() || event.closes);
+                if let Some(silenced) = silenced {
+                    assert!(
+                        stream[silenced..].iter().all(|event| event.reply_id.is_none()),
+                        "the room sent the companion's output after the join or close"
+                    );
+                }
+            }
+
+            let stored = world.database.lock().unwrap().messages.len() as i64;
+            let mut orders = Vec::new();
+            for view in &views {
+                let order: Vec<(i64, Option<&str>)> = view
+                    .iter()
+                    .filter_map(|seen| match seen {
+                        Seen::Message { seq, .. } => Some((*seq, seen.kind())),
+                        Seen::Companion(_) => None,
+                    })
+                    .collect();
+                let seqs: Vec<i64> = order.iter().map(|(seq, _)| *seq).collect();
+                assert_eq!(seqs, (1..=stored).collect::<Vec<_>>(), "a gap or a repeat: {view:?}");
+                if let Some(join) = view.iter().position(|seen| seen.kind() == Some("join")) {
+                    assert!(
+                        !view[join..].iter().any(Seen::is_companion),
+                        "the companion after the join message: {view:?}"
+                    );
+                }
+                if let Some(closed) = view.iter().position(|seen| seen.kind() == Some("close")) {
+                    assert_eq!(closed, view.len() - 1, "something after the closing message: {view:?}");
+                }
+                orders.push(order);
+            }
+            assert_eq!(orders[0], orders[1], "two connections saw different orders");
+        }
+
+        /// The hold's timer is a task on the runtime, which these schedules
+        /// never drive: each one calls `release_held` itself.
+        fn check(close: bool) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _runtime = runtime.enter();
+            shuttle::check_pct(move || schedule(close), 3000, 3);
+            shuttle::check_random(move || schedule(close), 3000);
+        }
+
+        #[test]
+        fn no_schedule_lets_the_companion_speak_after_the_join_or_loses_a_message() {
+            check(false);
+        }
+
+        #[test]
+        fn no_schedule_sends_anything_after_the_closing_message() {
+            check(true);
         }
     }
 }

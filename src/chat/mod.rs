@@ -31,6 +31,7 @@ use crate::startup::AppState;
 
 mod companion;
 mod connection;
+mod delivery;
 pub mod fanout;
 mod hub;
 

@@ -247,8 +247,8 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
          INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
          SELECT unhex(j.value ->> 'id'), s.id,
                 s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
-                j.value ->> 'sender', j.value ->> 'kind', j.value ->> 'content', j.value ->> 'client_id', ?2
-         FROM jsonb_each(?1) AS j
+                j.value ->> 'sender', j.value ->> 'kind', j.value ->> 'content', j.value ->> 'client_id', $2
+         FROM jsonb_each($1) AS j
          JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
          WHERE s.closed_at IS NULL AND CASE WHEN j.value ->> 'client_id' IS NULL THEN s.chat_mode = 'BOT_ONLY'
                     ELSE NOT EXISTS (
@@ -258,11 +258,11 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
                END;
          UPDATE chat_sessions
          SET last_seq = (SELECT max(m.seq) FROM messages AS m WHERE m.session_id = chat_sessions.id),
-             updated_at = ?2, last_message_at = ?2
-         WHERE id IN (SELECT m.session_id FROM jsonb_each(?1) AS j
+             updated_at = $2, last_message_at = $2
+         WHERE id IN (SELECT m.session_id FROM jsonb_each($1) AS j
                       JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
          SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode))
-         FROM jsonb_each(?1) AS j
+         FROM jsonb_each($1) AS j
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
          JOIN chat_sessions AS s ON s.id = m.session_id;
          COMMIT",
@@ -323,7 +323,7 @@ async fn append_in_tx(
     let (id, at) = (Uuid::now_v7(), now());
     let seq: Option<i64> = sqlx::query_scalar(
         "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
-         SELECT ?, id, last_seq + 1, ?, 'chat', ?, ?, ? FROM chat_sessions WHERE id = ? AND closed_at IS NULL
+         SELECT $1, id, last_seq + 1, $2, 'chat', $3, $4, $5 FROM chat_sessions WHERE id = $6 AND closed_at IS NULL
          ON CONFLICT (session_id, sender, client_id) WHERE client_id IS NOT NULL DO NOTHING
          RETURNING seq",
     )
@@ -341,7 +341,7 @@ async fn append_in_tx(
         if let Some(seq) = Scripts::<SqliteStore>::stored_seq(tx, session_id, new).await? {
             return Ok(Committed::nothing(Appended::Duplicate { seq }));
         }
-        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = ?")
+        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM chat_sessions WHERE id = $1")
             .bind(session_id)
             .fetch_optional(&mut *tx)
             .await?;
@@ -349,11 +349,10 @@ async fn append_in_tx(
         return Ok(Committed::nothing(Appended::Closed));
     };
     let mode: String = sqlx::query_scalar(
-        "UPDATE chat_sessions SET last_seq = ?, updated_at = ?, last_message_at = ? WHERE id = ?
+        "UPDATE chat_sessions SET last_seq = $1, updated_at = $2, last_message_at = $2 WHERE id = $3
          RETURNING chat_mode",
     )
     .bind(seq)
-    .bind(at)
     .bind(at)
     .bind(session_id)
     .fetch_one(&mut *tx)
