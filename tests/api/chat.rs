@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use haven_protocol::{ChatMode, JOIN_MESSAGE, Sender, ServerFrame};
 use serde_json::Value;
 
-use crate::helpers::{Options, TestApp, message_of, messages, session_of};
+use crate::helpers::{Options, TestApp, from_companion, messages};
 
 #[tokio::test]
 async fn user_hello_gets_a_companion_reply_stored_as_seqs_1_and_2() {
@@ -93,25 +93,20 @@ async fn after_the_join_user_messages_reach_the_therapist_and_the_companion_stay
     // Not "is anyone there?": the crisis classifier reads that as `concern`
     // (docs/safety.md, known limits), and its crisis message would be seq 3.
     let question = client.send_message("hello, are you the therapist?").await;
-    client.ack(&question).await;
+    let (_, mut frames) = client.ack(&question).await;
     let received = desk.message().await;
     assert_eq!((received.sender, received.content.as_str()), (Sender::User, "hello, are you the therapist?"));
 
-    // The server decides synchronously, before handling the next frame;
-    // its log says which way it went.
-    let sid = session.session_id.to_string();
-    app.logs
-        .wait_for(1, |event| {
-            message_of(event) == "companion will not respond" && session_of(event).as_deref() == Some(&sid)
-        })
-        .await;
     let answer = desk.send_message("Yes, I'm Tess. I'm here.").await;
     desk.ack(&answer).await;
-
-    let frames = client.until_seq(3).await;
+    // The client's next message is handled only after the first one's
+    // commit, where the server decided whether the companion answers.
+    let later = client.send_message("thank you").await;
+    frames.extend(client.ack(&later).await.1);
+    frames.extend(client.until_seq(4).await);
     let seen: Vec<_> = messages(&frames).iter().map(|m| (m.seq, m.sender)).collect();
-    assert_eq!(seen, vec![(2, Sender::User), (3, Sender::Therapist)]);
-    assert!(app.logs.matching(|event| message_of(event) == "generating companion reply").is_empty());
+    assert_eq!(seen, vec![(2, Sender::User), (3, Sender::Therapist), (4, Sender::User)]);
+    assert!(!from_companion(&frames), "the companion spoke after the join: {frames:?}");
     let history = app.history(session.session_id, &session.client_token).await;
     assert!(history.iter().all(|m| m.sender != Sender::Ai), "{history:?}");
 }
@@ -136,14 +131,13 @@ async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion
     assert_eq!(seq, 4);
 
     let frames = client.until_seq(4).await;
+    assert!(!from_companion(&frames), "only the client's hello had a reply: {frames:?}");
     let last = messages(&frames).last().copied().cloned().unwrap();
     assert_eq!(
         (last.sender, last.content.as_str()),
         (Sender::Therapist, "Hi, I'm Tess, a therapist at the clinic.")
     );
     assert!(frames.contains(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }));
-    let generated = app.logs.matching(|event| message_of(event) == "generating companion reply");
-    assert_eq!(generated.len(), 1, "only the client's hello started a reply");
     let history = app.history(session.session_id, &session.client_token).await;
     let senders: Vec<_> = history.iter().map(|m| m.sender).collect();
     assert_eq!(senders, vec![Sender::User, Sender::Ai, Sender::System, Sender::Therapist]);
@@ -236,22 +230,32 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
         assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
         desks.push(desk);
     }
-    // Each pending reply ends one way or another; wait until all have.
-    let outcomes = [
-        "companion reply cancelled: therapist joined",
-        "companion reply discarded: therapist joined",
-        "companion reply stored",
-    ];
-    let ended = app.logs.wait_for(SESSIONS, |event| outcomes.contains(&message_of(event))).await;
-    let silenced = ended.iter().filter(|event| message_of(event) != "companion reply stored").count();
+    // Each pending reply ends where its client can see it: withdrawn
+    // (`ai_cancelled`, before the join) or stored. Wait until all have.
+    let mut ended = Vec::new();
+    let mut silenced = 0;
+    for (_, client) in &mut clients {
+        let mut frames = Vec::new();
+        loop {
+            let frame = client.frame().await;
+            let cancelled = matches!(frame, ServerFrame::AiCancelled { .. });
+            let stored = matches!(&frame, ServerFrame::Message(m) if m.sender == Sender::Ai);
+            frames.push(frame);
+            if cancelled || stored {
+                silenced += usize::from(cancelled);
+                break;
+            }
+        }
+        ended.push(frames);
+    }
     assert!(silenced > 0, "the join overtook no pending reply: the race was not exercised");
 
     let mut seen_sessions = HashSet::new();
-    for ((session, client), desk) in clients.iter_mut().zip(&mut desks) {
+    for (((session, client), desk), mut frames) in clients.iter_mut().zip(&mut desks).zip(ended) {
         // A message sent now is delivered after anything published before it.
         let id = desk.send_message("I'm here now.").await;
         let (last, _) = desk.ack(&id).await;
-        let frames = client.until_seq(last).await;
+        frames.extend(client.until_seq(last).await);
         let delivered = messages(&frames);
         let join = delivered.iter().position(|m| m.sender == Sender::System).expect("join message delivered");
         let join_frame = frames

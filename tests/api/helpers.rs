@@ -499,6 +499,16 @@ impl Ws {
 }
 
 /// Only the message frames of `frames`.
+/// Whether any of the frames is the companion's: a delta, a withdrawal or
+/// a message.
+pub fn from_companion(frames: &[ServerFrame]) -> bool {
+    frames.iter().any(|frame| match frame {
+        ServerFrame::AiDelta { .. } | ServerFrame::AiCancelled { .. } => true,
+        ServerFrame::Message(message) => message.sender == haven_protocol::Sender::Ai,
+        _ => false,
+    })
+}
+
 pub fn messages(frames: &[ServerFrame]) -> Vec<&ChatMessage> {
     frames
         .iter()
