@@ -31,6 +31,10 @@ const composerError = document.getElementById("composer-error");
 const therapistIcon = document.getElementById("therapist-icon");
 const riskBanner = document.getElementById("risk-banner");
 const soundToggle = document.getElementById("alert-sound");
+// The client's crisis card: shown at the first crisis message, then
+// re-openable from the header for the rest of the chat.
+const crisisCard = document.getElementById("crisis-card");
+const crisisOpen = document.getElementById("crisis-open");
 soundButton(soundToggle);
 
 const MAX_CHARS = 4000;
@@ -134,11 +138,21 @@ function render(message) {
     element = buildMessage(message.sender, message.content);
     announce(message);
   }
+  if (message.kind === "crisis") showCrisisCard(message.content);
   element.dataset.seq = String(message.seq);
   element.dataset.kind = message.kind;
   element.dataset.clientId = message.client_id ?? "";
   placeConfirmed(element);
   element.scrollIntoView({ block: "nearest" });
+}
+
+function showCrisisCard(text) {
+  if (!crisisCard) return;
+  // The latest crisis message, worded for the latest level.
+  document.getElementById("crisis-text").textContent = text;
+  crisisCard.hidden = false;
+  crisisOpen.hidden = false;
+  crisisCard.scrollIntoView({ block: "nearest" });
 }
 
 function announce(message) {
@@ -305,6 +319,15 @@ input.addEventListener("keydown", (event) => {
     event.preventDefault();
     form.requestSubmit();
   }
+});
+
+crisisOpen?.addEventListener("click", () => {
+  crisisCard.hidden = false;
+  crisisCard.focus();
+});
+document.getElementById("crisis-hide")?.addEventListener("click", () => {
+  crisisCard.hidden = true;
+  crisisOpen.focus();
 });
 
 // The therapist's view can end the chat.

@@ -39,6 +39,48 @@ pub struct Escalation {
     text_line: Option<String>,
     emergency: String,
     directory: String,
+    links: Vec<CrisisLink>,
+}
+
+/// A way to reach help, as the client's crisis card offers it: a `tel:` or
+/// `sms:` link a phone can act on, or the help-line directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrisisLink {
+    pub label: String,
+    pub href: String,
+    /// What the link reaches, for its styling and tests: `emergency`,
+    /// `crisis-line`, `text-line` or `directory`.
+    pub kind: &'static str,
+}
+
+/// The number to dial in a resource as people write it: its leading digits
+/// (with a leading `+`), spaces and dashes dropped. `988 (Lifeline)` gives
+/// `988`, `0800 111 0 111 (TelefonSeelsorge)` gives `08001110111`; text that
+/// does not start with a number gives none.
+fn dialable(text: &str) -> Option<String> {
+    let text = text.trim_start();
+    let lead = text.strip_prefix('+').map_or("", |_| "+");
+    let digits: String = text[lead.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, ' ' | '-'))
+        .filter(char::is_ascii_digit)
+        .collect();
+    (digits.len() >= 2).then(|| format!("{lead}{digits}"))
+}
+
+/// The `sms:` link of a text line: `text HOME to 741741` gives
+/// `sms:741741?body=HOME`; a line that starts with a number texts it.
+fn sms_link(line: &str) -> Option<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if let [first, body, to, rest @ ..] = words.as_slice()
+        && first.eq_ignore_ascii_case("text")
+        && to.eq_ignore_ascii_case("to")
+    {
+        let number = dialable(&rest.join(" "))?;
+        let body: String = body.chars().filter(char::is_ascii_alphanumeric).collect();
+        return Some(format!("sms:{number}?body={body}"));
+    }
+    dialable(line).map(|number| format!("sms:{number}"))
 }
 
 impl Escalation {
@@ -47,8 +89,31 @@ impl Escalation {
             value.as_deref().map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
         };
         let directory = args.crisis_resources_url.trim().to_owned();
+        let mut links = Vec::new();
+        let emergency = configured(&args.emergency_number);
+        if let Some((text, number)) = emergency.as_ref().and_then(|text| Some((text, dialable(text)?))) {
+            let label = format!("Call {text} (emergency)");
+            links.push(CrisisLink { label, href: format!("tel:{number}"), kind: "emergency" });
+        }
+        let line = configured(&args.crisis_line);
+        if let Some((text, number)) = line.as_ref().and_then(|text| Some((text, dialable(text)?))) {
+            let label = format!("Call {text}");
+            links.push(CrisisLink { label, href: format!("tel:{number}"), kind: "crisis-line" });
+        }
+        let text_line = configured(&args.crisis_text_line);
+        if let Some((text, href)) = text_line.as_ref().and_then(|text| Some((text, sms_link(text)?))) {
+            let mut chars = text.chars();
+            let label =
+                chars.next().map(|first| first.to_uppercase().chain(chars).collect()).unwrap_or_default();
+            links.push(CrisisLink { label, href, kind: "text-line" });
+        }
+        if !directory.is_empty() {
+            let label = "Find a helpline near you".to_owned();
+            links.push(CrisisLink { label, href: directory.clone(), kind: "directory" });
+        }
         Self {
             classifier,
+            links,
             crisis_line: configured(&args.crisis_line)
                 .unwrap_or_else(|| "a crisis line in your country".to_owned()),
             text_line: configured(&args.crisis_text_line),
@@ -58,6 +123,12 @@ impl Escalation {
             }),
             directory,
         }
+    }
+
+    /// The ways to reach help that the client's crisis card offers, most
+    /// urgent first.
+    pub fn links(&self) -> &[CrisisLink] {
+        &self.links
     }
 
     /// Whether the deployment configured its own crisis line and emergency number.
@@ -240,6 +311,24 @@ mod tests {
         let concern = default.crisis_message(RiskLevel::Concern);
         assert!(concern.contains("findahelpline.com") && concern.contains("112 in the EU"), "{concern}");
         assert_eq!(concern.matches("findahelpline").count(), 1, "{concern}");
+    }
+
+    #[test]
+    fn the_card_links_dial_and_text_what_was_configured_and_always_the_directory() {
+        let mut configured = args(Some("0800 111 0 111 (TelefonSeelsorge)"), Some("112"));
+        configured.crisis_text_line = Some("text SHOUT to 85258".into());
+        let links = Escalation::new(&configured, Classifier::builtin()).links().to_vec();
+        let hrefs: Vec<&str> = links.iter().map(|link| link.href.as_str()).collect();
+        assert_eq!(
+            hrefs,
+            ["tel:112", "tel:08001110111", "sms:85258?body=SHOUT", "https://findahelpline.com"]
+        );
+        assert_eq!(links[2].label, "Text SHOUT to 85258");
+        assert_eq!(dialable("+44 116 123 (Samaritans)").as_deref(), Some("+44116123"));
+        assert_eq!(sms_link("741741").as_deref(), Some("sms:741741"));
+        // Words only (nothing to dial), or nothing configured: the directory.
+        let neutral = Escalation::new(&args(Some("your local crisis line"), None), Classifier::builtin());
+        assert_eq!(neutral.links().iter().map(|link| link.kind).collect::<Vec<_>>(), ["directory"]);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
 use crate::http::ApiError;
+use crate::safety::CrisisLink;
 use crate::startup::AppState;
 
 mod assets;
@@ -42,9 +43,11 @@ struct HomePage;
 
 #[derive(Template)]
 #[template(path = "chat.html")]
-struct ChatPage {
+struct ChatPage<'a> {
     session_id: Uuid,
     therapist_view: bool,
+    /// The client's crisis card offers these (docs/safety.md).
+    crisis_links: &'a [CrisisLink],
 }
 
 #[derive(Template)]
@@ -152,7 +155,8 @@ async fn chat(
                         "Another therapist has joined this chat.",
                     );
                 }
-                page(StatusCode::OK, &ChatPage { session_id, therapist_view: true })
+                let crisis_links = state.escalation.links();
+                page(StatusCode::OK, &ChatPage { session_id, therapist_view: true, crisis_links })
             }
             Ok(_) => Redirect::to(&login_url(&here)).into_response(),
             Err(error) => unavailable(error),
@@ -171,7 +175,8 @@ async fn chat(
     };
     match auth::resolve(&state, &token).await {
         Ok(Some(Credential::Client { session_id: own })) if own == session_id => {
-            page(StatusCode::OK, &ChatPage { session_id, therapist_view: false })
+            let crisis_links = state.escalation.links();
+            page(StatusCode::OK, &ChatPage { session_id, therapist_view: false, crisis_links })
         }
         Ok(_) => invalid_link(),
         Err(error) => unavailable(error),

@@ -647,6 +647,82 @@ async fn a_flagged_session_alerts_the_dashboard_within_seconds_while_the_model_i
 }
 
 #[tokio::test]
+async fn the_crisis_message_is_a_card_with_tap_to_call_links_that_stays_reachable() {
+    let args = [
+        "--emergency-number",
+        "112",
+        "--crisis-line",
+        "116 123 (Samaritans)",
+        "--crisis-text-line",
+        "text SHOUT to 85258",
+    ]
+    .map(String::from)
+    .to_vec();
+    let app = TestApp::spawn_with(crate::helpers::Options { args, ..Default::default() }).await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        let session_id = chat_now(&app, &client).await;
+        assert!(
+            client.js("return document.getElementById('crisis-card').hidden", vec![]).await == json!(true)
+        );
+        client.say("i have the pills in front of me and im going to take them all tonight").await;
+        client.until("!document.getElementById('crisis-card').hidden", vec![]).await;
+        let card = client
+            .js(
+                "const card = document.getElementById('crisis-card');
+                 const text = document.getElementById('crisis-text');
+                 const link = card.querySelector('.crisis-link');
+                 const box = card.getBoundingClientRect();
+                 return {
+                   role: card.getAttribute('role'),
+                   text: text.textContent,
+                   fontSize: parseFloat(getComputedStyle(text).fontSize),
+                   ink: getComputedStyle(text).color,
+                   linkInk: getComputedStyle(link).color,
+                   linkBackground: getComputedStyle(link).backgroundColor,
+                   linkHeight: link.getBoundingClientRect().height,
+                   inside: box.left >= 0 && box.right <= window.innerWidth,
+                   links: [...card.querySelectorAll('a')].map(a => a.getAttribute('href')),
+                 };",
+                vec![],
+            )
+            .await;
+        assert_eq!(card["role"], "alert");
+        let text = card["text"].as_str().unwrap();
+        assert!(
+            text.contains("call 112 now") && text.contains("116 123 (Samaritans)"),
+            "worded for the level: {text}"
+        );
+        assert_eq!(
+            card["links"],
+            json!(["tel:112", "tel:116123", "sms:85258?body=SHOUT", "https://findahelpline.com"])
+        );
+        assert!(card["fontSize"].as_f64().unwrap() >= 16.0, "{card}");
+        assert_eq!(parse_rgb(card["ink"].as_str().unwrap()), (17, 24, 39, 1.0), "dark text: {card}");
+        assert_eq!(parse_rgb(card["linkInk"].as_str().unwrap()), (255, 255, 255, 1.0));
+        assert_eq!(parse_rgb(card["linkBackground"].as_str().unwrap()), (127, 29, 29, 1.0));
+        assert!(card["linkHeight"].as_f64().unwrap() >= 44.0, "a tap target: {card}");
+        assert_eq!(card["inside"], json!(true), "the card fits at {width}px");
+        client.js("document.getElementById('crisis-card').scrollIntoView()", vec![]).await;
+        client.screenshot(&format!("crisis-card-{width}")).await;
+
+        // Hidden, it can be opened again from the header.
+        client.find("#crisis-hide").await.click().await.unwrap();
+        client.until("document.getElementById('crisis-card').hidden && document.activeElement.id === 'crisis-open'", vec![]).await;
+        client.find("#crisis-open").await.click().await.unwrap();
+        client.until("!document.getElementById('crisis-card').hidden && document.activeElement.id === 'crisis-card'", vec![]).await;
+
+        // And after a reload, from the stored crisis message.
+        client.goto(&app, &format!("/chat/{session_id}")).await;
+        client.find("#chat").await;
+        client.until("!document.getElementById('crisis-card').hidden && !document.getElementById('crisis-open').hidden", vec![]).await;
+    }
+    client.close().await;
+}
+
+#[tokio::test]
 async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let app = TestApp::spawn_with(crate::helpers::Options {
         args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),

@@ -443,7 +443,10 @@ async fn sigterm_under_load_closes_every_socket_with_1001_and_loses_nothing_ackn
         });
     }
     let mut acked = acks.subscribe();
-    tokio::time::timeout(EVENT_TIMEOUT, acked.wait_for(|count| *count >= 50)).await.expect("50 acks").unwrap();
+    tokio::time::timeout(EVENT_TIMEOUT, acked.wait_for(|count| *count >= 50))
+        .await
+        .expect("50 acks")
+        .unwrap();
     let started = Instant::now();
     let status = app.terminate().await;
     eprintln!("SIGTERM under load: exited {:?} after the signal", started.elapsed());
