@@ -252,6 +252,20 @@ const REFUSALS = {
   "chat closed": "This chat has been closed.",
 };
 
+function showClosed() {
+  banner.dataset.mode = "CLOSED";
+  banner.textContent = therapistView
+    ? "This chat is closed. Its transcript stays here."
+    : "This chat has ended. Its transcript and the crisis resources stay here.";
+  if (therapistView) return;
+  const again = document.createElement("a");
+  again.className = "button button--primary";
+  again.id = "new-chat";
+  again.href = "/";
+  again.textContent = "Start a new chat";
+  form.querySelector(".composer__actions").append(again);
+}
+
 function connect() {
   const scheme = window.location.protocol === "https:" ? "wss" : "ws";
   const params = new URLSearchParams({ since: String(state.lastSeq), role: ownSender });
@@ -275,7 +289,11 @@ function connect() {
     if (event.code === 1008) {
       state.stopped = true;
       setConnection("closed", REFUSALS[event.reason] ?? "This chat is not available.");
-      form.querySelector("button").disabled = true;
+      // Nothing can be written any more: no editable box.
+      input.disabled = true;
+      form.querySelector("button[type=submit]").disabled = true;
+      form.classList.add("composer--closed");
+      if (event.reason === "chat closed") showClosed();
       return;
     }
     const delay = Math.min(15_000, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);
@@ -345,3 +363,5 @@ document.getElementById("close-chat")?.addEventListener("click", async (event) =
 });
 
 connect();
+// After Chat Now or Join Chat, the next thing to do is to write.
+input.focus({ preventScroll: true });

@@ -723,6 +723,99 @@ async fn the_crisis_message_is_a_card_with_tap_to_call_links_that_stays_reachabl
 }
 
 #[tokio::test]
+async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let therapist = driver.browser().await;
+    client.client.set_window_size(390, 844).await.unwrap();
+    therapist.client.set_window_size(390, 844).await.unwrap();
+    let session_id = chat_now(&app, &client).await;
+    assert_eq!(
+        client.js("return document.activeElement.id", vec![]).await,
+        "message-input",
+        "focus after Chat Now"
+    );
+    let hint =
+        client.js("return getComputedStyle(document.getElementById('composer-hint')).display", vec![]).await;
+    assert_eq!(hint, "none", "no Shift+Enter hint on a phone");
+    for turn in 1..=6 {
+        client.say(&format!("message number {turn} of a long conversation")).await;
+        client
+            .until(
+                &format!("document.querySelectorAll('#messages .msg--ai[data-seq]').length >= {turn}"),
+                vec![],
+            )
+            .await;
+    }
+    let layout = client
+        .js(
+            "const scroll = document.getElementById('chat-scroll');
+             const composer = document.getElementById('composer').getBoundingClientRect();
+             const head = document.getElementById('chat-title').getBoundingClientRect();
+             return {
+               pageScrolls: document.documentElement.scrollHeight > window.innerHeight + 1,
+               listScrolls: scroll.scrollHeight > scroll.clientHeight,
+               composerInView: composer.top >= 0 && composer.bottom <= window.innerHeight,
+               headInView: head.top >= 0,
+               lastInView: document.querySelector('#messages li:last-child').getBoundingClientRect().bottom
+                 <= scroll.getBoundingClientRect().bottom + 1,
+             };",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        layout,
+        json!({"pageScrolls": false, "listScrolls": true, "composerInView": true, "headInView": true, "lastInView": true})
+    );
+    client.screenshot("phone-long-chat").await;
+
+    // Join Chat puts the therapist in the message box too.
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist
+        .find(&format!("#appointments tr[data-session-id='{session_id}'] a"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    assert_eq!(
+        therapist.js("return document.activeElement.id", vec![]).await,
+        "message-input",
+        "focus after Join Chat"
+    );
+
+    // A closed chat has no editable box, and keeps its transcript.
+    let token = therapist_token(&app).await;
+    let closed = app
+        .http
+        .post(app.url(&format!("/api/sessions/{session_id}/close")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert!(closed.status().is_success(), "{}", closed.status());
+    client
+        .until(
+            "document.getElementById('connection').dataset.state === 'closed'
+             && document.getElementById('message-input').offsetParent === null
+             && document.getElementById('message-input').disabled",
+            vec![],
+        )
+        .await;
+    assert!(client.count("#messages li").await >= 13, "the transcript stays");
+    assert_eq!(
+        client.js("return document.getElementById('new-chat').getAttribute('href')", vec![]).await,
+        "/"
+    );
+    client.screenshot("phone-closed-chat").await;
+    client.close().await;
+    therapist.close().await;
+}
+
+#[tokio::test]
 async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let app = TestApp::spawn_with(crate::helpers::Options {
         args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),
