@@ -252,6 +252,25 @@ const REFUSALS = {
   "chat closed": "This chat has been closed.",
 };
 
+// A closed chat refuses sockets but keeps its transcript, read over HTTP
+// with the same credential (the cookie), then shown read-only.
+async function readClosedChat() {
+  try {
+    for (;;) {
+      const response = await fetch(
+        `/api/sessions/${encodeURIComponent(sessionId)}/messages?after=${state.lastSeq}&limit=200`,
+        { credentials: "same-origin" },
+      );
+      if (!response.ok) break;
+      const page = await response.json();
+      if (page.messages.length === 0) break;
+      for (const message of page.messages) render(message);
+    }
+  } finally {
+    showClosed();
+  }
+}
+
 function showClosed() {
   banner.dataset.mode = "CLOSED";
   banner.textContent = therapistView
@@ -293,7 +312,7 @@ function connect() {
       input.disabled = true;
       form.querySelector("button[type=submit]").disabled = true;
       form.classList.add("composer--closed");
-      if (event.reason === "chat closed") showClosed();
+      if (event.reason === "chat closed") readClosedChat();
       return;
     }
     const delay = Math.min(15_000, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);

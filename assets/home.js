@@ -1,5 +1,10 @@
 // "Chat Now": create a session (the response sets the HttpOnly client
 // cookie), then open its chat page.
+// "Your chats": their start times in the reader's own time zone.
+for (const time of document.querySelectorAll("#your-chats time")) {
+  time.textContent = new Date(time.dateTime).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
 const button = document.getElementById("chat-now");
 const status = document.getElementById("chat-now-status");
 

@@ -26,8 +26,13 @@ use crate::startup::AppState;
 
 pub const CLIENT_TOKEN_PREFIX: &str = "hvc_";
 pub const THERAPIST_TOKEN_PREFIX: &str = "hvt_";
-/// Cookie holding a client's credential (set by `POST /api/sessions`).
+/// Cookie holding a client's credential (set by `POST /api/sessions`): one
+/// per chat, named `haven_client_{session id in hex}` ([`client_cookie_name`]),
+/// so a browser keeps every chat it started. A browser from before that
+/// holds one cookie of this plain name, still read.
 pub const CLIENT_COOKIE: &str = "haven_client";
+/// The most chats one browser keeps; starting another forgets the oldest.
+pub const MAX_CHATS_PER_BROWSER: usize = 20;
 /// Cookie holding a therapist's login (set by `POST /api/auth/login`).
 pub const THERAPIST_COOKIE: &str = "haven_therapist";
 /// Cookie marking a browser that has logged in to an account before (see
@@ -129,7 +134,38 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// An auth cookie: HttpOnly, `SameSite=Strict`, for the whole site.
-pub fn auth_cookie(name: &'static str, token: String, secure: bool) -> Cookie<'static> {
+/// The name of the cookie holding a browser's credential for one chat.
+pub fn client_cookie_name(session_id: Uuid) -> String {
+    format!("{CLIENT_COOKIE}_{}", session_id.simple())
+}
+
+/// The client credential this browser holds for a chat, if any.
+pub fn client_cookie(jar: &CookieJar, session_id: Uuid) -> Option<String> {
+    jar.get(&client_cookie_name(session_id))
+        .or_else(|| jar.get(CLIENT_COOKIE))
+        .map(|cookie| cookie.value().to_owned())
+}
+
+/// Every chat this browser holds a per-chat cookie for, newest first
+/// (session ids are UUIDv7, ordered by time), with its token.
+pub fn client_cookies(jar: &CookieJar) -> Vec<(Uuid, String)> {
+    let prefix = format!("{CLIENT_COOKIE}_");
+    let mut chats: Vec<(Uuid, String)> = jar
+        .iter()
+        .filter_map(|cookie| {
+            let id = cookie.name().strip_prefix(&prefix)?;
+            Some((Uuid::try_parse(id).ok()?, cookie.value().to_owned()))
+        })
+        .collect();
+    chats.sort_by_key(|chat| std::cmp::Reverse(chat.0));
+    chats
+}
+
+pub fn auth_cookie(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    token: String,
+    secure: bool,
+) -> Cookie<'static> {
     Cookie::build((name, token)).http_only(true).same_site(SameSite::Strict).path("/").secure(secure).build()
 }
 

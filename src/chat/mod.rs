@@ -24,7 +24,7 @@ use haven_store::Therapist;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
+use crate::auth::{self, Credential, THERAPIST_COOKIE};
 use crate::http::{ApiError, Path};
 use crate::limits::SocketSlots;
 use crate::startup::AppState;
@@ -151,7 +151,9 @@ async fn admit(
 
     let (token, by_cookie) = match auth::bearer(headers) {
         Some(token) => (token.to_owned(), false),
-        None => (cookie_token(headers, requested).ok_or(Refusal::Policy("missing credential"))?, true),
+        None => {
+            (cookie_token(headers, requested, session_id).ok_or(Refusal::Policy("missing credential"))?, true)
+        }
     };
     // Another site can make a browser open a socket with its cookies; only
     // the browser's Origin header tells them apart. Bearer tokens are never
@@ -174,7 +176,16 @@ async fn admit(
         Some(Credential::Client { session_id: own }) if own != session_id => {
             Err(Refusal::Policy("credential is for another session"))
         }
-        Some(Credential::Client { .. }) => admitted(Role::User, None),
+        Some(Credential::Client { .. }) => {
+            // A closed chat keeps its client's credential for reading its
+            // transcript, not for a socket.
+            let session =
+                state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
+            if session.closed {
+                return Err(Refusal::Policy("chat closed"));
+            }
+            admitted(Role::User, None)
+        }
         Some(Credential::Therapist(therapist)) => {
             let session =
                 state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
@@ -193,15 +204,17 @@ fn credential_role_of(token: &str) -> Role {
     if token.starts_with(auth::THERAPIST_TOKEN_PREFIX) { Role::Therapist } else { Role::User }
 }
 
-/// The cookie credential for the requested role. Without `?role=` the client
-/// cookie is used if present, else the therapist cookie.
-fn cookie_token(headers: &HeaderMap, requested: Option<Role>) -> Option<String> {
+/// The cookie credential for the requested role. Without `?role=` the
+/// browser's client cookie for this session is used if present, else the
+/// therapist cookie.
+fn cookie_token(headers: &HeaderMap, requested: Option<Role>, session_id: Uuid) -> Option<String> {
     let jar = CookieJar::from_headers(headers);
-    let value = |name| jar.get(name).map(|cookie| cookie.value().to_owned());
+    let client = || auth::client_cookie(&jar, session_id);
+    let therapist = || jar.get(THERAPIST_COOKIE).map(|cookie| cookie.value().to_owned());
     match requested {
-        Some(Role::User) => value(CLIENT_COOKIE),
-        Some(Role::Therapist) => value(THERAPIST_COOKIE),
-        None => value(CLIENT_COOKIE).or_else(|| value(THERAPIST_COOKIE)),
+        Some(Role::User) => client(),
+        Some(Role::Therapist) => therapist(),
+        None => client().or_else(therapist),
     }
 }
 

@@ -7,13 +7,15 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::Cookie;
 use haven_protocol::CLOSE_MESSAGE;
 use haven_protocol::api::{CreatedSession, MessagePage};
 use haven_store::CloseOutcome;
 use serde::Deserialize;
+use uuid::Uuid;
 
 use super::{ApiError, Json, Path};
-use crate::auth::{self, AuthTherapist, CLIENT_COOKIE, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
+use crate::auth::{self, AuthTherapist, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
 use crate::startup::AppState;
 
 /// Default and largest page of `GET /api/sessions/{id}/messages`.
@@ -43,7 +45,14 @@ async fn create_session(
     let session = created.outcome;
     tracing::info!(session_id = %session.id, chat_mode = session.chat_mode.as_str(), "chat session created");
     state.hub.apply(created.events);
-    let jar = jar.add(auth::auth_cookie(CLIENT_COOKIE, token.clone(), state.settings.cookie_secure));
+    // One cookie per chat, so the browser keeps the chats it started; the
+    // oldest goes when there are too many.
+    let mut jar = jar;
+    for (old, _) in auth::client_cookies(&jar).into_iter().skip(auth::MAX_CHATS_PER_BROWSER - 1) {
+        jar = jar.remove(Cookie::build(auth::client_cookie_name(old)).path("/"));
+    }
+    let name = auth::client_cookie_name(session.id);
+    let jar = jar.add(auth::auth_cookie(name, token.clone(), state.settings.cookie_secure));
     let body = CreatedSession {
         session_id: session.id,
         appointment_id: session.appointment_id,
@@ -79,7 +88,7 @@ async fn list_messages(
     // Who is asking comes first: without a credential nothing is revealed,
     // not even whether the session exists.
     let mut credentials = Vec::new();
-    for token in request_tokens(&headers) {
+    for token in request_tokens(&headers, super::canonical_uuid(&session_id)) {
         if let Some(credential) = auth::resolve(&state, &token).await? {
             credentials.push(credential);
         }
@@ -122,15 +131,14 @@ async fn close_session(
     }
 }
 
-/// The tokens a request offers: the bearer token alone if there is one,
-/// otherwise the client cookie and the therapist cookie.
-fn request_tokens(headers: &HeaderMap) -> Vec<String> {
+/// The tokens a request about a session offers: the bearer token alone if
+/// there is one, otherwise the browser's client cookie for that session and
+/// the therapist cookie.
+fn request_tokens(headers: &HeaderMap, session_id: Option<Uuid>) -> Vec<String> {
     if let Some(token) = auth::bearer(headers) {
         return vec![token.to_owned()];
     }
     let jar = CookieJar::from_headers(headers);
-    [CLIENT_COOKIE, THERAPIST_COOKIE]
-        .into_iter()
-        .filter_map(|name| jar.get(name).map(|cookie| cookie.value().to_owned()))
-        .collect()
+    let client = session_id.and_then(|id| auth::client_cookie(&jar, id));
+    client.into_iter().chain(jar.get(THERAPIST_COOKIE).map(|cookie| cookie.value().to_owned())).collect()
 }

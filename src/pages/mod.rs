@@ -20,7 +20,7 @@ use axum_extra::extract::cookie::Cookie;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{self, CLIENT_COOKIE, Credential, THERAPIST_COOKIE};
+use crate::auth::{self, Credential, THERAPIST_COOKIE};
 use crate::http::ApiError;
 use crate::safety::CrisisLink;
 use crate::startup::AppState;
@@ -39,7 +39,42 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Template)]
 #[template(path = "home.html")]
-struct HomePage;
+struct HomePage {
+    /// The chats this browser started, newest first.
+    chats: Vec<YourChat>,
+}
+
+/// A chat in the home page's "Your chats".
+struct YourChat {
+    id: Uuid,
+    /// RFC 3339, for the page's script to show in local time.
+    started: String,
+    /// The same in UTC, for a page without script.
+    started_text: String,
+    state: &'static str,
+    state_text: &'static str,
+}
+
+impl YourChat {
+    fn of(session: &haven_store::ChatSession) -> Self {
+        use time::format_description::well_known::Rfc3339;
+        let format = time::macros::format_description!(
+            "[day padding:none] [month repr:short] [year], [hour]:[minute] UTC"
+        );
+        let (state, state_text) = match session.chat_mode {
+            _ if session.closed => ("closed", "Closed by the therapist: you can read it"),
+            haven_protocol::ChatMode::TherapistJoined => ("joined", "A therapist has joined"),
+            haven_protocol::ChatMode::BotOnly => ("companion", "With the companion"),
+        };
+        Self {
+            id: session.id,
+            started: session.created_at.format(&Rfc3339).unwrap_or_default(),
+            started_text: session.created_at.format(format).unwrap_or_default(),
+            state,
+            state_text,
+        }
+    }
+}
 
 #[derive(Template)]
 #[template(path = "chat.html")]
@@ -111,8 +146,22 @@ fn unavailable(error: impl Into<ApiError>) -> Response {
     )
 }
 
-async fn home() -> Response {
-    page(StatusCode::OK, &HomePage)
+/// `/`: "Chat Now", and the chats this browser started (one cookie each).
+async fn home(State(state): State<AppState>, jar: CookieJar) -> Response {
+    let mut chats = Vec::new();
+    for (session_id, token) in auth::client_cookies(&jar) {
+        match auth::resolve(&state, &token).await {
+            Ok(Some(Credential::Client { session_id: own })) if own == session_id => {}
+            Ok(_) => continue,
+            Err(error) => return unavailable(error),
+        }
+        match state.store.chat_session(session_id).await {
+            Ok(Some(session)) => chats.push(YourChat::of(&session)),
+            Ok(None) => {}
+            Err(error) => return unavailable(error),
+        }
+    }
+    page(StatusCode::OK, &HomePage { chats })
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,7 +219,7 @@ async fn chat(
             "This chat can only be opened in the browser that started it. You can start a new chat from the home page.",
         )
     };
-    let Some(token) = cookie(CLIENT_COOKIE) else {
+    let Some(token) = auth::client_cookie(&jar, session_id) else {
         return invalid_link();
     };
     match auth::resolve(&state, &token).await {

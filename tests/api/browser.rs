@@ -816,6 +816,68 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
 }
 
 #[tokio::test]
+async fn a_browser_keeps_every_chat_it_started_and_a_closed_one_opens_read_only() {
+    let app = TestApp::spawn().await;
+    let therapist = app.therapist("Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        let first = chat_now(&app, &client).await;
+        client.say("i have the pills in front of me and im going to take them all tonight").await;
+        client.until("!document.getElementById('crisis-card').hidden", vec![]).await;
+        let second = chat_now(&app, &client).await;
+        client.goto(&app, "/").await;
+        let listed = client
+            .js("return [...document.querySelectorAll('#your-chats li')].map(li => [li.dataset.sessionId, li.dataset.state])", vec![])
+            .await;
+        assert_eq!(listed[0], json!([second, "companion"]), "newest first: {listed}");
+        assert!(listed.as_array().unwrap().contains(&json!([first, "companion"])), "{listed}");
+        client.screenshot(&format!("home-your-chats-{width}")).await;
+
+        // The first chat still opens in this browser.
+        client.find(&format!("#your-chats li[data-session-id='{first}'] a")).await.click().await.unwrap();
+        client.find("#chat").await;
+        client.until_connected().await;
+        client.until("document.querySelectorAll('#messages li[data-seq]').length >= 2", vec![]).await;
+
+        // Its therapist joins and closes it; a reload shows it read-only.
+        let session_id: uuid::Uuid = first.parse().unwrap();
+        let mut desk = app.connect(session_id, &therapist.token).await;
+        desk.mode().await;
+        let closed = app
+            .http
+            .post(app.url(&format!("/api/sessions/{first}/close")))
+            .bearer_auth(&therapist.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(closed.status(), 204);
+        client.until("document.getElementById('connection').dataset.state === 'closed'", vec![]).await;
+        client.goto(&app, &format!("/chat/{first}")).await;
+        client.find("#chat").await;
+        client
+            .until(
+                "document.querySelector('#messages li[data-kind=close]')
+                 && document.querySelector('#messages li[data-kind=crisis]')
+                 && !document.getElementById('crisis-card').hidden
+                 && document.getElementById('message-input').offsetParent === null
+                 && document.getElementById('new-chat')",
+                vec![],
+            )
+            .await;
+        let kinds = client
+            .js("return [...document.querySelectorAll('#messages li')].map(li => li.dataset.kind)", vec![])
+            .await;
+        assert_eq!(kinds.as_array().unwrap().first(), Some(&json!("chat")), "the whole transcript: {kinds}");
+        client.screenshot(&format!("closed-chat-read-only-{width}")).await;
+        client.goto(&app, "/").await;
+        client.find(&format!("#your-chats li[data-session-id='{first}'][data-state='closed']")).await;
+    }
+    client.close().await;
+}
+
+#[tokio::test]
 async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let app = TestApp::spawn_with(crate::helpers::Options {
         args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),

@@ -692,7 +692,7 @@ async fn logout_ends_the_dashboard_event_stream() {
 }
 
 #[tokio::test]
-async fn closing_a_chat_ends_the_clients_credential_and_sockets() {
+async fn closing_a_chat_ends_its_sockets_and_leaves_the_client_only_its_transcript() {
     let app = TestApp::spawn().await;
     let tess = app.therapist("Tess").await;
     let omar = app.therapist("Omar").await;
@@ -733,7 +733,11 @@ async fn closing_a_chat_ends_the_clients_credential_and_sockets() {
         .send()
         .await
         .unwrap();
-    assert_eq!(as_client.status(), 401, "the client credential has ended");
+    assert_eq!(as_client.status(), 200, "the client still reads the transcript");
+    let page: Value = as_client.json().await.unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().last().unwrap()["kind"], "close");
+    let mut socket = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(socket.closed().await, (1008, "chat closed".to_owned()), "but opens no socket");
     let list: Vec<Value> = app
         .http
         .get(app.url("/api/appointments"))

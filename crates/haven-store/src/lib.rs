@@ -83,7 +83,8 @@ pub struct ChatSession {
     pub last_seq: i64,
     pub created_at: OffsetDateTime,
     pub last_message_at: Option<OffsetDateTime>,
-    /// Closed by its therapist: no client credential, off every list.
+    /// Closed by its therapist: off every list; its client credential only
+    /// reads the transcript.
     pub closed: bool,
     /// Set once the safety detector flagged a client message; never cleared.
     pub risk: Option<RiskState>,
@@ -373,8 +374,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Committed<JoinOutcome>>;
 
     /// Closes a session assigned to this therapist, in one transaction:
-    /// marks it closed, deletes its client credential and appends
-    /// `closing_message` as a `system` message, which it returns.
+    /// marks it closed (its client credential stays, for reading the
+    /// transcript) and appends `closing_message` as a `system` message,
+    /// which it returns.
     async fn close_chat_session(
         &self,
         session_id: Uuid,

@@ -438,10 +438,6 @@ where
         .bind(session_id)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM client_credentials WHERE session_id = $1")
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
         Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;

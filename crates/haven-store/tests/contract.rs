@@ -290,6 +290,8 @@ async fn a_closed_chat_takes_no_more_writes_of_any_kind() {
         assert_eq!((close.seq, close.kind), (3, MessageKind::Close), "{name}");
         let again = store.close_chat_session(session, tess.id, "closed").await.unwrap();
         assert!(matches!(again.outcome, CloseOutcome::AlreadyClosed) && again.events.is_empty(), "{name}");
+        // The client keeps a credential that reads the transcript.
+        assert_eq!(store.session_for_client_token(b"client").await.unwrap(), Some(session), "{name}");
 
         // Plain messages from both sides (sent together, so they share a
         // batch), a flagged one (written one by one), and the companion.
