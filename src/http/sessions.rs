@@ -9,7 +9,8 @@ use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::CLOSE_MESSAGE;
-use haven_protocol::api::{CreatedSession, MessagePage};
+use haven_protocol::api::{CreatedSession, MessagePage, Transcript};
+use haven_protocol::{ChatMessage, MessageKind, Sender};
 use haven_store::CloseOutcome;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -27,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/sessions", post(create_session))
         .route("/api/sessions/{session_id}/messages", get(list_messages))
         .route("/api/sessions/{session_id}/close", post(close_session))
+        .route("/api/sessions/{session_id}/transcript", get(transcript))
 }
 
 /// `POST /api/sessions`: a new `BOT_ONLY` session and its client credential,
@@ -107,6 +109,97 @@ async fn list_messages(
     }
     let messages = state.store.messages_after(session.id, after, limit.min(MAX_PAGE)).await?;
     Ok(Json(MessagePage { messages }))
+}
+
+#[derive(Debug, Deserialize)]
+struct TranscriptQuery {
+    format: Option<String>,
+}
+
+/// `GET /api/sessions/{id}/transcript?format=markdown|json`: the whole
+/// chat, with every message's sender, kind and time, as a file for the
+/// session's therapist to keep.
+async fn transcript(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    query: Result<Query<TranscriptQuery>, axum::extract::rejection::QueryRejection>,
+    caller: AuthTherapist,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let Query(query) = query?;
+    let markdown = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("markdown") => true,
+        Some(_) => return Err(ApiError::bad_request("invalid_query", "format must be markdown or json")),
+    };
+    let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    if session.therapist_id != Some(caller.therapist.id) {
+        return Err(ApiError::Forbidden);
+    }
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    loop {
+        let after = messages.last().map_or(0, |message| message.seq);
+        let page = state.store.messages_after(session_id, after, MAX_PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        messages.extend(page);
+    }
+    tracing::info!(session_id = %session_id, messages = messages.len(), markdown, "transcript downloaded");
+    let transcript = Transcript {
+        session_id,
+        started_at: session.created_at,
+        chat_mode: session.chat_mode,
+        closed: session.closed,
+        messages,
+    };
+    let name = format!("haven-chat-{}", &session_id.simple().to_string()[..8]);
+    let (content_type, extension, body) = if markdown {
+        ("text/markdown; charset=utf-8", "md", transcript_markdown(&transcript))
+    } else {
+        let json =
+            serde_json::to_string_pretty(&transcript).map_err(|error| ApiError::Internal(error.into()))?;
+        ("application/json", "json", json)
+    };
+    let disposition = format!("attachment; filename=\"{name}.{extension}\"");
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, content_type.to_owned()),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// A transcript as Markdown: a heading, then each message with its sender
+/// and time (UTC), its text quoted line by line.
+fn transcript_markdown(transcript: &Transcript) -> String {
+    use std::fmt::Write;
+    use time::format_description::well_known::Rfc3339;
+    let time = |at: time::OffsetDateTime| at.format(&Rfc3339).unwrap_or_default();
+    let state = if transcript.closed { "closed" } else { transcript.chat_mode.as_str() };
+    let mut out = format!(
+        "# Haven chat {}\n\nSession `{}`, started {}, {state}. Times are UTC.\n",
+        &transcript.session_id.simple().to_string()[..8],
+        transcript.session_id,
+        time(transcript.started_at),
+    );
+    for message in &transcript.messages {
+        let who = match (message.sender, message.kind) {
+            (Sender::User, _) => "Client",
+            (Sender::Therapist, _) => "Therapist",
+            (Sender::Ai, _) => "Companion",
+            (Sender::System, MessageKind::Crisis) => "System (crisis resources)",
+            (Sender::System, _) => "System",
+        };
+        let _ = write!(out, "\n**{who}** · {} · #{}\n\n", time(message.created_at), message.seq);
+        for line in message.content.lines() {
+            let _ = writeln!(out, "> {line}");
+        }
+    }
+    out
 }
 
 /// `POST /api/sessions/{id}/close`: the assigned therapist ends the chat.

@@ -19,7 +19,8 @@ async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie(
     assert!(secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_hexdigit()), "at least 128 random bits");
     assert_eq!(body["chat_mode"], "BOT_ONLY");
     assert!(body["session_id"].is_string() && body["appointment_id"].is_string());
-    assert!(cookie.starts_with(&format!("haven_client={token}")), "{cookie}");
+    let id = uuid::Uuid::parse_str(body["session_id"].as_str().unwrap()).unwrap().simple();
+    assert!(cookie.starts_with(&format!("haven_client_{id}={token}")), "one cookie per chat: {cookie}");
     assert!(cookie.contains("HttpOnly") && cookie.contains("Path=/"), "{cookie}");
 }
 
@@ -157,6 +158,60 @@ async fn message_history_pages_by_seq_for_the_client_and_its_therapist_only() {
     let unknown =
         app.http.get(app.url("/api/sessions/not-a-session/messages")).bearer_auth(&session.client_token);
     error_body(unknown.send().await.unwrap(), 404).await;
+}
+
+#[tokio::test]
+async fn the_chats_therapist_downloads_its_whole_transcript_as_markdown_or_json() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let id = client.send_message("first line\nsecond line").await;
+    client.ack(&id).await;
+    client.until_seq(2).await;
+    let tess = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &tess.token).await;
+    desk.mode().await;
+    let answer = desk.send_message("Hello, I'm Tess.").await;
+    desk.ack(&answer).await;
+
+    let get = |format: &str, token: &str| {
+        app.http
+            .get(app.url(&format!("/api/sessions/{}/transcript{format}", session.session_id)))
+            .bearer_auth(token)
+            .send()
+    };
+    let json = get("", &tess.token).await.unwrap();
+    assert_eq!(json.status(), 200);
+    let disposition = json.headers()["content-disposition"].to_str().unwrap().to_owned();
+    let short = &session.session_id.simple().to_string()[..8];
+    assert_eq!(disposition, format!("attachment; filename=\"haven-chat-{short}.json\""));
+    let transcript: Value = json.json().await.unwrap();
+    let senders: Vec<&str> =
+        transcript["messages"].as_array().unwrap().iter().map(|m| m["sender"].as_str().unwrap()).collect();
+    assert_eq!(senders, ["user", "ai", "system", "therapist"]);
+    assert_eq!(
+        (transcript["chat_mode"].as_str(), transcript["closed"].as_bool()),
+        (Some("THERAPIST_JOINED"), Some(false))
+    );
+    assert_eq!(transcript["messages"][2]["kind"], "join");
+
+    let markdown = get("?format=markdown", &tess.token).await.unwrap();
+    assert_eq!(markdown.headers()["content-type"], "text/markdown; charset=utf-8");
+    let text = markdown.text().await.unwrap();
+    assert!(text.starts_with(&format!("# Haven chat {short}\n")), "{text}");
+    assert!(text.contains("**Client** · ") && text.contains("> first line\n> second line\n"), "{text}");
+    assert!(
+        text.contains("**Companion**") && text.contains("**System**") && text.contains("> Hello, I'm Tess."),
+        "{text}"
+    );
+
+    // Only the chat's own therapist: not another one, not the client.
+    let omar = app.therapist("Omar").await;
+    error_body(get("", &omar.token).await.unwrap(), 403).await;
+    error_body(get("", &session.client_token).await.unwrap(), 401).await;
+    let body = error_body(get("?format=xml", &tess.token).await.unwrap(), 400).await;
+    assert_eq!(body["error"], "invalid_query");
 }
 
 #[tokio::test]

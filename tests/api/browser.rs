@@ -786,6 +786,24 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
         "message-input",
         "focus after Join Chat"
     );
+    // The chat's therapist downloads its transcript from the page.
+    let markdown = therapist
+        .client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             const link = document.getElementById('transcript-markdown');
+             fetch(link.href).then(r => r.text().then(text => done([link.hasAttribute('download'), r.headers.get('content-disposition'), text])));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(markdown[0], json!(true));
+    assert!(markdown[1].as_str().unwrap().starts_with("attachment; filename=\"haven-chat-"), "{markdown}");
+    let text = markdown[2].as_str().unwrap();
+    assert!(
+        text.contains("> message number 6 of a long conversation") && text.contains("**Companion**"),
+        "{text}"
+    );
 
     // A closed chat has no editable box, and keeps its transcript.
     let token = therapist_token(&app).await;

@@ -151,6 +151,18 @@ pub struct LevelCounts {
     pub total: i64,
 }
 
+/// Body of `GET /api/sessions/{id}/transcript` (JSON): the whole chat, for
+/// its therapist to keep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Transcript {
+    pub session_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    pub chat_mode: ChatMode,
+    pub closed: bool,
+    pub messages: Vec<ChatMessage>,
+}
+
 /// Body of `GET /api/sessions/{id}/messages`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MessagePage {
