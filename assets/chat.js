@@ -50,7 +50,7 @@ const state = {
 };
 
 const LABELS = {
-  user: therapistView ? "Client" : "You",
+  user: therapistView ? root.dataset.clientName : "You",
   therapist: "Therapist",
   ai: "Automated companion",
   system: "",
@@ -139,6 +139,7 @@ function render(message) {
     announce(message);
   }
   if (message.kind === "crisis") showCrisisCard(message.content);
+  stamp(element, message.created_at);
   element.dataset.seq = String(message.seq);
   element.dataset.kind = message.kind;
   element.dataset.clientId = message.client_id ?? "";
@@ -154,6 +155,41 @@ function showCrisisCard(text) {
   crisisOpen.hidden = false;
   crisisCard.scrollIntoView({ block: "nearest" });
 }
+
+// Every message shows when it was sent: relative ("3 min ago"), kept fresh,
+// with the exact local time on hover and on focus.
+const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+const exact = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+
+function sinceText(at) {
+  const seconds = Math.round((Date.now() - at) / 1000);
+  if (seconds < 45) return "just now";
+  const minutes = Math.round(seconds / 60);
+  if (minutes < 60) return relative.format(-minutes, "minute");
+  const hours = Math.round(minutes / 60);
+  if (hours < 24) return relative.format(-hours, "hour");
+  return exact.format(at);
+}
+
+function stamp(element, createdAt) {
+  const at = Date.parse(createdAt);
+  if (Number.isNaN(at) || element.querySelector(".msg__time")) return;
+  const time = document.createElement("time");
+  time.className = "msg__time";
+  time.dateTime = createdAt;
+  time.tabIndex = 0;
+  time.title = exact.format(at);
+  time.dataset.exact = exact.format(at);
+  time.textContent = sinceText(at);
+  element.append(time);
+}
+
+window.setInterval(() => {
+  for (const time of list.querySelectorAll(".msg__time")) {
+    const text = sinceText(Date.parse(time.dateTime));
+    if (time.textContent !== text) time.textContent = text;
+  }
+}, 30_000);
 
 function announce(message) {
   // Announce what arrives live, not a replayed history.

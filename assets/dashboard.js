@@ -120,16 +120,22 @@ function fillRisk(tr, appointment) {
   tr.cells[1].querySelector(".acknowledge").hidden = !appointment.risk_needs_attention;
 }
 
+/** A session's client as therapists see it named (as the chat page does):
+ * "Client" and the last four hex digits of the session id. */
+function clientName(sessionId) {
+  return `Client ${sessionId.slice(-4)}`;
+}
+
 function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
 
 function fill(tr, appointment) {
-  const short = appointment.session_id.slice(-6);
+  const short = clientName(appointment.session_id);
   const mine = appointment.status === "assigned";
   tr.dataset.chatMode = appointment.chat_mode;
   const values = [
-    `#${short}`,
+    short,
     mine ? "Yours" : "Waiting",
     appointment.chat_mode === "THERAPIST_JOINED" ? "Therapist joined" : "Companion",
     ago(appointment.created_at),
@@ -139,7 +145,7 @@ function fill(tr, appointment) {
   fillRisk(tr, appointment);
   const link = tr.querySelector("a");
   setText(link, mine ? "Open chat" : "Join Chat");
-  link.setAttribute("aria-label", `${link.textContent}, session ${short}`);
+  link.setAttribute("aria-label", `${link.textContent}, ${short}`);
 }
 
 function render() {
@@ -170,7 +176,7 @@ function renderAlerts() {
     li.dataset.risk = appointment.risk_level;
     const link = document.createElement("a");
     link.href = `/chat/${encodeURIComponent(appointment.session_id)}?therapist=true`;
-    link.textContent = `${LEVEL_LABELS[appointment.risk_level]}: session #${appointment.session_id.slice(-6)}`;
+    link.textContent = `${LEVEL_LABELS[appointment.risk_level]}: ${clientName(appointment.session_id)}`;
     li.append(link);
     return li;
   });

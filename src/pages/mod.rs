@@ -81,6 +81,12 @@ impl YourChat {
 struct ChatPage<'a> {
     session_id: Uuid,
     therapist_view: bool,
+    /// How the therapist's view names the client: "Client" and the last
+    /// four hex digits of the session id (the random end of a UUIDv7).
+    client_name: String,
+    /// The session's flag, for the therapist's view to show at once:
+    /// (level, label).
+    risk: Option<(&'static str, &'static str)>,
     /// The client's crisis card offers these (docs/safety.md).
     crisis_links: &'a [CrisisLink],
 }
@@ -169,6 +175,21 @@ struct ChatQuery {
     therapist: Option<String>,
 }
 
+/// A session's client as therapists see it named: "Client 59e7".
+fn client_name(session_id: Uuid) -> String {
+    format!("Client {}", &session_id.simple().to_string()[28..])
+}
+
+/// A risk level as the pages word it (as `LEVEL_LABELS` in `alert.js`).
+fn level_label(level: haven_protocol::RiskLevel) -> &'static str {
+    match level {
+        haven_protocol::RiskLevel::None => "No risk",
+        haven_protocol::RiskLevel::Concern => "Concern",
+        haven_protocol::RiskLevel::High => "High risk",
+        haven_protocol::RiskLevel::Imminent => "Imminent risk",
+    }
+}
+
 /// `/chat/{id}` for the session's client; `/chat/{id}?therapist=true` for a
 /// logged-in therapist (others are sent to the login page).
 async fn chat(
@@ -204,8 +225,13 @@ async fn chat(
                         "Another therapist has joined this chat.",
                     );
                 }
+                let risk = session.risk.as_ref().map(|risk| (risk.level.as_str(), level_label(risk.level)));
                 let crisis_links = state.escalation.links();
-                page(StatusCode::OK, &ChatPage { session_id, therapist_view: true, crisis_links })
+                let client_name = client_name(session_id);
+                page(
+                    StatusCode::OK,
+                    &ChatPage { session_id, therapist_view: true, client_name, risk, crisis_links },
+                )
             }
             Ok(_) => Redirect::to(&login_url(&here)).into_response(),
             Err(error) => unavailable(error),
@@ -225,7 +251,11 @@ async fn chat(
     match auth::resolve(&state, &token).await {
         Ok(Some(Credential::Client { session_id: own })) if own == session_id => {
             let crisis_links = state.escalation.links();
-            page(StatusCode::OK, &ChatPage { session_id, therapist_view: false, crisis_links })
+            let client_name = client_name(session_id);
+            page(
+                StatusCode::OK,
+                &ChatPage { session_id, therapist_view: false, client_name, risk: None, crisis_links },
+            )
         }
         Ok(_) => invalid_link(),
         Err(error) => unavailable(error),

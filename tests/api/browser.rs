@@ -896,6 +896,67 @@ async fn a_browser_keeps_every_chat_it_started_and_a_closed_one_opens_read_only(
 }
 
 #[tokio::test]
+async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_every_messages_time() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let therapist = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("i have the pills in front of me and im going to take them all tonight").await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    let name = format!("Client {}", &session_id.replace('-', "")[28..]);
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    let row = format!("#appointments tr[data-session-id='{session_id}']");
+    therapist
+        .until(
+            "document.querySelector(args[0])?.cells[0].textContent === args[1]",
+            vec![json!(row), json!(name)],
+        )
+        .await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        therapist.client.set_window_size(width, height).await.unwrap();
+        therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+        therapist.find("#chat").await;
+        // The alert is there from the first paint, before any event.
+        let banner = therapist
+            .js("const b = document.getElementById('risk-banner'); return [b.hidden, b.textContent, document.getElementById('chat-title').textContent];", vec![])
+            .await;
+        assert_eq!(banner[0], json!(false), "{banner}");
+        assert!(banner[1].as_str().unwrap().contains("Imminent risk"), "{banner}");
+        assert_eq!(banner[2], json!(format!("Chat with {name}")));
+        therapist.until_connected().await;
+        therapist.until("document.querySelectorAll('#messages li[data-seq]').length >= 4", vec![]).await;
+        let times = therapist
+            .js(
+                "return [...document.querySelectorAll('#messages li[data-seq]')].map(li => {
+                   const t = li.querySelector('time.msg__time');
+                   return t && [t.textContent, t.title.length > 0, !Number.isNaN(Date.parse(t.dateTime))];
+                 });",
+                vec![],
+            )
+            .await;
+        for time in times.as_array().unwrap() {
+            assert_eq!(time, &json!(["just now", true, true]), "{times}");
+        }
+        let label = therapist
+            .js("return document.querySelector('#messages .msg--user .msg__label').textContent", vec![])
+            .await;
+        assert_eq!(label, json!(name));
+        // Focus shows the exact time.
+        therapist.js("document.querySelector('#messages time.msg__time').focus()", vec![]).await;
+        let shown = therapist
+            .js("const t = document.activeElement; return [t.className, getComputedStyle(t, '::after').content.includes(t.dataset.exact)];", vec![])
+            .await;
+        assert_eq!(shown, json!(["msg__time", true]));
+        therapist.screenshot(&format!("therapist-flagged-chat-{width}")).await;
+    }
+    client.close().await;
+    therapist.close().await;
+}
+
+#[tokio::test]
 async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let app = TestApp::spawn_with(crate::helpers::Options {
         args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),
