@@ -4,12 +4,13 @@
 
 use std::sync::Mutex;
 
+use askama::Template;
 use axum::Form;
 use axum::Router;
 use axum::extract::rejection::{FormRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use haven_store::NewTherapist;
 use serde::Deserialize;
@@ -81,7 +82,7 @@ async fn setup_form(State(state): State<AppState>, token: Result<Path<String>, P
         state.setup.revoke();
         return invalid_link();
     }
-    page(StatusCode::OK, "Create the first therapist account", &form(None))
+    form(StatusCode::OK, None, "", "")
 }
 
 async fn create_first_therapist(
@@ -94,12 +95,12 @@ async fn create_first_therapist(
         return invalid_link();
     }
     let Ok(Form(input)) = input else {
-        let problem = "fill in the name, e-mail and password fields";
-        return page(StatusCode::BAD_REQUEST, "Create the first therapist account", &form(Some(problem)));
+        let problem = "Fill in the name, e-mail and password fields.";
+        return form(StatusCode::BAD_REQUEST, Some(problem), "", "");
     };
     let email = auth::normalise_email(&input.email);
     if let Err(problem) = auth::validate_new_account(&email, &input.name, &input.password) {
-        return page(StatusCode::BAD_REQUEST, "Create the first therapist account", &form(Some(&problem)));
+        return form(StatusCode::BAD_REQUEST, Some(&problem), &input.name, &input.email);
     }
     if !state.setup.take(&token) {
         return invalid_link();
@@ -107,12 +108,7 @@ async fn create_first_therapist(
     match create(&state, email, input).await {
         Ok(()) => {
             tracing::info!("first therapist account created through the setup page");
-            page(
-                StatusCode::CREATED,
-                "Account created",
-                "<p>The therapist account is ready. Log in with its e-mail address and password \
-                 (<code>POST /api/auth/login</code>); see the README for the API and the web app.</p>",
-            )
+            crate::pages::page(StatusCode::CREATED, &SetupDone)
         }
         Err(SetupError::AlreadyDone) => {
             state.setup.revoke();
@@ -121,7 +117,11 @@ async fn create_first_therapist(
         Err(SetupError::Failed(error)) => {
             state.setup.restore(&token);
             tracing::error!(error = format!("{error:#}"), "setup failed");
-            page(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", "<p>Please try again.</p>")
+            crate::pages::error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "Please try again.",
+            )
         }
     }
 }
@@ -144,35 +144,29 @@ async fn create(state: &AppState, email: String, input: SetupForm) -> Result<(),
 }
 
 fn invalid_link() -> Response {
-    page(
+    crate::pages::error_page(
         StatusCode::NOT_FOUND,
         "This setup link is no longer valid",
-        "<p>It has been used already, or the server has restarted since it was printed. \
-         Use <code>haven therapist add</code> to create more accounts.</p>",
+        "It has been used already, or the server has restarted since it was printed. \
+         Use `haven therapist add` to create more accounts.",
     )
 }
 
-fn form(problem: Option<&str>) -> String {
-    let problem = problem.map(|text| format!("<p role=\"alert\">{}</p>", escape(text))).unwrap_or_default();
-    format!(
-        "{problem}<form method=\"post\">\
-         <p><label>Name <input name=\"name\" required maxlength=\"100\"></label></p>\
-         <p><label>E-mail <input name=\"email\" type=\"email\" required></label></p>\
-         <p><label>Password <input name=\"password\" type=\"password\" required minlength=\"{}\"></label></p>\
-         <p><button type=\"submit\">Create account</button></p></form>",
-        auth::MIN_PASSWORD_CHARS
-    )
+/// The setup form, with what was typed (never the password) and the
+/// problem with it, if any.
+#[derive(Template)]
+#[template(path = "setup.html")]
+struct SetupPage<'a> {
+    problem: Option<&'a str>,
+    name: &'a str,
+    email: &'a str,
+    min_password: usize,
 }
 
-fn page(status: StatusCode, title: &str, body: &str) -> Response {
-    let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} · Haven</title></head><body><main><h1>{title}</h1>{body}</main></body></html>"
-    );
-    (status, Html(html)).into_response()
-}
+#[derive(Template)]
+#[template(path = "setup_done.html")]
+struct SetupDone;
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+fn form(status: StatusCode, problem: Option<&str>, name: &str, email: &str) -> Response {
+    crate::pages::page(status, &SetupPage { problem, name, email, min_password: auth::MIN_PASSWORD_CHARS })
 }

@@ -112,7 +112,7 @@ struct ErrorPage<'a> {
 }
 
 /// Renders a template; a template that fails to render is a server error page.
-fn page(status: StatusCode, template: &impl Template) -> Response {
+pub(crate) fn page(status: StatusCode, template: &impl Template) -> Response {
     match template.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(error) => {

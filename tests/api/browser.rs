@@ -473,13 +473,74 @@ async fn a_foreign_origin_websocket_with_valid_cookies_is_refused() {
     client.close().await;
 }
 
-#[tokio::test]
-async fn every_page_passes_axe_and_fits_a_phone() {
+/// axe-core's script, installed by `npm ci --prefix tests/browser`.
+fn axe_source() -> String {
     let axe_path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/axe-core/axe.min.js");
-    let axe = std::fs::read_to_string(&axe_path).unwrap_or_else(|_| {
+    std::fs::read_to_string(&axe_path).unwrap_or_else(|_| {
         panic!("axe-core is required: run `npm ci --prefix tests/browser` ({})", axe_path.display())
-    });
+    })
+}
+
+/// axe-core's serious and critical violations on the current page.
+async fn serious_axe_violations(browser: &Browser, axe: &str) -> Value {
+    browser.js(&format!("{axe}\nreturn true;"), vec![]).await;
+    browser
+        .client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document).then(result => done(result.violations
+               .filter(v => v.impact === 'serious' || v.impact === 'critical')
+               .map(v => ({ id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' ')) }))));",
+            vec![],
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn first_run_setup_is_styled_keeps_what_was_typed_and_ends_with_a_log_in_link() {
+    let app = TestApp::spawn().await;
+    let setup = app.setup_url.clone().expect("a fresh server prints a setup URL");
+    let axe = axe_source();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        browser.client.set_window_size(width, height).await.unwrap();
+        browser.client.goto(&setup).await.unwrap();
+        browser.find("main h1").await;
+        let button = browser
+            .js("return getComputedStyle(document.querySelector('form button')).backgroundColor", vec![])
+            .await;
+        assert_eq!(parse_rgb(button.as_str().unwrap()), (29, 78, 216, 1.0), "the app's styles");
+        assert_eq!(serious_axe_violations(&browser, &axe).await, json!([]), "axe on setup at {width}px");
+        browser.screenshot(&format!("page-setup-{width}")).await;
+    }
+    // A refused form keeps what was typed, except the password.
+    browser.find("#name").await.send_keys("   ").await.unwrap();
+    browser.find("#email").await.send_keys("ana@clinic.test").await.unwrap();
+    browser.find("#password").await.send_keys(PASSWORD).await.unwrap();
+    browser.find("form button").await.click().await.unwrap();
+    browser.find(".form-error").await;
+    let kept = browser
+        .js("return ['name', 'email', 'password'].map(id => document.getElementById(id).value)", vec![])
+        .await;
+    assert_eq!(kept, json!(["   ", "ana@clinic.test", ""]));
+    let name = browser.find("#name").await;
+    name.clear().await.unwrap();
+    name.send_keys("Ana Example").await.unwrap();
+    browser.find("#password").await.send_keys(PASSWORD).await.unwrap();
+    browser.find("form button").await.click().await.unwrap();
+    browser.find("#log-in").await.click().await.unwrap();
+    browser.find("#email").await;
+    assert_eq!(browser.path().await, "/therapist/login");
+    assert_eq!(app.login("ana@clinic.test", PASSWORD).await.status(), 200);
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn every_page_passes_axe_and_fits_a_phone() {
+    let axe = axe_source();
     let app = TestApp::spawn().await;
     app.add_therapist("tess@clinic.test", "Tess").await;
     let driver = Driver::start().await;
@@ -514,19 +575,7 @@ async fn every_page_passes_axe_and_fits_a_phone() {
             let overflow =
                 browser.js("return document.documentElement.scrollWidth - window.innerWidth", vec![]).await;
             assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways at {width}px: {overflow}");
-            browser.js(&format!("{axe}\nreturn true;"), vec![]).await;
-            let serious = browser
-                .client
-                .execute_async(
-                    "const done = arguments[arguments.length - 1];
-                     axe.run(document).then(result => done(result.violations
-                       .filter(v => v.impact === 'serious' || v.impact === 'critical')
-                       .map(v => ({ id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' ')) }))));",
-                    vec![],
-                )
-                .await
-                .unwrap();
-            assert_eq!(serious, json!([]), "axe on {name} at {width}px");
+            assert_eq!(serious_axe_violations(browser, &axe).await, json!([]), "axe on {name} at {width}px");
             browser.screenshot(&format!("page-{name}-{width}")).await;
         }
     }
