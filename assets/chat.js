@@ -15,6 +15,7 @@
 // chat or another session they can see: a banner and a chime.
 
 import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
+import { LOGIN_ENDED, showLoginEnded } from "/assets/session.js";
 
 const root = document.getElementById("chat");
 const sessionId = root.dataset.sessionId;
@@ -286,6 +287,8 @@ const REFUSALS = {
   "session is assigned to another therapist": "Another therapist has taken this chat.",
   "unknown session": "This chat does not exist.",
   "chat closed": "This chat has been closed.",
+  "credential revoked": "Your login has ended.",
+  "credential expired or revoked": "Your login has ended.",
 };
 
 // A closed chat refuses sockets but keeps its transcript, read over HTTP
@@ -349,6 +352,7 @@ function connect() {
       form.querySelector("button[type=submit]").disabled = true;
       form.classList.add("composer--closed");
       if (event.reason === "chat closed") readClosedChat();
+      if (therapistView && event.reason.startsWith("credential")) showLoginEnded(LOGIN_ENDED);
       return;
     }
     const delay = Math.min(15_000, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);

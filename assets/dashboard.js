@@ -8,6 +8,7 @@
 // chime once per new flag until a therapist acknowledges them.
 
 import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
+import { LOGIN_ENDED, showLoginEnded } from "/assets/session.js";
 
 const body = document.querySelector("#appointments tbody");
 const status = document.getElementById("appointments-status");
@@ -207,7 +208,9 @@ async function load() {
     for (let page = 0; url && page < pages; page += 1) {
       const response = await fetch(url, { credentials: "same-origin" });
       if (response.status === 401) {
-        window.location.assign("/therapist/login");
+        events.close();
+        status.textContent = "";
+        showLoginEnded(LOGIN_ENDED);
         return;
       }
       if (!response.ok) throw new Error(`status ${response.status}`);
@@ -256,6 +259,10 @@ moreButton.addEventListener("click", () => {
 });
 
 const events = new EventSource("/api/appointments/events");
+// The stream ends when the login does; the reload then finds out.
+events.addEventListener("error", () => {
+  if (events.readyState === EventSource.CLOSED) refresh();
+});
 events.addEventListener("changed", refreshSoon);
 // A flag is shown at once, not after the usual short delay.
 events.addEventListener("risk", refresh);

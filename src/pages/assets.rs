@@ -5,12 +5,13 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 /// Name, content type and contents of every asset.
-const ASSETS: [(&str, &str, &str); 5] = [
+const ASSETS: [(&str, &str, &str); 6] = [
     ("app.css", "text/css; charset=utf-8", include_str!("../../assets/app.css")),
     ("home.js", "text/javascript; charset=utf-8", include_str!("../../assets/home.js")),
     ("chat.js", "text/javascript; charset=utf-8", include_str!("../../assets/chat.js")),
     ("alert.js", "text/javascript; charset=utf-8", include_str!("../../assets/alert.js")),
     ("dashboard.js", "text/javascript; charset=utf-8", include_str!("../../assets/dashboard.js")),
+    ("session.js", "text/javascript; charset=utf-8", include_str!("../../assets/session.js")),
 ];
 
 pub async fn serve(Path(file): Path<String>) -> Response {

@@ -1006,6 +1006,71 @@ async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_e
 }
 
 #[tokio::test]
+async fn an_ended_login_is_explained_on_every_open_page_and_log_in_again_returns_there() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let session = app.create_session().await;
+    let driver = Driver::start().await;
+    let therapist = driver.browser().await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    let dashboard = therapist.client.window().await.unwrap();
+    let chat_path = format!("/chat/{}?therapist=true", session.session_id);
+    let chat = therapist.client.new_window(true).await.unwrap().handle;
+    therapist.client.switch_to_window(chat.clone()).await.unwrap();
+    therapist.goto(&app, &chat_path).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    let other = therapist.client.new_window(true).await.unwrap().handle;
+    therapist.client.switch_to_window(other).await.unwrap();
+    therapist.goto(&app, "/therapist").await;
+    therapist.find("form.inline button").await.click().await.unwrap();
+    therapist.find("#email").await;
+
+    for (tab, path) in [(dashboard, "/therapist".to_owned()), (chat, chat_path.clone())] {
+        therapist.client.switch_to_window(tab).await.unwrap();
+        therapist.until("document.getElementById('login-ended')", vec![]).await;
+        let shown = therapist
+            .js("const box = document.getElementById('login-ended'); return [box.getAttribute('role'), box.textContent, document.getElementById('log-in-again').getAttribute('href'), location.pathname + location.search];", vec![])
+            .await;
+        assert_eq!(shown[0], "alert");
+        assert!(shown[1].as_str().unwrap().contains("Your login has ended"), "{shown}");
+        assert_eq!(shown[2], json!(format!("/therapist/login?next={}", urlencode(&path))), "{shown}");
+        assert_eq!(shown[3], json!(path), "the page stays where it was");
+    }
+    therapist.screenshot("login-ended-chat").await;
+    // Log in again: back to the same chat.
+    therapist.find("#log-in-again").await.click().await.unwrap();
+    therapist.find("#email").await.send_keys("tess@clinic.test").await.unwrap();
+    therapist.find("#password").await.send_keys(PASSWORD).await.unwrap();
+    therapist.find("form.stack button[type=submit]").await.click().await.unwrap();
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    assert_eq!(therapist.js("return location.pathname + location.search", vec![]).await, json!(chat_path));
+    therapist.close().await;
+}
+
+/// `encodeURIComponent` of a path, as the page builds its `next`.
+fn urlencode(path: &str) -> String {
+    path.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'_'
+            | b'.'
+            | b'!'
+            | b'~'
+            | b'*'
+            | b'\''
+            | b'('
+            | b')' => (byte as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
 async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let app = TestApp::spawn_with(crate::helpers::Options {
         args: ["--sessions-per-ip-per-minute", "1000"].map(String::from).to_vec(),
