@@ -99,6 +99,46 @@ function placeConfirmed(element) {
 function dropStreaming(replyId) {
   state.streaming.get(replyId)?.remove();
   state.streaming.delete(replyId);
+  showActivity();
+}
+
+// "… is typing" for the other side of the chat, and "The companion is
+// writing…" while a reply streams. A typing indicator goes after
+// TYPING_EXPIRES without a new signal, so it never sticks.
+const TYPING_EXPIRES = 5_000;
+const activity = document.getElementById("activity");
+const typing = { timer: null, shown: false, sentAt: 0 };
+
+function showActivity() {
+  let text = "";
+  if (typing.shown) {
+    text = therapistView ? `${root.dataset.clientName} is typing…` : "The therapist is typing…";
+  } else if (state.streaming.size > 0) {
+    text = "The companion is writing…";
+  }
+  if (activity.textContent !== text) activity.textContent = text;
+  activity.hidden = text === "";
+}
+
+function otherSideTyping(active) {
+  window.clearTimeout(typing.timer);
+  typing.shown = active;
+  if (active) {
+    typing.timer = window.setTimeout(() => otherSideTyping(false), TYPING_EXPIRES);
+  }
+  showActivity();
+}
+
+// This side's typing: said at most every two seconds while typing, and
+// withdrawn when the box is emptied. Sending a message ends it (the server
+// says so to the other side).
+function sayTyping(active) {
+  if (state.socket?.readyState !== WebSocket.OPEN) return;
+  const now = Date.now();
+  if (active && now - typing.sentAt < 2_000) return;
+  if (!active && typing.sentAt === 0) return;
+  typing.sentAt = active ? now : 0;
+  state.socket.send(JSON.stringify({ type: "typing", active }));
 }
 
 function dropAllStreaming() {
@@ -118,6 +158,7 @@ function streamDelta(replyId, delta) {
     state.streaming.set(replyId, element);
   }
   element.querySelector(".msg__body").textContent += delta;
+  showActivity();
   element.scrollIntoView({ block: "nearest" });
 }
 
@@ -258,6 +299,9 @@ function handle(frame) {
     case "risk":
       showRisk(frame);
       break;
+    case "typing":
+      if (frame.sender !== ownSender) otherSideTyping(frame.active);
+      break;
     case "error": {
       const entry = frame.client_id && state.pending.get(frame.client_id);
       if (entry) {
@@ -387,9 +431,12 @@ form.addEventListener("submit", (event) => {
   element.scrollIntoView({ block: "nearest" });
   state.pending.set(clientId, { element, content, acked: false });
   send(clientId, content);
+  typing.sentAt = 0;
   input.value = "";
   input.focus();
 });
+
+input.addEventListener("input", () => sayTyping(input.value.trim() !== ""));
 
 input.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {

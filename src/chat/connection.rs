@@ -18,10 +18,10 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMessage, ChatMode, ErrorCode, JOIN_MESSAGE, MessageKind, RiskLevel, Role, Sender, ServerFrame,
-    close_code, parse_client_frame,
+    ChatMessage, ChatMode, ClientInput, ErrorCode, JOIN_MESSAGE, MessageKind, RiskLevel, Role, Sender,
+    ServerFrame, close_code, parse_client_frame,
 };
-use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, StoreError};
+use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, SessionEvent, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -42,6 +42,8 @@ const REPLAY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The window over which refused (rate-limited) messages are counted.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// A side's typing signals are passed on at most this often.
+const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs an admitted connection until either side closes it.
 ///
@@ -72,6 +74,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
         let (guard, connections) = room.connect();
         let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
         let messages = state.limits.message_limiter();
+        let own = Sender::from(admitted.role);
         let mut connection = Connection {
             state,
             admitted,
@@ -81,8 +84,9 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             events,
             revocations,
             risks,
-            delivery: Delivery::new(skipped_reply),
+            delivery: Delivery::new(own, skipped_reply),
             messages,
+            typing_since: None,
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
             spoke: false,
@@ -100,6 +104,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             let stored = (&mut storing.commit).await;
             let _ = connection.on_stored(storing, stored);
         }
+        connection.stop_typing();
         match stop {
             Stop::Close(code, reason) => {
                 connection.outbound.close(Some(CloseFrame { code, reason: reason.into() })).await
@@ -283,6 +288,8 @@ struct Connection {
     risks: Option<broadcast::Receiver<RiskAlert>>,
     /// What the client has been told.
     delivery: Delivery,
+    /// When this side last said it is typing, while its indicator is shown.
+    typing_since: Option<Instant>,
     /// This connection's message rate.
     messages: DefaultDirectRateLimiter,
     /// When messages were refused for going over the rate, within the window.
@@ -482,12 +489,20 @@ impl Connection {
     /// them) but reads no further frame, so its messages stay in order.
     fn on_text(&mut self, text: &str) -> Result<(), Stop> {
         let parsed = parse_client_frame(text);
+        if let Ok(ClientInput::Typing { active }) = parsed {
+            self.on_typing(active);
+            return Ok(());
+        }
         if self.messages.check().is_err() {
-            let client_id = parsed.ok().map(|new| new.client_id);
+            let client_id = match parsed {
+                Ok(ClientInput::Message(new)) => Some(new.client_id),
+                _ => None,
+            };
             return self.refuse_over_rate(client_id);
         }
         let new = match parsed {
-            Ok(new) => new,
+            Ok(ClientInput::Message(new)) => new,
+            Ok(ClientInput::Typing { .. }) => return Ok(()),
             Err(error) => {
                 tracing::info!(code = ?error.code, "frame refused");
                 return self.send(error.into_frame());
@@ -516,6 +531,46 @@ impl Connection {
         Ok(())
     }
 
+    /// A typing signal: passed on to the other side of the chat, here and on
+    /// other instances, at most once per [`TYPING_INTERVAL`] while active
+    /// (more are dropped, with no error: they carry nothing new). Not
+    /// stored, and never seen by the companion.
+    fn on_typing(&mut self, active: bool) {
+        let now = Instant::now();
+        if active && self.typing_since.is_some_and(|since| now.duration_since(since) < TYPING_INTERVAL) {
+            return;
+        }
+        if !active && self.typing_since.is_none() {
+            return;
+        }
+        self.typing_since = active.then_some(now);
+        self.announce_typing(active);
+    }
+
+    /// Ends this side's typing indicator, if it is shown: at a stored
+    /// message, and when the connection ends.
+    fn stop_typing(&mut self) {
+        if self.typing_since.take().is_some() {
+            self.announce_typing(false);
+        }
+    }
+
+    fn announce_typing(&self, active: bool) {
+        let event = SessionEvent::Typing {
+            session_id: self.admitted.session_id,
+            sender: self.admitted.role.into(),
+            active,
+        };
+        self.state.hub.apply([event.clone()]);
+        // Connections on other instances sharing the database.
+        let store = self.state.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.announce(event).await {
+                tracing::debug!(error = %error, "could not announce a typing signal");
+            }
+        });
+    }
+
     /// A client message's commit ended: ack, publish, escalate, and let the
     /// companion answer only if the session is still `BOT_ONLY`.
     fn on_stored(
@@ -528,6 +583,7 @@ impl Connection {
         match stored {
             Ok(Committed { outcome: Appended::Stored { seq, chat_mode, flagged }, events }) => {
                 self.spoke = true;
+                self.stop_typing();
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
                 let acked = if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) };

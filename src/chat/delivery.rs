@@ -41,11 +41,14 @@ pub struct Delivery {
     /// The last companion reply a catch-up read from the database: deltas
     /// of it still in the channel come too late.
     finished_reply: Option<Uuid>,
+    /// This connection's side of the chat: its own typing signals are not
+    /// sent back to it.
+    own: Sender,
 }
 
 impl Delivery {
-    pub fn new(skipped_reply: Option<Uuid>) -> Self {
-        Self { last_seq: 0, mode: ChatMode::BotOnly, skipped_reply, finished_reply: None }
+    pub fn new(own: Sender, skipped_reply: Option<Uuid>) -> Self {
+        Self { last_seq: 0, mode: ChatMode::BotOnly, skipped_reply, finished_reply: None, own }
     }
 
     /// Decides on a live event. Deciding to send a message counts it as the
@@ -54,6 +57,9 @@ impl Delivery {
     pub fn live(&mut self, event: &Event) -> Live {
         if event.resync {
             return Live::Resync;
+        }
+        if let Some(sender) = event.typing {
+            return if sender == self.own { Live::Skip } else { Live::Send };
         }
         let Some(seq) = event.seq else {
             let late = event.reply_id == self.skipped_reply || event.reply_id == self.finished_reply;

@@ -30,7 +30,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, ServerFrame};
+use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, ServerFrame};
 use haven_store::SessionEvent;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -156,6 +156,7 @@ impl Hub {
             SessionEvent::Acknowledged { .. } | SessionEvent::Created { .. } => self.appointments_changed(),
             SessionEvent::Delta { reply_id, delta, .. } => room?.relay_delta(reply_id, delta),
             SessionEvent::Cancelled { reply_id, .. } => room?.relay_cancelled(reply_id),
+            SessionEvent::Typing { sender, active, .. } => room?.relay_typing(sender, active),
         }
         None
     }
@@ -237,6 +238,9 @@ pub struct Event {
     pub resync: bool,
     /// The chat was closed with this message: connections close after it.
     pub closes: bool,
+    /// A typing signal from this side of the chat: passed on to the other
+    /// side whatever the mode, never stored.
+    pub typing: Option<Sender>,
 }
 
 impl Event {
@@ -244,7 +248,7 @@ impl Event {
     pub fn message(message: ChatMessage, mode: Option<ChatMode>) -> Self {
         let seq = Some(message.seq);
         let frame = frame_text(&ServerFrame::Message(message));
-        Self { seq, frame, mode, reply_id: None, resync: false, closes: false }
+        Self { seq, frame, mode, reply_id: None, resync: false, closes: false, typing: None }
     }
 
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
@@ -255,6 +259,7 @@ impl Event {
             reply_id: Some(reply_id),
             resync: false,
             closes: false,
+            typing: None,
         }
     }
 }
@@ -457,6 +462,20 @@ impl Room {
         }
     }
 
+    /// Passes a typing signal to the session's connections here (each one
+    /// drops its own side's).
+    fn relay_typing(&self, sender: Sender, active: bool) {
+        self.send(Event {
+            seq: None,
+            frame: frame_text(&ServerFrame::Typing { sender, active }),
+            mode: None,
+            reply_id: None,
+            resync: false,
+            closes: false,
+            typing: Some(sender),
+        });
+    }
+
     /// Asks every connection here to re-read the session from the database
     /// (after notifications from other instances may have been lost).
     pub fn resync(&self) {
@@ -467,6 +486,7 @@ impl Room {
             reply_id: None,
             resync: true,
             closes: false,
+            typing: None,
         });
     }
 
@@ -880,7 +900,7 @@ mod tests {
             mut events: broadcast::Receiver<Arc<Event>>,
             done: Arc<AtomicBool>,
         ) -> (Vec<Seen>, Vec<Arc<Event>>) {
-            let mut delivery = Delivery::new(None);
+            let mut delivery = Delivery::new(User, None);
             let (mut seen, mut raw) = (Vec::new(), Vec::new());
             loop {
                 // Read before the channel: once set, every event is in it.

@@ -604,7 +604,8 @@ async fn the_chat_page_shows_a_reply_as_it_streams() {
     // Part of the reply is on the page before the rest has been generated.
     client
         .until(
-            "(() => { const m = document.querySelector('#messages .msg--streaming'); return m && m.textContent.includes(args[0]) && !m.textContent.includes(args[1]); })()",
+            "(() => { const m = document.querySelector('#messages .msg--streaming'); return m && m.textContent.includes(args[0]) && !m.textContent.includes(args[1])
+                && document.getElementById('activity').textContent === 'The companion is writing…'; })()",
             vec![json!(chunks[0]), json!(chunks[4])],
         )
         .await;
@@ -617,7 +618,59 @@ async fn the_chat_page_shows_a_reply_as_it_streams() {
         "the committed message replaced the partial one"
     );
     assert_eq!(client.count("#messages .msg--ai").await, 1);
+    client.until("document.getElementById('activity').hidden", vec![]).await;
     client.close().await;
+}
+
+#[tokio::test]
+async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let therapist = driver.browser().await;
+    let session_id = chat_now(&app, &client).await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    client.until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![]).await;
+    let name = format!("Client {}", &session_id.replace('-', "")[28..]);
+    let shows = |text: &str| {
+        format!(
+            "document.getElementById('activity').textContent === {text:?} && !document.getElementById('activity').hidden"
+        )
+    };
+
+    // The client types: the therapist sees it; sending ends it.
+    client.find("#message-input").await.send_keys("I wanted to ask").await.unwrap();
+    therapist.until(&shows(&format!("{name} is typing…")), vec![]).await;
+    assert_eq!(
+        client.js("return document.getElementById('activity').hidden", vec![]).await,
+        json!(true),
+        "not to itself"
+    );
+    client.find("#message-input").await.send_keys("\n").await.unwrap();
+    therapist.until_message("user", "I wanted to ask").await;
+    therapist.until("document.getElementById('activity').hidden", vec![]).await;
+
+    // The therapist types, then goes quiet: it goes after five seconds.
+    therapist.find("#message-input").await.send_keys("Of course").await.unwrap();
+    client.until(&shows("The therapist is typing…"), vec![]).await;
+    client.screenshot("typing-indicator").await;
+    let started = std::time::Instant::now();
+    client.until("document.getElementById('activity').hidden", vec![]).await;
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3), "it expired, not vanished");
+
+    // Typing again, then leaving: it ends at once.
+    therapist.find("#message-input").await.send_keys(", anything").await.unwrap();
+    client.until(&shows("The therapist is typing…"), vec![]).await;
+    therapist.goto(&app, "/therapist").await;
+    client.until("document.getElementById('activity').hidden", vec![]).await;
+    let history = app.history(session_id.parse().unwrap(), &therapist_token(&app).await).await;
+    assert_eq!(history.len(), 2, "typing is never stored: {history:?}");
+    client.close().await;
+    therapist.close().await;
 }
 
 #[tokio::test]

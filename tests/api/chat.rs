@@ -277,3 +277,62 @@ async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
     }
     assert_eq!(seen_sessions.len(), SESSIONS);
 }
+
+#[tokio::test]
+async fn typing_reaches_the_other_side_once_a_second_and_ends_at_send_and_at_disconnect() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    // Before any therapist: typing, then stopping, reaches nobody and wakes
+    // no companion.
+    client.send_json(serde_json::json!({"type": "typing"})).await;
+    client.send_json(serde_json::json!({"type": "typing", "active": false})).await;
+    let therapist = app.therapist("Tess").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    desk.mode().await;
+    desk.message().await;
+    let mut seen = client.until_seq(1).await;
+
+    // A burst: passed on once; the client's own tabs never get it back.
+    for _ in 0..10 {
+        client.send_json(serde_json::json!({"type": "typing"})).await;
+    }
+    let typing = |sender, active| ServerFrame::Typing { sender, active };
+    assert_eq!(desk.frame().await, typing(Sender::User, true));
+    // Sending ends it, before the message arrives.
+    let id = client.send_message("hello").await;
+    let (seq, frames) = client.ack(&id).await;
+    seen.extend(frames);
+    let at_desk = desk.until_seq(seq).await;
+    assert_eq!(at_desk.len(), 2, "{at_desk:?}");
+    assert_eq!(at_desk[0], typing(Sender::User, false));
+
+    // The therapist's typing reaches the client; leaving ends it.
+    desk.send_json(serde_json::json!({"type": "typing", "active": true})).await;
+    loop {
+        match client.frame().await {
+            frame @ ServerFrame::Typing { .. } => {
+                assert_eq!(frame, typing(Sender::Therapist, true));
+                break;
+            }
+            other => seen.push(other),
+        }
+    }
+    desk.close().await;
+    assert_eq!(client.frame().await, typing(Sender::Therapist, false), "the indicator ends with the socket");
+    assert!(
+        !seen.iter().any(|frame| matches!(frame, ServerFrame::Typing { .. })
+            || from_companion(std::slice::from_ref(frame))),
+        "no typing of its own, nothing from the companion: {seen:?}"
+    );
+
+    // Not stored; a malformed signal is refused like any bad frame.
+    let history = app.history(session.session_id, &session.client_token).await;
+    assert_eq!(history.len(), 2, "{history:?}");
+    client.send_json(serde_json::json!({"type": "typing", "active": "yes"})).await;
+    assert!(matches!(
+        client.frame().await,
+        ServerFrame::Error { code: haven_protocol::ErrorCode::InvalidJson, .. }
+    ));
+}

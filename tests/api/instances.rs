@@ -83,6 +83,15 @@ async fn a_client_on_one_instance_and_a_therapist_on_another_talk_as_one_service
     let (last, _) = desk.ack(&answer).await;
     frames.extend(client.until_seq(last).await);
     assert!(!from_companion(&frames), "the companion spoke after the join on B: {frames:?}");
+    // Typing crosses instances too, by the same announcement as deltas.
+    client.send_json(serde_json::json!({"type": "typing"})).await;
+    let typing = loop {
+        match desk.frame().await {
+            ServerFrame::Message(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(typing, ServerFrame::Typing { sender: Sender::User, active: true }, "typing from A reaches B");
     let seen: Vec<_> = messages(&frames).iter().map(|m| (m.sender, m.content.clone())).collect();
     assert_eq!(
         seen,

@@ -21,7 +21,9 @@ use axum::response::Response;
 use axum::routing::get;
 use clap::Args as ClapArgs;
 use futures_util::{SinkExt, StreamExt};
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, ServerFrame, parse_client_frame};
+use haven_protocol::{
+    ChatMessage, ChatMode, ClientInput, MessageKind, Sender, ServerFrame, parse_client_frame,
+};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -127,7 +129,8 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
             message = incoming.next() => match message {
                 Some(Ok(Message::Text(frame))) => {
                     let reply = match parse_client_frame(&frame) {
-                        Ok(new) => {
+                        Ok(ClientInput::Typing { .. }) => continue,
+                        Ok(ClientInput::Message(new)) => {
                             let mut seq = room.seq.lock().unwrap_or_else(PoisonError::into_inner);
                             *seq += 1;
                             let message = ChatMessage {

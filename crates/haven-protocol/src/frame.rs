@@ -11,7 +11,20 @@ use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS, RiskLev
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
-    Message { content: String, client_id: String },
+    Message {
+        content: String,
+        client_id: String,
+    },
+    /// The sender is typing (`active`, the default), or stopped without
+    /// sending. Not stored; passed on to the session's other side.
+    Typing {
+        #[serde(default = "typing_default")]
+        active: bool,
+    },
+}
+
+fn typing_default() -> bool {
+    true
 }
 
 /// Frames the server sends.
@@ -31,6 +44,10 @@ pub enum ServerFrame {
     /// The reply `reply_id` ended without a message (a therapist joined, or
     /// the model failed): drop its partial text.
     AiCancelled { reply_id: Uuid },
+    /// The other side of the chat is typing (`active`) or stopped. It
+    /// expires after [`crate::TYPING_EXPIRES_SECONDS`] without another.
+    /// Never stored, never the companion's.
+    Typing { sender: crate::Sender, active: bool },
     /// To therapists only: the safety detector flagged a client message of
     /// `session_id` (this socket's session or another one the therapist can
     /// see), and the session's level is now `level`.
@@ -74,6 +91,15 @@ pub enum ErrorCode {
     ChatClosed,
 }
 
+/// A validated frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientInput {
+    /// A message to store.
+    Message(NewMessage),
+    /// A typing signal to pass on.
+    Typing { active: bool },
+}
+
 /// A validated message from a client, ready to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
@@ -103,7 +129,7 @@ impl FrameError {
 ///
 /// Errors carry the frame's `client_id` whenever it has a usable one, so the
 /// client can tell which pending message was refused.
-pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
+pub fn parse_client_frame(text: &str) -> Result<ClientInput, FrameError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|_| FrameError::new(ErrorCode::InvalidJson, "frame is not valid JSON", None))?;
     let Some(object) = value.as_object() else {
@@ -119,6 +145,13 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
     let usable_id = client_id.clone().filter(|id| valid_client_id(id));
     match object.get("type").and_then(Value::as_str) {
         Some("message") => {}
+        Some("typing") => {
+            return match object.get("active") {
+                None | Some(Value::Null) => Ok(ClientInput::Typing { active: true }),
+                Some(Value::Bool(active)) => Ok(ClientInput::Typing { active: *active }),
+                Some(_) => Err(FrameError::new(ErrorCode::InvalidJson, "active must be a boolean", None)),
+            };
+        }
         Some(other) => {
             let message = format!("unknown frame type {:?}", truncate(other, 32));
             return Err(FrameError::new(ErrorCode::UnknownType, message, usable_id));
@@ -164,7 +197,7 @@ pub fn parse_client_frame(text: &str) -> Result<NewMessage, FrameError> {
             Some(client_id),
         ));
     }
-    Ok(NewMessage { content: content.clone(), client_id })
+    Ok(ClientInput::Message(NewMessage { content: content.clone(), client_id }))
 }
 
 fn valid_client_id(id: &str) -> bool {
@@ -200,7 +233,18 @@ mod tests {
         let parsed =
             parse_client_frame(r#"{"type":"message","content":"hi","client_id":"a","sender":"therapist"}"#)
                 .unwrap();
-        assert_eq!(parsed, NewMessage { content: "hi".into(), client_id: "a".into() });
+        assert_eq!(parsed, ClientInput::Message(NewMessage { content: "hi".into(), client_id: "a".into() }));
+    }
+
+    #[test]
+    fn a_typing_signal_is_active_unless_it_says_otherwise() {
+        assert_eq!(parse_client_frame(r#"{"type":"typing"}"#), Ok(ClientInput::Typing { active: true }));
+        let stopped = parse_client_frame(r#"{"type":"typing","active":false,"sender":"therapist"}"#);
+        assert_eq!(stopped, Ok(ClientInput::Typing { active: false }));
+        assert_eq!(code(r#"{"type":"typing","active":"yes"}"#), ErrorCode::InvalidJson);
+        let frame = ServerFrame::Typing { sender: crate::Sender::User, active: true };
+        let json = serde_json::to_value(frame).unwrap();
+        assert_eq!(json, serde_json::json!({"type":"typing","sender":"user","active":true}));
     }
 
     #[test]
@@ -246,7 +290,8 @@ mod tests {
         /// only well-formed messages are accepted.
         fn check(text: &str) {
             match parse_client_frame(text) {
-                Ok(message) => {
+                Ok(ClientInput::Typing { .. }) => {}
+                Ok(ClientInput::Message(message)) => {
                     assert!(!message.content.trim().is_empty());
                     assert!(message.content.chars().count() <= MAX_CONTENT_CHARS);
                     assert!(!message.client_id.is_empty() && message.client_id.len() <= MAX_CLIENT_ID_LEN);

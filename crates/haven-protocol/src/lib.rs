@@ -9,7 +9,13 @@ use uuid::Uuid;
 pub mod api;
 mod frame;
 
-pub use frame::{ClientFrame, ErrorCode, FrameError, NewMessage, ServerFrame, parse_client_frame};
+pub use frame::{
+    ClientFrame, ClientInput, ErrorCode, FrameError, NewMessage, ServerFrame, parse_client_frame,
+};
+
+/// A typing indicator goes out after this many seconds without a new
+/// `typing` signal.
+pub const TYPING_EXPIRES_SECONDS: u64 = 5;
 
 /// Longest message content accepted, in Unicode scalar values (characters).
 pub const MAX_CONTENT_CHARS: usize = 4_000;

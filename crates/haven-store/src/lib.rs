@@ -240,6 +240,8 @@ pub enum SessionEvent {
     Delta { session_id: Uuid, reply_id: Uuid, delta: String },
     /// A companion reply ended without a message (not stored).
     Cancelled { session_id: Uuid, reply_id: Uuid },
+    /// The client or the therapist is typing, or stopped (not stored).
+    Typing { session_id: Uuid, sender: Sender, active: bool },
 }
 
 impl SessionEvent {
@@ -261,7 +263,8 @@ impl SessionEvent {
             | SessionEvent::Acknowledged { session_id }
             | SessionEvent::Created { session_id }
             | SessionEvent::Delta { session_id, .. }
-            | SessionEvent::Cancelled { session_id, .. } => *session_id,
+            | SessionEvent::Cancelled { session_id, .. }
+            | SessionEvent::Typing { session_id, .. } => *session_id,
         }
     }
 }
