@@ -253,6 +253,17 @@ fn is_gray((r, g, b, a): (u8, u8, u8, f64)) -> bool {
 }
 
 /// Opens `/`, clicks "Chat Now" and waits for the chat to connect; returns the session id.
+/// A server with the test therapist's account, a browser driver, and two
+/// browsers: the client's and the therapist's (the driver must outlive them).
+async fn client_and_therapist() -> (TestApp, Driver, Browser, Browser) {
+    let app = TestApp::spawn().await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let client = driver.browser().await;
+    let therapist = driver.browser().await;
+    (app, driver, client, therapist)
+}
+
 async fn chat_now(app: &TestApp, browser: &Browser) -> String {
     browser.goto(app, "/").await;
     browser.find("#chat-now").await.click().await.unwrap();
@@ -541,11 +552,7 @@ async fn first_run_setup_is_styled_keeps_what_was_typed_and_ends_with_a_log_in_l
 #[tokio::test]
 async fn every_page_passes_axe_and_fits_a_phone() {
     let axe = axe_source();
-    let app = TestApp::spawn().await;
-    app.add_therapist("tess@clinic.test", "Tess").await;
-    let driver = Driver::start().await;
-    let client = driver.browser().await;
-    let therapist = driver.browser().await;
+    let (app, _driver, client, therapist) = client_and_therapist().await;
 
     let session_id = chat_now(&app, &client).await;
     // A flagged session, so the alert banner and risk badges are checked too.
@@ -624,11 +631,7 @@ async fn the_chat_page_shows_a_reply_as_it_streams() {
 
 #[tokio::test]
 async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
-    let app = TestApp::spawn().await;
-    app.add_therapist("tess@clinic.test", "Tess").await;
-    let driver = Driver::start().await;
-    let client = driver.browser().await;
-    let therapist = driver.browser().await;
+    let (app, _driver, client, therapist) = client_and_therapist().await;
     let session_id = chat_now(&app, &client).await;
     log_in(&app, &therapist, "tess@clinic.test").await;
     therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
@@ -826,11 +829,7 @@ async fn the_crisis_message_is_a_card_with_tap_to_call_links_that_stays_reachabl
 
 #[tokio::test]
 async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer() {
-    let app = TestApp::spawn().await;
-    app.add_therapist("tess@clinic.test", "Tess").await;
-    let driver = Driver::start().await;
-    let client = driver.browser().await;
-    let therapist = driver.browser().await;
+    let (app, _driver, client, therapist) = client_and_therapist().await;
     client.client.set_window_size(390, 844).await.unwrap();
     therapist.client.set_window_size(390, 844).await.unwrap();
     let session_id = chat_now(&app, &client).await;
@@ -999,11 +998,7 @@ async fn a_browser_keeps_every_chat_it_started_and_a_closed_one_opens_read_only(
 
 #[tokio::test]
 async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_every_messages_time() {
-    let app = TestApp::spawn().await;
-    app.add_therapist("tess@clinic.test", "Tess").await;
-    let driver = Driver::start().await;
-    let client = driver.browser().await;
-    let therapist = driver.browser().await;
+    let (app, _driver, client, therapist) = client_and_therapist().await;
     let session_id = chat_now(&app, &client).await;
     client.say("i have the pills in front of me and im going to take them all tonight").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
