@@ -249,7 +249,7 @@ function showMode(mode) {
   } else {
     banner.textContent = therapistView
       ? "The automated companion is answering until you join."
-      : "You are talking with Haven's automated companion. A therapist can join this chat.";
+      : "You are talking with Haven's automated companion, a computer program. A therapist from the clinic can join this chat: you will see it here when they do, and then you talk with them directly.";
   }
 }
 

@@ -838,6 +838,14 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
         "message-input",
         "focus after Chat Now"
     );
+    let greeting = client
+        .js("const g = document.getElementById('greeting'); return [g.hidden, g.textContent]", vec![])
+        .await;
+    assert_eq!(greeting[0], json!(false), "the chat opens with the companion's greeting");
+    assert!(
+        greeting[1].as_str().unwrap().starts_with("Automated companionHello, I'm Haven's companion."),
+        "{greeting}"
+    );
     let hint =
         client.js("return getComputedStyle(document.getElementById('composer-hint')).display", vec![]).await;
     assert_eq!(hint, "none", "no Shift+Enter hint on a phone");
