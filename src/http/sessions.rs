@@ -203,9 +203,10 @@ fn transcript_markdown(transcript: &Transcript) -> String {
 }
 
 /// `POST /api/sessions/{id}/close`: the assigned therapist ends the chat.
-/// The client's credential is deleted, every socket of the session gets the
-/// closing message and then closes with 1008, and the session leaves the
-/// appointments lists. Closing twice is not an error.
+/// Every socket of the session gets the closing message and then closes with
+/// 1008, the session leaves the appointments lists, and the client's
+/// credential only reads the transcript from then on. Closing twice is not
+/// an error.
 async fn close_session(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
