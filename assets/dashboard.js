@@ -22,7 +22,7 @@ let appointments = [];
 const chimed = new Set();
 
 // The "Risk" cell (index 1) is built separately.
-const COLUMNS = ["Session", "Risk", "Status", "Mode", "Waiting", "Last activity"];
+const COLUMNS = ["Client", "Risk", "Status", "Mode", "Waiting", "Last activity"];
 const TEXT_COLUMNS = [0, 2, 3, 4, 5];
 
 function ago(iso) {
@@ -139,7 +139,8 @@ function fill(tr, appointment) {
     short,
     mine ? "Yours" : "Waiting",
     appointment.chat_mode === "THERAPIST_JOINED" ? "Therapist joined" : "Companion",
-    ago(appointment.created_at),
+    // Waiting stops counting at the join.
+    appointment.chat_mode === "THERAPIST_JOINED" ? "—" : ago(appointment.created_at),
     ago(appointment.last_message_at),
   ];
   values.forEach((value, index) => setText(tr.cells[TEXT_COLUMNS[index]], value));
@@ -170,7 +171,13 @@ function render() {
 function renderAlerts() {
   const attention = appointments.filter((appointment) => appointment.risk_needs_attention);
   alertBox.hidden = attention.length === 0;
-  document.title = attention.length ? `(${attention.length}) Safety alert · ${baseTitle}` : baseTitle;
+  const waiting = appointments.filter((appointment) => appointment.chat_mode === "BOT_ONLY").length;
+  const parts = [
+    attention.length ? `(${attention.length}) Safety alert` : null,
+    waiting ? `${waiting} waiting` : null,
+    baseTitle,
+  ];
+  document.title = parts.filter(Boolean).join(" · ");
   const items = attention.map((appointment) => {
     const li = document.createElement("li");
     li.dataset.sessionId = appointment.session_id;

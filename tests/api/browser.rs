@@ -1020,6 +1020,18 @@ async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_e
             vec![json!(row), json!(name)],
         )
         .await;
+    // The title counts who waits; on a phone the row is compact.
+    let title = therapist.js("return document.title", vec![]).await;
+    assert!(title.as_str().unwrap().contains("1 waiting"), "{title}");
+    therapist.client.set_window_size(390, 844).await.unwrap();
+    let height = therapist
+        .js("return document.querySelector(arguments[0]).getBoundingClientRect().height", vec![json!(row)])
+        .await;
+    assert!(
+        height.as_f64().unwrap() < 200.0,
+        "a compact row on a phone (a label per line took 260 px): {height}px"
+    );
+    therapist.screenshot("dashboard-compact-390").await;
     for (width, height) in [(1280, 800), (390, 844)] {
         therapist.client.set_window_size(width, height).await.unwrap();
         therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
@@ -1057,6 +1069,17 @@ async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_e
         assert_eq!(shown, json!(["msg__time", true]));
         therapist.screenshot(&format!("therapist-flagged-chat-{width}")).await;
     }
+    // Once joined, the chat no longer waits.
+    therapist.client.set_window_size(1280, 800).await.unwrap();
+    therapist.goto(&app, "/therapist").await;
+    therapist
+        .until(
+            "document.querySelector(args[0])?.dataset.chatMode === 'THERAPIST_JOINED'
+             && document.querySelector(args[0]).cells[4].textContent === '—' && !document.title.includes('waiting')",
+            vec![json!(row)],
+        )
+        .await;
+    therapist.screenshot("dashboard-1280").await;
     client.close().await;
     therapist.close().await;
 }
