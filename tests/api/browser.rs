@@ -928,7 +928,8 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
         .until(
             "document.getElementById('connection').dataset.state === 'closed'
              && document.getElementById('message-input').offsetParent === null
-             && document.getElementById('message-input').disabled",
+             && document.getElementById('message-input').disabled
+             && document.getElementById('new-chat')",
             vec![],
         )
         .await;
