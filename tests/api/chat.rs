@@ -208,7 +208,9 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
 #[tokio::test]
 async fn a_slow_companion_never_speaks_after_the_join_across_many_sessions() {
     const SESSIONS: usize = 12;
-    let app = TestApp::spawn_with(Options { companion_delay_ms: 300, ..Options::default() }).await;
+    // Replies pending long enough that joins, even on a loaded machine,
+    // overtake some of them (300 ms let every reply land first once).
+    let app = TestApp::spawn_with(Options { companion_delay_ms: 2_000, ..Options::default() }).await;
     let therapist = app.therapist("Tess").await;
 
     let mut clients = Vec::new();
