@@ -14,7 +14,7 @@ use futures_util::stream::{self, BoxStream};
 use haven_protocol::api::{self, LevelCounts};
 use haven_protocol::{RiskLevel, Sender};
 use haven_responder::{ReplyRequest, Responder, ResponderError};
-use haven_safety::{Assessment, Classifier};
+use haven_safety::{Assessment, Classifier, Earlier};
 use haven_store::{RiskFlag, Store, StoreError};
 use time::OffsetDateTime;
 
@@ -148,7 +148,7 @@ impl Escalation {
 
     /// Screens a client message, read with the client's `earlier` messages
     /// in the session (oldest first).
-    pub fn screen(&self, text: &str, earlier: &[&str]) -> (Assessment, Option<RiskFlag>) {
+    pub fn screen(&self, text: &str, earlier: &[&Earlier]) -> (Assessment, Option<RiskFlag>) {
         let assessment = self.classifier.classify_in_context(text, earlier);
         let flag = self.flag(&assessment);
         (assessment, flag)
@@ -198,14 +198,14 @@ impl Escalation {
 /// What the language model's second opinion reads: the message, after the
 /// client's earlier messages in the detector's window when there are any
 /// (the format `prompts/risk_assessment.md` describes).
-pub fn second_opinion_text(earlier: &[&str], text: &str) -> String {
+pub fn second_opinion_text(earlier: &[&Earlier], text: &str) -> String {
     if earlier.is_empty() {
         return text.to_owned();
     }
     let mut out = String::from("Earlier messages from this client, oldest first:\n");
     for message in earlier {
         out.push_str("- ");
-        out.push_str(message);
+        out.push_str(message.text());
         out.push('\n');
     }
     out.push_str("\nThe message to assess:\n");

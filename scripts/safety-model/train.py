@@ -16,8 +16,9 @@ The labelled data is split, per level, into train (85 %) and validation
 row per level of the ordinal head (`concern` or above, `high` or above,
 `imminent`): three logistic regressions over all the features, and small
 neural networks (one hidden layer, rectified) over the dense features,
-fitted with fixed seeds and averaged into one wider hidden layer; MIX
-weighs the second part against the first. The thresholds that turn their probabilities into a level are
+fitted with fixed seeds and averaged into one wider hidden layer, whose
+input weights are then written as int8 with a scale per unit; MIX weighs
+the second part against the first. The thresholds that turn their probabilities into a level are
 chosen on validation for the detector as it runs, the rules and the model
 together (the higher level wins): the pair with the best recall whose
 false alarms on validation stay within FALSE_ALARMS. Weights below 1e-30
@@ -44,7 +45,7 @@ from sklearn.neural_network import MLPClassifier
 
 LEVELS = ["none", "concern", "high", "imminent"]
 BUCKETS = 1 << 17
-FORMAT = "haven-crisis-model/3"
+FORMAT = "haven-crisis-model/4"
 SEED = 20261203
 # The hidden layer: units per network, networks (seeds) averaged, their L2
 # penalty, and their weight in the logits against the linear part's.
@@ -57,11 +58,17 @@ FALSE_ALARMS = 0.05
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DATA = os.path.join(ROOT, "crates", "haven-safety", "data")
 # Unseen rounds already scored once and recorded: they now train the model.
-JOINED = ["unseen/round-1.jsonl", "unseen/round-2.jsonl", "unseen/round-3.jsonl"]
+JOINED = ["unseen/round-1.jsonl", "unseen/round-2.jsonl", "unseen/round-3.jsonl", "unseen/round-4.jsonl"]
 
 
 # The model file's tensors, in the order of its `data_sha256`.
-TENSORS = ["token_vectors", "token_scales", "head_weight", "head_bias", "hidden_weight", "hidden_bias", "hidden_output"]
+TENSORS = [
+    "token_vectors", "token_scales", "head_weight", "head_bias",
+    "hidden_weight", "hidden_scale", "hidden_bias", "hidden_output",
+]
+# The hidden layer's input, as integers of at most this magnitude
+# (FEATURE_STEPS in crates/haven-safety/src/model.rs).
+FEATURE_STEPS = np.float32(8191)
 
 
 def load_labelled():
@@ -126,21 +133,44 @@ def flushed(values):
     return np.where(np.abs(values) < NEGLIGIBLE, np.float32(0.0), values)
 
 
+def int8_rows(weight):
+    """Each row as int8 (within ±127) and its scale: the largest magnitude
+    over 127."""
+    weight = np.asarray(weight, dtype=np.float32)
+    scale = (np.abs(weight).max(axis=1) / np.float32(127)).astype(np.float32)
+    divisor = np.where(scale > 0, scale, np.float32(1))
+    return np.clip(np.rint(weight / divisor[:, None]), -127, 127).astype(np.int8), scale
+
+
+def quantised(dense):
+    """The dense features as the hidden layer's integers, and each text's
+    step, as Hidden::add_to computes them (float32, ties to even)."""
+    dense = np.asarray(dense, dtype=np.float32)
+    largest = np.abs(dense).max(axis=1)
+    safe = np.where(largest > 0, largest, np.float32(1))
+    inverse = np.where(largest > 0, FEATURE_STEPS / safe, np.float32(0)).astype(np.float32)
+    step = np.where(largest > 0, largest / FEATURE_STEPS, np.float32(0)).astype(np.float32)
+    return np.rint(dense * inverse[:, None]).astype(np.int64), step
+
+
 class Head:
     """The tensors of the head: a linear part over all the features and a
-    hidden layer over the dense ones, as crates/haven-safety/src/model.rs
-    computes them."""
+    hidden layer over the dense ones with int8 input weights, as
+    crates/haven-safety/src/model.rs computes them."""
 
     def __init__(self, weight, bias, hidden_weight, hidden_bias, hidden_output):
         self.weight = flushed(weight)
         self.bias = flushed(bias)
-        self.hidden_weight = flushed(hidden_weight)
+        self.hidden_weight, self.hidden_scale = int8_rows(hidden_weight)
         self.hidden_bias = flushed(hidden_bias)
         self.hidden_output = flushed(hidden_output)
 
     def probabilities(self, x, dense):
         logits = np.asarray(x @ self.weight.T.astype(np.float64)) + self.bias
-        units = np.maximum(dense.astype(np.float64) @ self.hidden_weight.T + self.hidden_bias, 0.0)
+        inputs, step = quantised(dense)
+        sums = (inputs @ self.hidden_weight.astype(np.int64).T).astype(np.float32)
+        pre = self.hidden_bias + (self.hidden_scale[None, :] * step[:, None]) * sums
+        units = np.maximum(pre, np.float32(0)).astype(np.float64)
         logits = logits + units @ self.hidden_output.T
         return 1.0 / (1.0 + np.exp(-logits))
 
@@ -262,6 +292,7 @@ def main():
         "head_weight": head.weight,
         "head_bias": head.bias,
         "hidden_weight": head.hidden_weight,
+        "hidden_scale": head.hidden_scale,
         "hidden_bias": head.hidden_bias,
         "hidden_output": head.hidden_output,
     }

@@ -21,6 +21,7 @@ use haven_protocol::{
     ChatMessage, ChatMode, ClientInput, ErrorCode, JOIN_MESSAGE, MessageKind, RiskLevel, Role, Sender,
     ServerFrame, close_code, parse_client_frame,
 };
+use haven_safety::Earlier;
 use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, SessionEvent, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
@@ -515,7 +516,7 @@ impl Connection {
         // commit with it; nothing here needs a language model, which gets
         // the same window for its second opinion.
         let earlier = if role == Role::User { self.guard.room().client_window() } else { Vec::new() };
-        let earlier: Vec<&str> = earlier.iter().map(String::as_str).collect();
+        let earlier: Vec<&Earlier> = earlier.iter().map(|message| &**message).collect();
         let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content, &earlier));
         let detected = assessment.as_ref().map_or(RiskLevel::None, |(assessment, _)| assessment.level);
         let risk = assessment.and_then(|(_, flag)| flag);

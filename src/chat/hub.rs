@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, ServerFrame};
+use haven_safety::Earlier;
 use haven_store::SessionEvent;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -304,7 +305,7 @@ pub struct Room {
     /// The client's latest messages seen here, oldest first, at most
     /// [`haven_safety::WINDOW`]: the crisis detector reads a new client
     /// message with them.
-    client_window: Mutex<VecDeque<String>>,
+    client_window: Mutex<VecDeque<Arc<Earlier>>>,
     connections: AtomicUsize,
     rooms: Weak<Rooms>,
 }
@@ -333,12 +334,13 @@ impl Room {
             if window.len() == haven_safety::WINDOW {
                 window.pop_front();
             }
-            window.push_back(message.content.clone());
+            window.push_back(Arc::new(Earlier::new(message.content.clone())));
         }
     }
 
-    /// The client's latest messages seen by this process, oldest first.
-    pub fn client_window(&self) -> Vec<String> {
+    /// The client's latest messages seen by this process, oldest first
+    /// (each read by the detector once, then kept: [`Earlier`]).
+    pub fn client_window(&self) -> Vec<Arc<Earlier>> {
         self.client_window.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 

@@ -362,10 +362,17 @@ fn classification_speed() {
         ("4000 chars, near rules in every sentence", at_limit("kill myself tonight. ")),
         ("4000 chars, one long unknown word per 99 letters", at_limit(&format!("{} ", "q".repeat(99)))),
     ];
+    // Each earlier message is read once, by the first window that needs
+    // it, and kept: the times below are of windows whose messages were
+    // read before, as in a chat.
     let long = ["I want to die.".repeat(300), "kill myself tonight. ".repeat(200), "x".repeat(4000)];
-    let long: Vec<&str> = long.iter().map(String::as_str).collect();
+    let long: Vec<crate::Earlier> = long.into_iter().map(crate::Earlier::new).collect();
+    let long: Vec<&crate::Earlier> = long.iter().collect();
     let short =
         ["hi, can we talk for a bit?", "work has been a lot this week", "my sister is visiting on sunday"];
+    let short: Vec<crate::Earlier> =
+        short.into_iter().map(|text| crate::Earlier::new(text.to_owned())).collect();
+    let short: Vec<&crate::Earlier> = short.iter().collect();
     for (name, text) in &cases {
         let rounds = 100;
         for (how, run) in [

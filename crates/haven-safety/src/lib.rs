@@ -38,13 +38,14 @@ mod labelled_tests;
 #[cfg(test)]
 mod model_tests;
 
-use std::sync::LazyLock;
+use std::borrow::Cow;
+use std::sync::{LazyLock, OnceLock};
 
 use haven_protocol::RiskLevel;
 use regex::RegexSet;
 use serde::Serialize;
 
-use model::{Model, ModelError, ModelVerdict};
+use model::{Model, ModelError, ModelVerdict, Reading};
 pub use normalise::normalise;
 use rules::{Compiled, RulesError, Scope};
 
@@ -170,8 +171,13 @@ impl Classifier {
     /// Classifies one message on its own.
     pub fn classify(&self, text: &str) -> Assessment {
         let normalised = normalise(text);
-        let mut assessment = self.rules.assess_normalised(&normalised);
-        let verdict = self.model.assess(&normalised);
+        self.assess(&normalised, &self.model.read(&normalised))
+    }
+
+    /// The rules' verdict and the model's on one normalised message.
+    fn assess(&self, normalised: &str, reading: &Reading) -> Assessment {
+        let mut assessment = self.rules.assess_normalised(normalised);
+        let verdict = self.model.assess_readings(&[reading]);
         assessment.level = assessment.level.max(verdict.level);
         assessment.model = Some(verdict);
         assessment
@@ -180,36 +186,90 @@ impl Classifier {
     /// Classifies a client message together with the client's `earlier`
     /// messages in the session, oldest first (the last [`WINDOW`] count).
     ///
-    /// The message's level is raised to the conversation's when the
-    /// conversation with it scores higher than both the message alone and
-    /// the conversation without it: the message added the risk ("tonight"
-    /// after ideation), rather than repeating an earlier flag. Such a
-    /// raise is reported as a [`CONTEXT_RULE`] hit first in `rules`.
-    pub fn classify_in_context(&self, text: &str, earlier: &[&str]) -> Assessment {
-        let mut own = self.classify(text);
+    /// The conversation, the earlier messages and this one a line each, is
+    /// classified too, and the message's level is raised to the
+    /// conversation's when the conversation with it scores higher than both
+    /// the message alone and the conversation without it: the message added
+    /// the risk ("tonight" after ideation), rather than repeating an
+    /// earlier flag. Such a raise is reported as a [`CONTEXT_RULE`] hit
+    /// first in `rules`. Each earlier message is normalised and read by the
+    /// model once, however many windows it is part of ([`Earlier`]).
+    pub fn classify_in_context(&self, text: &str, earlier: &[&Earlier]) -> Assessment {
+        let normalised = normalise(text);
+        let reading = self.model.read(&normalised);
+        let mut own = self.assess(&normalised, &reading);
         let earlier = &earlier[earlier.len().saturating_sub(WINDOW)..];
         if earlier.is_empty() || own.level == RiskLevel::Imminent {
             return own;
         }
+        let kept: Vec<Cow<'_, Kept>> = earlier.iter().map(|message| message.kept(self.model)).collect();
         let mut window = String::new();
-        for message in earlier {
-            let mut start = message.len().saturating_sub(WINDOW_BYTES);
-            while !message.is_char_boundary(start) {
-                start += 1;
-            }
-            window.push_str(&message[start..]);
+        for kept in &kept {
+            window.push_str(&kept.normalised);
             window.push('\n');
         }
         let before_len = window.len();
-        window.push_str(text);
-        let with = self.classify(&window).level;
+        window.push_str(&normalised);
+        let mut conversation: Vec<&Reading> = kept.iter().map(|kept| &kept.reading).collect();
+        conversation.push(&reading);
+        let level = |text: &str, readings: &[&Reading]| {
+            self.rules.assess_normalised(text).level.max(self.model.assess_readings(readings).level)
+        };
+        let with = level(&window, &conversation);
         // The conversation without the message matters only when the one
         // with it would raise the message's level.
-        if with > own.level && with > self.classify(&window[..before_len]).level {
+        if with > own.level && with > level(&window[..before_len], &conversation[..kept.len()]) {
             own.level = with;
             own.rules.insert(0, RuleHit { id: CONTEXT_RULE.to_owned(), level: with, matched: String::new() });
         }
         own
+    }
+}
+
+/// A client's earlier message, as a session keeps it for the window of
+/// [`Classifier::classify_in_context`]: its text and, from the first
+/// window that needs it on, its last [`WINDOW_BYTES`] bytes normalised and
+/// what the model read of them, so that each message is read once however
+/// many windows it is part of.
+#[derive(Debug)]
+pub struct Earlier {
+    text: String,
+    kept: OnceLock<Kept>,
+}
+
+/// What a window keeps of an earlier message.
+#[derive(Debug, Clone)]
+struct Kept {
+    normalised: String,
+    reading: Reading,
+}
+
+impl Earlier {
+    pub fn new(text: String) -> Earlier {
+        Earlier { text, kept: OnceLock::new() }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// What the window reads of the message with `model`: kept the first
+    /// time, read again only for another model than the one that read it
+    /// first.
+    fn kept(&self, model: &Model) -> Cow<'_, Kept> {
+        let read = || {
+            let mut start = self.text.len().saturating_sub(WINDOW_BYTES);
+            while !self.text.is_char_boundary(start) {
+                start += 1;
+            }
+            let normalised = normalise(&self.text[start..]);
+            let reading = model.read(&normalised);
+            Kept { normalised, reading }
+        };
+        match self.kept.get_or_init(read) {
+            kept if kept.reading.is_by(model) => Cow::Borrowed(kept),
+            _ => Cow::Owned(read()),
+        }
     }
 }
 

@@ -17,13 +17,15 @@
 //! (rectified) over the dense ones, which lets the head combine meanings
 //! that no single weight carries; the file's thresholds turn the
 //! probabilities into a level ([`Model::assess`]). The file is
-//! safetensors: the int8 token vectors with a scale per token, the head,
-//! and metadata (format, version, vocabulary, thresholds, a SHA-256 of
+//! safetensors: the int8 token vectors with a scale per token, the head
+//! (the hidden layer's input weights int8 with a scale per unit), and
+//! metadata (format, version, vocabulary, thresholds, a SHA-256 of
 //! every tensor). A file that does not
 //! match in any of these is refused with a [`ModelError`], never used.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use haven_protocol::RiskLevel;
 use safetensors::{Dtype, SafeTensors};
@@ -31,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The format this code reads, recorded in every model file.
-pub const FORMAT: &str = "haven-crisis-model/3";
+pub const FORMAT: &str = "haven-crisis-model/4";
 
 /// Hash buckets of the sparse features (part of the format).
 pub const BUCKETS: usize = 1 << 17;
@@ -40,12 +42,13 @@ pub const BUCKETS: usize = 1 << 17;
 const ROWS: usize = 3;
 
 /// The tensors of a model file, in the order of its `data_sha256`.
-const TENSORS: [&str; 7] = [
+const TENSORS: [&str; 8] = [
     "token_vectors",
     "token_scales",
     "head_weight",
     "head_bias",
     "hidden_weight",
+    "hidden_scale",
     "hidden_bias",
     "hidden_output",
 ];
@@ -62,7 +65,7 @@ const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// The shipped model's SHA-256, as printed by the training script; a test
 /// checks the file against it.
-pub const BUILTIN_SHA256: &str = "88f73d79bf631b97ceeca990414bd548beb276ad19f4ad7fedbf14c9c6d21d76";
+pub const BUILTIN_SHA256: &str = "0fa10c470fb079e96c53e70c9251c0170909dea775d0f08bcddd9738ff82c9d3";
 
 /// A model file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +119,9 @@ pub struct Encoder {
 
 /// A loaded model: the encoder and the trained head.
 pub struct Model {
+    /// Tells this loaded model from any other in the process, so that a
+    /// [`Reading`] is only ever reused by the model that made it.
+    id: u64,
     version: String,
     encoder: Encoder,
     /// The linear part: `ROWS` rows of `2 * dims` weights over the dense
@@ -192,19 +198,25 @@ impl Model {
                 return Err(error(format!("`hidden_bias` must have 1 to {MAX_HIDDEN} units, is {shape:?}")));
             }
         };
-        let hidden_weight = f32_tensor(&file, "hidden_weight", &[hidden, dense])?;
+        let hidden_weight = i8_tensor(&file, "hidden_weight", &[hidden, dense])?;
+        let hidden_scale = f32_tensor(&file, "hidden_scale", &[hidden])?;
         let hidden_bias = f32_tensor(&file, "hidden_bias", &[hidden])?;
         let hidden_output = f32_tensor(&file, "hidden_output", &[ROWS, hidden])?;
-        let all = [&weights[..], &bias, &hidden_weight, &hidden_bias, &hidden_output];
+        let all = [&weights[..], &bias, &hidden_scale, &hidden_bias, &hidden_output];
         if all.iter().flat_map(|t| t.iter()).any(|w| !w.is_finite()) {
             return Err(error("the head has a weight that is not a finite number"));
         }
-        let hidden = Hidden::new(dense, &hidden_weight, &hidden_bias, &hidden_output);
+        if hidden_weight.contains(&i8::MIN) {
+            return Err(error("`hidden_weight` holds -128: int8 weights lie within ±127"));
+        }
+        let hidden = Hidden::new(dense, &hidden_weight, &hidden_scale, &hidden_bias, &hidden_output);
         let dense_weights = weights.chunks_exact(features).flat_map(|row| &row[..dense]).copied().collect();
         let sparse_weights = (dense..features)
             .map(|column| std::array::from_fn(|class| weights[class * features + column]))
             .collect();
-        Ok(Model { version, encoder, dense_weights, sparse_weights, bias, hidden, thresholds })
+        static LOADED: AtomicU64 = AtomicU64::new(0);
+        let id = LOADED.fetch_add(1, Ordering::Relaxed);
+        Ok(Model { id, version, encoder, dense_weights, sparse_weights, bias, hidden, thresholds })
     }
 
     pub fn version(&self) -> &str {
@@ -213,9 +225,41 @@ impl Model {
 
     /// The model's verdict on a normalised text.
     pub fn assess(&self, normalised: &str) -> ModelVerdict {
-        let [at_least_concern, at_least_high, imminent] = self.probabilities(normalised);
+        self.assess_readings(&[&self.read(normalised)])
+    }
+
+    /// What the model reads of a normalised text, to be judged alone or
+    /// as part of a conversation ([`Model::assess_readings`]).
+    pub fn read(&self, normalised: &str) -> Reading {
+        let mut dense = vec![0.0; 2 * self.encoder.dims].into_boxed_slice();
+        let mut sparse = [0.0f32; ROWS];
+        let counts = self.encoder.accumulate(normalised, &mut dense, |bucket| {
+            for (sum, weight) in sparse.iter_mut().zip(self.sparse_weights[bucket]) {
+                *sum += weight;
+            }
+        });
+        Reading {
+            model: self.id,
+            dense,
+            sparse,
+            tokens: counts.tokens,
+            occurrences: counts.occurrences,
+            words: counts.words,
+            first_word: counts.first_word.into(),
+            last_word: counts.last_word.into(),
+        }
+    }
+
+    /// The model's verdict on texts read one after the other, as one text
+    /// with a line each would be: the token vectors' sum and maximum, and
+    /// the sparse occurrences with the word bigram across each boundary,
+    /// are put together from each text's [`Reading`], so that a
+    /// conversation's earlier messages are not read again. The level needs
+    /// [`MIN_WORDS`] words in all.
+    pub fn assess_readings(&self, readings: &[&Reading]) -> ModelVerdict {
+        let [at_least_concern, at_least_high, imminent] = self.probabilities(readings);
         let thresholds = self.thresholds;
-        let words = normalised.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).count();
+        let words: usize = readings.iter().map(|reading| reading.words).sum();
         let level = if words < MIN_WORDS {
             RiskLevel::None
         } else if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
@@ -231,88 +275,150 @@ impl Model {
         ModelVerdict { version: self.version.clone(), level, score }
     }
 
-    /// The probabilities that a normalised text is at `concern` or above,
-    /// at `high` or above, and `imminent`.
-    pub fn probabilities(&self, normalised: &str) -> [f32; ROWS] {
-        let dense_len = 2 * self.encoder.dims;
-        let mut dense = vec![0.0; dense_len];
-        let mut sparse = [0.0f32; ROWS];
-        let count = self.encoder.features(normalised, &mut dense, |bucket| {
-            for (sum, weight) in sparse.iter_mut().zip(self.sparse_weights[bucket]) {
-                *sum += weight;
+    /// The probabilities that texts read one after the other are at
+    /// `concern` or above, at `high` or above, and `imminent`.
+    fn probabilities(&self, readings: &[&Reading]) -> [f32; ROWS] {
+        assert!(readings.iter().all(|reading| reading.model == self.id), "read by another model");
+        let dims = self.encoder.dims;
+        let Some((first, rest)) = readings.split_first() else {
+            return self.bias.map(sigmoid);
+        };
+        let mut dense = first.dense.clone();
+        let mut sparse = first.sparse;
+        let (mut tokens, mut occurrences) = (first.tokens, first.occurrences);
+        let mut last_word: &str = &first.last_word;
+        for reading in rest {
+            let (sum, max) = dense.split_at_mut(dims);
+            for ((s, m), (&rs, &rm)) in sum
+                .iter_mut()
+                .zip(max.iter_mut())
+                .zip(reading.dense[..dims].iter().zip(&reading.dense[dims..]))
+            {
+                *s += rs;
+                *m = m.max(rm);
             }
-        });
-        let scale = sparse_scale(count);
+            if !last_word.is_empty() && !reading.first_word.is_empty() {
+                let bucket = bigram_bucket(last_word, &reading.first_word);
+                for (sum, weight) in sparse.iter_mut().zip(self.sparse_weights[bucket]) {
+                    *sum += weight;
+                }
+                occurrences += 1;
+            }
+            for (sum, part) in sparse.iter_mut().zip(reading.sparse) {
+                *sum += part;
+            }
+            if !reading.last_word.is_empty() {
+                last_word = &reading.last_word;
+            }
+            tokens += reading.tokens;
+            occurrences += reading.occurrences;
+        }
+        finish_dense(&mut dense, tokens);
+        let scale = sparse_scale(occurrences);
         let mut logits = self.bias;
         for ((logit, row), sparse) in
-            logits.iter_mut().zip(self.dense_weights.chunks_exact(dense_len)).zip(sparse)
+            logits.iter_mut().zip(self.dense_weights.chunks_exact(2 * dims)).zip(sparse)
         {
             *logit += dot(row, &dense) + sparse * scale;
         }
         self.hidden.add_to(&dense, &mut logits);
-        logits.map(|logit| 1.0 / (1.0 + (-logit).exp()))
+        logits.map(sigmoid)
+    }
+}
+
+fn sigmoid(logit: f32) -> f32 {
+    1.0 / (1.0 + (-logit).exp())
+}
+
+/// What a [`Model`] reads of one text ([`Model::read`]): enough to judge
+/// it alone or with the texts around it, without reading it again.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    /// The model that read it: another model's weights give other sums.
+    model: u64,
+    /// The sum, then the maximum, of its token vectors, per dimension.
+    dense: Box<[f32]>,
+    /// The sum of its sparse occurrences' weights, per row of the head.
+    sparse: [f32; ROWS],
+    tokens: usize,
+    occurrences: usize,
+    words: usize,
+    /// Its first and last word: the bigram across a boundary joins them.
+    first_word: Box<str>,
+    last_word: Box<str>,
+}
+
+impl Reading {
+    /// Whether `model` made this reading.
+    pub fn is_by(&self, model: &Model) -> bool {
+        self.model == model.id
     }
 }
 
 /// The hidden layer as it runs: the units that can move a logit, in the
 /// file's order.
 ///
-/// Training leaves many weights vanishingly small (weight decay drives the
-/// weights of unused units towards zero; about a quarter of model
-/// `2026.12.4`'s were below 1e-30, most of them subnormal floats, on which a
-/// processor takes a slow path for every multiplication; `train.py` now
-/// writes them as exactly zero, and files made before are read the same
-/// way). Such a weight is read as zero: its product with a feature is far below the rounding of
-/// any sum it joins. A unit whose output weights are then all zero adds
-/// nothing and is left out; a unit whose input weights are all zero has a
-/// sum of zero, so its dot product is not computed. The logits are the
-/// same floats as with every unit computed, bit for bit (`model_tests.rs`
-/// checks this against the file's own weights).
+/// Its input weights are int8, with a scale per unit (the file's
+/// `hidden_weight` and `hidden_scale`), and each pass turns the dense
+/// features into integers of at most [`FEATURE_STEPS`] in magnitude, in
+/// steps of their largest magnitude over `FEATURE_STEPS`. The products are
+/// then summed exactly, in 32-bit integers that cannot overflow (at most
+/// 127 × 8,191 × 512 < 2³¹), sixteen at a time: about three times as fast
+/// as float32 here, with a quarter of the weights' memory. `train.py`
+/// computes the same sums when it chooses the thresholds. A unit whose
+/// output weights are all zero adds nothing and is left out: the logits
+/// are the same floats as with every unit computed, bit for bit
+/// (`model_tests.rs`).
 pub(crate) struct Hidden {
-    /// Input weights of the units that have any (`dense` per row).
-    rows: Vec<f32>,
-    dense: usize,
+    /// The kept units' input weights, widened to 16 bits for the integer
+    /// products, one row of `width` per unit: `dense`, padded with zeros to
+    /// a multiple of [`LANES`].
+    rows: Vec<i16>,
+    width: usize,
     pub(crate) units: Vec<Unit>,
 }
 
 pub(crate) struct Unit {
-    /// Its row in `Hidden::rows`, or `None` when its input weights are all
-    /// zero.
-    row: Option<usize>,
+    scale: f32,
     bias: f32,
     output: [f32; ROWS],
 }
 
-/// Weights smaller than this are read as zero ([`Hidden`]).
+/// The largest magnitude of a dense feature as a hidden layer's input
+/// integer (part of the format).
+pub(crate) const FEATURE_STEPS: f32 = 8191.0;
+
+/// Weights smaller than this are read as zero.
 const NEGLIGIBLE: f32 = 1e-30;
 
 impl Hidden {
     /// From the file's tensors: `weight` is `units × dense`, `output` is
     /// `ROWS × units`.
-    pub(crate) fn new(dense: usize, weight: &[f32], bias: &[f32], output: &[f32]) -> Hidden {
+    pub(crate) fn new(dense: usize, weight: &[i8], scale: &[f32], bias: &[f32], output: &[f32]) -> Hidden {
         let flush = |w: f32| if w.abs() < NEGLIGIBLE { 0.0 } else { w };
         let count = bias.len();
-        let mut hidden = Hidden { rows: Vec::new(), dense, units: Vec::new() };
-        for (unit, (row, &bias)) in weight.chunks_exact(dense).zip(bias).enumerate() {
+        let width = dense.next_multiple_of(LANES);
+        let mut hidden = Hidden { rows: Vec::new(), width, units: Vec::new() };
+        for (unit, (row, (&scale, &bias))) in
+            weight.chunks_exact(dense).zip(scale.iter().zip(bias)).enumerate()
+        {
             let output: [f32; ROWS] = std::array::from_fn(|class| flush(output[class * count + unit]));
             if output.iter().all(|&w| w == 0.0) {
                 continue;
             }
-            let row_index = row.iter().any(|w| w.abs() >= NEGLIGIBLE).then(|| {
-                hidden.rows.extend(row.iter().map(|&w| flush(w)));
-                hidden.rows.len() / dense - 1
-            });
-            hidden.units.push(Unit { row: row_index, bias, output });
+            hidden.rows.extend(row.iter().map(|&w| i16::from(w)));
+            hidden.rows.resize(hidden.units.len() * width + width, 0);
+            hidden.units.push(Unit { scale, bias, output });
         }
         hidden
     }
 
     /// Adds the layer's output to `logits`.
     pub(crate) fn add_to(&self, features: &[f32], logits: &mut [f32; ROWS]) {
-        for unit in &self.units {
-            let sum =
-                unit.row.map_or(0.0, |r| dot(&self.rows[r * self.dense..(r + 1) * self.dense], features));
-            let activation = (unit.bias + sum).max(0.0);
+        let (mut input, step) = quantise(features);
+        input.resize(self.width, 0);
+        for (unit, row) in self.units.iter().zip(self.rows.chunks_exact(self.width)) {
+            let activation = unit.activation(row, &input, step);
             if activation > 0.0 {
                 for (logit, weight) in logits.iter_mut().zip(unit.output) {
                     *logit += weight * activation;
@@ -321,6 +427,46 @@ impl Hidden {
         }
     }
 }
+
+impl Unit {
+    /// The unit's rectified output for quantised features, both padded
+    /// alike.
+    pub(crate) fn activation(&self, row: &[i16], input: &[i16], step: f32) -> f32 {
+        (self.bias + (self.scale * step) * dot_i16(row, input) as f32).max(0.0)
+    }
+}
+
+/// The dense features as the hidden layer's integers, and the value of one
+/// step: `round(x × FEATURE_STEPS / largest)`, ties to even.
+pub(crate) fn quantise(features: &[f32]) -> (Vec<i16>, f32) {
+    let largest = features.iter().fold(0.0f32, |largest, x| largest.max(x.abs()));
+    if largest == 0.0 {
+        return (vec![0; features.len()], 0.0);
+    }
+    let inverse = FEATURE_STEPS / largest;
+    (features.iter().map(|x| (x * inverse).round_ties_even() as i16).collect(), largest / FEATURE_STEPS)
+}
+
+/// The exact sum of products of two vectors of small integers whose
+/// lengths are a multiple of [`LANES`], in lanes side by side (SIMD
+/// registers; with no remainder to handle, the compiler turns the loop
+/// into multiply-and-add instructions of eight pairs each).
+#[inline(never)]
+fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
+    let (a_lanes, _) = a.as_chunks::<LANES>();
+    let (b_lanes, _) = b.as_chunks::<LANES>();
+    let mut sums = [0i32; LANES];
+    for (x, y) in a_lanes.iter().zip(b_lanes) {
+        for lane in 0..LANES {
+            sums[lane] += i32::from(x[lane]) * i32::from(y[lane]);
+        }
+    }
+    sums.iter().sum()
+}
+
+/// The hidden layer's rows and inputs are padded with zeros to a multiple
+/// of this many integers.
+const LANES: usize = 16;
 
 impl Encoder {
     /// Reads the token vectors and vocabulary (a `distill.py` output, or a
@@ -377,46 +523,50 @@ impl Encoder {
     /// Fills `dense` (`2 * dims`: mean, then maximum of the token vectors),
     /// calls `sparse` with the bucket of every sparse feature occurrence,
     /// and returns how many there were (each counts `1 / sqrt(count)`).
-    pub fn features(&self, normalised: &str, dense: &mut [f32], mut sparse: impl FnMut(usize)) -> usize {
+    pub fn features(&self, normalised: &str, dense: &mut [f32], sparse: impl FnMut(usize)) -> usize {
+        let counts = self.accumulate(normalised, dense, sparse);
+        finish_dense(dense, counts.tokens);
+        counts.occurrences
+    }
+
+    /// Fills `dense` with the sum, then the maximum, of the token vectors,
+    /// and calls `sparse` with the bucket of every sparse occurrence.
+    fn accumulate<'t>(
+        &self,
+        normalised: &'t str,
+        dense: &mut [f32],
+        mut sparse: impl FnMut(usize),
+    ) -> Counts<'t> {
         let dims = self.dims;
-        let (mean, max) = dense.split_at_mut(dims);
-        mean.fill(0.0);
+        let (sum, max) = dense.split_at_mut(dims);
+        sum.fill(0.0);
         max.fill(f32::NEG_INFINITY);
-        let mut tokens = 0usize;
+        let mut counts = Counts::default();
         self.tokens(normalised, |id| {
             let id = id as usize;
             let scale = self.scales[id];
             let row = &self.vectors[id * dims..(id + 1) * dims];
-            for ((m, x), &v) in mean.iter_mut().zip(max.iter_mut()).zip(row) {
+            for ((m, x), &v) in sum.iter_mut().zip(max.iter_mut()).zip(row) {
                 let v = f32::from(v) * scale;
                 *m += v;
                 *x = x.max(v);
             }
-            tokens += 1;
+            counts.tokens += 1;
         });
-        if tokens == 0 {
-            max.fill(0.0);
-        } else {
-            // Fewer tokens than DENSE_FLOOR are less evidence: their
-            // vectors are shrunk towards zero, as the sparse ones are.
-            let n = tokens as f32;
-            let weight = (n / DENSE_FLOOR as f32).min(1.0);
-            mean.iter_mut().for_each(|m| *m *= weight / n);
-            max.iter_mut().for_each(|x| *x *= weight);
-        }
 
-        let mut count = 0;
         let mut emit = |hash: u64| {
             sparse((hash % BUCKETS as u64) as usize);
-            count += 1;
+            counts.occurrences += 1;
         };
         let mut previous: Option<&str> = None;
         for word in normalised.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()) {
             emit(fnv(b"w", &[word.as_bytes()]));
-            if let Some(previous) = previous {
-                emit(fnv(b"b", &[previous.as_bytes(), b" ", word.as_bytes()]));
+            match previous {
+                Some(previous) => emit(fnv(b"b", &[previous.as_bytes(), b" ", word.as_bytes()])),
+                None => counts.first_word = word,
             }
             previous = Some(word);
+            counts.words += 1;
             let bytes = word.as_bytes();
             if bytes.len() > 40 {
                 continue;
@@ -432,7 +582,8 @@ impl Encoder {
                 }
             }
         }
-        count
+        counts.last_word = previous.unwrap_or_default();
+        counts
     }
 
     /// BERT's uncased WordPiece over a normalised text (already lower
@@ -498,6 +649,37 @@ const MIN_WORDS: usize = 3;
 /// the format).
 const DENSE_FLOOR: usize = 8;
 
+/// What [`Encoder::accumulate`] counted of a text.
+#[derive(Default)]
+struct Counts<'t> {
+    tokens: usize,
+    occurrences: usize,
+    words: usize,
+    first_word: &'t str,
+    last_word: &'t str,
+}
+
+/// Turns the token vectors' sum and maximum (`dense`) into the dense
+/// features: their mean and maximum, shrunk towards zero when there are
+/// fewer tokens than [`DENSE_FLOOR`] (less evidence, as for the sparse
+/// ones).
+fn finish_dense(dense: &mut [f32], tokens: usize) {
+    let (mean, max) = dense.split_at_mut(dense.len() / 2);
+    if tokens == 0 {
+        max.fill(0.0);
+    } else {
+        let n = tokens as f32;
+        let weight = (n / DENSE_FLOOR as f32).min(1.0);
+        mean.iter_mut().for_each(|m| *m *= weight / n);
+        max.iter_mut().for_each(|x| *x *= weight);
+    }
+}
+
+/// The bucket of the word bigram `first second`.
+fn bigram_bucket(first: &str, second: &str) -> usize {
+    (fnv(b"b", &[first.as_bytes(), b" ", second.as_bytes()]) % BUCKETS as u64) as usize
+}
+
 /// The value of each sparse occurrence, when there are `count`.
 pub fn sparse_scale(count: usize) -> f32 {
     if count == 0 { 0.0 } else { SPARSE_WEIGHT / (count.max(SPARSE_FLOOR) as f32).sqrt() }
@@ -517,7 +699,6 @@ fn fnv(kind: &[u8], parts: &[&[u8]]) -> u64 {
 /// The dot product of two vectors, summed in eight lanes: a single running
 /// sum of floats is one long chain of dependent additions that the compiler
 /// may not reorder, where eight lanes run side by side (in SIMD registers).
-/// The hidden layer is most of the model's work per message.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a_lanes, a_rest) = a.as_chunks::<8>();
     let (b_lanes, b_rest) = b.as_chunks::<8>();
@@ -530,20 +711,35 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// The bytes of a tensor of the given type and shape.
+fn tensor_data<'f>(
+    file: &'f SafeTensors<'_>,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<&'f [u8], ModelError> {
+    let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
+    if tensor.dtype() != dtype || tensor.shape() != shape {
+        return Err(error(format!(
+            "`{name}` must be {dtype:?} of shape {shape:?}, is {:?} {:?}",
+            tensor.dtype(),
+            tensor.shape()
+        )));
+    }
+    Ok(tensor.data())
+}
+
+fn i8_tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<i8>, ModelError> {
+    Ok(tensor_data(file, name, Dtype::I8, shape)?.iter().map(|&b| b as i8).collect())
+}
+
 pub(crate) fn f32_tensor(
     file: &SafeTensors<'_>,
     name: &str,
     shape: &[usize],
 ) -> Result<Vec<f32>, ModelError> {
-    let tensor = file.tensor(name).map_err(|_| error(format!("no tensor `{name}`")))?;
-    if tensor.dtype() != Dtype::F32 || tensor.shape() != shape {
-        return Err(error(format!(
-            "`{name}` must be float32 of shape {shape:?}, is {:?} {:?}",
-            tensor.dtype(),
-            tensor.shape()
-        )));
-    }
-    Ok(tensor.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    let data = tensor_data(file, name, Dtype::F32, shape)?;
+    Ok(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// Lower-case hexadecimal.

@@ -11,8 +11,8 @@ use haven_protocol::RiskLevel;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{BUILTIN_SHA256, Encoder, FORMAT, Hidden, Model, dot, f32_tensor, hex};
-use crate::{CONTEXT_RULE, Classifier, classify};
+use crate::model::{BUILTIN_SHA256, Encoder, FORMAT, Hidden, Model, f32_tensor, hex, quantise};
+use crate::{CONTEXT_RULE, Classifier, Earlier, classify};
 
 const ROUND_1_CONVERSATIONS: &str = include_str!("../data/unseen/round-1-conversations.jsonl");
 const ROUND_2: &str = include_str!("../data/unseen/round-2.jsonl");
@@ -21,6 +21,8 @@ const ROUND_3: &str = include_str!("../data/unseen/round-3.jsonl");
 const ROUND_3_CONVERSATIONS: &str = include_str!("../data/unseen/round-3-conversations.jsonl");
 const ROUND_4: &str = include_str!("../data/unseen/round-4.jsonl");
 const ROUND_4_CONVERSATIONS: &str = include_str!("../data/unseen/round-4-conversations.jsonl");
+const ROUND_5: &str = include_str!("../data/unseen/round-5.jsonl");
+const ROUND_5_CONVERSATIONS: &str = include_str!("../data/unseen/round-5-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -43,11 +45,21 @@ const ROUND_3_FALSE_ALARMS: usize = 10;
 const ROUND_3_CONVERSATIONS_SUFFICIENT: usize = 37;
 
 /// Round 4 with the detector it was first scored with (rules 2026.12.1,
-/// model 2026.12.5), scored once.
+/// model 2026.12.5), scored once. Round 4 now trains the model, so this is
+/// only a floor; and on the detections of both levels together: model
+/// 2026.12.6 detects one `concern` item fewer (122), and 21 serious items
+/// more with no false alarm.
 const ROUND_4_HIGH_DETECTED: usize = 257;
 const ROUND_4_CONCERN_DETECTED: usize = 123;
 const ROUND_4_FALSE_ALARMS: usize = 16;
 const ROUND_4_CONVERSATIONS_SUFFICIENT: usize = 39;
+
+/// Round 5 with the detector it was first scored with (rules 2026.12.2,
+/// model 2026.12.6), scored once.
+const ROUND_5_HIGH_DETECTED: usize = 260;
+const ROUND_5_CONCERN_DETECTED: usize = 115;
+const ROUND_5_FALSE_ALARMS: usize = 15;
+const ROUND_5_CONVERSATIONS_SUFFICIENT: usize = 36;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -163,10 +175,18 @@ fn unseen_round_3_does_not_fall_below_its_first_score() {
 
 #[test]
 fn unseen_round_4_does_not_fall_below_its_first_score() {
-    let both = score("unseen round 4", ROUND_4);
+    let both = score("round 4 (now training data)", ROUND_4);
     assert!(both.high.0 >= ROUND_4_HIGH_DETECTED, "{both:?}");
-    assert!(both.concern.0 >= ROUND_4_CONCERN_DETECTED, "{both:?}");
+    assert!(both.high.0 + both.concern.0 >= ROUND_4_HIGH_DETECTED + ROUND_4_CONCERN_DETECTED, "{both:?}");
     assert!(both.none.0 <= ROUND_4_FALSE_ALARMS, "{both:?}");
+}
+
+#[test]
+fn unseen_round_5_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 5", ROUND_5);
+    assert!(both.high.0 >= ROUND_5_HIGH_DETECTED, "{both:?}");
+    assert!(both.concern.0 >= ROUND_5_CONCERN_DETECTED, "{both:?}");
+    assert!(both.none.0 <= ROUND_5_FALSE_ALARMS, "{both:?}");
 }
 
 /// The conversations of a round: the last message read with the earlier
@@ -178,8 +198,8 @@ fn conversations(name: &str, source: &str) -> usize {
     let (mut with_window, mut alone) = (Counts::default(), Counts::default());
     let mut sufficient = 0;
     for item in &items {
-        let earlier: Vec<&str> = item.context.iter().map(String::as_str).collect();
-        let got = classifier.classify_in_context(&item.text, &earlier).level;
+        let earlier: Vec<Earlier> = item.context.iter().cloned().map(Earlier::new).collect();
+        let got = classifier.classify_in_context(&item.text, &earlier.iter().collect::<Vec<_>>()).level;
         with_window.add(item.level, got);
         alone.add(item.level, classifier.classify(&item.text).level);
         sufficient += usize::from(match item.level {
@@ -199,8 +219,9 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_2 = conversations("unseen round 2", ROUND_2_CONVERSATIONS);
     let round_3 = conversations("unseen round 3", ROUND_3_CONVERSATIONS);
     let round_4 = conversations("unseen round 4", ROUND_4_CONVERSATIONS);
+    let round_5 = conversations("unseen round 5", ROUND_5_CONVERSATIONS);
     println!(
-        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50"
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50"
     );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
@@ -208,14 +229,15 @@ fn unseen_conversations_are_read_with_their_window() {
     );
     assert!(round_3 >= ROUND_3_CONVERSATIONS_SUFFICIENT, "round 3: {round_3} sufficient");
     assert!(round_4 >= ROUND_4_CONVERSATIONS_SUFFICIENT, "round 4: {round_4} sufficient");
+    assert!(round_5 >= ROUND_5_CONVERSATIONS_SUFFICIENT, "round 5: {round_5} sufficient");
 }
 
 #[test]
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.5");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.5", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.6");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.6", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -233,53 +255,66 @@ fn with_header(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     out
 }
 
-/// The hidden layer as it runs (vanishing weights read as zero, silent
-/// units left out, see `Hidden`) adds the same floats, bit for bit, as
-/// every unit of the shipped file computed from its own weights, on every
-/// unseen message and conversation.
+/// The hidden layer as it runs (silent units left out, see `Hidden`) adds
+/// the same floats, bit for bit, as every unit of the shipped file
+/// computed from its own weights, on every unseen message and
+/// conversation; and its integer sums stay close to the float32 products
+/// of the weights they stand for.
 #[test]
 fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
     let file = safetensors::SafeTensors::deserialize(BUILTIN).expect("the shipped file parses");
-    let bias = f32_tensor(&file, "hidden_bias", &[file.tensor("hidden_bias").unwrap().shape()[0]]).unwrap();
-    let units = bias.len();
+    let units = file.tensor("hidden_bias").unwrap().shape()[0];
+    let bias = f32_tensor(&file, "hidden_bias", &[units]).unwrap();
+    let scale = f32_tensor(&file, "hidden_scale", &[units]).unwrap();
     let encoder = Encoder::from_bytes(BUILTIN).unwrap();
     let dense = encoder.feature_count() - crate::model::BUCKETS;
-    let weight = f32_tensor(&file, "hidden_weight", &[units, dense]).unwrap();
+    let weight: Vec<i8> = file.tensor("hidden_weight").unwrap().data().iter().map(|&b| b as i8).collect();
+    assert_eq!(weight.len(), units * dense);
     let output = f32_tensor(&file, "hidden_output", &[3, units]).unwrap();
-    let hidden = Hidden::new(dense, &weight, &bias, &output);
+    let hidden = Hidden::new(dense, &weight, &scale, &bias, &output);
     assert!(
         hidden.units.len() < units,
         "the shipped model has units that add nothing, and they are left out"
     );
 
     let mut texts: Vec<String> = Vec::new();
-    for round in [ROUND_2, ROUND_3, ROUND_4] {
+    for round in [ROUND_2, ROUND_3, ROUND_4, ROUND_5] {
         texts.extend(parse(round).into_iter().map(|item| item.text));
     }
-    for round in [ROUND_1_CONVERSATIONS, ROUND_2_CONVERSATIONS, ROUND_3_CONVERSATIONS, ROUND_4_CONVERSATIONS]
-    {
+    for round in [
+        ROUND_1_CONVERSATIONS,
+        ROUND_2_CONVERSATIONS,
+        ROUND_3_CONVERSATIONS,
+        ROUND_4_CONVERSATIONS,
+        ROUND_5_CONVERSATIONS,
+    ] {
         texts.extend(parse(round).into_iter().map(|item| item.context.join("\n") + "\n" + &item.text));
     }
     let mut features = vec![0.0f32; dense];
-    let mut checked = 0;
+    let (mut checked, mut largest_error) = (0, 0.0f32);
     for text in &texts {
         encoder.features(&crate::normalise(text), &mut features, |_| {});
         let start = [0.25f32, -1.5, 2.0];
         let mut running = start;
         hidden.add_to(&features, &mut running);
+        let (input, step) = quantise(&features);
         let mut whole = start;
         for (unit, row) in weight.chunks_exact(dense).enumerate() {
-            let activation = (bias[unit] + dot(row, &features)).max(0.0);
+            let sum: i32 = row.iter().zip(&input).map(|(&w, &x)| i32::from(w) * i32::from(x)).sum();
+            let activation = (bias[unit] + (scale[unit] * step) * sum as f32).max(0.0);
             if activation > 0.0 {
                 for (class, logit) in whole.iter_mut().enumerate() {
                     *logit += output[class * units + unit] * activation;
                 }
             }
+            let float: f32 = row.iter().zip(&features).map(|(&w, &x)| f32::from(w) * scale[unit] * x).sum();
+            largest_error = largest_error.max((float - (scale[unit] * step) * sum as f32).abs());
         }
         assert_eq!(running.map(f32::to_bits), whole.map(f32::to_bits), "{text:?}");
         checked += usize::from(whole != start);
     }
     assert!(checked > texts.len() / 2, "the layer moved the logits of only {checked} texts");
+    assert!(largest_error < 1e-2, "a unit's sum is {largest_error} off its float32 value");
 }
 
 #[test]
@@ -310,7 +345,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.5");
+    assert_eq!(json["model"]["version"], "2026.12.6");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
@@ -333,9 +368,10 @@ fn the_two_bugs_of_issue_17_are_gone() {
 #[test]
 fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
     let classifier = Classifier::builtin();
-    let earlier = ["i keep thinking i want to kill myself"];
+    let earlier = Earlier::new("i keep thinking i want to kill myself".to_owned());
+    let earlier = [&earlier];
     let when = "after everyone is asleep";
-    // Alone, model 2026.12.5 reads it as `concern` at most; the window
+    // Alone, model 2026.12.6 reads it as `concern` at most; the window
     // makes it imminent.
     assert!(classifier.classify(when).level < RiskLevel::High);
     let tonight = classifier.classify_in_context(when, &earlier);
