@@ -203,11 +203,25 @@ def fit(x, y, dense):
 
 
 def levels(p, rules, t):
+    """The model's level, on coherent probabilities (`coherent`), and the
+    higher of it and the rules'."""
+    p = coherent(p)
     out = np.zeros(len(p), dtype=int)
     out[p[:, 0] >= t["concern"]] = 1
     out[p[:, 1] >= t["high"]] = 2
     out[(p[:, 2] >= t["imminent"]) & (p[:, 1] >= t["high"])] = 3
     return np.maximum(out, rules)
+
+
+def coherent(p):
+    """The rows are fitted apart, so a row above may exceed the one below it
+    (a sentence repeated four times once had a probability of `high` or
+    above of 0.9 and of `concern` or above of 0.07): each is capped by the
+    one below, as Model::assess_readings does."""
+    p = p.copy()
+    p[:, 1] = np.minimum(p[:, 1], p[:, 0])
+    p[:, 2] = np.minimum(p[:, 2], p[:, 1])
+    return p
 
 
 def candidates(p, none):

@@ -236,8 +236,8 @@ fn unseen_conversations_are_read_with_their_window() {
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.6");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.6", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.7");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.7", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -318,6 +318,14 @@ fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
 }
 
 #[test]
+fn features_are_quantised_to_the_nearest_step_ties_to_even() {
+    let (input, step) = quantise(&[0.5, -1.0, 0.25, 1.5 / 8191.0, 2.5 / 8191.0, -0.5 / 8191.0, 0.0]);
+    assert_eq!(step, 1.0 / 8191.0);
+    assert_eq!(input, [4096, -8191, 2048, 2, 2, 0, 0]);
+    assert_eq!(quantise(&[0.0; 4]), (vec![0; 4], 0.0));
+}
+
+#[test]
 fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
     let refused = |bytes: &[u8]| Model::from_bytes(bytes).expect_err("must be refused").to_string();
     // The header re-encoded unchanged still loads: the edits below are the cause.
@@ -345,7 +353,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.6");
+    assert_eq!(json["model"]["version"], "2026.12.7");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
@@ -371,7 +379,7 @@ fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
     let earlier = Earlier::new("i keep thinking i want to kill myself".to_owned());
     let earlier = [&earlier];
     let when = "after everyone is asleep";
-    // Alone, model 2026.12.6 reads it as `concern` at most; the window
+    // Alone, model 2026.12.7 reads it as `concern` at most; the window
     // makes it imminent.
     assert!(classifier.classify(when).level < RiskLevel::High);
     let tonight = classifier.classify_in_context(when, &earlier);
