@@ -380,16 +380,21 @@ fn classification_speed() {
             ("rules and model", 1),
             ("rules and model, window of 3 short messages", 2),
             ("rules and model, window of 3 long messages", 3),
+            ("rules and model, window of 3 long messages, each read for the first time", 4),
         ] {
             let mut times: Vec<std::time::Duration> = (0..rounds)
                 .map(|_| {
+                    let unread: Vec<crate::Earlier> =
+                        long.iter().map(|message| crate::Earlier::new(message.text().to_owned())).collect();
+                    let unread: Vec<&crate::Earlier> = unread.iter().collect();
                     let started = Instant::now();
                     let text = std::hint::black_box(text);
                     let _ = match run {
                         0 => detector.classify(text),
                         1 => classifier.classify(text),
                         2 => classifier.classify_in_context(text, &short),
-                        _ => classifier.classify_in_context(text, &long),
+                        3 => classifier.classify_in_context(text, &long),
+                        _ => classifier.classify_in_context(text, &unread),
                     };
                     started.elapsed()
                 })

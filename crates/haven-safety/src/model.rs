@@ -280,7 +280,7 @@ impl Model {
     /// fitted apart, so a row above may exceed the one below it (a sentence
     /// repeated four times once had 0.9 for `high` or above and 0.07 for
     /// `concern` or above): each is capped by the one below.
-    fn probabilities(&self, readings: &[&Reading]) -> [f32; ROWS] {
+    pub(crate) fn probabilities(&self, readings: &[&Reading]) -> [f32; ROWS] {
         let [concern, high, imminent] = self.row_probabilities(readings);
         let high = high.min(concern);
         [concern, high, imminent.min(high)]

@@ -47,7 +47,7 @@ const ROUND_3_CONVERSATIONS_SUFFICIENT: usize = 37;
 /// Round 4 with the detector it was first scored with (rules 2026.12.1,
 /// model 2026.12.5), scored once. Round 4 now trains the model, so this is
 /// only a floor; and on the detections of both levels together: model
-/// 2026.12.6 detects one `concern` item fewer (122), and 21 serious items
+/// 2026.12.7 detects one `concern` item fewer (122), and 22 serious items
 /// more with no false alarm.
 const ROUND_4_HIGH_DETECTED: usize = 257;
 const ROUND_4_CONCERN_DETECTED: usize = 123;
@@ -315,6 +315,25 @@ fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
     }
     assert!(checked > texts.len() / 2, "the layer moved the logits of only {checked} texts");
     assert!(largest_error < 1e-2, "a unit's sum is {largest_error} off its float32 value");
+}
+
+/// The benchmark's filler sentence, repeated in a window, once read as
+/// `high` with a 7 % probability of `concern` or above: no row may now
+/// exceed the one below it.
+#[test]
+fn a_row_above_never_exceeds_the_one_below() {
+    let classifier = Classifier::builtin();
+    let filler: String = "steady breathing helps ".chars().cycle().take(100).collect();
+    let earlier: Vec<Earlier> = (0..3).map(|_| Earlier::new(filler.clone())).collect();
+    let earlier: Vec<&Earlier> = earlier.iter().collect();
+    assert_eq!(classifier.classify_in_context(&filler, &earlier).level, RiskLevel::None);
+    let model = Model::builtin().unwrap();
+    let mut texts: Vec<String> = vec![[filler.as_str(); 4].join("\n")];
+    texts.extend(parse(ROUND_5).into_iter().map(|item| item.text));
+    for text in &texts {
+        let [concern, high, imminent] = model.probabilities(&[&model.read(&crate::normalise(text))]);
+        assert!(high <= concern && imminent <= high, "{text:?}: {concern} {high} {imminent}");
+    }
 }
 
 #[test]
