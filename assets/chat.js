@@ -36,6 +36,8 @@ const soundToggle = document.getElementById("alert-sound");
 // re-openable from the header for the rest of the chat.
 const crisisCard = document.getElementById("crisis-card");
 const crisisOpen = document.getElementById("crisis-open");
+const favicon = document.getElementById("favicon");
+const pageTitle = document.title;
 soundButton(soundToggle);
 
 const MAX_CHARS = 4000;
@@ -179,6 +181,7 @@ function render(message) {
   } else {
     element = buildMessage(message.sender, message.content);
     announce(message);
+    noteWhileHidden(message);
   }
   if (message.kind === "crisis") showCrisisCard(message.content);
   stamp(element, message.created_at);
@@ -188,6 +191,27 @@ function render(message) {
   placeConfirmed(element);
   element.scrollIntoView({ block: "nearest" });
 }
+
+// While the tab is in the background, what the other person says, and
+// the therapist's join, are counted in the title ("(2) Your chat · Haven")
+// and badged on the icon, until the tab is seen again.
+let unseen = 0;
+
+function noteWhileHidden(message) {
+  if (document.visibilityState !== "hidden") return;
+  const fromOtherPerson = message.sender === (therapistView ? "user" : "therapist");
+  if (!fromOtherPerson && message.kind !== "join") return;
+  unseen += 1;
+  document.title = `(${unseen}) ${pageTitle}`;
+  favicon.href = "/assets/icon-unread.svg";
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState !== "visible" || unseen === 0) return;
+  unseen = 0;
+  document.title = pageTitle;
+  favicon.href = "/assets/icon.svg";
+});
 
 function showCrisisCard(text) {
   if (!crisisCard) return;

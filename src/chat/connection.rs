@@ -18,8 +18,8 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMessage, ChatMode, ClientInput, ErrorCode, JOIN_MESSAGE, MessageKind, RiskLevel, Role, Sender,
-    ServerFrame, close_code, parse_client_frame,
+    ChatMessage, ChatMode, ClientInput, ErrorCode, MessageKind, RiskLevel, Role, Sender, ServerFrame,
+    close_code, join_message, parse_client_frame,
 };
 use haven_safety::Earlier;
 use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, SessionEvent, StoreError};
@@ -335,7 +335,8 @@ impl Connection {
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
         self.delivery.mode = session.chat_mode;
         if let Some(therapist) = &self.admitted.therapist {
-            let joined = store.join_as_therapist(session.id, therapist.id, JOIN_MESSAGE).await?;
+            let joined =
+                store.join_as_therapist(session.id, therapist.id, &join_message(&therapist.name)).await?;
             match joined.outcome {
                 JoinOutcome::Joined => {
                     self.delivery.mode = ChatMode::TherapistJoined;

@@ -5,13 +5,16 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 /// Name, content type and contents of every asset.
-const ASSETS: [(&str, &str, &str); 6] = [
+const ASSETS: [(&str, &str, &str); 8] = [
     ("app.css", "text/css; charset=utf-8", include_str!("../../assets/app.css")),
     ("home.js", "text/javascript; charset=utf-8", include_str!("../../assets/home.js")),
     ("chat.js", "text/javascript; charset=utf-8", include_str!("../../assets/chat.js")),
     ("alert.js", "text/javascript; charset=utf-8", include_str!("../../assets/alert.js")),
     ("dashboard.js", "text/javascript; charset=utf-8", include_str!("../../assets/dashboard.js")),
     ("session.js", "text/javascript; charset=utf-8", include_str!("../../assets/session.js")),
+    ("icon.svg", "image/svg+xml", include_str!("../../assets/icon.svg")),
+    // The chat page's icon while something new waits in a background tab.
+    ("icon-unread.svg", "image/svg+xml", include_str!("../../assets/icon-unread.svg")),
 ];
 
 pub async fn serve(Path(file): Path<String>) -> Response {

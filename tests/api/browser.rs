@@ -282,6 +282,52 @@ async fn log_in(app: &TestApp, browser: &Browser, email: &str) {
     browser.find("#appointments").await;
 }
 
+/// A client's tab in the background counts the join and what the therapist
+/// says in its title and badges its icon, until the tab is seen again.
+/// (Headless Chromium shows every tab WebDriver switches to, so the page is
+/// told it is hidden the way the browser tells it: `visibilityState` and a
+/// `visibilitychange` event.)
+#[tokio::test]
+async fn a_background_tab_shows_the_join_and_new_messages_in_its_title_and_icon() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let session_id = chat_now(&app, &client).await;
+    let set_visibility =
+        "Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => arguments[0] });
+         document.dispatchEvent(new Event('visibilitychange'));";
+    let title = client.js("return document.title", vec![]).await;
+    assert_eq!(title, "Your chat · Haven");
+    client.js(set_visibility, vec![json!("hidden")]).await;
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.until_connected().await;
+    client.until("document.title === '(1) Your chat · Haven'", vec![]).await;
+    client
+        .until(
+            "document.getElementById('favicon').getAttribute('href') === '/assets/icon-unread.svg'",
+            vec![],
+        )
+        .await;
+    assert!(
+        client
+            .transcript()
+            .await
+            .iter()
+            .any(|(_, sender, text)| sender == "system" && text.contains("Therapist has joined: Tess.")),
+        "the join names the therapist"
+    );
+    therapist.say("Hello, I'm Tess").await;
+    client.until("document.title === '(2) Your chat · Haven'", vec![]).await;
+
+    client.js(set_visibility, vec![json!("visible")]).await;
+    client.until("document.title === 'Your chat · Haven'", vec![]).await;
+    client
+        .until("document.getElementById('favicon').getAttribute('href') === '/assets/icon.svg'", vec![])
+        .await;
+    client.close().await;
+    therapist.close().await;
+}
+
 #[tokio::test]
 async fn the_reference_procedure_works_in_a_real_browser() {
     let app = TestApp::spawn().await;
@@ -335,7 +381,7 @@ async fn the_reference_procedure_works_in_a_real_browser() {
         .await;
     for tab in &tabs {
         client.client.switch_to_window(tab.clone()).await.unwrap();
-        client.until("[...document.querySelectorAll('#messages .msg--system[data-kind=join]')].some(m => m.textContent.includes('Therapist has joined'))", vec![]).await;
+        client.until("[...document.querySelectorAll('#messages .msg--system[data-kind=join]')].some(m => m.textContent.includes('Therapist has joined: Tess.'))", vec![]).await;
         client
             .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
             .await;

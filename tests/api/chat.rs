@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use haven_protocol::{ChatMode, JOIN_MESSAGE, Sender, ServerFrame};
+use haven_protocol::{ChatMode, Sender, ServerFrame};
 use serde_json::Value;
 
 use crate::helpers::{Options, TestApp, from_companion, messages};
@@ -45,7 +45,8 @@ async fn therapist_join_reaches_every_client_tab_and_is_stored() {
     let mut desk = app.connect(session.session_id, &therapist.token).await;
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
     let joined = desk.message().await;
-    assert_eq!((joined.seq, joined.sender, joined.content.as_str()), (1, Sender::System, JOIN_MESSAGE));
+    let named = "🧑\u{200d}⚕️ Therapist has joined: Tess. You can talk directly now.";
+    assert_eq!((joined.seq, joined.sender, joined.content.as_str()), (1, Sender::System, named));
 
     for tab in &mut tabs {
         assert_eq!(tab.message().await, joined);

@@ -23,8 +23,23 @@ pub const MAX_CONTENT_CHARS: usize = 4_000;
 /// Longest `client_id` accepted, in bytes. A UUID needs 36.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
 
-/// The system message appended when a therapist takes over a session.
+/// The system message appended when a therapist takes over a session, for
+/// a therapist of no name; [`join_message`] names them. (The migration
+/// that added `messages.kind` recognises this text.)
 pub const JOIN_MESSAGE: &str = "🧑\u{200d}⚕️ Therapist has joined. You can talk directly now.";
+
+/// The system message appended when a therapist takes over a session:
+/// "🧑‍⚕️ Therapist has joined: NAME. You can talk directly now.", with the
+/// account's name on one line (whitespace collapsed, at most 80
+/// characters), or [`JOIN_MESSAGE`] when it has none.
+pub fn join_message(therapist_name: &str) -> String {
+    let name: String =
+        therapist_name.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(80).collect();
+    if name.is_empty() {
+        return JOIN_MESSAGE.to_owned();
+    }
+    format!("🧑\u{200d}⚕️ Therapist has joined: {name}. You can talk directly now.")
+}
 
 /// The system message appended when a therapist closes a chat.
 pub const CLOSE_MESSAGE: &str = "This chat has been closed by the therapist. Thank you for talking with us.";
@@ -222,4 +237,19 @@ pub struct ChatMessage {
     /// message replaces (it equals `id`). Absent for other senders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_id: Option<Uuid>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_message_names_the_therapist_on_one_line() {
+        assert_eq!(
+            join_message("  Dr Tess\n  Example "),
+            "🧑\u{200d}⚕️ Therapist has joined: Dr Tess Example. You can talk directly now."
+        );
+        assert_eq!(join_message(" \n"), JOIN_MESSAGE);
+        assert_eq!(join_message(&"x".repeat(200)).matches('x').count(), 80);
+    }
 }
