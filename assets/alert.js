@@ -2,7 +2,8 @@
 // Audio (no file to load). Browsers may refuse sound until the page has been
 // clicked; then `soundButton` offers to turn it on. The outcome is kept in
 // `document.body.dataset.alertSound` ("played" or "blocked") and the number
-// of chimes in `data-alert-count`, so the behaviour can be checked.
+// of chimes in `data-alert-count` (`data-waiting-count` for the sound of a
+// client who starts waiting), so the behaviour can be checked.
 
 let context = null;
 
@@ -24,7 +25,20 @@ function tone(ctx, frequency, start, length) {
 }
 
 /// Plays the chime, or shows `button` so the therapist can allow sound.
-export async function chime(button) {
+export function chime(button) {
+  return play(button, "alertCount", (ctx, now) => {
+    tone(ctx, 880, now, 0.25);
+    tone(ctx, 660, now + 0.3, 0.35);
+  });
+}
+
+/// The softer sound of a client who starts waiting (opt-in on the
+/// dashboard), counted in `data-waiting-count`.
+export function ping(button) {
+  return play(button, "waitingCount", (ctx, now) => tone(ctx, 523, now, 0.3));
+}
+
+async function play(button, counter, tones) {
   const ctx = audio();
   if (!ctx) return;
   try {
@@ -38,11 +52,9 @@ export async function chime(button) {
     if (button) button.hidden = false;
     return;
   }
-  const now = ctx.currentTime;
-  tone(ctx, 880, now, 0.25);
-  tone(ctx, 660, now + 0.3, 0.35);
+  tones(ctx, ctx.currentTime);
   body.alertSound = "played";
-  body.alertCount = String(Number(body.alertCount ?? 0) + 1);
+  body[counter] = String(Number(body[counter] ?? 0) + 1);
 }
 
 /// Wires the "Turn on alert sound" button: a click unlocks the audio.

@@ -7,7 +7,7 @@
 // for a therapist (the server sorts them), are marked in colour and words, are listed in an alert banner, and
 // chime once per new flag until a therapist acknowledges them.
 
-import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
+import { LEVEL_LABELS, chime, ping, soundButton } from "/assets/alert.js";
 import { LOGIN_ENDED, showLoginEnded } from "/assets/session.js";
 
 const body = document.querySelector("#appointments tbody");
@@ -16,6 +16,16 @@ const alertBox = document.getElementById("risk-alert");
 const alertList = document.getElementById("risk-alert-list");
 const soundToggle = document.getElementById("alert-sound");
 const moreButton = document.getElementById("appointments-more");
+// Opt-in, remembered in this browser: a sound when a client starts waiting.
+const waitingSound = document.getElementById("waiting-sound");
+const WAITING_SOUND_KEY = "haven.waitingSound";
+waitingSound.checked = localStorage.getItem(WAITING_SOUND_KEY) === "on";
+waitingSound.addEventListener("change", () => {
+  localStorage.setItem(WAITING_SOUND_KEY, waitingSound.checked ? "on" : "off");
+});
+// Sessions seen waiting, so only a new one makes the sound; none does on
+// the first load.
+let waitingSeen = null;
 const baseTitle = document.title;
 let appointments = [];
 // Flags already chimed for: "session@last_flagged_at".
@@ -196,6 +206,14 @@ function renderAlerts() {
     return true;
   });
   if (fresh.length) chime(soundToggle);
+  noteNewWaiting();
+}
+
+function noteNewWaiting() {
+  const waiting = appointments.filter((appointment) => appointment.chat_mode === "BOT_ONLY");
+  const fresh = waitingSeen ? waiting.filter((appointment) => !waitingSeen.has(appointment.session_id)) : [];
+  waitingSeen = new Set([...(waitingSeen ?? []), ...waiting.map((appointment) => appointment.session_id)]);
+  if (fresh.length && waitingSound.checked) ping(soundToggle);
 }
 
 // The list comes in pages (newest activity first); "Show more" asks for one

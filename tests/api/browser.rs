@@ -722,6 +722,42 @@ async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
     therapist.close().await;
 }
 
+/// A client who starts waiting makes a sound on the dashboard once the
+/// therapist opts in (remembered in this browser), and none before.
+#[tokio::test]
+async fn a_new_waiting_client_sounds_on_the_dashboard_when_the_therapist_opts_in() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let waiting_before = chat_now(&app, &client).await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.find(&format!("#appointments tr[data-session-id='{waiting_before}']")).await;
+    let sounds = "return document.body.dataset.waitingCount ?? '0'";
+    assert_eq!(
+        therapist.js("return document.getElementById('waiting-sound').checked", vec![]).await,
+        json!(false)
+    );
+
+    // Opted out: a new client changes the title, and makes no sound.
+    let quiet = chat_now(&app, &client).await;
+    therapist.find(&format!("#appointments tr[data-session-id='{quiet}']")).await;
+    therapist.until("document.title.startsWith('2 waiting')", vec![]).await;
+    assert_eq!(therapist.js(sounds, vec![]).await, json!("0"));
+
+    // Opted in, and still so after a reload: the next one sounds once.
+    therapist.find("#waiting-sound").await.click().await.unwrap();
+    therapist.goto(&app, "/therapist").await;
+    therapist.find(&format!("#appointments tr[data-session-id='{quiet}']")).await;
+    assert_eq!(
+        therapist.js("return document.getElementById('waiting-sound').checked", vec![]).await,
+        json!(true)
+    );
+    let heard = chat_now(&app, &client).await;
+    therapist.find(&format!("#appointments tr[data-session-id='{heard}']")).await;
+    therapist.until("document.body.dataset.waitingCount === '1'", vec![]).await;
+    therapist.until("document.title.startsWith('3 waiting')", vec![]).await;
+    client.close().await;
+    therapist.close().await;
+}
+
 #[tokio::test]
 async fn a_flagged_session_alerts_the_dashboard_within_seconds_while_the_model_is_down() {
     let mock = crate::mock_llm::MockLlm::start().await;
