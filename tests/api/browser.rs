@@ -731,10 +731,8 @@ async fn a_new_waiting_client_sounds_on_the_dashboard_when_the_therapist_opts_in
     log_in(&app, &therapist, "tess@clinic.test").await;
     therapist.find(&format!("#appointments tr[data-session-id='{waiting_before}']")).await;
     let sounds = "return document.body.dataset.waitingCount ?? '0'";
-    assert_eq!(
-        therapist.js("return document.getElementById('waiting-sound').checked", vec![]).await,
-        json!(false)
-    );
+    let opted_in = "return document.getElementById('waiting-sound').checked";
+    assert_eq!(therapist.js(opted_in, vec![]).await, json!(false));
 
     // Opted out: a new client changes the title, and makes no sound.
     let quiet = chat_now(&app, &client).await;
@@ -746,10 +744,7 @@ async fn a_new_waiting_client_sounds_on_the_dashboard_when_the_therapist_opts_in
     therapist.find("#waiting-sound").await.click().await.unwrap();
     therapist.goto(&app, "/therapist").await;
     therapist.find(&format!("#appointments tr[data-session-id='{quiet}']")).await;
-    assert_eq!(
-        therapist.js("return document.getElementById('waiting-sound').checked", vec![]).await,
-        json!(true)
-    );
+    assert_eq!(therapist.js(opted_in, vec![]).await, json!(true));
     let heard = chat_now(&app, &client).await;
     therapist.find(&format!("#appointments tr[data-session-id='{heard}']")).await;
     therapist.until("document.body.dataset.waitingCount === '1'", vec![]).await;

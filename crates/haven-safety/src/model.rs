@@ -360,7 +360,7 @@ pub struct Reading {
 
 impl Reading {
     /// Whether `model` made this reading.
-    pub fn is_by(&self, model: &Model) -> bool {
+    pub(crate) fn is_by(&self, model: &Model) -> bool {
         self.model == model.id
     }
 }
@@ -441,7 +441,7 @@ impl Hidden {
 impl Unit {
     /// The unit's rectified output for quantised features, both padded
     /// alike.
-    pub(crate) fn activation(&self, row: &[i16], input: &[i16], step: f32) -> f32 {
+    fn activation(&self, row: &[i16], input: &[i16], step: f32) -> f32 {
         (self.bias + (self.scale * step) * dot_i16(row, input) as f32).max(0.0)
     }
 }
@@ -469,7 +469,6 @@ fn round_ties_even(x: f32) -> f32 {
 /// lengths are a multiple of [`LANES`], in lanes side by side (SIMD
 /// registers; with no remainder to handle, the compiler turns the loop
 /// into multiply-and-add instructions of eight pairs each).
-#[inline(never)]
 fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
     let (a_lanes, _) = a.as_chunks::<LANES>();
     let (b_lanes, _) = b.as_chunks::<LANES>();

@@ -157,20 +157,24 @@ fn score(name: &str, source: &str) -> Counts {
     both
 }
 
+/// At least `high` serious and `concern` concern items detected, and at
+/// most `false_alarms`.
+fn holds(both: &Counts, high: usize, concern: usize, false_alarms: usize) {
+    assert!(both.high.0 >= high, "{both:?}");
+    assert!(both.concern.0 >= concern, "{both:?}");
+    assert!(both.none.0 <= false_alarms, "{both:?}");
+}
+
 #[test]
 fn unseen_round_2_does_not_fall_below_its_first_score() {
     let both = score("round 2 (now training data)", ROUND_2);
-    assert!(both.high.0 >= ROUND_2_HIGH_DETECTED, "{both:?}");
-    assert!(both.concern.0 >= ROUND_2_CONCERN_DETECTED, "{both:?}");
-    assert!(both.none.0 <= ROUND_2_FALSE_ALARMS, "{both:?}");
+    holds(&both, ROUND_2_HIGH_DETECTED, ROUND_2_CONCERN_DETECTED, ROUND_2_FALSE_ALARMS);
 }
 
 #[test]
 fn unseen_round_3_does_not_fall_below_its_first_score() {
     let both = score("round 3 (now training data)", ROUND_3);
-    assert!(both.high.0 >= ROUND_3_HIGH_DETECTED, "{both:?}");
-    assert!(both.concern.0 >= ROUND_3_CONCERN_DETECTED, "{both:?}");
-    assert!(both.none.0 <= ROUND_3_FALSE_ALARMS, "{both:?}");
+    holds(&both, ROUND_3_HIGH_DETECTED, ROUND_3_CONCERN_DETECTED, ROUND_3_FALSE_ALARMS);
 }
 
 #[test]
@@ -184,9 +188,7 @@ fn unseen_round_4_does_not_fall_below_its_first_score() {
 #[test]
 fn unseen_round_5_does_not_fall_below_its_first_score() {
     let both = score("unseen round 5", ROUND_5);
-    assert!(both.high.0 >= ROUND_5_HIGH_DETECTED, "{both:?}");
-    assert!(both.concern.0 >= ROUND_5_CONCERN_DETECTED, "{both:?}");
-    assert!(both.none.0 <= ROUND_5_FALSE_ALARMS, "{both:?}");
+    holds(&both, ROUND_5_HIGH_DETECTED, ROUND_5_CONCERN_DETECTED, ROUND_5_FALSE_ALARMS);
 }
 
 /// The conversations of a round: the last message read with the earlier
