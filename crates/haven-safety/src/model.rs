@@ -16,7 +16,7 @@
 //! is a linear function of all the features plus a small hidden layer
 //! (rectified) over the dense ones, which lets the head combine meanings
 //! that no single weight carries; the file's thresholds turn the
-//! probabilities into a level ([`Model::assess`]). The file is
+//! probabilities into a level (`Model::assess_readings`). The file is
 //! safetensors: the int8 token vectors with a scale per token, the head
 //! (the hidden layer's input weights int8 with a scale per unit), and
 //! metadata (format, version, vocabulary, thresholds, a SHA-256 of
@@ -223,14 +223,9 @@ impl Model {
         &self.version
     }
 
-    /// The model's verdict on a normalised text.
-    pub fn assess(&self, normalised: &str) -> ModelVerdict {
-        self.assess_readings(&[&self.read(normalised)])
-    }
-
     /// What the model reads of a normalised text, to be judged alone or
     /// as part of a conversation ([`Model::assess_readings`]).
-    pub fn read(&self, normalised: &str) -> Reading {
+    pub(crate) fn read(&self, normalised: &str) -> Reading {
         let mut dense = vec![0.0; 2 * self.encoder.dims].into_boxed_slice();
         let mut sparse = [0.0f32; ROWS];
         let counts = self.encoder.accumulate(normalised, &mut dense, |bucket| {
@@ -256,7 +251,7 @@ impl Model {
     /// are put together from each text's [`Reading`], so that a
     /// conversation's earlier messages are not read again. The level needs
     /// [`MIN_WORDS`] words in all.
-    pub fn assess_readings(&self, readings: &[&Reading]) -> ModelVerdict {
+    pub(crate) fn assess_readings(&self, readings: &[&Reading]) -> ModelVerdict {
         let [at_least_concern, at_least_high, imminent] = self.probabilities(readings);
         let thresholds = self.thresholds;
         let words: usize = readings.iter().map(|reading| reading.words).sum();
@@ -343,7 +338,7 @@ fn sigmoid(logit: f32) -> f32 {
 /// What a [`Model`] reads of one text ([`Model::read`]): enough to judge
 /// it alone or with the texts around it, without reading it again.
 #[derive(Debug, Clone)]
-pub struct Reading {
+pub(crate) struct Reading {
     /// The model that read it: another model's weights give other sums.
     model: u64,
     /// The sum, then the maximum, of its token vectors, per dimension.
@@ -571,15 +566,15 @@ impl Encoder {
             counts.tokens += 1;
         });
 
-        let mut emit = |hash: u64| {
-            sparse((hash % BUCKETS as u64) as usize);
+        let mut emit = |bucket: usize| {
+            sparse(bucket);
             counts.occurrences += 1;
         };
         let mut previous: Option<&str> = None;
         for word in normalised.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()) {
-            emit(fnv(b"w", &[word.as_bytes()]));
+            emit(bucket(fnv(b"w", &[word.as_bytes()])));
             match previous {
-                Some(previous) => emit(fnv(b"b", &[previous.as_bytes(), b" ", word.as_bytes()])),
+                Some(previous) => emit(bigram_bucket(previous, word)),
                 None => counts.first_word = word,
             }
             previous = Some(word);
@@ -595,7 +590,7 @@ impl Encoder {
             let padded = &padded[..bytes.len() + 2];
             for n in 3..=5 {
                 for gram in padded.windows(n) {
-                    emit(fnv(b"c", &[gram]));
+                    emit(bucket(fnv(b"c", &[gram])));
                 }
             }
         }
@@ -694,7 +689,12 @@ fn finish_dense(dense: &mut [f32], tokens: usize) {
 
 /// The bucket of the word bigram `first second`.
 fn bigram_bucket(first: &str, second: &str) -> usize {
-    (fnv(b"b", &[first.as_bytes(), b" ", second.as_bytes()]) % BUCKETS as u64) as usize
+    bucket(fnv(b"b", &[first.as_bytes(), b" ", second.as_bytes()]))
+}
+
+/// A sparse feature's bucket from its hash.
+fn bucket(hash: u64) -> usize {
+    (hash % BUCKETS as u64) as usize
 }
 
 /// The value of each sparse occurrence, when there are `count`.
