@@ -18,18 +18,20 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMessage, ChatMode, ClientInput, ErrorCode, MessageKind, RiskLevel, Role, Sender, ServerFrame,
-    close_code, join_message, parse_client_frame,
+    ChatMessage, ChatMode, ClientInput, ErrorCode, FrameError, MessageKind, RESUME_MESSAGE, RiskLevel, Role,
+    Sender, ServerFrame, close_code, join_message, parse_client_frame,
 };
 use haven_safety::Earlier;
-use haven_store::{Appended, Committed, Flagged, JoinOutcome, NewMessage, SessionEvent, StoreError};
+use haven_store::{
+    Appended, Committed, Flagged, JoinOutcome, NewMessage, ResumeOutcome, SessionEvent, StoreError,
+};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
-use super::delivery::{Delivery, Live};
+use super::delivery::{Delivery, Live, Mode};
 use super::hub::{ConnectionGuard, Event, Revocation, RiskAlert, Room, frame_text};
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
@@ -333,18 +335,18 @@ impl Connection {
             .chat_session(self.admitted.session_id)
             .await?
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
-        self.delivery.mode = session.chat_mode;
+        self.delivery.mode = Mode::of(&session);
         if let Some(therapist) = &self.admitted.therapist {
             let joined =
                 store.join_as_therapist(session.id, therapist.id, &join_message(&therapist.name)).await?;
             match joined.outcome {
                 JoinOutcome::Joined => {
-                    self.delivery.mode = ChatMode::TherapistJoined;
+                    self.delivery.mode = Mode::THERAPIST_JOINED;
                     tracing::info!(therapist_id = %therapist.id, "therapist connecting: mode set to THERAPIST_JOINED");
                     self.state.hub.apply(joined.events);
                     tracing::info!("join message sent");
                 }
-                JoinOutcome::AlreadyJoined => self.delivery.mode = ChatMode::TherapistJoined,
+                JoinOutcome::AlreadyJoined => self.delivery.mode = Mode::THERAPIST_JOINED,
                 JoinOutcome::ClaimedByOther => {
                     let reason = "session is assigned to another therapist";
                     tracing::warn!(reason, "connection rejected");
@@ -352,10 +354,10 @@ impl Connection {
                 }
             }
         }
-        Span::current().record("chat_mode", self.delivery.mode.as_str());
+        Span::current().record("chat_mode", self.delivery.mode.chat_mode.as_str());
         tracing::info!(connections, "connected");
 
-        self.send(ServerFrame::Mode { chat_mode: self.delivery.mode })?;
+        self.send(self.delivery.mode.frame())?;
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
         match self.admitted.since {
@@ -386,7 +388,10 @@ impl Connection {
                     match incoming {
                         Some(Ok(Message::Text(text))) if text.len() > MAX_MESSAGE_BYTES => return too_big(),
                         Some(Ok(Message::Binary(bytes))) if bytes.len() > MAX_MESSAGE_BYTES => return too_big(),
-                        Some(Ok(Message::Text(text))) => self.on_text(&text),
+                        Some(Ok(Message::Text(text))) => match parse_client_frame(&text) {
+                            Ok(ClientInput::ResumeCompanion) => Box::pin(self.resume_companion()).await,
+                            parsed => self.on_frame(parsed),
+                        },
                         Some(Ok(Message::Binary(_))) => self.refuse(ErrorCode::UnsupportedFrame, "send JSON text frames"),
                         // Pings are answered by the WebSocket layer itself.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
@@ -489,8 +494,7 @@ impl Connection {
     /// is handled by [`Connection::on_stored`] once committed; meanwhile
     /// this connection keeps delivering events (the join message among
     /// them) but reads no further frame, so its messages stay in order.
-    fn on_text(&mut self, text: &str) -> Result<(), Stop> {
-        let parsed = parse_client_frame(text);
+    fn on_frame(&mut self, parsed: Result<ClientInput, FrameError>) -> Result<(), Stop> {
         if let Ok(ClientInput::Typing { active }) = parsed {
             self.on_typing(active);
             return Ok(());
@@ -504,7 +508,7 @@ impl Connection {
         }
         let new = match parsed {
             Ok(ClientInput::Message(new)) => new,
-            Ok(ClientInput::Typing { .. }) => return Ok(()),
+            Ok(ClientInput::Typing { .. } | ClientInput::ResumeCompanion) => return Ok(()),
             Err(error) => {
                 tracing::info!(code = ?error.code, "frame refused");
                 return self.send(error.into_frame());
@@ -531,6 +535,35 @@ impl Connection {
         let commit = Box::pin(async move { store.append_message(session_id, message).await });
         self.storing = Some(Storing { client_id, acked: false, detected, second_opinion, commit });
         Ok(())
+    }
+
+    /// The client's yes to the companion after a hand-back: stored as a
+    /// `resume` message; the companion then answers a client message that
+    /// came after the hand-back, if any. Counted against the message rate.
+    async fn resume_companion(&mut self) -> Result<(), Stop> {
+        if self.admitted.role != Role::User {
+            return self.refuse(ErrorCode::NotAllowed, "only the client can ask the companion to continue");
+        }
+        if self.messages.check().is_err() {
+            return self.refuse_over_rate(None);
+        }
+        match self.state.store.resume_companion(self.admitted.session_id, RESUME_MESSAGE).await {
+            Ok(Committed { outcome: ResumeOutcome::Resumed { unanswered }, events }) => {
+                tracing::info!("client chose to continue with the companion");
+                self.state.hub.apply(events);
+                if unanswered {
+                    companion::spawn(&self.state, self.guard.room());
+                }
+                Ok(())
+            }
+            Ok(Committed { outcome: ResumeOutcome::NotPaused, .. }) => {
+                self.refuse(ErrorCode::NotPaused, "the companion is not waiting for an answer")
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "resume not stored");
+                self.refuse(ErrorCode::Unavailable, "the companion could not be asked to continue; try again")
+            }
+        }
     }
 
     /// A typing signal: passed on to the other side of the chat, here and on
@@ -583,7 +616,7 @@ impl Connection {
         let Storing { client_id, acked, detected, second_opinion, .. } = storing;
         let role = self.admitted.role;
         match stored {
-            Ok(Committed { outcome: Appended::Stored { seq, chat_mode, flagged }, events }) => {
+            Ok(Committed { outcome: Appended::Stored { seq, chat_mode, companion_paused, flagged }, events }) => {
                 self.spoke = true;
                 self.stop_typing();
                 // The message is committed: it is published and answered even
@@ -599,6 +632,8 @@ impl Connection {
                 }
                 if chat_mode == ChatMode::TherapistJoined {
                     tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
+                } else if companion_paused {
+                    tracing::info!(chat_mode = chat_mode.as_str(), "companion waits for the client's yes");
                 } else if role == Role::User {
                     tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
                     companion::spawn(&self.state, self.guard.room());
@@ -659,7 +694,7 @@ impl Connection {
     /// connection, so no other tab could see it in a different place. Its
     /// event, coming back through the room, is then dropped as delivered.
     fn send_own(&mut self, seq: i64, frame: Utf8Bytes) -> Result<(), Stop> {
-        if self.delivery.mode != ChatMode::TherapistJoined || seq != self.delivery.last_seq + 1 {
+        if self.delivery.mode != Mode::THERAPIST_JOINED || seq != self.delivery.last_seq + 1 {
             return Ok(());
         }
         self.outbound.push(Message::Text(frame))?;
@@ -686,6 +721,9 @@ impl Connection {
         if let Some(mode) = event.mode {
             self.tell_mode(mode)?;
         }
+        if event.hands_back {
+            self.leave_if_handed_back()?;
+        }
         Ok(())
     }
 
@@ -709,15 +747,16 @@ impl Connection {
                 self.outbound
                     .push_patiently(Message::Text(frame_text(&ServerFrame::Message(message))))
                     .await?;
-                // As live: the mode frame follows the join message, and the
-                // socket closes after the closing message.
-                match kind {
-                    MessageKind::Join => self.tell_mode(ChatMode::TherapistJoined)?,
-                    MessageKind::Close => {
-                        tracing::info!("chat closed: closing");
-                        return Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"));
-                    }
-                    MessageKind::Chat | MessageKind::Crisis | MessageKind::Notice => {}
+                // As live: the mode frame follows a message that changed
+                // it, and the socket closes after the closing message. (A
+                // therapist's socket leaves a chat handed back once the
+                // replay ends in that mode: a later join may follow here.)
+                if let Some(mode) = Mode::after(kind) {
+                    self.tell_mode(mode)?;
+                }
+                if kind == MessageKind::Close {
+                    tracing::info!("chat closed: closing");
+                    return Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"));
                 }
             }
         }
@@ -746,13 +785,24 @@ impl Connection {
             .await?
             .ok_or(Stop::Close(close_code::GOING_AWAY, "session closed"))?;
         self.catch_up(session.last_seq).await?;
-        self.tell_mode(session.chat_mode)
+        self.tell_mode(Mode::of(&session))?;
+        self.leave_if_handed_back()
     }
 
-    fn tell_mode(&mut self, mode: ChatMode) -> Result<(), Stop> {
+    fn tell_mode(&mut self, mode: Mode) -> Result<(), Stop> {
         if self.delivery.tell_mode(mode) {
-            Span::current().record("chat_mode", mode.as_str());
-            self.send(ServerFrame::Mode { chat_mode: mode })?;
+            Span::current().record("chat_mode", mode.chat_mode.as_str());
+            self.send(mode.frame())?;
+        }
+        Ok(())
+    }
+
+    /// A therapist's socket closes (1000) once the chat is handed back: its
+    /// page offers to join again, which is a new join.
+    fn leave_if_handed_back(&self) -> Result<(), Stop> {
+        if self.admitted.role == Role::Therapist && self.delivery.mode.chat_mode == ChatMode::BotOnly {
+            tracing::info!("chat handed back: closing the therapist's socket");
+            return Err(Stop::Close(close_code::NORMAL, "handed back"));
         }
         Ok(())
     }

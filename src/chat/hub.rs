@@ -30,7 +30,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, ServerFrame};
+use haven_protocol::{ChatMessage, MessageKind, RiskLevel, Sender, ServerFrame};
 use haven_safety::Earlier;
 use haven_store::SessionEvent;
 use tokio::sync::broadcast;
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::companion::Companion;
+use super::delivery::Mode;
 
 /// Events buffered per room before a slow receiver lags (and then catches
 /// up from the database). Allocated when the room opens, so kept small:
@@ -138,14 +139,22 @@ impl Hub {
                 self.appointments_changed();
                 let room = room?;
                 // A remote message arrives without its text when it could
-                // not be read: connections read the session again.
+                // not be read: connections read the session again. (The
+                // companion may answer again after a resume all the same;
+                // every other change of mode silences it, and connections
+                // learn the mode from the database.)
                 let Some(message) = message else {
+                    if kind == MessageKind::Resume {
+                        room.companion().resume();
+                    }
                     room.resync();
                     return None;
                 };
                 match kind {
                     MessageKind::Join => room.takeover(*message),
                     MessageKind::Close => room.close_chat(*message),
+                    MessageKind::Handback => room.hand_back(*message),
+                    MessageKind::Resume => room.resume(*message),
                     MessageKind::Chat | MessageKind::Crisis | MessageKind::Notice => {
                         return Some(room.publish(*message));
                     }
@@ -213,7 +222,6 @@ impl Hub {
             session_id,
             events,
             order: Mutex::default(),
-            takeover: CancellationToken::new(),
             companion: Mutex::default(),
             client_window: Mutex::default(),
             connections: AtomicUsize::new(0),
@@ -231,14 +239,18 @@ pub struct Event {
     pub seq: Option<i64>,
     /// The frame, serialised once for every receiver.
     pub frame: Utf8Bytes,
-    /// Set when this message changed the session's mode (the join message).
-    pub mode: Option<ChatMode>,
+    /// Set when this message changed the session's mode (the join, the
+    /// hand-back and the client's yes after it).
+    pub mode: Option<Mode>,
     /// The companion reply a delta belongs to.
     pub reply_id: Option<Uuid>,
     /// Some events may have been missed: read the session from the database.
     pub resync: bool,
     /// The chat was closed with this message: connections close after it.
     pub closes: bool,
+    /// The chat was handed back with this message: therapists' connections
+    /// close after it.
+    pub hands_back: bool,
     /// A typing signal from this side of the chat: passed on to the other
     /// side whatever the mode, never stored.
     pub typing: Option<Sender>,
@@ -246,10 +258,11 @@ pub struct Event {
 
 impl Event {
     /// A committed message.
-    pub fn message(message: ChatMessage, mode: Option<ChatMode>) -> Self {
+    pub fn message(message: ChatMessage) -> Self {
         let seq = Some(message.seq);
+        let mode = Mode::after(message.kind);
         let frame = frame_text(&ServerFrame::Message(message));
-        Self { seq, frame, mode, reply_id: None, resync: false, closes: false, typing: None }
+        Self { seq, frame, mode, reply_id: None, resync: false, closes: false, hands_back: false, typing: None }
     }
 
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
@@ -260,6 +273,7 @@ impl Event {
             reply_id: Some(reply_id),
             resync: false,
             closes: false,
+            hands_back: false,
             typing: None,
         }
     }
@@ -296,9 +310,6 @@ pub struct Room {
     pub session_id: Uuid,
     events: broadcast::Sender<Arc<Event>>,
     order: Mutex<Order>,
-    /// Cancelled when a therapist takes over, stopping the reply in flight
-    /// (and with it the provider request).
-    pub takeover: CancellationToken,
     /// The companion's replies and history, one lock: a delta is sent,
     /// and the takeover or close happens, under it.
     companion: Mutex<Companion>,
@@ -319,7 +330,7 @@ impl Room {
     /// Returns its frame, for a connection that sends it at once.
     fn publish(self: &Arc<Self>, message: ChatMessage) -> Utf8Bytes {
         self.remember(&message);
-        let event = Event::message(message, None);
+        let event = Event::message(message);
         let frame = event.frame.clone();
         self.send_in_order(event);
         frame
@@ -419,13 +430,26 @@ impl Room {
     /// after this; a reply in flight is cancelled and its partial text
     /// withdrawn before the join message goes out.
     fn takeover(self: &Arc<Self>, join_message: ChatMessage) {
-        self.silence_companion_then(Event::message(join_message, Some(ChatMode::TherapistJoined)));
+        self.silence_companion_then(Event::message(join_message));
     }
 
     /// Publishes the closing message; every connection closes after it.
     fn close_chat(self: &Arc<Self>, closing_message: ChatMessage) {
         // Nothing from the companion after the chat ends, either.
-        self.silence_companion_then(Event { closes: true, ..Event::message(closing_message, None) });
+        self.silence_companion_then(Event { closes: true, ..Event::message(closing_message) });
+    }
+
+    /// Publishes the hand-back message; therapists' connections close after
+    /// it. The companion stays silent until the client's yes.
+    fn hand_back(self: &Arc<Self>, hand_back_message: ChatMessage) {
+        self.silence_companion_then(Event { hands_back: true, ..Event::message(hand_back_message) });
+    }
+
+    /// The client's yes after a hand-back: the companion may answer again,
+    /// from the message on.
+    fn resume(self: &Arc<Self>, resume_message: ChatMessage) {
+        self.companion().resume();
+        self.send_in_order(Event::message(resume_message));
     }
 
     /// Stops the companion for good (a reply in flight is cancelled and its
@@ -436,7 +460,6 @@ impl Room {
         if let Some(reply_id) = companion.silence() {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
-        self.takeover.cancel();
         self.send_in_order(event);
     }
 
@@ -448,10 +471,10 @@ impl Room {
     }
 
     /// Relays a piece of a reply generated by another instance, unless a
-    /// therapist has joined.
+    /// therapist has joined (or the reply began before the last hand-back).
     fn relay_delta(&self, reply_id: Uuid, delta: String) {
         let companion = self.companion();
-        if !companion.silenced() {
+        if companion.may_relay(reply_id) {
             self.send(Event::companion(reply_id, &ServerFrame::AiDelta { reply_id, delta }));
         }
     }
@@ -459,7 +482,7 @@ impl Room {
     /// Relays the end of another instance's reply that left no message.
     fn relay_cancelled(&self, reply_id: Uuid) {
         let companion = self.companion();
-        if !companion.silenced() {
+        if companion.may_relay(reply_id) {
             self.send(Event::companion(reply_id, &ServerFrame::AiCancelled { reply_id }));
         }
     }
@@ -474,6 +497,7 @@ impl Room {
             reply_id: None,
             resync: false,
             closes: false,
+            hands_back: false,
             typing: Some(sender),
         });
     }
@@ -488,6 +512,7 @@ impl Room {
             reply_id: None,
             resync: true,
             closes: false,
+            hands_back: false,
             typing: None,
         });
     }
@@ -526,6 +551,13 @@ impl Room {
     pub fn connect(self: &Arc<Self>) -> (ConnectionGuard, usize) {
         let count = self.connections.fetch_add(1, Ordering::SeqCst) + 1;
         (ConnectionGuard { room: self.clone() }, count)
+    }
+
+    /// Cancelled when the companion is silenced (a therapist takes over, a
+    /// hand-back, the close), stopping the reply in flight and with it the
+    /// provider request.
+    pub fn silenced(&self) -> CancellationToken {
+        self.companion().silenced_token()
     }
 
     fn companion(&self) -> MutexGuard<'_, Companion> {
@@ -915,7 +947,7 @@ mod tests {
                         continue;
                     }
                     Err(TryRecvError::Lagged(_)) => {
-                        Arc::new(Event { resync: true, ..Event::message(message(0, System), None) })
+                        Arc::new(Event { resync: true, ..Event::message(message(0, System)) })
                     }
                     Err(TryRecvError::Closed) => return (seen, raw),
                 };
@@ -926,8 +958,7 @@ mod tests {
                     Live::Resync => {
                         let (up_to, mode) = {
                             let database = world.database.lock().unwrap();
-                            let mode =
-                                if database.joined { ChatMode::TherapistJoined } else { ChatMode::BotOnly };
+                            let mode = if database.joined { Mode::THERAPIST_JOINED } else { Mode::BOT_ONLY };
                             (database.messages.len(), mode)
                         };
                         let stored = world.database.lock().unwrap().messages
@@ -936,10 +967,11 @@ mod tests {
                         for message in stored {
                             delivery.stored(&message);
                             seen.push(Seen::of(&frame_text(&ServerFrame::Message(message.clone()))));
-                            match message.kind {
-                                MessageKind::Join => _ = delivery.tell_mode(ChatMode::TherapistJoined),
-                                MessageKind::Close => return (seen, raw),
-                                _ => {}
+                            if let Some(mode) = Mode::after(message.kind) {
+                                delivery.tell_mode(mode);
+                            }
+                            if message.kind == MessageKind::Close {
+                                return (seen, raw);
                             }
                         }
                         delivery.tell_mode(mode);

@@ -8,10 +8,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
-use haven_protocol::CLOSE_MESSAGE;
-use haven_protocol::api::{CreatedSession, MessagePage, Transcript};
+use haven_protocol::api::{CreatedSession, HandBackRequest, MessagePage, Transcript};
+use haven_protocol::{CLOSE_MESSAGE, MAX_CONTENT_CHARS, hand_back_message};
 use haven_protocol::{ChatMessage, MessageKind, Sender};
-use haven_store::CloseOutcome;
+use haven_store::{CloseOutcome, HandBackOutcome};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/sessions", post(create_session))
         .route("/api/sessions/{session_id}/messages", get(list_messages))
         .route("/api/sessions/{session_id}/close", post(close_session))
+        .route("/api/sessions/{session_id}/hand-back", post(hand_back))
         .route("/api/sessions/{session_id}/transcript", get(transcript))
 }
 
@@ -222,6 +223,37 @@ async fn close_session(
         }
         CloseOutcome::AlreadyClosed => Ok(StatusCode::NO_CONTENT),
         CloseOutcome::NotYours => Err(ApiError::Forbidden),
+    }
+}
+
+/// `POST /api/sessions/{id}/hand-back {"note"}`: the therapist who joined
+/// ends their part without closing the chat. In one transaction the note
+/// (if any) is stored as the therapist's message, then the hand-back
+/// message; the session is `BOT_ONLY` again with the companion paused until
+/// the client says yes, and the therapist's sockets close with 1000.
+async fn hand_back(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+    Json(request): Json<HandBackRequest>,
+) -> Result<StatusCode, ApiError> {
+    let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
+    let note = request.note.as_deref().map(str::trim).filter(|note| !note.is_empty());
+    if note.is_some_and(|note| note.chars().count() > MAX_CONTENT_CHARS) {
+        let message = format!("the note is longer than {MAX_CONTENT_CHARS} characters");
+        return Err(ApiError::bad_request("note_too_long", message));
+    }
+    let message = hand_back_message(&caller.therapist.name);
+    let handed = state.store.hand_back(session_id, caller.therapist.id, note, &message).await?;
+    match handed.outcome {
+        HandBackOutcome::HandedBack => {
+            tracing::info!(session_id = %session_id, "chat handed back to the companion");
+            state.hub.apply(handed.events);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        HandBackOutcome::NotJoined => Err(ApiError::Conflict("the therapist is not in this chat now".into())),
+        HandBackOutcome::Closed => Err(ApiError::Conflict("the chat is closed".into())),
+        HandBackOutcome::NotYours => Err(ApiError::Forbidden),
     }
 }
 

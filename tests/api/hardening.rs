@@ -130,7 +130,7 @@ async fn sockets_per_credential_are_limited_and_freed_on_close() {
         assert!(attempt < 1_000, "a closed socket never gave its slot back");
         let mut again = app.connect(session.session_id, &session.client_token).await;
         match again.receive().await {
-            Received::Frame(ServerFrame::Mode { chat_mode }) => {
+            Received::Frame(ServerFrame::Mode { chat_mode, .. }) => {
                 assert_eq!(chat_mode, ChatMode::BotOnly);
                 break;
             }
@@ -626,7 +626,7 @@ async fn sockets_per_address_are_limited_and_other_addresses_are_not() {
     use futures_util::StreamExt;
     let first = tokio::time::timeout(EVENT_TIMEOUT, elsewhere.next()).await.unwrap().unwrap().unwrap();
     let frame: ServerFrame = serde_json::from_str(first.to_text().unwrap()).unwrap();
-    assert_eq!(frame, ServerFrame::Mode { chat_mode: ChatMode::BotOnly });
+    assert_eq!(frame, ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: false });
 }
 
 #[tokio::test]

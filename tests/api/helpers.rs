@@ -437,7 +437,7 @@ impl Ws {
 
     pub async fn mode(&mut self) -> ChatMode {
         match self.frame().await {
-            ServerFrame::Mode { chat_mode } => chat_mode,
+            ServerFrame::Mode { chat_mode, .. } => chat_mode,
             other => panic!("expected a mode frame, got {other:?}"),
         }
     }

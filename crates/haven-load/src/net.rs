@@ -169,7 +169,7 @@ pub async fn first_mode(ws: &mut Ws) -> Result<haven_protocol::ChatMode> {
     let read = async {
         loop {
             match next_frame(ws).await {
-                Incoming::Frame(ServerFrame::Mode { chat_mode }) => return Ok(chat_mode),
+                Incoming::Frame(ServerFrame::Mode { chat_mode, .. }) => return Ok(chat_mode),
                 Incoming::Frame(_) | Incoming::Unparsed => continue,
                 Incoming::Closed(close) => return Err(Error::from(describe_close(&close))),
             }

@@ -118,7 +118,7 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
     let mut events = room.events.subscribe();
     let (mut sink, mut incoming) = socket.split();
     if sink
-        .send(Message::Text(text(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined })))
+        .send(Message::Text(text(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false })))
         .await
         .is_err()
     {
@@ -129,7 +129,7 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
             message = incoming.next() => match message {
                 Some(Ok(Message::Text(frame))) => {
                     let reply = match parse_client_frame(&frame) {
-                        Ok(ClientInput::Typing { .. }) => continue,
+                        Ok(ClientInput::Typing { .. } | ClientInput::ResumeCompanion) => continue,
                         Ok(ClientInput::Message(new)) => {
                             let mut seq = room.seq.lock().unwrap_or_else(PoisonError::into_inner);
                             *seq += 1;

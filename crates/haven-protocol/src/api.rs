@@ -86,6 +86,15 @@ pub struct AcknowledgeRequest {
     pub note: Option<String>,
 }
 
+/// Body of `POST /api/sessions/{id}/hand-back`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HandBackRequest {
+    /// A note to the client, stored as the therapist's last message (at
+    /// most 4,000 characters, as any message).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
 /// Body of `GET /api/sessions/{id}/risk` and of an acknowledgement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionRisk {

@@ -21,6 +21,10 @@ pub enum ClientFrame {
         #[serde(default = "typing_default")]
         active: bool,
     },
+    /// The client's yes, after a hand-back, to continuing with the
+    /// companion. Clients only; not stored as such (a `resume` system
+    /// message records it).
+    ResumeCompanion,
 }
 
 fn typing_default() -> bool {
@@ -35,8 +39,14 @@ pub enum ServerFrame {
     Message(ChatMessage),
     /// To the sender only: its message with this `client_id` is committed.
     Ack { client_id: String, seq: i64 },
-    /// The session's mode, on connect and on every change.
-    Mode { chat_mode: ChatMode },
+    /// The session's mode, on connect and on every change. After a
+    /// hand-back the mode is `BOT_ONLY` with `companion_paused` until the
+    /// client sends `resume_companion`; the field is left out when false.
+    Mode {
+        chat_mode: ChatMode,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        companion_paused: bool,
+    },
     /// A piece of a companion reply being generated. Append `delta` to the
     /// partial text of `reply_id`; the `message` frame with the same
     /// `reply_id` replaces it.
@@ -89,6 +99,12 @@ pub enum ErrorCode {
     /// The chat was closed by its therapist; nothing more can be sent to it.
     /// The socket closes with 1008 after this frame.
     ChatClosed,
+    /// `resume_companion` when the companion is not waiting for the
+    /// client's answer (no hand-back, or already answered).
+    NotPaused,
+    /// A frame this connection's role may not send (`resume_companion`
+    /// from a therapist).
+    NotAllowed,
 }
 
 /// A validated frame from a client.
@@ -98,6 +114,8 @@ pub enum ClientInput {
     Message(NewMessage),
     /// A typing signal to pass on.
     Typing { active: bool },
+    /// The client's yes to continuing with the companion.
+    ResumeCompanion,
 }
 
 /// A validated message from a client, ready to be stored.
@@ -145,6 +163,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientInput, FrameError> {
     let usable_id = client_id.clone().filter(|id| valid_client_id(id));
     match object.get("type").and_then(Value::as_str) {
         Some("message") => {}
+        Some("resume_companion") => return Ok(ClientInput::ResumeCompanion),
         Some("typing") => {
             return match object.get("active") {
                 None | Some(Value::Null) => Ok(ClientInput::Typing { active: true }),
@@ -277,8 +296,13 @@ mod tests {
     fn server_frames_have_the_documented_shape() {
         let ack = serde_json::to_value(ServerFrame::Ack { client_id: "c".into(), seq: 3 }).unwrap();
         assert_eq!(ack, serde_json::json!({"type":"ack","client_id":"c","seq":3}));
-        let mode = serde_json::to_value(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined }).unwrap();
+        let mode = ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false };
+        let mode = serde_json::to_value(mode).unwrap();
         assert_eq!(mode, serde_json::json!({"type":"mode","chat_mode":"THERAPIST_JOINED"}));
+        let paused = ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: true };
+        let paused = serde_json::to_value(paused).unwrap();
+        assert_eq!(paused, serde_json::json!({"type":"mode","chat_mode":"BOT_ONLY","companion_paused":true}));
+        assert_eq!(parse_client_frame(r#"{"type":"resume_companion"}"#), Ok(ClientInput::ResumeCompanion));
     }
 
     mod properties {
@@ -290,7 +314,7 @@ mod tests {
         /// only well-formed messages are accepted.
         fn check(text: &str) {
             match parse_client_frame(text) {
-                Ok(ClientInput::Typing { .. }) => {}
+                Ok(ClientInput::Typing { .. } | ClientInput::ResumeCompanion) => {}
                 Ok(ClientInput::Message(message)) => {
                     assert!(!message.content.trim().is_empty());
                     assert!(message.content.chars().count() <= MAX_CONTENT_CHARS);

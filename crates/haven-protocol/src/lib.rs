@@ -33,19 +33,43 @@ pub const JOIN_MESSAGE: &str = "🧑\u{200d}⚕️ Therapist has joined. You can
 /// account's name on one line (whitespace collapsed, at most 80
 /// characters), or [`JOIN_MESSAGE`] when it has none.
 pub fn join_message(therapist_name: &str) -> String {
-    let name: String =
-        therapist_name.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(80).collect();
+    let name = one_line_name(therapist_name);
     if name.is_empty() {
         return JOIN_MESSAGE.to_owned();
     }
     format!("🧑\u{200d}⚕️ Therapist has joined: {name}. You can talk directly now.")
 }
 
+/// An account's name on one line: whitespace collapsed, at most 80
+/// characters.
+fn one_line_name(name: &str) -> String {
+    name.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(80).collect()
+}
+
+/// The system message appended when a therapist hands the chat back to the
+/// companion (`NAME` as in [`join_message`]). The companion stays silent
+/// until the client answers yes (`resume_companion`).
+pub fn hand_back_message(therapist_name: &str) -> String {
+    let name = one_line_name(therapist_name);
+    let who = if name.is_empty() { "The therapist".to_owned() } else { name };
+    format!(
+        "{who} has ended their part of this chat and handed it back to the companion. \
+         Would you like to continue with the companion? It stays silent until you say yes."
+    )
+}
+
+/// The system message appended when the client chooses to continue with
+/// the companion after a hand-back.
+pub const RESUME_MESSAGE: &str = "You chose to continue with the companion. Write whenever you are ready.";
+
 /// The system message appended when a therapist closes a chat.
 pub const CLOSE_MESSAGE: &str = "This chat has been closed by the therapist. Thank you for talking with us.";
 
 /// WebSocket close codes Haven uses.
 pub mod close_code {
+    /// The therapist's part ended: the chat was handed back to the
+    /// companion (therapist sockets only). Joining again is a new join.
+    pub const NORMAL: u16 = 1000;
     /// The server is shutting down; reconnect later and resume with `since`.
     pub const GOING_AWAY: u16 = 1001;
     /// The connection is not allowed: missing or invalid credential, wrong
@@ -131,6 +155,11 @@ pub enum MessageKind {
     Join,
     /// The therapist closed the chat: nothing follows it.
     Close,
+    /// The therapist handed the chat back to the companion: the session is
+    /// `BOT_ONLY` from here, and the companion waits for the client's yes.
+    Handback,
+    /// The client chose to continue with the companion after a hand-back.
+    Resume,
     /// Crisis resources, sent when the session's risk level rose.
     Crisis,
     /// Any other `system` notice, such as "the companion is unavailable".
@@ -138,14 +167,23 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 5] =
-        [MessageKind::Chat, MessageKind::Join, MessageKind::Close, MessageKind::Crisis, MessageKind::Notice];
+    pub const ALL: [MessageKind; 7] = [
+        MessageKind::Chat,
+        MessageKind::Join,
+        MessageKind::Close,
+        MessageKind::Handback,
+        MessageKind::Resume,
+        MessageKind::Crisis,
+        MessageKind::Notice,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             MessageKind::Chat => "chat",
             MessageKind::Join => "join",
             MessageKind::Close => "close",
+            MessageKind::Handback => "handback",
+            MessageKind::Resume => "resume",
             MessageKind::Crisis => "crisis",
             MessageKind::Notice => "notice",
         }

@@ -223,13 +223,19 @@ pub(crate) fn usual_rows(batch: &[Pending]) -> (Vec<Row<'_>>, Settled) {
 }
 
 /// The result of a row the shared insert stored with `seq`, in a session
-/// whose mode is `chat_mode`.
-pub(crate) fn stored(row: &Row, seq: i64, chat_mode: ChatMode, at: OffsetDateTime) -> Written {
+/// whose mode is `chat_mode` (and its companion paused or not).
+pub(crate) fn stored(
+    row: &Row,
+    seq: i64,
+    chat_mode: ChatMode,
+    companion_paused: bool,
+    at: OffsetDateTime,
+) -> Written {
     let message = new_message(row.id, seq, row.sender, row.kind, row.content, row.client_id, at);
     match row.client_id {
         Some(_) => {
             let events = vec![SessionEvent::message(row.session_id, message)];
-            Written::Message(Committed::new(Appended::Stored { seq, chat_mode, flagged: None }, events))
+            Written::Message(Committed::new(Appended::Stored { seq, chat_mode, companion_paused, flagged: None }, events))
         }
         None => Written::Bot(Committed::new(
             Some(message.clone()),

@@ -86,6 +86,9 @@ pub struct ChatSession {
     /// Closed by its therapist: off every list; its client credential only
     /// reads the transcript.
     pub closed: bool,
+    /// Handed back by its therapist, and the client has not yet said yes to
+    /// the companion: `BOT_ONLY`, but the companion stays silent.
+    pub companion_paused: bool,
     /// Set once the safety detector flagged a client message; never cleared.
     pub risk: Option<RiskState>,
 }
@@ -201,9 +204,9 @@ pub enum BotMessage {
 /// The result of [`Store::append_message`].
 #[derive(Debug, Clone)]
 pub enum Appended {
-    /// Committed now with this seq. `chat_mode` is the session's mode in the
-    /// same transaction.
-    Stored { seq: i64, chat_mode: ChatMode, flagged: Option<Flagged> },
+    /// Committed now with this seq. `chat_mode` and `companion_paused` are
+    /// the session's in the same transaction.
+    Stored { seq: i64, chat_mode: ChatMode, companion_paused: bool, flagged: Option<Flagged> },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
     /// The session was closed by its therapist; nothing was written.
@@ -298,6 +301,32 @@ pub enum CloseOutcome {
     NotYours,
 }
 
+/// The result of [`Store::hand_back`].
+#[derive(Debug, Clone)]
+pub enum HandBackOutcome {
+    /// The session switched to `BOT_ONLY` with the companion paused in this
+    /// call; the note and the hand-back message are among its events.
+    HandedBack,
+    /// The session is not `THERAPIST_JOINED`; nothing was written.
+    NotJoined,
+    /// The chat is closed; nothing was written.
+    Closed,
+    /// The session is not assigned to this therapist; nothing was written.
+    NotYours,
+}
+
+/// The result of [`Store::resume_companion`].
+#[derive(Debug, Clone)]
+pub enum ResumeOutcome {
+    /// The companion may answer again; the `resume` message is among the
+    /// write's events. `unanswered`: a client message came after the
+    /// hand-back, and the companion should answer it now.
+    Resumed { unanswered: bool },
+    /// The companion was not waiting for the client's yes; nothing was
+    /// written.
+    NotPaused,
+}
+
 /// The result of [`Store::join_as_therapist`].
 #[derive(Debug, Clone)]
 pub enum JoinOutcome {
@@ -387,6 +416,25 @@ pub trait Store: Send + Sync + 'static {
         closing_message: &str,
     ) -> Result<Committed<CloseOutcome>>;
 
+    /// The hand-back, in one transaction: a session `THERAPIST_JOINED` by
+    /// this therapist goes back to `BOT_ONLY` with the companion paused;
+    /// `note`, if any, is appended as the therapist's message and then
+    /// `hand_back_message` as a `system` message of kind `handback`. The
+    /// session stays assigned: the same therapist may join again, as a new
+    /// join. `NotFound` for no such session.
+    async fn hand_back(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+        hand_back_message: &str,
+    ) -> Result<Committed<HandBackOutcome>>;
+
+    /// The client's yes after a hand-back, in one transaction: unpauses the
+    /// companion and appends `resume_message` as a `system` message of kind
+    /// `resume`. `NotFound` for no such session.
+    async fn resume_companion(&self, session_id: Uuid, resume_message: &str) -> Result<Committed<ResumeOutcome>>;
+
     /// Appends a message from a connection with the next seq, unless its
     /// `client_id` was already stored for this sender or the session is
     /// closed. `NotFound` for no such session.
@@ -394,8 +442,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends a message from the companion's side — an `ai` reply, or a
     /// `system` notice such as "the companion is unavailable" — only if the
-    /// session is still `BOT_ONLY`, checked in the same transaction as the
-    /// insert. `None` means a therapist joined first and nothing was written.
+    /// session is still `BOT_ONLY` and its companion not paused, checked in
+    /// the same transaction as the insert. `None` means a therapist joined
+    /// (or handed back) first and nothing was written.
     async fn append_if_bot_only(
         &self,
         session_id: Uuid,

@@ -151,9 +151,9 @@ impl Db {
             return Ok(Committed::nothing(Appended::Closed));
         }
         let at = now();
-        let (seq, mode): (i64, String) = sqlx::query_as(
+        let (seq, mode, paused): (i64, String, bool) = sqlx::query_as(
             "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
-             WHERE id = $2 RETURNING last_seq, chat_mode",
+             WHERE id = $2 RETURNING last_seq, chat_mode, companion_paused",
         )
         .bind(at)
         .bind(session_id)
@@ -169,14 +169,14 @@ impl Db {
             at,
         );
         Scripts::<PgStore>::insert_message(tx, session_id, &message).await?;
-        Scripts::<PgStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
+        Scripts::<PgStore>::stored(tx, session_id, message, &mode, paused, new.risk.as_ref()).await
     }
 
     /// The batch's usual writes ([`usual_rows`]) in one statement, bound as
     /// arrays: it numbers them after each session's `last_seq` in batch
     /// order, skipping a key (session, sender, `client_id`) stored already
     /// and an unknown session, and a companion's write unless the session is
-    /// `BOT_ONLY`, and any write to a closed session; stores them; moves
+    /// `BOT_ONLY` with the companion not paused, and any write to a closed session; stores them; moves
     /// those sessions' `last_seq`; and returns the seq and session mode of
     /// every row stored. Returns the results it settled, by index in the
     /// batch.
@@ -193,17 +193,18 @@ impl Db {
         let kinds: Vec<&str> = rows.iter().map(|row| row.kind.as_str()).collect();
         let contents: Vec<&str> = rows.iter().map(|row| row.content).collect();
         let client_ids: Vec<Option<&str>> = rows.iter().map(|row| row.client_id).collect();
-        let stored: Vec<(i64, i64, String)> = sqlx::query_as(
+        let stored: Vec<(i64, i64, String, bool)> = sqlx::query_as(
             "WITH batch AS (
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                                       $8::text[])
                      AS b (place, id, session_id, sender, content, client_id, kind)
              ),
              fresh AS (
-                 SELECT b.*, s.chat_mode,
+                 SELECT b.*, s.chat_mode, s.companion_paused,
                         s.last_seq + row_number() OVER (PARTITION BY b.session_id ORDER BY b.place) AS seq
                  FROM batch AS b JOIN chat_sessions AS s ON s.id = b.session_id
-                 WHERE s.closed_at IS NULL AND CASE WHEN b.client_id IS NULL THEN s.chat_mode = 'BOT_ONLY'
+                 WHERE s.closed_at IS NULL AND CASE WHEN b.client_id IS NULL
+                            THEN s.chat_mode = 'BOT_ONLY' AND NOT s.companion_paused
                             ELSE NOT EXISTS (
                                 SELECT 1 FROM messages AS m
                                 WHERE m.session_id = b.session_id AND m.sender = b.sender
@@ -219,7 +220,7 @@ impl Db {
                  FROM (SELECT session_id, max(seq) AS seq FROM fresh GROUP BY session_id) AS f
                  WHERE s.id = f.session_id
              )
-             SELECT place, seq, chat_mode FROM fresh ORDER BY place",
+             SELECT place, seq, chat_mode, companion_paused FROM fresh ORDER BY place",
         )
         .bind(&places)
         .bind(&ids)
@@ -231,12 +232,12 @@ impl Db {
         .bind(&kinds)
         .fetch_all(&mut *tx)
         .await?;
-        for (place, seq, mode) in stored {
+        for (place, seq, mode, paused) in stored {
             let Some(row) = usize::try_from(place).ok().and_then(|place| rows.get(place)) else {
                 let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
                 return Err(StoreError::Unavailable(unknown));
             };
-            settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
+            settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, paused, at)));
         }
         Ok(settled)
     }

@@ -51,6 +51,7 @@ pub(crate) struct SessionRow {
     pub(crate) risk_last_at: Option<OffsetDateTime>,
     pub(crate) risk_acknowledged_at: Option<OffsetDateTime>,
     pub(crate) risk_acknowledged_by: Option<Uuid>,
+    pub(crate) companion_paused: bool,
 }
 
 impl TryFrom<SessionRow> for ChatSession {
@@ -72,6 +73,7 @@ impl TryFrom<SessionRow> for ChatSession {
             created_at: row.created_at,
             last_message_at: row.last_message_at,
             closed: row.closed_at.is_some(),
+            companion_paused: row.companion_paused,
             risk: match (row.risk_level, row.risk_first_at, row.risk_last_at) {
                 (Some(level), Some(first_flagged_at), Some(last_flagged_at)) => Some(RiskState {
                     level: parse_level(&level)?,
@@ -127,7 +129,7 @@ pub(crate) fn parse_mode(value: &str) -> Result<ChatMode> {
 
 pub(crate) const SESSION_COLUMNS: &str = "id, appointment_id, therapist_id, status, chat_mode, last_seq, \
      created_at, last_message_at, closed_at, risk_level, risk_first_at, risk_last_at, risk_acknowledged_at, \
-     risk_acknowledged_by";
+     risk_acknowledged_by, companion_paused";
 
 pub(crate) fn parse_level(value: &str) -> Result<RiskLevel> {
     RiskLevel::parse(value).ok_or_else(|| StoreError::Corrupt(format!("risk level {value:?}")))

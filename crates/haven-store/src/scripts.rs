@@ -42,7 +42,7 @@ use crate::rows::{
 };
 use crate::{
     AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    JoinOutcome, Listener, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store,
+    HandBackOutcome, JoinOutcome, Listener, ResumeOutcome, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store,
     StoreError, Therapist, now,
 };
 
@@ -300,6 +300,7 @@ where
             created_at: now(),
             last_message_at: None,
             closed: false,
+            companion_paused: false,
             risk: None,
         };
         let mut tx = self.begin_write().await?;
@@ -389,7 +390,7 @@ where
         let at = now();
         let seq: i64 = sqlx::query_scalar(
             "UPDATE chat_sessions
-             SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED',
+             SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED', companion_paused = FALSE,
                  last_seq = last_seq + 1, updated_at = $2, last_message_at = $2
              WHERE id = $3 RETURNING last_seq",
         )
@@ -445,6 +446,104 @@ where
         self.notify(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(Committed::new(CloseOutcome::Closed, events))
+    }
+
+    /// The hand-back, in one transaction.
+    async fn hand_back(
+        &self,
+        session_id: Uuid,
+        therapist_id: Uuid,
+        note: Option<&str>,
+        hand_back_message: &str,
+    ) -> Result<Committed<HandBackOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let current: Option<(Option<Uuid>, String, Option<OffsetDateTime>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT therapist_id, chat_mode, closed_at FROM chat_sessions WHERE id = $1{lock}"
+            )))
+            .bind(session_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (holder, mode, closed_at) = current.ok_or(StoreError::NotFound)?;
+        if holder != Some(therapist_id) {
+            return Ok(Committed::nothing(HandBackOutcome::NotYours));
+        }
+        if closed_at.is_some() {
+            return Ok(Committed::nothing(HandBackOutcome::Closed));
+        }
+        if parse_mode(&mode)? != ChatMode::TherapistJoined {
+            return Ok(Committed::nothing(HandBackOutcome::NotJoined));
+        }
+        let at = now();
+        let written = 1 + i64::from(note.is_some());
+        let last_seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions
+             SET chat_mode = 'BOT_ONLY', companion_paused = TRUE, last_seq = last_seq + $1,
+                 updated_at = $2, last_message_at = $2
+             WHERE id = $3 RETURNING last_seq",
+        )
+        .bind(written)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut messages = Vec::new();
+        if let Some(note) = note {
+            let seq = last_seq - 1;
+            messages.push(new_message(Uuid::now_v7(), seq, Sender::Therapist, MessageKind::Chat, note, None, at));
+        }
+        let kind = MessageKind::Handback;
+        messages.push(new_message(Uuid::now_v7(), last_seq, Sender::System, kind, hand_back_message, None, at));
+        let mut events = Vec::new();
+        for message in messages {
+            Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
+            events.push(SessionEvent::message(session_id, message));
+        }
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(HandBackOutcome::HandedBack, events))
+    }
+
+    /// The client's yes after a hand-back, in one transaction.
+    async fn resume_companion(&self, session_id: Uuid, resume_message: &str) -> Result<Committed<ResumeOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let current: Option<(bool, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT companion_paused, closed_at FROM chat_sessions WHERE id = $1{lock}"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (paused, closed_at) = current.ok_or(StoreError::NotFound)?;
+        if !paused || closed_at.is_some() {
+            return Ok(Committed::nothing(ResumeOutcome::NotPaused));
+        }
+        // A client message after the hand-back waits for the companion.
+        let unanswered: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND sender = 'user' AND seq > (
+                 SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = $1 AND kind = 'handback'))",
+        )
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let at = now();
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chat_sessions
+             SET companion_paused = FALSE, last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
+             WHERE id = $2 RETURNING last_seq",
+        )
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let message =
+            new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Resume, resume_message, None, at);
+        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
+        let events = vec![SessionEvent::message(session_id, message)];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(ResumeOutcome::Resumed { unanswered }, events))
     }
 
     // Messages.
@@ -684,13 +783,14 @@ where
     }
 
     /// A client's or therapist's message just stored in a session of this
-    /// `mode`, then its safety flag if any, raised in the same transaction:
-    /// the write's result and events.
+    /// `mode` (its companion paused or not), then its safety flag if any,
+    /// raised in the same transaction: the write's result and events.
     pub(crate) async fn stored(
         tx: &mut DB::Connection,
         session_id: Uuid,
         message: ChatMessage,
         mode: &str,
+        companion_paused: bool,
         risk: Option<&RiskFlag>,
     ) -> Result<Committed<Appended>> {
         let seq = message.seq;
@@ -703,7 +803,7 @@ where
             }
             None => None,
         };
-        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(mode)?, flagged }, events))
+        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, flagged }, events))
     }
 
     /// Inserts a message row; the caller has already advanced `last_seq`.

@@ -250,7 +250,8 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
                 j.value ->> 'sender', j.value ->> 'kind', j.value ->> 'content', j.value ->> 'client_id', $2
          FROM jsonb_each($1) AS j
          JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
-         WHERE s.closed_at IS NULL AND CASE WHEN j.value ->> 'client_id' IS NULL THEN s.chat_mode = 'BOT_ONLY'
+         WHERE s.closed_at IS NULL AND CASE WHEN j.value ->> 'client_id' IS NULL
+                    THEN s.chat_mode = 'BOT_ONLY' AND NOT s.companion_paused
                     ELSE NOT EXISTS (
                         SELECT 1 FROM messages AS m
                         WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
@@ -261,7 +262,7 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
              updated_at = $2, last_message_at = $2
          WHERE id IN (SELECT m.session_id FROM jsonb_each($1) AS j
                       JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
-         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode))
+         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode, s.companion_paused))
          FROM jsonb_each($1) AS j
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
          JOIN chat_sessions AS s ON s.id = m.session_id;
@@ -285,16 +286,16 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
     // Committed. A report that cannot be read (which would be a bug) fails
     // every write of the call; a message sent again is then found stored.
     let unreadable = |what: String| StoreError::Unavailable(sqlx::Error::Protocol(what));
-    let stored: Vec<(usize, i64, String)> = match reported.as_slice() {
+    let stored: Vec<(usize, i64, String, i64)> = match reported.as_slice() {
         [stored] => serde_json::from_str(stored)
             .map_err(|error| unreadable(format!("a batched insert reported {error}")))?,
         _ => return Err(unreadable(format!("a batched insert gave {} reports", reported.len()))),
     };
-    for (row, seq, mode) in stored {
+    for (row, seq, mode, paused) in stored {
         let Some(row) = rows.get(row) else {
             return Err(unreadable("a batched insert reported an unknown row".into()));
         };
-        settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, at)));
+        settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, paused != 0, at)));
     }
     Ok(settled)
 }
@@ -348,9 +349,9 @@ async fn append_in_tx(
         known.ok_or(StoreError::NotFound)?;
         return Ok(Committed::nothing(Appended::Closed));
     };
-    let mode: String = sqlx::query_scalar(
+    let (mode, paused): (String, bool) = sqlx::query_as(
         "UPDATE chat_sessions SET last_seq = $1, updated_at = $2, last_message_at = $2 WHERE id = $3
-         RETURNING chat_mode",
+         RETURNING chat_mode, companion_paused",
     )
     .bind(seq)
     .bind(at)
@@ -358,7 +359,7 @@ async fn append_in_tx(
     .fetch_one(&mut *tx)
     .await?;
     let message = new_message(id, seq, new.sender, MessageKind::Chat, &new.content, Some(&new.client_id), at);
-    Scripts::<SqliteStore>::stored(tx, session_id, message, &mode, new.risk.as_ref()).await
+    Scripts::<SqliteStore>::stored(tx, session_id, message, &mode, paused, new.risk.as_ref()).await
 }
 
 impl Backend for SqliteStore {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 use haven_store::{
-    AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, Flagged, JoinOutcome,
-    NewMessage, NewTherapist, PgStore, RiskFlag, SessionEvent, SqliteStore, Store, StoreError, Therapist,
+    AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, Flagged, HandBackOutcome,
+    JoinOutcome, NewMessage, NewTherapist, PgStore, ResumeOutcome, RiskFlag, SessionEvent, SqliteStore, Store,
+    StoreError, Therapist,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -274,6 +275,92 @@ async fn join_is_once_per_transition_and_exclusive() {
             (Some(tess.id), ChatMode::TherapistJoined, 1),
             "{name}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_join_is_new() {
+    for Subject { name, store, .. } in subjects().await {
+        let store = store.as_ref();
+        let session = session(store, b"client").await;
+        let tess = therapist(store, "t@x").await;
+        let omar = therapist(store, "o@x").await;
+        let reply = || BotMessage::Reply { id: Uuid::now_v7(), content: "companion".into() };
+        let hand_back = |who: Uuid, note: Option<&'static str>| store.hand_back(session, who, note, "handed back");
+        // Only a joined chat can be handed back, and only by its therapist.
+        assert!(matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::NotYours), "{name}");
+        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
+        assert!(matches!(hand_back(omar.id, None).await.unwrap().outcome, HandBackOutcome::NotYours), "{name}");
+        let handed = hand_back(tess.id, Some("take care")).await.unwrap();
+        assert!(matches!(handed.outcome, HandBackOutcome::HandedBack), "{name}");
+        let written: Vec<_> =
+            messages(&handed.events).into_iter().map(|m| (m.seq, m.sender, m.kind, m.content)).collect();
+        assert_eq!(
+            written,
+            [
+                (2, Sender::Therapist, MessageKind::Chat, "take care".to_owned()),
+                (3, Sender::System, MessageKind::Handback, "handed back".to_owned()),
+            ],
+            "{name}"
+        );
+        let again = hand_back(tess.id, None).await.unwrap();
+        assert!(matches!(again.outcome, HandBackOutcome::NotJoined) && again.events.is_empty(), "{name}");
+        let stored = store.chat_session(session).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.chat_mode, stored.companion_paused, stored.therapist_id, stored.last_seq),
+            (ChatMode::BotOnly, true, Some(tess.id), 3),
+            "{name}"
+        );
+
+        // Paused: the client's message is stored and says so; the companion
+        // writes nothing.
+        let waiting = store.append_message(session, user_message("still there?")).await.unwrap().outcome;
+        assert!(
+            matches!(waiting, Appended::Stored { seq: 4, chat_mode: ChatMode::BotOnly, companion_paused: true, .. }),
+            "{name}: {waiting:?}"
+        );
+        assert!(store.append_if_bot_only(session, reply()).await.unwrap().outcome.is_none(), "{name}");
+
+        // The client's yes, once; the message that waited is to be answered.
+        let resumed = store.resume_companion(session, "resumed").await.unwrap();
+        assert!(matches!(resumed.outcome, ResumeOutcome::Resumed { unanswered: true }), "{name}");
+        assert_eq!(messages(&resumed.events)[0].kind, MessageKind::Resume, "{name}");
+        let twice = store.resume_companion(session, "resumed").await.unwrap();
+        assert!(matches!(twice.outcome, ResumeOutcome::NotPaused) && twice.events.is_empty(), "{name}");
+        let answered = store.append_if_bot_only(session, reply()).await.unwrap().outcome;
+        assert_eq!(answered.map(|m| m.seq), Some(6), "{name}");
+        let after = store.append_message(session, user_message("thanks")).await.unwrap().outcome;
+        assert!(matches!(after, Appended::Stored { companion_paused: false, .. }), "{name}: {after:?}");
+
+        // The same therapist joins again: a new transition with its own
+        // message; another one still cannot.
+        assert!(matches!(
+            store.join_as_therapist(session, omar.id, "j").await.unwrap().outcome,
+            JoinOutcome::ClaimedByOther
+        ));
+        let rejoined = store.join_as_therapist(session, tess.id, "joined again").await.unwrap();
+        assert!(matches!(rejoined.outcome, JoinOutcome::Joined), "{name}");
+        assert!(store.append_if_bot_only(session, reply()).await.unwrap().outcome.is_none(), "{name}");
+        // A hand-back with nothing said after it: nothing waits for an answer.
+        store.hand_back(session, tess.id, None, "handed back").await.unwrap();
+        let quiet = store.resume_companion(session, "resumed").await.unwrap();
+        assert!(matches!(quiet.outcome, ResumeOutcome::Resumed { unanswered: false }), "{name}");
+        let kinds: Vec<_> =
+            store.messages_after(session, 0, 20).await.unwrap().iter().map(|m| m.kind).collect();
+        use MessageKind::{Chat, Handback, Join, Resume};
+        assert_eq!(
+            kinds,
+            [Join, Chat, Handback, Chat, Resume, Chat, Chat, Join, Handback, Resume],
+            "{name}"
+        );
+        // Closed: no hand-back, no resume.
+        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
+        store.close_chat_session(session, tess.id, "closed").await.unwrap();
+        assert!(matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::Closed), "{name}");
+        assert!(matches!(
+            store.resume_companion(Uuid::now_v7(), "resumed").await,
+            Err(StoreError::NotFound)
+        ));
     }
 }
 
