@@ -245,8 +245,9 @@ pub struct Companion {
     silenced: bool,
     /// Cancelled when the companion is silenced; a new one after a resume.
     silencer: CancellationToken,
-    /// The companion resumed after a hand-back at this time (a v7 id):
-    /// replies begun before it are not relayed.
+    /// The companion resumed after a hand-back with this `resume` message
+    /// (its id is a v7 id, ordered by time): replies begun before it are
+    /// not relayed.
     resumed_after: Option<Uuid>,
     /// The reply being generated, if any. One at a time per session.
     in_flight: Option<Uuid>,
@@ -301,13 +302,14 @@ impl Companion {
         self.in_flight.take()
     }
 
-    /// After a hand-back, the client's yes: replies may start again.
-    pub fn resume(&mut self) {
+    /// After a hand-back, the client's yes (its `resume` message, when
+    /// known): replies may start again.
+    pub fn resume(&mut self, resume_message: Option<Uuid>) {
         if self.silenced {
             self.silenced = false;
             self.silencer = CancellationToken::new();
-            self.resumed_after = Some(Uuid::now_v7());
         }
+        self.resumed_after = self.resumed_after.max(resume_message);
     }
 
     /// Cancelled when the companion is silenced.

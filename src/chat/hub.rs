@@ -145,7 +145,7 @@ impl Hub {
                 // learn the mode from the database.)
                 let Some(message) = message else {
                     if kind == MessageKind::Resume {
-                        room.companion().resume();
+                        room.companion().resume(None);
                     }
                     room.resync();
                     return None;
@@ -448,7 +448,7 @@ impl Room {
     /// The client's yes after a hand-back: the companion may answer again,
     /// from the message on.
     fn resume(self: &Arc<Self>, resume_message: ChatMessage) {
-        self.companion().resume();
+        self.companion().resume(Some(resume_message.id));
         self.send_in_order(Event::message(resume_message));
     }
 

@@ -7,6 +7,7 @@ use haven_protocol::api::CreatedSession;
 use haven_protocol::{ChatMode, ErrorCode, MessageKind, Sender, ServerFrame};
 use serde_json::json;
 
+use crate::hand_back::{hand_back, until_mode_after};
 use crate::helpers::{
     Options, PASSWORD, Received, TestApp, Ws, fresh_postgres_database, from_companion, messages,
 };
@@ -539,5 +540,45 @@ async fn concurrent_batches_on_two_instances_number_every_session_once_and_store
         let users = history.iter().filter(|message| message.sender == Sender::User).count();
         assert_eq!(users, 2 * EACH, "every client_id stored exactly once");
         assert_eq!(stored, acked, "each ack names the stored seq");
+    }
+}
+
+#[tokio::test]
+async fn a_hand_back_on_one_instance_pauses_the_companion_everywhere_until_the_yes_on_another() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(b, a).await;
+    let session = a.create_session().await;
+    let mut tabs = tab_on_each(&apps, &session).await;
+    let mut therapist = b.connect(session.session_id, &token).await;
+    assert_eq!(therapist.mode().await, ChatMode::TherapistJoined);
+    for tab in &mut tabs {
+        until_mode_after(tab, MessageKind::Join).await;
+    }
+
+    let handed = hand_back(b, session.session_id, &token, json!({"note": "back to the companion"})).await;
+    assert_eq!(handed.status(), 204);
+    for tab in &mut tabs {
+        let (frames, mode) = until_mode_after(tab, MessageKind::Handback).await;
+        assert_eq!(messages(&frames)[0].content, "back to the companion");
+        assert_eq!(mode, ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: true });
+    }
+    assert_eq!(therapist.closed_eventually().await, (1000, "handed back".to_owned()));
+
+    // The client says yes on A; A's companion answers the next message,
+    // and B's tab sees the same, in the same order.
+    tabs[0].send_json(json!({"type": "resume_companion"})).await;
+    for tab in &mut tabs {
+        let (frames, mode) = until_mode_after(tab, MessageKind::Resume).await;
+        assert!(!from_companion(&frames));
+        assert_eq!(mode, ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: false });
+    }
+    let hello = tabs[0].send_message("hello again").await;
+    let (seq, _) = tabs[0].ack(&hello).await;
+    for tab in &mut tabs {
+        let said = tab.message().await;
+        assert_eq!((said.seq, said.sender), (seq, Sender::User));
+        let answer = tab.message().await;
+        assert_eq!((answer.seq, answer.sender), (seq + 1, Sender::Ai));
     }
 }

@@ -10,6 +10,7 @@ mod connections;
 mod durability;
 mod edges;
 mod hardening;
+mod hand_back;
 mod helpers;
 mod instances;
 mod mock_llm;
