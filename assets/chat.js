@@ -13,6 +13,12 @@
 //
 // Therapists also get `risk` frames when the crisis detector flags this
 // chat or another session they can see: a banner and a chime.
+//
+// A therapist can hand the chat back to the companion. Their sockets then
+// close with 1000 `handed back`, and the page does not reconnect by itself:
+// connecting is what joins, so it offers "Join again" instead. The client
+// is asked whether to continue with the companion, which stays silent (the
+// `mode` frame says `companion_paused`) until the client says yes.
 
 import { LEVEL_LABELS, chime, soundButton } from "/assets/alert.js";
 import { LOGIN_ENDED, showLoginEnded } from "/assets/session.js";
@@ -37,6 +43,15 @@ const soundToggle = document.getElementById("alert-sound");
 const crisisCard = document.getElementById("crisis-card");
 const crisisOpen = document.getElementById("crisis-open");
 const favicon = document.getElementById("favicon");
+// The client's question after a hand-back.
+const resumeCard = document.getElementById("resume-card");
+const resumeButton = document.getElementById("resume-companion");
+// The therapist's hand-back form, and what the page shows after it.
+const handBackOpen = document.getElementById("hand-back-open");
+const handBackForm = document.getElementById("hand-back");
+const handBackNote = document.getElementById("hand-back-note");
+const handedBack = document.getElementById("handed-back");
+const joinAgain = document.getElementById("join-again");
 const pageTitle = document.title;
 soundButton(soundToggle);
 
@@ -50,6 +65,13 @@ const state = {
   pending: new Map(),
   /** reply_id → the bubble of a reply still being generated */
   streaming: new Map(),
+  /** The client said yes to the companion; sent (again) on each connect
+   * until a `mode` frame without `companion_paused` or `not_paused`. */
+  resumeWanted: false,
+  /** The therapist handed the chat back: no socket until "Join again". */
+  handedBack: false,
+  /** The pending reconnect after a lost connection. */
+  reconnectTimer: null,
 };
 
 const LABELS = {
@@ -264,9 +286,14 @@ function announce(message) {
   announcer.textContent = `${who}${message.content}`;
 }
 
-function showMode(mode) {
+function showMode(mode, paused) {
   banner.dataset.mode = mode;
-  if (mode === "THERAPIST_JOINED") {
+  banner.dataset.companionPaused = String(paused);
+  if (paused) {
+    banner.textContent = therapistView
+      ? "You handed this chat back. The companion stays silent until the client chooses to continue with it."
+      : "The therapist has left the chat. The companion is paused until you say yes.";
+  } else if (mode === "THERAPIST_JOINED") {
     banner.textContent = therapistView
       ? "You have joined this chat. The automated companion is silent."
       : "A therapist has joined. You are now talking with a person from the clinic.";
@@ -310,10 +337,14 @@ function handle(frame) {
       }
       break;
     }
-    case "mode":
-      showMode(frame.chat_mode);
+    case "mode": {
+      const paused = frame.companion_paused === true;
+      showMode(frame.chat_mode, paused);
       if (frame.chat_mode === "THERAPIST_JOINED") dropAllStreaming();
+      if (!paused) state.resumeWanted = false;
+      showResumeQuestion(paused);
       break;
+    }
     case "ai_delta":
       streamDelta(frame.reply_id, frame.delta);
       break;
@@ -327,6 +358,18 @@ function handle(frame) {
       if (frame.sender !== ownSender) otherSideTyping(frame.active);
       break;
     case "error": {
+      if (frame.code === "not_paused") {
+        // Nothing waits for an answer any more (another tab answered, or
+        // the chat moved on): the question is gone, not an error to show.
+        state.resumeWanted = false;
+        showResumeQuestion(false);
+        break;
+      }
+      if (state.resumeWanted && !frame.client_id) {
+        // The yes was refused (rate limit, storage): it can be given again.
+        state.resumeWanted = false;
+        resumeButton?.setAttribute("aria-disabled", "false");
+      }
       const entry = frame.client_id && state.pending.get(frame.client_id);
       if (entry) {
         state.pending.delete(frame.client_id);
@@ -340,6 +383,44 @@ function handle(frame) {
     default:
       break;
   }
+}
+
+// The client's question after a hand-back, shown while the companion is
+// paused. It does not take the focus: the client may be writing.
+function showResumeQuestion(paused) {
+  if (!resumeCard) return;
+  if (paused) {
+    if (!resumeCard.hidden) return;
+    resumeButton.setAttribute("aria-disabled", String(state.resumeWanted));
+    resumeCard.hidden = false;
+    return;
+  }
+  if (resumeCard.hidden) return;
+  // The button keeps the focus while the answer is on its way (it is
+  // aria-disabled, not disabled, for that); the box takes it after.
+  const hadFocus = resumeCard.contains(document.activeElement);
+  resumeCard.hidden = true;
+  if (hadFocus) input.focus();
+}
+
+function sendResume() {
+  if (state.socket?.readyState === WebSocket.OPEN) {
+    state.socket.send(JSON.stringify({ type: "resume_companion" }));
+  }
+}
+
+resumeButton?.addEventListener("click", () => {
+  if (state.resumeWanted) return;
+  composerError.textContent = "";
+  state.resumeWanted = true;
+  resumeButton.setAttribute("aria-disabled", "true");
+  // Sent now, or by the next connect if the socket is down.
+  sendResume();
+});
+
+function disableComposer() {
+  input.disabled = true;
+  form.querySelector("button[type=submit]").disabled = true;
 }
 
 function send(clientId, content) {
@@ -407,6 +488,7 @@ function connect() {
     for (const [clientId, entry] of state.pending) {
       if (!entry.acked) send(clientId, entry.content);
     }
+    if (state.resumeWanted) sendResume();
   });
   socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
   socket.addEventListener("close", (event) => {
@@ -416,17 +498,25 @@ function connect() {
       state.stopped = true;
       setConnection("closed", REFUSALS[event.reason] ?? "This chat is not available.");
       // Nothing can be written any more: no editable box.
-      input.disabled = true;
-      form.querySelector("button[type=submit]").disabled = true;
+      disableComposer();
       form.classList.add("composer--closed");
+      closeHandBack();
+      if (handBackOpen) handBackOpen.hidden = true;
+      if (handedBack) handedBack.hidden = true;
       if (event.reason === "chat closed") readClosedChat();
       if (therapistView && event.reason.startsWith("credential")) showLoginEnded(LOGIN_ENDED);
+      return;
+    }
+    if (event.code === 1000 && event.reason === "handed back") {
+      // Every tab of the therapist hears it. Reconnecting would join again,
+      // so that waits for "Join again".
+      showHandedBack(false);
       return;
     }
     const delay = Math.min(15_000, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);
     state.attempts += 1;
     setConnection("connecting", `Connection lost. Reconnecting in ${Math.ceil(delay / 1000)} s…`);
-    window.setTimeout(connect, delay);
+    state.reconnectTimer = window.setTimeout(connect, delay);
   });
 }
 
@@ -481,15 +571,141 @@ document.getElementById("crisis-hide")?.addEventListener("click", () => {
 // The therapist's view can end the chat.
 document.getElementById("close-chat")?.addEventListener("click", async (event) => {
   if (!window.confirm("Close this chat? The client will no longer be able to write in it.")) return;
-  event.currentTarget.disabled = true;
+  const button = event.currentTarget;
+  button.disabled = true;
   const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/close`, {
     method: "POST",
     credentials: "same-origin",
   });
   if (!response.ok) {
     composerError.textContent = "The chat could not be closed. Please try again.";
-    event.currentTarget.disabled = false;
+    button.disabled = false;
+  } else if (state.handedBack) {
+    // Handed back, so no socket tells this page: show it closed here.
+    state.handedBack = false;
+    handedBack.hidden = true;
+    handBackOpen.hidden = true;
+    setConnection("closed", REFUSALS["chat closed"]);
+    form.classList.add("composer--closed");
+    readClosedChat();
   }
+});
+
+// The therapist's view can hand the chat back to the companion, with an
+// optional note to the client.
+function openHandBack() {
+  composerError.textContent = "";
+  handBackForm.hidden = false;
+  handBackOpen.setAttribute("aria-expanded", "true");
+  handBackNote.focus();
+}
+
+function closeHandBack({ returnFocus = false } = {}) {
+  if (!handBackForm || handBackForm.hidden) return;
+  handBackForm.hidden = true;
+  handBackOpen.setAttribute("aria-expanded", "false");
+  if (returnFocus && !handBackOpen.hidden) handBackOpen.focus();
+}
+
+/** The therapist is out of the chat: no socket, no box, and "Join again".
+ * `focus` moves the focus there (the tab that handed back). */
+function showHandedBack(focus) {
+  if (!handedBack) return;
+  const wasInForm = handBackForm.contains(document.activeElement);
+  // The 204 and the socket's close come in either order: both land here.
+  if (state.handedBack) {
+    if (focus) joinAgain.focus();
+    return;
+  }
+  if (state.stopped) return;
+  state.stopped = true;
+  state.handedBack = true;
+  // After this tab's own 204 the server's 1000 close may still be on its
+  // way, after the hand-back message: let it come, but not as a lost
+  // connection. A pending reconnect would join again: cancelled.
+  const socket = state.socket;
+  state.socket = null;
+  if (socket?.readyState === WebSocket.CONNECTING) socket.close();
+  window.clearTimeout(state.reconnectTimer);
+  closeHandBack();
+  handBackOpen.hidden = true;
+  disableComposer();
+  dropAllStreaming();
+  otherSideTyping(false);
+  setConnection("handed-back", "Not connected: you handed this chat back.");
+  handedBack.hidden = false;
+  joinAgain.disabled = false;
+  if (focus || wasInForm) joinAgain.focus();
+}
+
+handBackOpen?.addEventListener("click", () => {
+  if (handBackForm.hidden) openHandBack();
+  else closeHandBack({ returnFocus: true });
+});
+
+document.getElementById("hand-back-cancel")?.addEventListener("click", () => closeHandBack({ returnFocus: true }));
+
+handBackForm?.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closeHandBack({ returnFocus: true });
+  }
+});
+
+const HAND_BACK_ERRORS = {
+  400: "The note can be up to 4,000 characters.",
+  403: "This chat is not assigned to you.",
+  409: "The chat could not be handed back: you are not in it now, or it is closed.",
+};
+
+handBackForm?.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  composerError.textContent = "";
+  const submit = document.getElementById("hand-back-submit");
+  const note = handBackNote.value.trim();
+  if ([...note].length > MAX_CHARS) {
+    composerError.textContent = HAND_BACK_ERRORS[400];
+    return;
+  }
+  submit.disabled = true;
+  let response = null;
+  try {
+    response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/hand-back`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(note ? { note } : {}),
+    });
+  } catch {
+    // Offline: said below like any other failure.
+  }
+  submit.disabled = false;
+  if (response?.status === 204) {
+    handBackNote.value = "";
+    showHandedBack(true);
+    return;
+  }
+  if (response?.status === 401) {
+    showLoginEnded(LOGIN_ENDED);
+    return;
+  }
+  composerError.textContent =
+    HAND_BACK_ERRORS[response?.status] ?? "The chat could not be handed back. Please try again.";
+});
+
+// Joining again is connecting again: the server makes it a new join.
+joinAgain?.addEventListener("click", () => {
+  joinAgain.disabled = true;
+  handedBack.hidden = true;
+  handBackOpen.hidden = false;
+  composerError.textContent = "";
+  state.handedBack = false;
+  state.stopped = false;
+  state.attempts = 0;
+  input.disabled = false;
+  form.querySelector("button[type=submit]").disabled = false;
+  connect();
+  input.focus();
 });
 
 connect();

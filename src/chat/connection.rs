@@ -616,7 +616,10 @@ impl Connection {
         let Storing { client_id, acked, detected, second_opinion, .. } = storing;
         let role = self.admitted.role;
         match stored {
-            Ok(Committed { outcome: Appended::Stored { seq, chat_mode, companion_paused, flagged }, events }) => {
+            Ok(Committed {
+                outcome: Appended::Stored { seq, chat_mode, companion_paused, flagged },
+                events,
+            }) => {
                 self.spoke = true;
                 self.stop_typing();
                 // The message is committed: it is published and answered even

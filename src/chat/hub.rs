@@ -262,7 +262,16 @@ impl Event {
         let seq = Some(message.seq);
         let mode = Mode::after(message.kind);
         let frame = frame_text(&ServerFrame::Message(message));
-        Self { seq, frame, mode, reply_id: None, resync: false, closes: false, hands_back: false, typing: None }
+        Self {
+            seq,
+            frame,
+            mode,
+            reply_id: None,
+            resync: false,
+            closes: false,
+            hands_back: false,
+            typing: None,
+        }
     }
 
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {

@@ -122,7 +122,13 @@ async fn two_therapists_racing_for_one_session_exactly_one_wins() {
         let accepted = [&a, &b]
             .iter()
             .filter(|outcome| {
-                matches!(outcome, Received::Frame(ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false }))
+                matches!(
+                    outcome,
+                    Received::Frame(ServerFrame::Mode {
+                        chat_mode: ChatMode::TherapistJoined,
+                        companion_paused: false
+                    })
+                )
             })
             .count();
         let refused = [&a, &b]

@@ -1287,3 +1287,173 @@ async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     therapist.screenshot("dashboard-paged").await;
     therapist.close().await;
 }
+
+/// The therapist hands the chat back with a note: the client sees it, the
+/// hand-back message and a question, and the companion stays silent until
+/// the client says yes. The therapist's page does not reconnect (that
+/// would join again) but offers "Join again", which is a new join.
+#[tokio::test]
+async fn a_therapist_can_hand_back_and_the_client_chooses_to_continue_with_the_companion() {
+    let axe = axe_source();
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist
+        .find(&format!("#appointments tr[data-session-id='{session_id}'] a"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    therapist
+        .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
+        .await;
+    let joins = "return document.querySelectorAll('#messages .msg--system[data-kind=join]').length";
+    client.until("document.querySelector('#messages .msg--system[data-kind=join]')", vec![]).await;
+
+    // The form opens with the focus in the note, and Escape closes it.
+    let open_form = "!document.getElementById('hand-back').hidden
+        && document.activeElement.id === 'hand-back-note'
+        && document.getElementById('hand-back-open').getAttribute('aria-expanded') === 'true'";
+    therapist.find("#hand-back-open").await.click().await.unwrap();
+    therapist.until(open_form, vec![]).await;
+    therapist.find("#hand-back-note").await.send_keys("\u{E00C}").await.unwrap();
+    therapist
+        .until(
+            "document.getElementById('hand-back').hidden && document.activeElement.id === 'hand-back-open'",
+            vec![],
+        )
+        .await;
+    therapist.find("#hand-back-open").await.click().await.unwrap();
+    therapist.until(open_form, vec![]).await;
+    let label =
+        therapist.js("return document.querySelector('label[for=hand-back-note]').textContent", vec![]).await;
+    assert_eq!(label, "Note to the client (optional)");
+    assert_eq!(serious_axe_violations(&therapist, &axe).await, json!([]), "axe on the hand-back form");
+    let note = "Thank you for today. The companion is here whenever you want to keep talking.";
+    therapist.find("#hand-back-note").await.send_keys(note).await.unwrap();
+    therapist.screenshot("hand-back-form").await;
+    therapist.find("#hand-back-submit").await.click().await.unwrap();
+
+    // The client: the note, the hand-back message, then the question; the
+    // box stays usable.
+    client.until_message("therapist", note).await;
+    client
+        .until(
+            "(() => { const back = document.querySelector('#messages .msg--system[data-kind=handback]');
+                      const card = document.getElementById('resume-card');
+                      return back && back.textContent.includes('Tess has ended their part of this chat')
+                        && Number(back.dataset.seq) > Number(document.querySelector('#messages .msg--therapist').dataset.seq)
+                        && !card.hidden
+                        && document.getElementById('mode-banner').textContent.includes('The companion is paused until you say yes'); })()",
+            vec![],
+        )
+        .await;
+    let card = client
+        .js(
+            "const card = document.getElementById('resume-card');
+             return [card.getAttribute('role'), document.getElementById(card.getAttribute('aria-labelledby')).textContent,
+                     card.querySelector('button').textContent, document.getElementById('message-input').disabled];",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        card,
+        json!([
+            "region",
+            "Would you like to continue with the companion?",
+            "Yes, continue with the companion",
+            false
+        ])
+    );
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        let fits = client
+            .js(
+                "const box = document.getElementById('resume-card').getBoundingClientRect();
+                 return box.top >= 0 && box.bottom <= window.innerHeight && box.left >= 0 && box.right <= window.innerWidth
+                   && document.documentElement.scrollWidth <= window.innerWidth;",
+                vec![],
+            )
+            .await;
+        assert_eq!(fits, json!(true), "the question is in view at {width}px");
+        assert_eq!(
+            serious_axe_violations(&client, &axe).await,
+            json!([]),
+            "axe on the question at {width}px"
+        );
+        client.screenshot(&format!("hand-back-question-{width}")).await;
+    }
+
+    // The therapist: out of the chat, not reconnecting, offered to join again.
+    therapist
+        .until(
+            "!document.getElementById('handed-back').hidden
+             && document.getElementById('handed-back-text').textContent === 'You handed this chat back to the companion.'
+             && document.getElementById('join-again').textContent === 'Join again'
+             && document.activeElement.id === 'join-again'
+             && document.getElementById('message-input').disabled
+             && document.getElementById('hand-back-open').hidden
+             && document.getElementById('connection').dataset.state === 'handed-back'
+             && document.querySelector('#messages .msg--system[data-kind=handback]')",
+            vec![],
+        )
+        .await;
+    therapist.until_message("therapist", note).await;
+    therapist.screenshot("hand-back-therapist-handed-back").await;
+
+    // Yes: the resume message, and the companion answers the next message.
+    client.find("#resume-companion").await.click().await.unwrap();
+    client
+        .until(
+            "document.getElementById('resume-card').hidden
+             && document.querySelector('#messages .msg--system[data-kind=resume]')
+             && document.getElementById('mode-banner').dataset.companionPaused === 'false'",
+            vec![],
+        )
+        .await;
+    client.say("yes, I'd like to keep talking").await;
+    client
+        .until(
+            "(() => { const resumed = Number(document.querySelector('#messages .msg--system[data-kind=resume]').dataset.seq);
+                      return [...document.querySelectorAll('#messages .msg--ai[data-seq]')].some(m => Number(m.dataset.seq) > resumed); })()",
+            vec![],
+        )
+        .await;
+    client.screenshot("hand-back-companion-answers").await;
+
+    // All the while the therapist's page stayed out: one join so far.
+    assert_eq!(client.js(joins, vec![]).await, json!(1));
+    let out = therapist.js("return document.getElementById('connection').dataset.state", vec![]).await;
+    assert_eq!(out, "handed-back", "the therapist's page did not reconnect by itself");
+
+    // Join again: a new join, and the conversation meanwhile is replayed.
+    therapist.find("#join-again").await.click().await.unwrap();
+    therapist.until_connected().await;
+    therapist
+        .until(
+            "document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'
+             && !document.getElementById('message-input').disabled
+             && document.getElementById('handed-back').hidden
+             && !document.getElementById('hand-back-open').hidden
+             && document.querySelectorAll('#messages .msg--system[data-kind=join]').length === 2",
+            vec![],
+        )
+        .await;
+    therapist.until_message("user", "yes, I'd like to keep talking").await;
+    client
+        .until(
+            "document.querySelectorAll('#messages .msg--system[data-kind=join]').length === 2
+             && document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'",
+            vec![],
+        )
+        .await;
+    let history = app.history(session_id.parse().unwrap(), &therapist_token(&app).await).await;
+    assert_eq!(client.transcript().await.len(), history.len(), "the client shows the stored conversation");
+    client.close().await;
+    therapist.close().await;
+}

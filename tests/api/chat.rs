@@ -138,7 +138,9 @@ async fn a_therapist_message_reaches_the_client_as_therapist_without_a_companion
         (last.sender, last.content.as_str()),
         (Sender::Therapist, "Hi, I'm Tess, a therapist at the clinic.")
     );
-    assert!(frames.contains(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false }));
+    assert!(
+        frames.contains(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false })
+    );
     let history = app.history(session.session_id, &session.client_token).await;
     let senders: Vec<_> = history.iter().map(|m| m.sender).collect();
     assert_eq!(senders, vec![Sender::User, Sender::Ai, Sender::System, Sender::Therapist]);
@@ -192,7 +194,10 @@ async fn three_client_tabs_and_a_therapist_see_every_frame_in_the_same_order() {
         .iter()
         .position(|frame| matches!(frame, ServerFrame::Message(m) if m.sender == Sender::System))
         .unwrap();
-    assert_eq!(transcripts[0][joined + 1], ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false });
+    assert_eq!(
+        transcripts[0][joined + 1],
+        ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false }
+    );
     let after_join = &transcripts[0][joined..];
     assert!(messages(after_join).iter().all(|m| m.sender != Sender::Ai), "no companion after the join");
 

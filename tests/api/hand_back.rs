@@ -10,7 +10,12 @@ use haven_protocol::api::LoginResponse;
 use crate::helpers::{PASSWORD, TestApp, Ws, error_body, from_companion, messages};
 
 /// Posts a hand-back for `session` as the therapist with `token`.
-pub async fn hand_back(app: &TestApp, session: Uuid, token: &str, body: serde_json::Value) -> reqwest::Response {
+pub async fn hand_back(
+    app: &TestApp,
+    session: Uuid,
+    token: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
     app.http
         .post(app.url(&format!("/api/sessions/{session}/hand-back")))
         .bearer_auth(token)
@@ -73,7 +78,8 @@ async fn a_hand_back_returns_the_chat_to_the_companion_only_after_the_clients_ye
     let too_long = hand_back(&app, session.session_id, &tess.token, json!({"note": "x".repeat(4001)})).await;
     assert_eq!(error_body(too_long, 400).await["error"], "note_too_long");
     let note = "I'm handing you back to the companion for tonight. Take care.";
-    let handed = hand_back(&app, session.session_id, &tess.token, json!({"note": format!("  {note}\n")})).await;
+    let handed =
+        hand_back(&app, session.session_id, &tess.token, json!({"note": format!("  {note}\n")})).await;
     assert_eq!(handed.status(), 204);
 
     // Every side: the note, the hand-back message, then the paused mode.

@@ -118,7 +118,10 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
     let mut events = room.events.subscribe();
     let (mut sink, mut incoming) = socket.split();
     if sink
-        .send(Message::Text(text(&ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false })))
+        .send(Message::Text(text(&ServerFrame::Mode {
+            chat_mode: ChatMode::TherapistJoined,
+            companion_paused: false,
+        })))
         .await
         .is_err()
     {

@@ -235,7 +235,10 @@ pub(crate) fn stored(
     match row.client_id {
         Some(_) => {
             let events = vec![SessionEvent::message(row.session_id, message)];
-            Written::Message(Committed::new(Appended::Stored { seq, chat_mode, companion_paused, flagged: None }, events))
+            Written::Message(Committed::new(
+                Appended::Stored { seq, chat_mode, companion_paused, flagged: None },
+                events,
+            ))
         }
         None => Written::Bot(Committed::new(
             Some(message.clone()),

@@ -433,7 +433,11 @@ pub trait Store: Send + Sync + 'static {
     /// The client's yes after a hand-back, in one transaction: unpauses the
     /// companion and appends `resume_message` as a `system` message of kind
     /// `resume`. `NotFound` for no such session.
-    async fn resume_companion(&self, session_id: Uuid, resume_message: &str) -> Result<Committed<ResumeOutcome>>;
+    async fn resume_companion(
+        &self,
+        session_id: Uuid,
+        resume_message: &str,
+    ) -> Result<Committed<ResumeOutcome>>;
 
     /// Appends a message from a connection with the next seq, unless its
     /// `client_id` was already stored for this sender or the session is

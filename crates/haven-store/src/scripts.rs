@@ -42,8 +42,8 @@ use crate::rows::{
 };
 use crate::{
     AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    HandBackOutcome, JoinOutcome, Listener, ResumeOutcome, NewMessage, NewTherapist, Result, RiskFlag, SafetyReport, SessionEvent, Store,
-    StoreError, Therapist, now,
+    HandBackOutcome, JoinOutcome, Listener, NewMessage, NewTherapist, Result, ResumeOutcome, RiskFlag,
+    SafetyReport, SessionEvent, Store, StoreError, Therapist, now,
 };
 
 /// What a store tells the shared scripts: the few things that differ.
@@ -491,10 +491,26 @@ where
         let mut messages = Vec::new();
         if let Some(note) = note {
             let seq = last_seq - 1;
-            messages.push(new_message(Uuid::now_v7(), seq, Sender::Therapist, MessageKind::Chat, note, None, at));
+            messages.push(new_message(
+                Uuid::now_v7(),
+                seq,
+                Sender::Therapist,
+                MessageKind::Chat,
+                note,
+                None,
+                at,
+            ));
         }
         let kind = MessageKind::Handback;
-        messages.push(new_message(Uuid::now_v7(), last_seq, Sender::System, kind, hand_back_message, None, at));
+        messages.push(new_message(
+            Uuid::now_v7(),
+            last_seq,
+            Sender::System,
+            kind,
+            hand_back_message,
+            None,
+            at,
+        ));
         let mut events = Vec::new();
         for message in messages {
             Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
@@ -506,7 +522,11 @@ where
     }
 
     /// The client's yes after a hand-back, in one transaction.
-    async fn resume_companion(&self, session_id: Uuid, resume_message: &str) -> Result<Committed<ResumeOutcome>> {
+    async fn resume_companion(
+        &self,
+        session_id: Uuid,
+        resume_message: &str,
+    ) -> Result<Committed<ResumeOutcome>> {
         let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
         let current: Option<(bool, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -803,7 +823,10 @@ where
             }
             None => None,
         };
-        Ok(Committed::new(Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, flagged }, events))
+        Ok(Committed::new(
+            Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, flagged },
+            events,
+        ))
     }
 
     /// Inserts a message row; the caller has already advanced `last_seq`.

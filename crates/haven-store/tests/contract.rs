@@ -9,8 +9,8 @@ use std::sync::Arc;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 use haven_store::{
     AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, Flagged, HandBackOutcome,
-    JoinOutcome, NewMessage, NewTherapist, PgStore, ResumeOutcome, RiskFlag, SessionEvent, SqliteStore, Store,
-    StoreError, Therapist,
+    JoinOutcome, NewMessage, NewTherapist, PgStore, ResumeOutcome, RiskFlag, SessionEvent, SqliteStore,
+    Store, StoreError, Therapist,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -286,11 +286,18 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         let tess = therapist(store, "t@x").await;
         let omar = therapist(store, "o@x").await;
         let reply = || BotMessage::Reply { id: Uuid::now_v7(), content: "companion".into() };
-        let hand_back = |who: Uuid, note: Option<&'static str>| store.hand_back(session, who, note, "handed back");
+        let hand_back =
+            |who: Uuid, note: Option<&'static str>| store.hand_back(session, who, note, "handed back");
         // Only a joined chat can be handed back, and only by its therapist.
-        assert!(matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::NotYours), "{name}");
+        assert!(
+            matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::NotYours),
+            "{name}"
+        );
         store.join_as_therapist(session, tess.id, "joined").await.unwrap();
-        assert!(matches!(hand_back(omar.id, None).await.unwrap().outcome, HandBackOutcome::NotYours), "{name}");
+        assert!(
+            matches!(hand_back(omar.id, None).await.unwrap().outcome, HandBackOutcome::NotYours),
+            "{name}"
+        );
         let handed = hand_back(tess.id, Some("take care")).await.unwrap();
         assert!(matches!(handed.outcome, HandBackOutcome::HandedBack), "{name}");
         let written: Vec<_> =
@@ -316,7 +323,10 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         // writes nothing.
         let waiting = store.append_message(session, user_message("still there?")).await.unwrap().outcome;
         assert!(
-            matches!(waiting, Appended::Stored { seq: 4, chat_mode: ChatMode::BotOnly, companion_paused: true, .. }),
+            matches!(
+                waiting,
+                Appended::Stored { seq: 4, chat_mode: ChatMode::BotOnly, companion_paused: true, .. }
+            ),
             "{name}: {waiting:?}"
         );
         assert!(store.append_if_bot_only(session, reply()).await.unwrap().outcome.is_none(), "{name}");
@@ -348,19 +358,12 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         let kinds: Vec<_> =
             store.messages_after(session, 0, 20).await.unwrap().iter().map(|m| m.kind).collect();
         use MessageKind::{Chat, Handback, Join, Resume};
-        assert_eq!(
-            kinds,
-            [Join, Chat, Handback, Chat, Resume, Chat, Chat, Join, Handback, Resume],
-            "{name}"
-        );
+        assert_eq!(kinds, [Join, Chat, Handback, Chat, Resume, Chat, Chat, Join, Handback, Resume], "{name}");
         // Closed: no hand-back, no resume.
         store.join_as_therapist(session, tess.id, "joined").await.unwrap();
         store.close_chat_session(session, tess.id, "closed").await.unwrap();
         assert!(matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::Closed), "{name}");
-        assert!(matches!(
-            store.resume_companion(Uuid::now_v7(), "resumed").await,
-            Err(StoreError::NotFound)
-        ));
+        assert!(matches!(store.resume_companion(Uuid::now_v7(), "resumed").await, Err(StoreError::NotFound)));
     }
 }
 
