@@ -333,7 +333,11 @@ mod tests {
 
     #[test]
     fn the_script_goes_on_from_its_last_text_and_wraps_around() {
-        let turn = |sender, content: &str| Turn { sender, content: content.to_owned() };
+        let turn = |sender, content: &str| Turn {
+            sender,
+            kind: haven_protocol::MessageKind::Chat,
+            content: content.to_owned(),
+        };
         let mut request = ReplyRequest { history: vec![turn(Sender::User, "help")], ..Default::default() };
         assert_eq!(SafetyScript::next(&request), SAFETY_SCRIPT[0]);
         request.history.push(turn(Sender::Ai, SAFETY_SCRIPT[0]));

@@ -140,7 +140,7 @@ async fn stream_reply(
     let request = ReplyRequest {
         history: history
             .into_iter()
-            .map(|message| Turn { sender: message.sender, content: message.content })
+            .map(|message| Turn { sender: message.sender, kind: message.kind, content: message.content })
             .collect(),
         check_in_on_safety: guidance == Guidance::CheckIn,
     };

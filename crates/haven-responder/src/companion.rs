@@ -181,7 +181,11 @@ mod tests {
 
     fn reply_to(text: &str) -> String {
         Companion::compose(&ReplyRequest {
-            history: vec![Turn { sender: Sender::User, content: text.into() }],
+            history: vec![Turn {
+                sender: Sender::User,
+                kind: haven_protocol::MessageKind::Chat,
+                content: text.into(),
+            }],
             ..ReplyRequest::default()
         })
     }
@@ -217,7 +221,11 @@ mod tests {
     #[test]
     fn checks_in_on_safety_first_when_asked_then_reflects() {
         let request = ReplyRequest {
-            history: vec![Turn { sender: Sender::User, content: "I feel so low lately".into() }],
+            history: vec![Turn {
+                sender: Sender::User,
+                kind: haven_protocol::MessageKind::Chat,
+                content: "I feel so low lately".into(),
+            }],
             check_in_on_safety: true,
         };
         let reply = Companion::compose(&request);

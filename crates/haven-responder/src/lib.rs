@@ -13,7 +13,7 @@
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use haven_protocol::{RiskLevel, Sender};
+use haven_protocol::{MessageKind, RiskLevel, Sender};
 
 mod companion;
 mod llm;
@@ -26,6 +26,9 @@ pub use llm::{LlmResponder, LlmSettings, Provider};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
     pub sender: Sender,
+    /// What the message is to the session: a `handback` system message
+    /// ends the therapist's part.
+    pub kind: MessageKind,
     pub content: String,
 }
 

@@ -2,7 +2,7 @@
 //! check-in when asked for) and the session's recent turns, within a
 //! character budget; and the fixed prompt of the risk assessment.
 
-use haven_protocol::Sender;
+use haven_protocol::{MessageKind, Sender};
 
 use crate::Turn;
 
@@ -53,8 +53,9 @@ pub const HAND_BACK_MARKER: &str =
 /// The newest turns that fit in `budget_chars`, oldest first, as model lines.
 ///
 /// - Client messages are the user's; companion messages the assistant's.
-/// - A therapist's messages are quoted as user-side notes, and followed by
-///   [`HAND_BACK_MARKER`] when the client spoke after them.
+/// - A therapist's messages are quoted as user-side notes. The client's
+///   next message after them, or after a hand-back, starts with
+///   [`HAND_BACK_MARKER`].
 /// - System messages (join notices, outage notices) are left out.
 /// - Consecutive lines of one speaker are merged: some providers require
 ///   turns to alternate.
@@ -64,7 +65,10 @@ pub fn conversation(history: &[Turn], budget_chars: usize) -> Vec<PromptLine> {
     let mut therapist_spoke = false;
     for turn in history {
         let (speaker, text) = match turn.sender {
-            Sender::System => continue,
+            Sender::System => {
+                therapist_spoke |= turn.kind == MessageKind::Handback;
+                continue;
+            }
             Sender::Ai => (Speaker::Assistant, turn.content.clone()),
             Sender::Therapist => {
                 therapist_spoke = true;
@@ -121,7 +125,17 @@ mod tests {
     use super::*;
 
     fn turn(sender: Sender, content: &str) -> Turn {
-        Turn { sender, content: content.into() }
+        Turn { sender, kind: MessageKind::Chat, content: content.into() }
+    }
+
+    #[test]
+    fn a_hand_back_marks_the_clients_next_message_even_when_the_therapist_said_nothing() {
+        let hand_back = Turn { kind: MessageKind::Handback, ..turn(Sender::System, "handed back") };
+        let history =
+            [turn(Sender::User, "hi"), turn(Sender::Ai, "hello"), hand_back, turn(Sender::User, "ok")];
+        let lines = conversation(&history, 1_000);
+        assert_eq!(lines.last().map(|line| line.text.clone()), Some(format!("{HAND_BACK_MARKER}\nok")));
+        assert!(!lines[0].text.contains(HAND_BACK_MARKER));
     }
 
     #[test]
