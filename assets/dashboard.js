@@ -145,18 +145,20 @@ function fill(tr, appointment) {
   const short = clientName(appointment.session_id);
   const mine = appointment.status === "assigned";
   tr.dataset.chatMode = appointment.chat_mode;
+  const joined = appointment.chat_mode === "THERAPIST_JOINED";
   const values = [
     short,
     mine ? "Yours" : "Waiting",
-    appointment.chat_mode === "THERAPIST_JOINED" ? "Therapist joined" : "Companion",
-    // Waiting stops counting at the join.
-    appointment.chat_mode === "THERAPIST_JOINED" ? "—" : ago(appointment.created_at),
+    joined ? "Therapist joined" : !mine ? "Companion"
+      : appointment.companion_paused ? "Handed back; the client has not answered" : "Handed back to the companion",
+    // Waiting counts only until a therapist first joins.
+    mine ? "—" : ago(appointment.created_at),
     ago(appointment.last_message_at),
   ];
   values.forEach((value, index) => setText(tr.cells[TEXT_COLUMNS[index]], value));
   fillRisk(tr, appointment);
   const link = tr.querySelector("a");
-  setText(link, mine ? "Open chat" : "Join Chat");
+  setText(link, !mine ? "Join Chat" : joined ? "Open chat" : "Join again");
   link.setAttribute("aria-label", `${link.textContent}, ${short}`);
 }
 
@@ -181,7 +183,7 @@ function render() {
 function renderAlerts() {
   const attention = appointments.filter((appointment) => appointment.risk_needs_attention);
   alertBox.hidden = attention.length === 0;
-  const waiting = appointments.filter((appointment) => appointment.chat_mode === "BOT_ONLY").length;
+  const waiting = appointments.filter((appointment) => appointment.status === "open").length;
   const parts = [
     attention.length ? `(${attention.length}) Safety alert` : null,
     waiting ? `${waiting} waiting` : null,
@@ -210,7 +212,7 @@ function renderAlerts() {
 }
 
 function noteNewWaiting() {
-  const waiting = appointments.filter((appointment) => appointment.chat_mode === "BOT_ONLY");
+  const waiting = appointments.filter((appointment) => appointment.status === "open");
   const fresh = waitingSeen ? waiting.filter((appointment) => !waitingSeen.has(appointment.session_id)) : [];
   waitingSeen = new Set([...(waitingSeen ?? []), ...waiting.map((appointment) => appointment.session_id)]);
   if (fresh.length && waitingSound.checked) ping(soundToggle);

@@ -112,6 +112,7 @@ async fn list_appointments(
             session_id: session.id,
             status: session.status,
             chat_mode: session.chat_mode,
+            companion_paused: session.companion_paused,
             therapist_id: session.therapist_id,
             created_at: session.created_at,
             last_message_at: session.last_message_at,

@@ -41,6 +41,23 @@ pub async fn until_mode_after(ws: &mut Ws, kind: MessageKind) -> (Vec<ServerFram
     }
 }
 
+/// The caller's appointment row of `session`: its status, mode and pause.
+async fn appointment(app: &TestApp, token: &str, session: Uuid) -> (String, String, bool) {
+    let list: Vec<serde_json::Value> = app
+        .http
+        .get(app.url("/api/appointments"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = list.iter().find(|row| row["session_id"] == session.to_string()).expect("listed");
+    let text = |field: &str| row[field].as_str().unwrap().to_owned();
+    (text("status"), text("chat_mode"), row["companion_paused"].as_bool().unwrap())
+}
+
 /// The next error frame's code, passing over messages (such as the join
 /// message a new therapist socket gets first).
 async fn error_code(ws: &mut Ws) -> ErrorCode {
@@ -98,6 +115,9 @@ async fn a_hand_back_returns_the_chat_to_the_companion_only_after_the_clients_ye
     assert_eq!(therapist.closed().await, (1000, "handed back".to_owned()));
     let twice = hand_back(&app, session.session_id, &tess.token, json!({})).await;
     assert_eq!(error_body(twice, 409).await["error"], "conflict");
+    // It stays on the therapist's list, as theirs, handed back.
+    let row = appointment(&app, &tess.token, session.session_id).await;
+    assert_eq!(row, ("assigned".to_owned(), "BOT_ONLY".to_owned(), true));
 
     // Paused: the client's message is stored; the companion says nothing
     // until the yes, and then answers it.
@@ -113,6 +133,8 @@ async fn a_hand_back_returns_the_chat_to_the_companion_only_after_the_clients_ye
     assert_eq!((answer.sender, answer.seq), (Sender::Ai, waiting_seq + 2));
     client.send_json(json!({"type": "resume_companion"})).await;
     assert_eq!(error_code(&mut client).await, ErrorCode::NotPaused);
+    let row = appointment(&app, &tess.token, session.session_id).await;
+    assert_eq!(row, ("assigned".to_owned(), "BOT_ONLY".to_owned(), false));
 
     // Joining again is a new takeover with its own message; a therapist
     // cannot answer for the client.

@@ -55,6 +55,9 @@ pub struct Appointment {
     pub session_id: Uuid,
     pub status: AppointmentStatus,
     pub chat_mode: ChatMode,
+    /// Handed back by its therapist, and the client has not yet said yes
+    /// to the companion.
+    pub companion_paused: bool,
     pub therapist_id: Option<Uuid>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
