@@ -218,8 +218,9 @@ function noteNewWaiting() {
   if (fresh.length && waitingSound.checked) ping(soundToggle);
 }
 
-// The list comes in pages (newest activity first); "Show more" asks for one
-// more page, and every refresh reloads as many pages as are shown.
+// The list comes in pages (the longest waiting first, then the therapist's
+// own by newest activity); "Show more" asks for one more page, and every
+// refresh reloads as many pages as are shown.
 let pages = 1;
 
 function nextPage(link) {

@@ -39,8 +39,9 @@ struct PageQuery {
 }
 
 /// Where a row sorts: flagged sessions that need attention first, highest
-/// level first; then unclaimed ones (waiting for a therapist); then the
-/// caller's own; within each, newest activity first. Compared descending.
+/// level first; then unclaimed ones (waiting for a therapist), the longest
+/// waiting first; then the caller's own, newest activity first. Compared
+/// descending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct SortKey {
     attention: bool,
@@ -52,12 +53,18 @@ struct SortKey {
 
 impl SortKey {
     fn of(appointment: &Appointment) -> Self {
-        let activity = appointment.last_message_at.unwrap_or(appointment.created_at);
+        let unclaimed = appointment.therapist_id.is_none();
+        // The list is in descending key order: a waiting client who came
+        // earlier ranks higher; a chat in progress, by its last activity.
+        let activity = match unclaimed {
+            true => -appointment.created_at.unix_timestamp_nanos(),
+            false => appointment.last_message_at.unwrap_or(appointment.created_at).unix_timestamp_nanos(),
+        };
         Self {
             attention: appointment.risk_needs_attention,
             level: if appointment.risk_needs_attention { appointment.risk_level as u8 } else { 0 },
-            unclaimed: appointment.therapist_id.is_none(),
-            activity: activity.unix_timestamp_nanos(),
+            unclaimed,
+            activity,
             id: appointment.session_id,
         }
     }

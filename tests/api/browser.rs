@@ -1241,7 +1241,7 @@ async fn the_dashboard_pages_a_long_list_and_coalesces_its_refreshes() {
     let driver = Driver::start().await;
     let therapist = driver.browser().await;
     log_in(&app, &therapist, "tess@clinic.test").await;
-    // One page of 200, newest first, and a way to the rest.
+    // One page of 200, and a way to the rest.
     therapist
         .until("document.querySelectorAll('#appointments tbody tr').length === 200 && !document.getElementById('appointments-more').hidden", vec![])
         .await;

@@ -172,28 +172,26 @@ async fn every_page(app: &TestApp, token: &str, limit: usize) -> Vec<Vec<Value>>
 }
 
 #[tokio::test]
-async fn the_appointments_list_comes_in_pages_newest_activity_first() {
+async fn the_appointments_list_comes_in_pages_the_longest_waiting_first() {
     let app = TestApp::spawn().await;
     let tess = app.therapist("Tess").await;
     let mut created = Vec::new();
     for _ in 0..5 {
         created.push(app.create_session().await.session_id.to_string());
     }
-    // The oldest chat gets a message: it becomes the newest activity.
-    let oldest = app.create_session().await;
-    let mut client = app.connect(oldest.session_id, &oldest.client_token).await;
+    // The newest chat gets a message: it still waits the shortest.
+    let newest = app.create_session().await;
+    let mut client = app.connect(newest.session_id, &newest.client_token).await;
     client.mode().await;
     let id = client.send_message("back again").await;
     client.ack(&id).await;
-    created.insert(0, oldest.session_id.to_string());
+    created.push(newest.session_id.to_string());
 
     let pages = every_page(&app, &tess.token, 2).await;
     assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2]);
     let order: Vec<String> =
         pages.iter().flatten().map(|row| row["session_id"].as_str().unwrap().to_owned()).collect();
-    let mut expected: Vec<String> = created[1..].iter().rev().cloned().collect();
-    expected.insert(0, created[0].clone());
-    assert_eq!(order, expected, "newest activity first, each once");
+    assert_eq!(order, created, "the longest waiting first, each once");
     for bad in ["limit=0", "limit=201", "cursor=nonsense"] {
         let response =
             app.http.get(app.url(&format!("/api/appointments?{bad}"))).bearer_auth(&tess.token).send();
