@@ -112,6 +112,7 @@ async fn list_appointments(
     };
     let waiting_since = haven_store::now() - state.settings.waiting_window;
     let sessions = state.store.appointments_for(caller.therapist.id, waiting_since).await?;
+    let mut labels = state.store.client_labels(caller.therapist.id).await?;
     let mut appointments: Vec<(SortKey, Appointment)> = sessions
         .into_iter()
         .map(|session| Appointment {
@@ -120,6 +121,7 @@ async fn list_appointments(
             status: session.status,
             chat_mode: session.chat_mode,
             companion_paused: session.companion_paused,
+            client_label: labels.remove(&session.id),
             therapist_id: session.therapist_id,
             created_at: session.created_at,
             last_message_at: session.last_message_at,

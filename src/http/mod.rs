@@ -251,6 +251,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> 
     }
 }
 
+/// The session, if it is in the caller's appointments (open, or theirs).
+pub(super) async fn visible_session(
+    state: &AppState,
+    session_id: &str,
+    caller: &crate::auth::AuthTherapist,
+) -> Result<haven_store::ChatSession, ApiError> {
+    let session_id = canonical_uuid(session_id).ok_or(ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    match session.therapist_id {
+        Some(holder) if holder != caller.therapist.id => Err(ApiError::Forbidden),
+        _ => Ok(session),
+    }
+}
+
 /// A session id as Haven writes it: lowercase and hyphenated. Uppercase,
 /// braced, `urn:uuid:` and unhyphenated forms name no session (404).
 pub fn canonical_uuid(text: &str) -> Option<uuid::Uuid> {

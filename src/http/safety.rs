@@ -9,7 +9,7 @@ use haven_safety::Assessment;
 use haven_store::{AcknowledgeOutcome, AuditKind, ChatSession};
 use serde::Deserialize;
 
-use super::{ApiError, Json, Path, Query};
+use super::{ApiError, Json, Path, Query, visible_session};
 use crate::auth::AuthTherapist;
 use crate::startup::AppState;
 
@@ -97,20 +97,6 @@ async fn acknowledge(
             Err(ApiError::Conflict("the session has no risk flag to acknowledge".into()))
         }
         AcknowledgeOutcome::NotYours => Err(ApiError::Forbidden),
-    }
-}
-
-/// The session, if it is in the caller's appointments (open, or theirs).
-async fn visible_session(
-    state: &AppState,
-    session_id: &str,
-    caller: &AuthTherapist,
-) -> Result<ChatSession, ApiError> {
-    let session_id = super::canonical_uuid(session_id).ok_or(ApiError::NotFound)?;
-    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
-    match session.therapist_id {
-        Some(holder) if holder != caller.therapist.id => Err(ApiError::Forbidden),
-        _ => Ok(session),
     }
 }
 

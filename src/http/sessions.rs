@@ -8,7 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
-use haven_protocol::api::{CreatedSession, HandBackRequest, MessagePage, Transcript};
+use haven_protocol::api::{
+    ClientLabel, CreatedSession, HandBackRequest, MAX_CLIENT_LABEL_CHARS, MessagePage, Transcript,
+};
 use haven_protocol::{CLOSE_MESSAGE, MAX_CONTENT_CHARS, hand_back_message};
 use haven_protocol::{ChatMessage, MessageKind, Sender};
 use haven_store::{CloseOutcome, HandBackOutcome};
@@ -29,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/sessions/{session_id}/messages", get(list_messages))
         .route("/api/sessions/{session_id}/close", post(close_session))
         .route("/api/sessions/{session_id}/hand-back", post(hand_back))
+        .route("/api/sessions/{session_id}/label", get(client_label).put(set_client_label))
         .route("/api/sessions/{session_id}/transcript", get(transcript))
 }
 
@@ -255,6 +258,38 @@ async fn hand_back(
         HandBackOutcome::Closed => Err(ApiError::Conflict("the chat is closed".into())),
         HandBackOutcome::NotYours => Err(ApiError::Forbidden),
     }
+}
+
+/// `GET /api/sessions/{id}/label`: the caller's private name for the
+/// session's client, for a therapist who can see the session.
+async fn client_label(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+) -> Result<Json<ClientLabel>, ApiError> {
+    let session = super::visible_session(&state, &session_id, &caller).await?;
+    let mut labels = state.store.client_labels(caller.therapist.id).await?;
+    Ok(Json(ClientLabel { label: labels.remove(&session.id) }))
+}
+
+/// `PUT /api/sessions/{id}/label {"label"}`: sets (or, blank or `null`,
+/// forgets) the caller's private name for the session's client, on one
+/// line. Nobody else sees it, the client least of all.
+async fn set_client_label(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+    Json(request): Json<ClientLabel>,
+) -> Result<Json<ClientLabel>, ApiError> {
+    let session = super::visible_session(&state, &session_id, &caller).await?;
+    let label = request.label.map(|label| label.split_whitespace().collect::<Vec<_>>().join(" "));
+    let label = label.filter(|label| !label.is_empty());
+    if label.as_ref().is_some_and(|label| label.chars().count() > MAX_CLIENT_LABEL_CHARS) {
+        let message = format!("the name is longer than {MAX_CLIENT_LABEL_CHARS} characters");
+        return Err(ApiError::bad_request("label_too_long", message));
+    }
+    state.store.set_client_label(caller.therapist.id, session.id, label.as_deref()).await?;
+    Ok(Json(ClientLabel { label }))
 }
 
 /// The tokens a request about a session offers: the bearer token alone if

@@ -58,6 +58,8 @@ pub struct Appointment {
     /// Handed back by its therapist, and the client has not yet said yes
     /// to the companion.
     pub companion_paused: bool,
+    /// The caller's private name for the client, if they gave one.
+    pub client_label: Option<String>,
     pub therapist_id: Option<Uuid>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -97,6 +99,19 @@ pub struct HandBackRequest {
     #[serde(default)]
     pub note: Option<String>,
 }
+
+/// Body of `PUT /api/sessions/{id}/label`, and of its answer and of
+/// `GET /api/sessions/{id}/label`: the caller's private name for the
+/// session's client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientLabel {
+    /// One line, at most [`MAX_CLIENT_LABEL_CHARS`] characters; `null` or
+    /// blank forgets it.
+    pub label: Option<String>,
+}
+
+/// Longest private client name, in characters.
+pub const MAX_CLIENT_LABEL_CHARS: usize = 60;
 
 /// Body of `GET /api/sessions/{id}/risk` and of an acknowledgement.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -395,6 +395,13 @@ pub trait Store: Send + Sync + 'static {
         waiting_since: OffsetDateTime,
     ) -> Result<Vec<ChatSession>>;
 
+    /// Sets this therapist's private name for a session's client, or
+    /// forgets it (`None`). Nobody else sees it.
+    async fn set_client_label(&self, therapist_id: Uuid, session_id: Uuid, label: Option<&str>) -> Result<()>;
+
+    /// This therapist's private names for clients, by session.
+    async fn client_labels(&self, therapist_id: Uuid) -> Result<std::collections::HashMap<Uuid, String>>;
+
     /// The takeover, in one transaction: claims the session for the therapist
     /// if it is unassigned, switches it to `THERAPIST_JOINED` and appends
     /// `join_message` as a `system` message. `NotFound` for no such session.

@@ -361,6 +361,40 @@ where
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
+    async fn set_client_label(&self, therapist_id: Uuid, session_id: Uuid, label: Option<&str>) -> Result<()> {
+        match label {
+            Some(label) => {
+                sqlx::query(
+                    "INSERT INTO client_labels (therapist_id, session_id, label, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (therapist_id, session_id) DO UPDATE SET label = $3, updated_at = $4",
+                )
+                .bind(therapist_id)
+                .bind(session_id)
+                .bind(label)
+                .bind(now())
+                .execute(self.writer())
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM client_labels WHERE therapist_id = $1 AND session_id = $2")
+                    .bind(therapist_id)
+                    .bind(session_id)
+                    .execute(self.writer())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn client_labels(&self, therapist_id: Uuid) -> Result<std::collections::HashMap<Uuid, String>> {
+        let rows: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT session_id, label FROM client_labels WHERE therapist_id = $1")
+                .bind(therapist_id)
+                .fetch_all(self.reader())
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// The takeover, in one transaction.
     async fn join_as_therapist(
         &self,

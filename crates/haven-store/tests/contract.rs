@@ -368,6 +368,27 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_label_is_one_therapists_own_and_can_be_changed_or_forgotten() {
+    for Subject { name, store, .. } in subjects().await {
+        let store = store.as_ref();
+        let (first, second) = (session(store, b"one").await, session(store, b"two").await);
+        let tess = therapist(store, "t@x").await;
+        let omar = therapist(store, "o@x").await;
+        store.set_client_label(tess.id, first, Some("Sam, Tuesday group")).await.unwrap();
+        store.set_client_label(tess.id, second, Some("Alex")).await.unwrap();
+        store.set_client_label(omar.id, first, Some("S.")).await.unwrap();
+        store.set_client_label(tess.id, second, Some("Alex R.")).await.unwrap();
+        let labels = store.client_labels(tess.id).await.unwrap();
+        let expected = [(first, "Sam, Tuesday group".to_owned()), (second, "Alex R.".to_owned())];
+        assert_eq!(labels, expected.into_iter().collect(), "{name}");
+        store.set_client_label(tess.id, first, None).await.unwrap();
+        assert_eq!(store.client_labels(tess.id).await.unwrap().len(), 1, "{name}");
+        let omars = store.client_labels(omar.id).await.unwrap();
+        assert_eq!(omars.get(&first).map(String::as_str), Some("S."), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_chat_takes_no_more_writes_of_any_kind() {
     for Subject { name, store, .. } in subjects().await {
         let session = session(store.as_ref(), b"client").await;
