@@ -312,3 +312,65 @@ async fn unknown_routes_get_a_json_404_and_health_answers() {
     let plain_get = app.http.get(app.url(&format!("/api/chat/ws/{}", session.session_id))).send();
     error_body(plain_get.await.unwrap(), 400).await;
 }
+
+/// The caller's private name for `session` in their appointments list.
+async fn listed_label(app: &TestApp, token: &str, session: uuid::Uuid) -> Option<String> {
+    let list: Vec<Appointment> = app
+        .http
+        .get(app.url("/api/appointments"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.into_iter().find(|row| row.session_id == session).and_then(|row| row.client_label)
+}
+
+#[tokio::test]
+async fn a_private_client_name_is_seen_by_its_therapist_only() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let omar = app.therapist("Omar").await;
+    let session = app.create_session().await;
+    let url = app.url(&format!("/api/sessions/{}/label", session.session_id));
+    let put = |token: &str, body: Value| app.http.put(&url).bearer_auth(token).json(&body).send();
+    let get = |token: &str| app.http.get(&url).bearer_auth(token).send();
+
+    let named = put(&tess.token, json!({"label": "  Sam,\n Tuesday   group "})).await.unwrap();
+    assert_eq!(named.status(), 200);
+    assert_eq!(named.json::<Value>().await.unwrap(), json!({"label": "Sam, Tuesday group"}));
+    assert_eq!(
+        get(&tess.token).await.unwrap().json::<Value>().await.unwrap(),
+        json!({"label": "Sam, Tuesday group"})
+    );
+    assert_eq!(
+        listed_label(&app, &tess.token, session.session_id).await.as_deref(),
+        Some("Sam, Tuesday group")
+    );
+    // Another therapist sees the open session, without Tess's name for it,
+    // and may name it for themselves.
+    assert_eq!(listed_label(&app, &omar.token, session.session_id).await, None);
+    assert_eq!(put(&omar.token, json!({"label": "S."})).await.unwrap().status(), 200);
+    assert_eq!(
+        listed_label(&app, &tess.token, session.session_id).await.as_deref(),
+        Some("Sam, Tuesday group")
+    );
+
+    let long = put(&tess.token, json!({"label": "x".repeat(61)})).await.unwrap();
+    assert_eq!(error_body(long, 400).await["error"], "label_too_long");
+    let client = app.http.get(&url).bearer_auth(&session.client_token).send().await.unwrap();
+    assert_eq!(client.status(), 401, "a client never reads it");
+    let unknown = app.url(&format!("/api/sessions/{}/label", uuid::Uuid::now_v7()));
+    let unknown = app.http.get(unknown).bearer_auth(&tess.token).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    // Once Tess joins, the session is hers: Omar may no longer read or name it.
+    let mut joined = app.connect(session.session_id, &tess.token).await;
+    joined.mode().await;
+    assert_eq!(error_body(get(&omar.token).await.unwrap(), 403).await["error"], "forbidden");
+    let cleared = put(&tess.token, json!({"label": " "})).await.unwrap();
+    assert_eq!(cleared.json::<Value>().await.unwrap(), json!({"label": null}));
+    assert_eq!(listed_label(&app, &tess.token, session.session_id).await, None);
+}

@@ -397,7 +397,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets this therapist's private name for a session's client, or
     /// forgets it (`None`). Nobody else sees it.
-    async fn set_client_label(&self, therapist_id: Uuid, session_id: Uuid, label: Option<&str>) -> Result<()>;
+    async fn set_client_label(&self, therapist_id: Uuid, session_id: Uuid, label: Option<&str>)
+    -> Result<()>;
 
     /// This therapist's private names for clients, by session.
     async fn client_labels(&self, therapist_id: Uuid) -> Result<std::collections::HashMap<Uuid, String>>;

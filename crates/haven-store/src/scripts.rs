@@ -361,7 +361,12 @@ where
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
-    async fn set_client_label(&self, therapist_id: Uuid, session_id: Uuid, label: Option<&str>) -> Result<()> {
+    async fn set_client_label(
+        &self,
+        therapist_id: Uuid,
+        session_id: Uuid,
+        label: Option<&str>,
+    ) -> Result<()> {
         match label {
             Some(label) => {
                 sqlx::query(
