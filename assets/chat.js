@@ -693,6 +693,120 @@ handBackForm?.addEventListener("submit", async (event) => {
     HAND_BACK_ERRORS[response?.status] ?? "The chat could not be handed back. Please try again.";
 });
 
+// The therapist's private name for the client (docs/protocol.md, "GET
+// /api/sessions/{session_id}/label"): loaded when the page opens, shown in
+// the title beside the usual name, and changed with "Rename". Only the
+// therapist's page has any of it; the client's never sees it.
+const MAX_LABEL_CHARS = 60;
+const chatTitle = document.getElementById("chat-title");
+const renameOpen = document.getElementById("rename-open");
+const renameForm = document.getElementById("rename");
+const renameInput = document.getElementById("rename-input");
+const labelUrl = `/api/sessions/${encodeURIComponent(sessionId)}/label`;
+const clientLabel = {
+  text: null,
+  /** Saved on this page: a late answer to the first load is then stale. */
+  saved: false,
+};
+
+function showClientLabel(text) {
+  clientLabel.text = text || null;
+  const name = root.dataset.clientName;
+  const title = clientLabel.text ? `Chat with ${clientLabel.text} (${name})` : `Chat with ${name}`;
+  if (chatTitle.textContent !== title) chatTitle.textContent = title;
+}
+
+async function loadClientLabel() {
+  try {
+    const response = await fetch(labelUrl, { credentials: "same-origin" });
+    // A login that ended or a chat that is not this therapist's: the
+    // socket says so; the title keeps the usual name.
+    if (!response.ok) return;
+    const answer = await response.json();
+    if (!clientLabel.saved) showClientLabel(answer.label);
+  } catch {
+    // Offline: the usual name stays.
+  }
+}
+
+function openRename() {
+  composerError.textContent = "";
+  renameInput.value = clientLabel.text ?? "";
+  renameForm.hidden = false;
+  renameOpen.setAttribute("aria-expanded", "true");
+  renameInput.focus();
+  renameInput.select();
+}
+
+function closeRename({ returnFocus = false } = {}) {
+  if (!renameForm || renameForm.hidden) return;
+  renameForm.hidden = true;
+  renameOpen.setAttribute("aria-expanded", "false");
+  if (returnFocus) renameOpen.focus();
+}
+
+renameOpen?.addEventListener("click", () => {
+  if (renameForm.hidden) openRename();
+  else closeRename({ returnFocus: true });
+});
+
+document.getElementById("rename-cancel")?.addEventListener("click", () => closeRename({ returnFocus: true }));
+
+renameForm?.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closeRename({ returnFocus: true });
+  }
+});
+
+const RENAME_ERRORS = {
+  400: `The name can be up to ${MAX_LABEL_CHARS} characters.`,
+  403: "This chat is not assigned to you, so you cannot name its client.",
+};
+
+renameForm?.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  composerError.textContent = "";
+  // On one line, as the server keeps it; blank forgets the name.
+  const text = renameInput.value.trim().split(/\s+/).join(" ");
+  if ([...text].length > MAX_LABEL_CHARS) {
+    composerError.textContent = RENAME_ERRORS[400];
+    renameInput.focus();
+    return;
+  }
+  const save = document.getElementById("rename-save");
+  save.disabled = true;
+  let response = null;
+  let answer = null;
+  try {
+    response = await fetch(labelUrl, {
+      method: "PUT",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ label: text || null }),
+    });
+    if (response.ok) answer = await response.json();
+  } catch {
+    // Offline: said below like any other failure.
+  }
+  save.disabled = false;
+  if (answer) {
+    clientLabel.saved = true;
+    showClientLabel(answer.label);
+    announcer.textContent = answer.label
+      ? `Saved. This page now calls the client ${answer.label}.`
+      : "Private name removed.";
+    closeRename({ returnFocus: true });
+    return;
+  }
+  if (response?.status === 401) {
+    showLoginEnded(LOGIN_ENDED);
+    return;
+  }
+  composerError.textContent = RENAME_ERRORS[response?.status] ?? "The name could not be saved. Please try again.";
+  renameInput.focus();
+});
+
 // Joining again is connecting again: the server makes it a new join.
 joinAgain?.addEventListener("click", () => {
   joinAgain.disabled = true;
@@ -708,6 +822,7 @@ joinAgain?.addEventListener("click", () => {
   input.focus();
 });
 
+if (therapistView) loadClientLabel();
 connect();
 // After Chat Now or Join Chat, the next thing to do is to write.
 input.focus({ preventScroll: true });

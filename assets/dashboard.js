@@ -132,9 +132,12 @@ function fillRisk(tr, appointment) {
 }
 
 /** A session's client as therapists see it named (as the chat page does):
- * "Client" and the last four hex digits of the session id. */
-function clientName(sessionId) {
-  return `Client ${sessionId.slice(-4)}`;
+ * "Client" and the last four hex digits of the session id, after this
+ * therapist's private name for the client if they gave one ("Sam (Client
+ * 8571)"). */
+function clientName(appointment) {
+  const short = `Client ${appointment.session_id.slice(-4)}`;
+  return appointment.client_label ? `${appointment.client_label} (${short})` : short;
 }
 
 function setText(node, text) {
@@ -142,12 +145,12 @@ function setText(node, text) {
 }
 
 function fill(tr, appointment) {
-  const short = clientName(appointment.session_id);
+  const name = clientName(appointment);
   const mine = appointment.status === "assigned";
   tr.dataset.chatMode = appointment.chat_mode;
   const joined = appointment.chat_mode === "THERAPIST_JOINED";
   const values = [
-    short,
+    name,
     mine ? "Yours" : "Waiting",
     joined ? "Therapist joined" : !mine ? "Companion"
       : appointment.companion_paused ? "Handed back; the client has not answered" : "Handed back to the companion",
@@ -159,7 +162,7 @@ function fill(tr, appointment) {
   fillRisk(tr, appointment);
   const link = tr.querySelector("a");
   setText(link, !mine ? "Join Chat" : joined ? "Open chat" : "Join again");
-  link.setAttribute("aria-label", `${link.textContent}, ${short}`);
+  link.setAttribute("aria-label", `${link.textContent}, ${name}`);
 }
 
 function render() {
@@ -196,7 +199,7 @@ function renderAlerts() {
     li.dataset.risk = appointment.risk_level;
     const link = document.createElement("a");
     link.href = `/chat/${encodeURIComponent(appointment.session_id)}?therapist=true`;
-    link.textContent = `${LEVEL_LABELS[appointment.risk_level]}: ${clientName(appointment.session_id)}`;
+    link.textContent = `${LEVEL_LABELS[appointment.risk_level]}: ${clientName(appointment)}`;
     li.append(link);
     return li;
   });

@@ -315,16 +315,7 @@ async fn unknown_routes_get_a_json_404_and_health_answers() {
 
 /// The caller's private name for `session` in their appointments list.
 async fn listed_label(app: &TestApp, token: &str, session: uuid::Uuid) -> Option<String> {
-    let list: Vec<Appointment> = app
-        .http
-        .get(app.url("/api/appointments"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = app.appointments(token).await;
     list.into_iter().find(|row| row.session_id == session).and_then(|row| row.client_label)
 }
 

@@ -1457,3 +1457,170 @@ async fn a_therapist_can_hand_back_and_the_client_chooses_to_continue_with_the_c
     client.close().await;
     therapist.close().await;
 }
+
+/// A therapist's private name for a client: given and cleared on the chat
+/// page, kept by the server (the page loads it), shown on their dashboard,
+/// and seen by no one else: not the client, not another therapist.
+#[tokio::test]
+async fn a_therapist_can_rename_a_client_privately_and_clear_the_name() {
+    let axe = axe_source();
+    let (app, driver, client, therapist) = client_and_therapist().await;
+    app.add_therapist("ana@clinic.test", "Ana").await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    let short = format!("Client {}", &session_id.replace('-', "")[28..]);
+    let label = "Sam, Tuesday group";
+    let named = format!("{label} ({short})");
+    let chat_path = format!("/chat/{session_id}?therapist=true");
+    let row = format!("#appointments tr[data-session-id='{session_id}']");
+    let title = "document.getElementById('chat-title').textContent === args[0]";
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.find(&format!("{row} a")).await.click().await.unwrap();
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    therapist
+        .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
+        .await;
+    therapist.until(title, vec![json!(format!("Chat with {short}"))]).await;
+
+    // The form opens with the focus in the name, and Escape closes it.
+    let open_form = "!document.getElementById('rename').hidden
+        && document.activeElement.id === 'rename-input'
+        && document.getElementById('rename-open').getAttribute('aria-expanded') === 'true'";
+    let closed_form = "document.getElementById('rename').hidden
+        && document.activeElement.id === 'rename-open'
+        && document.getElementById('rename-open').getAttribute('aria-expanded') === 'false'";
+    let rename = therapist.find("#rename-open").await;
+    assert_eq!(rename.text().await.unwrap(), "Rename");
+    rename.click().await.unwrap();
+    therapist.until(open_form, vec![]).await;
+    therapist.find("#rename-input").await.send_keys("\u{E00C}").await.unwrap();
+    therapist.until(closed_form, vec![]).await;
+    therapist.find("#rename-open").await.click().await.unwrap();
+    therapist.until(open_form, vec![]).await;
+    let form = therapist
+        .js(
+            "const input = document.getElementById('rename-input');
+             return [input.labels[0].textContent, input.value,
+                     document.getElementById(input.getAttribute('aria-describedby')).textContent,
+                     [...document.querySelectorAll('#rename button')].map(b => b.textContent)];",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        form,
+        json!(["Your private name for this client", "", "Only you see this name.", ["Cancel", "Save"]])
+    );
+    therapist.find("#rename-input").await.send_keys(label).await.unwrap();
+    for (width, height) in [(1280, 800), (390, 844)] {
+        therapist.client.set_window_size(width, height).await.unwrap();
+        let overflow =
+            therapist.js("return document.documentElement.scrollWidth - window.innerWidth", vec![]).await;
+        assert!(overflow.as_i64().unwrap() <= 0, "the rename form scrolls sideways at {width}px: {overflow}");
+        assert_eq!(
+            serious_axe_violations(&therapist, &axe).await,
+            json!([]),
+            "axe on the rename form at {width}px"
+        );
+        therapist.screenshot(&format!("rename-form-{width}")).await;
+    }
+    therapist.client.set_window_size(1280, 800).await.unwrap();
+    therapist.find("#rename-save").await.click().await.unwrap();
+    therapist.until(&format!("{title} && {closed_form}"), vec![json!(format!("Chat with {named}"))]).await;
+    therapist.screenshot("rename-saved").await;
+
+    // The page renders the usual name; the private one comes from the server.
+    therapist.goto(&app, &chat_path).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    therapist.until(title, vec![json!(format!("Chat with {named}"))]).await;
+
+    // The dashboard's row names the client the same way.
+    therapist.goto(&app, "/therapist").await;
+    therapist
+        .until(
+            "document.querySelector(args[0])?.cells[0].textContent === args[1]
+             && document.querySelector(args[0] + ' a').getAttribute('aria-label') === 'Open chat, ' + args[1]",
+            vec![json!(row), json!(named)],
+        )
+        .await;
+    therapist.screenshot("rename-dashboard").await;
+
+    // The client never sees it: not on the open page, not after a reload,
+    // not from the API with its own credential.
+    let client_sees = "return [document.body.innerText, document.title]";
+    for reload in [false, true] {
+        if reload {
+            client.goto(&app, &format!("/chat/{session_id}")).await;
+            client.until_connected().await;
+            client.until_message("user", "hello").await;
+        }
+        let shown = client.js(client_sees, vec![]).await;
+        for text in shown.as_array().unwrap() {
+            assert!(!text.as_str().unwrap().contains(label), "the client's page shows the name: {shown}");
+        }
+    }
+    let asked = client
+        .js(
+            "return fetch(arguments[0]).then(async r => [r.status, await r.text()])",
+            vec![json!(format!("/api/sessions/{session_id}/label"))],
+        )
+        .await;
+    assert_eq!(asked[0], json!(401), "{asked}");
+    assert!(!asked[1].as_str().unwrap().contains(label), "{asked}");
+
+    // Another therapist: the chat is Tess's, so not on Ana's list, and the
+    // name is refused to her.
+    let other = driver.browser().await;
+    log_in(&app, &other, "ana@clinic.test").await;
+    other.until("document.getElementById('appointments-status').textContent !== 'Loading…'", vec![]).await;
+    let dashboard = other
+        .js(
+            "return [document.body.innerText, document.title, document.querySelector(arguments[0]) === null]",
+            vec![json!(row)],
+        )
+        .await;
+    assert!(!dashboard[0].as_str().unwrap().contains(label), "{dashboard}");
+    assert!(!dashboard[1].as_str().unwrap().contains(label), "{dashboard}");
+    assert_eq!(dashboard[2], json!(true), "Tess's chat is not on Ana's list");
+    let refused = other
+        .js(
+            "const url = arguments[0];
+             return Promise.all([
+               fetch(url).then(async r => [r.status, await r.text()]),
+               fetch(url, { method: 'PUT', headers: { 'Content-Type': 'application/json' },
+                            body: JSON.stringify({ label: 'Ana was here' }) }).then(r => r.status),
+             ]);",
+            vec![json!(format!("/api/sessions/{session_id}/label"))],
+        )
+        .await;
+    assert_eq!(refused[0][0], json!(403), "{refused}");
+    assert!(!refused[0][1].as_str().unwrap().contains(label), "{refused}");
+    assert_eq!(refused[1], json!(403), "{refused}");
+    other.close().await;
+
+    // An empty Save forgets the name: the title is the usual one again.
+    therapist.goto(&app, &chat_path).await;
+    therapist.find("#chat").await;
+    therapist.until(title, vec![json!(format!("Chat with {named}"))]).await;
+    therapist.find("#rename-open").await.click().await.unwrap();
+    therapist.until(open_form, vec![]).await;
+    let input = therapist.find("#rename-input").await;
+    assert_eq!(input.prop("value").await.unwrap().as_deref(), Some(label), "the form starts from the name");
+    input.clear().await.unwrap();
+    therapist.find("#rename-save").await.click().await.unwrap();
+    therapist.until(&format!("{title} && {closed_form}"), vec![json!(format!("Chat with {short}"))]).await;
+    let stored = therapist
+        .js(
+            "return fetch(arguments[0]).then(r => r.json())",
+            vec![json!(format!("/api/sessions/{session_id}/label"))],
+        )
+        .await;
+    assert_eq!(stored, json!({ "label": null }));
+    let error = therapist.js("return document.getElementById('composer-error').textContent", vec![]).await;
+    assert_eq!(error, "", "no error on the page");
+    client.close().await;
+    therapist.close().await;
+}

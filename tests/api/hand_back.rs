@@ -5,7 +5,7 @@ use haven_protocol::{ChatMode, ErrorCode, MessageKind, Sender, ServerFrame};
 use serde_json::json;
 use uuid::Uuid;
 
-use haven_protocol::api::LoginResponse;
+use haven_protocol::api::{AppointmentStatus, LoginResponse};
 
 use crate::helpers::{PASSWORD, TestApp, Ws, error_body, from_companion, messages};
 
@@ -42,20 +42,10 @@ pub async fn until_mode_after(ws: &mut Ws, kind: MessageKind) -> (Vec<ServerFram
 }
 
 /// The caller's appointment row of `session`: its status, mode and pause.
-async fn appointment(app: &TestApp, token: &str, session: Uuid) -> (String, String, bool) {
-    let list: Vec<serde_json::Value> = app
-        .http
-        .get(app.url("/api/appointments"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let row = list.iter().find(|row| row["session_id"] == session.to_string()).expect("listed");
-    let text = |field: &str| row[field].as_str().unwrap().to_owned();
-    (text("status"), text("chat_mode"), row["companion_paused"].as_bool().unwrap())
+async fn appointment(app: &TestApp, token: &str, session: Uuid) -> (AppointmentStatus, ChatMode, bool) {
+    let list = app.appointments(token).await;
+    let row = list.into_iter().find(|row| row.session_id == session).expect("listed");
+    (row.status, row.chat_mode, row.companion_paused)
 }
 
 /// The next error frame's code, passing over messages (such as the join
@@ -117,7 +107,7 @@ async fn a_hand_back_returns_the_chat_to_the_companion_only_after_the_clients_ye
     assert_eq!(error_body(twice, 409).await["error"], "conflict");
     // It stays on the therapist's list, as theirs, handed back.
     let row = appointment(&app, &tess.token, session.session_id).await;
-    assert_eq!(row, ("assigned".to_owned(), "BOT_ONLY".to_owned(), true));
+    assert_eq!(row, (AppointmentStatus::Assigned, ChatMode::BotOnly, true));
 
     // Paused: the client's message is stored; the companion says nothing
     // until the yes, and then answers it.
@@ -134,7 +124,7 @@ async fn a_hand_back_returns_the_chat_to_the_companion_only_after_the_clients_ye
     client.send_json(json!({"type": "resume_companion"})).await;
     assert_eq!(error_code(&mut client).await, ErrorCode::NotPaused);
     let row = appointment(&app, &tess.token, session.session_id).await;
-    assert_eq!(row, ("assigned".to_owned(), "BOT_ONLY".to_owned(), false));
+    assert_eq!(row, (AppointmentStatus::Assigned, ChatMode::BotOnly, false));
 
     // Joining again is a new takeover with its own message; a therapist
     // cannot answer for the client.

@@ -187,6 +187,13 @@ impl TestApp {
         response.json().await.expect("login body")
     }
 
+    /// The appointments list as the therapist with `token` sees it.
+    pub async fn appointments(&self, token: &str) -> Vec<haven_protocol::api::Appointment> {
+        let response = self.http.get(self.url("/api/appointments")).bearer_auth(token).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("appointments body")
+    }
+
     /// "Chat Now".
     pub async fn create_session(&self) -> CreatedSession {
         let response = self.http.post(self.url("/api/sessions")).send().await.expect("create session");

@@ -440,10 +440,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
-        let events = vec![SessionEvent::message(session_id, message)];
-        self.notify(&mut tx, &events).await?;
-        tx.commit().await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
         Ok(Committed::new(JoinOutcome::Joined, events))
     }
 
@@ -480,10 +477,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
-        let events = vec![SessionEvent::message(session_id, message)];
-        self.notify(&mut tx, &events).await?;
-        tx.commit().await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
         Ok(Committed::new(CloseOutcome::Closed, events))
     }
 
@@ -550,13 +544,7 @@ where
             None,
             at,
         ));
-        let mut events = Vec::new();
-        for message in messages {
-            Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
-            events.push(SessionEvent::message(session_id, message));
-        }
-        self.notify(&mut tx, &events).await?;
-        tx.commit().await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, messages).await?;
         Ok(Committed::new(HandBackOutcome::HandedBack, events))
     }
 
@@ -598,10 +586,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Resume, resume_message, None, at);
-        Scripts::<B>::insert_message(&mut tx, session_id, &message).await?;
-        let events = vec![SessionEvent::message(session_id, message)];
-        self.notify(&mut tx, &events).await?;
-        tx.commit().await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
         Ok(Committed::new(ResumeOutcome::Resumed { unanswered }, events))
     }
 
@@ -866,6 +851,25 @@ where
             Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, flagged },
             events,
         ))
+    }
+
+    /// Ends a write that appended `messages` (numbered already, the session
+    /// row updated): inserts them, tells the other instances in the
+    /// transaction, and commits. Returns the write's events.
+    pub(crate) async fn commit_messages(
+        backend: &B,
+        mut tx: Transaction<'static, DB>,
+        session_id: Uuid,
+        messages: Vec<ChatMessage>,
+    ) -> Result<Vec<SessionEvent>> {
+        let mut events = Vec::new();
+        for message in messages {
+            Self::insert_message(&mut tx, session_id, &message).await?;
+            events.push(SessionEvent::message(session_id, message));
+        }
+        backend.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(events)
     }
 
     /// Inserts a message row; the caller has already advanced `last_seq`.
