@@ -64,6 +64,7 @@ JOINED = [
     "unseen/round-3.jsonl",
     "unseen/round-4.jsonl",
     "unseen/round-5.jsonl",
+    "unseen/round-6.jsonl",
 ]
 
 
