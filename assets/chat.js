@@ -638,19 +638,23 @@ function showHandedBack(focus) {
   if (focus || wasInForm) joinAgain.focus();
 }
 
-handBackOpen?.addEventListener("click", () => {
-  if (handBackForm.hidden) openHandBack();
-  else closeHandBack({ returnFocus: true });
-});
+/** An inline form behind a button: the button toggles it; Cancel and
+ * Escape close it and give the focus back to the button. */
+function wireInlineForm(button, form, cancel, open, close) {
+  button?.addEventListener("click", () => {
+    if (form.hidden) open();
+    else close({ returnFocus: true });
+  });
+  cancel?.addEventListener("click", () => close({ returnFocus: true }));
+  form?.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.preventDefault();
+      close({ returnFocus: true });
+    }
+  });
+}
 
-document.getElementById("hand-back-cancel")?.addEventListener("click", () => closeHandBack({ returnFocus: true }));
-
-handBackForm?.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") {
-    event.preventDefault();
-    closeHandBack({ returnFocus: true });
-  }
-});
+wireInlineForm(handBackOpen, handBackForm, document.getElementById("hand-back-cancel"), openHandBack, closeHandBack);
 
 const HAND_BACK_ERRORS = {
   400: "The note can be up to 4,000 characters.",
@@ -745,19 +749,7 @@ function closeRename({ returnFocus = false } = {}) {
   if (returnFocus) renameOpen.focus();
 }
 
-renameOpen?.addEventListener("click", () => {
-  if (renameForm.hidden) openRename();
-  else closeRename({ returnFocus: true });
-});
-
-document.getElementById("rename-cancel")?.addEventListener("click", () => closeRename({ returnFocus: true }));
-
-renameForm?.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") {
-    event.preventDefault();
-    closeRename({ returnFocus: true });
-  }
-});
+wireInlineForm(renameOpen, renameForm, document.getElementById("rename-cancel"), openRename, closeRename);
 
 const RENAME_ERRORS = {
   400: `The name can be up to ${MAX_LABEL_CHARS} characters.`,
