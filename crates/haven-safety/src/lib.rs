@@ -217,8 +217,17 @@ impl Classifier {
         };
         let with = level(&window, &conversation);
         // The conversation without the message matters only when the one
-        // with it would raise the message's level.
-        if with > own.level && with > level(&window[..before_len], &conversation[..kept.len()]) {
+        // with it would raise the message's level. It raises it only when
+        // something said is a signal apart from this conjunction (the
+        // message, or the earlier ones together, at `concern` or above):
+        // words that are nothing alone and nothing before ("one", "two",
+        // "three") are not made risk by their order.
+        let before = if with > own.level {
+            level(&window[..before_len], &conversation[..kept.len()])
+        } else {
+            RiskLevel::Imminent
+        };
+        if with > own.level && with > before && own.level.max(before) >= RiskLevel::Concern {
             own.level = with;
             own.rules.insert(0, RuleHit { id: CONTEXT_RULE.to_owned(), level: with, matched: String::new() });
         }

@@ -431,12 +431,22 @@ fn the_two_bugs_of_issue_17_are_gone() {
 }
 
 #[test]
+fn words_that_are_nothing_alone_are_not_made_risk_by_their_order() {
+    // Model 2026.12.9 reads "one / two / three" together as `high`; none of
+    // it, alone or before the last word, says anything.
+    let classifier = Classifier::builtin();
+    let (one, two) = (Earlier::new("one".to_owned()), Earlier::new("two".to_owned()));
+    let counted = classifier.classify_in_context("three", &[&one, &two]);
+    assert_eq!(counted.level, RiskLevel::None, "{counted:?}");
+}
+
+#[test]
 fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
     let classifier = Classifier::builtin();
     let earlier = Earlier::new("i keep thinking i want to kill myself".to_owned());
     let earlier = [&earlier];
     let when = "after everyone is asleep";
-    // Alone, model 2026.12.7 reads it as `concern` at most; the window
+    // Alone, the model reads it as `concern` at most; the window
     // makes it imminent.
     assert!(classifier.classify(when).level < RiskLevel::High);
     let tonight = classifier.classify_in_context(when, &earlier);
