@@ -286,17 +286,31 @@ function announce(message) {
   announcer.textContent = `${who}${message.content}`;
 }
 
+// Whether the other side of the chat has a tab open now (`presence`
+// frames), with the therapist's name; unknown until the first frame.
+const presence = { here: null, name: "" };
+
 function showMode(mode, paused) {
   banner.dataset.mode = mode;
   banner.dataset.companionPaused = String(paused);
+  banner.dataset.otherHere = presence.here === null ? "" : String(presence.here);
   if (paused) {
     banner.textContent = therapistView
       ? "You handed this chat back. The companion stays silent until the client chooses to continue with it."
       : "The therapist has left the chat. The companion is paused until you say yes.";
   } else if (mode === "THERAPIST_JOINED") {
-    banner.textContent = therapistView
-      ? "You have joined this chat. The automated companion is silent."
-      : "A therapist has joined. You are now talking with a person from the clinic.";
+    if (therapistView) {
+      const client = root.dataset.clientName;
+      banner.textContent = presence.here === false
+        ? `You have joined this chat. The automated companion is silent. ${client} has left the chat; what you write waits for them.`
+        : `You have joined this chat. The automated companion is silent.${presence.here ? ` ${client} is here.` : ""}`;
+    } else if (presence.here === false) {
+      banner.textContent = "The therapist has left the chat; they can come back, and the companion stays silent until they hand the chat back.";
+    } else {
+      banner.textContent = presence.here && presence.name
+        ? `${presence.name} is here. You are talking with a person from the clinic.`
+        : "A therapist has joined. You are now talking with a person from the clinic.";
+    }
   } else {
     banner.textContent = therapistView
       ? "The automated companion is answering until you join."
@@ -356,6 +370,12 @@ function handle(frame) {
       break;
     case "typing":
       if (frame.sender !== ownSender) otherSideTyping(frame.active);
+      break;
+    case "presence":
+      if (frame.sender === ownSender) break;
+      presence.here = frame.here;
+      if (frame.name) presence.name = frame.name;
+      showMode(banner.dataset.mode, banner.dataset.companionPaused === "true");
       break;
     case "error": {
       if (frame.code === "not_paused") {

@@ -90,6 +90,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             delivery: Delivery::new(own, skipped_reply),
             messages,
             typing_since: None,
+            present: false,
             refusals: VecDeque::new(),
             last_heard: Instant::now(),
             spoke: false,
@@ -108,6 +109,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             let _ = connection.on_stored(storing, stored);
         }
         connection.stop_typing();
+        connection.depart();
         match stop {
             Stop::Close(code, reason) => {
                 connection.outbound.close(Some(CloseFrame { code, reason: reason.into() })).await
@@ -293,6 +295,8 @@ struct Connection {
     delivery: Delivery,
     /// When this side last said it is typing, while its indicator is shown.
     typing_since: Option<Instant>,
+    /// This socket counts in its side's presence in the room.
+    present: bool,
     /// This connection's message rate.
     messages: DefaultDirectRateLimiter,
     /// When messages were refused for going over the rate, within the window.
@@ -358,6 +362,16 @@ impl Connection {
         tracing::info!(connections, "connected");
 
         self.send(self.delivery.mode.frame())?;
+        let own = Sender::from(self.admitted.role);
+        let name = self.admitted.therapist.as_ref().map(|therapist| therapist.name.as_str());
+        if let Some(arrived) = self.state.hub.arrive(self.guard.room(), own, name) {
+            self.announce(arrived);
+        }
+        self.present = true;
+        let other = if own == Sender::User { Sender::Therapist } else { Sender::User };
+        if let Some(frame) = self.guard.room().presence_frame(other) {
+            self.send(frame)?;
+        }
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
         match self.admitted.since {
@@ -591,17 +605,31 @@ impl Connection {
     }
 
     fn announce_typing(&self, active: bool) {
-        let event = SessionEvent::Typing {
+        self.announce(SessionEvent::Typing {
             session_id: self.admitted.session_id,
             sender: self.admitted.role.into(),
             active,
-        };
+        });
+    }
+
+    /// This side's sockets here are all closed now, if this was the last.
+    fn depart(&mut self) {
+        if std::mem::take(&mut self.present) {
+            let own = Sender::from(self.admitted.role);
+            if let Some(departed) = self.state.hub.depart(self.guard.room(), own) {
+                self.announce(departed);
+            }
+        }
+    }
+
+    /// Passes on a signal that is not stored (typing, presence) to the
+    /// connections here and on the other instances sharing the database.
+    fn announce(&self, event: SessionEvent) {
         self.state.hub.apply([event.clone()]);
-        // Connections on other instances sharing the database.
         let store = self.state.store.clone();
         tokio::spawn(async move {
             if let Err(error) = store.announce(event).await {
-                tracing::debug!(error = %error, "could not announce a typing signal");
+                tracing::debug!(error = %error, "could not announce a typing or presence signal");
             }
         });
     }

@@ -80,8 +80,8 @@ pub struct Delivery {
     /// The last companion reply a catch-up read from the database: deltas
     /// of it still in the channel come too late.
     finished_reply: Option<Uuid>,
-    /// This connection's side of the chat: its own typing signals are not
-    /// sent back to it.
+    /// This connection's side of the chat: its own typing and presence
+    /// signals are not sent back to it.
     own: Sender,
 }
 
@@ -97,7 +97,7 @@ impl Delivery {
         if event.resync {
             return Live::Resync;
         }
-        if let Some(sender) = event.typing {
+        if let Some(sender) = event.from_side {
             return if sender == self.own { Live::Skip } else { Live::Send };
         }
         let Some(seq) = event.seq else {

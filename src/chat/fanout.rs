@@ -33,13 +33,30 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
                 state.hub.apply([SessionEvent::Message { session_id, seq, kind, message }]);
             }
             Notification::Event(event) => {
+                let asked = match event {
+                    SessionEvent::Presence { session_id, ask: true, .. } => Some(session_id),
+                    _ => None,
+                };
                 state.hub.apply([event]);
+                // Another instance opened its first socket of a session this
+                // one has sockets of: it learns who is here.
+                for answer in asked.map(|session_id| state.hub.presence_here(session_id)).unwrap_or_default()
+                {
+                    if let Err(error) = state.store.announce(answer).await {
+                        tracing::debug!(error = %error, "could not answer a presence question");
+                    }
+                }
             }
             Notification::Reconnected => {
                 tracing::info!("notification listener reconnected: re-reading open sessions");
                 state.hub.appointments_changed();
                 for room in state.hub.rooms() {
                     room.resync();
+                    for presence in state.hub.ask_presence_again(&room) {
+                        if let Err(error) = state.store.announce(presence).await {
+                            tracing::debug!(error = %error, "could not announce presence");
+                        }
+                    }
                 }
             }
         }

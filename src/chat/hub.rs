@@ -72,6 +72,9 @@ pub struct Hub {
     /// Sessions the crisis detector just flagged: therapists' sockets and
     /// dashboards alert at once.
     risks: broadcast::Sender<RiskAlert>,
+    /// This process among the instances sharing the database, in the
+    /// presence it announces.
+    instance: Uuid,
 }
 
 /// A session was flagged; it concerns every therapist who can see it.
@@ -113,6 +116,7 @@ impl Hub {
             appointments: broadcast::channel(16).0,
             revocations: broadcast::channel(64).0,
             risks: broadcast::channel(256).0,
+            instance: Uuid::now_v7(),
         }
     }
 
@@ -167,8 +171,70 @@ impl Hub {
             SessionEvent::Delta { reply_id, delta, .. } => room?.relay_delta(reply_id, delta),
             SessionEvent::Cancelled { reply_id, .. } => room?.relay_cancelled(reply_id),
             SessionEvent::Typing { sender, active, .. } => room?.relay_typing(sender, active),
+            SessionEvent::Presence { sender, instance, here, name, .. } => {
+                let elsewhere = (instance != self.instance).then_some(instance);
+                room?.presence_changed(sender, elsewhere.map(|instance| (instance, here, name)));
+            }
         }
         None
+    }
+
+    /// A socket of `sender`'s side of the session opened here (`name`: the
+    /// therapist's). Returns the presence to apply and announce when the
+    /// side was not here before.
+    pub fn arrive(&self, room: &Room, sender: Sender, name: Option<&str>) -> Option<SessionEvent> {
+        let mut presence = room.presence();
+        let side = side(sender)?;
+        let ask = !std::mem::replace(&mut presence.asked, true);
+        presence.local[side] += 1;
+        if sender == Sender::Therapist {
+            presence.local_name = name.map(str::to_owned);
+        }
+        (presence.local[side] == 1).then(|| self.presence_event(room, &presence, sender, ask))
+    }
+
+    /// A socket of `sender`'s side closed here. Returns the presence to
+    /// apply and announce when it was the side's last one here.
+    pub fn depart(&self, room: &Room, sender: Sender) -> Option<SessionEvent> {
+        let mut presence = room.presence();
+        let side = side(sender)?;
+        presence.local[side] = presence.local[side].saturating_sub(1);
+        (presence.local[side] == 0).then(|| self.presence_event(room, &presence, sender, false))
+    }
+
+    /// This process's presence in a session, for an instance that asked.
+    pub fn presence_here(&self, session_id: Uuid) -> Vec<SessionEvent> {
+        let Some(room) = self.existing_room(session_id) else { return Vec::new() };
+        let presence = room.presence();
+        present_sides(&presence).map(|sender| self.presence_event(&room, &presence, sender, false)).collect()
+    }
+
+    /// After notifications may have been lost: forgets what other instances
+    /// said of a room's presence, and returns this process's presence
+    /// there, both sides, asking them again.
+    pub fn ask_presence_again(&self, room: &Room) -> Vec<SessionEvent> {
+        room.presence().remote.clear();
+        for sender in [Sender::User, Sender::Therapist] {
+            room.presence_changed(sender, None);
+        }
+        let presence = room.presence();
+        vec![
+            self.presence_event(room, &presence, Sender::User, true),
+            self.presence_event(room, &presence, Sender::Therapist, false),
+        ]
+    }
+
+    fn presence_event(&self, room: &Room, presence: &Presence, sender: Sender, ask: bool) -> SessionEvent {
+        let here = side(sender).is_some_and(|side| presence.local[side] > 0);
+        let name = (here && sender == Sender::Therapist).then(|| presence.local_name.clone()).flatten();
+        SessionEvent::Presence {
+            session_id: room.session_id,
+            sender,
+            instance: self.instance,
+            here,
+            name,
+            ask,
+        }
     }
 
     /// Closes the sockets that use a revoked credential, in this process.
@@ -225,6 +291,7 @@ impl Hub {
             companion: Mutex::default(),
             client_window: Mutex::default(),
             connections: AtomicUsize::new(0),
+            presence: Mutex::default(),
             rooms: Arc::downgrade(&self.rooms),
         });
         rooms.insert(session_id, Arc::downgrade(&room));
@@ -251,9 +318,9 @@ pub struct Event {
     /// The chat was handed back with this message: therapists' connections
     /// close after it.
     pub hands_back: bool,
-    /// A typing signal from this side of the chat: passed on to the other
-    /// side whatever the mode, never stored.
-    pub typing: Option<Sender>,
+    /// A typing or presence signal of this side of the chat: passed on to
+    /// the other side whatever the mode, never stored.
+    pub from_side: Option<Sender>,
 }
 
 impl Event {
@@ -270,7 +337,7 @@ impl Event {
             resync: false,
             closes: false,
             hands_back: false,
-            typing: None,
+            from_side: None,
         }
     }
 
@@ -283,7 +350,7 @@ impl Event {
             resync: false,
             closes: false,
             hands_back: false,
-            typing: None,
+            from_side: None,
         }
     }
 }
@@ -327,7 +394,55 @@ pub struct Room {
     /// message with them.
     client_window: Mutex<VecDeque<Arc<Earlier>>>,
     connections: AtomicUsize,
+    presence: Mutex<Presence>,
     rooms: Weak<Rooms>,
+}
+
+/// Who of each side of a chat has a socket open, here and on other
+/// instances, and what the connections here were last told.
+#[derive(Default)]
+pub struct Presence {
+    /// Sockets open here: the client's, the therapist's.
+    local: [usize; 2],
+    /// The therapist's name, from their latest socket here.
+    local_name: Option<String>,
+    /// Other instances with sockets of a side open (with the therapist's
+    /// name): until they say otherwise, or their notifications are lost.
+    remote: HashMap<(Uuid, usize), Option<String>>,
+    /// A socket has opened here: the first one asks the other instances.
+    asked: bool,
+    /// The presence of each side last sent to the connections here.
+    told: [Option<(bool, Option<String>)>; 2],
+}
+
+impl Presence {
+    /// Whether a side is here on any instance, with the therapist's name.
+    fn of(&self, side: usize) -> (bool, Option<String>) {
+        if self.local[side] > 0 {
+            return (true, if side == 1 { self.local_name.clone() } else { None });
+        }
+        match self.remote.iter().find(|((_, remote_side), _)| *remote_side == side) {
+            Some((_, name)) => (true, name.clone()),
+            None => (false, None),
+        }
+    }
+}
+
+/// The sides with a socket open here.
+fn present_sides(presence: &Presence) -> impl Iterator<Item = Sender> + '_ {
+    [Sender::User, Sender::Therapist]
+        .into_iter()
+        .filter(|&sender| side(sender).is_some_and(|side| presence.local[side] > 0))
+}
+
+/// The index of a side of the chat in [`Presence`]: the client's or the
+/// therapist's.
+fn side(sender: Sender) -> Option<usize> {
+    match sender {
+        Sender::User => Some(0),
+        Sender::Therapist => Some(1),
+        Sender::Ai | Sender::System => None,
+    }
 }
 
 impl Room {
@@ -507,8 +622,49 @@ impl Room {
             resync: false,
             closes: false,
             hands_back: false,
-            typing: Some(sender),
+            from_side: Some(sender),
         });
+    }
+
+    /// A side's presence may have changed: here (`None`) or on another
+    /// instance. Tells the connections here when it did.
+    fn presence_changed(&self, sender: Sender, elsewhere: Option<(Uuid, bool, Option<String>)>) {
+        let Some(side) = side(sender) else { return };
+        let mut presence = self.presence();
+        if let Some((instance, here, name)) = elsewhere {
+            if here {
+                presence.remote.insert((instance, side), name);
+            } else {
+                presence.remote.remove(&(instance, side));
+            }
+        }
+        let now = presence.of(side);
+        if presence.told[side].as_ref() == Some(&now) {
+            return;
+        }
+        presence.told[side] = Some(now.clone());
+        let (here, name) = now;
+        self.send(Event {
+            seq: None,
+            frame: frame_text(&ServerFrame::Presence { sender, here, name }),
+            mode: None,
+            reply_id: None,
+            resync: false,
+            closes: false,
+            hands_back: false,
+            from_side: Some(sender),
+        });
+    }
+
+    /// The presence of a side, for a connection that just opened.
+    pub fn presence_frame(&self, sender: Sender) -> Option<ServerFrame> {
+        let (here, name) = self.presence().of(side(sender)?);
+        Some(ServerFrame::Presence { sender, here, name })
+    }
+
+    fn presence(&self) -> MutexGuard<'_, Presence> {
+        // Every update leaves the counts consistent; a panic cannot tear them.
+        self.presence.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Asks every connection here to re-read the session from the database
@@ -522,7 +678,7 @@ impl Room {
             resync: true,
             closes: false,
             hands_back: false,
-            typing: None,
+            from_side: None,
         });
     }
 
@@ -634,6 +790,58 @@ mod tests {
         let follow_up =
             room.finish_generation(first, Finished::Abandoned).expect("answers what came meanwhile");
         assert_eq!(room.finish_generation(follow_up, Finished::Abandoned), None, "only one follow-up");
+    }
+
+    #[test]
+    fn presence_counts_tabs_here_and_instances_elsewhere_and_tells_only_changes() {
+        let hub = Hub::default();
+        let room = hub.room(Uuid::now_v7());
+        let mut events = room.subscribe();
+        let therapist = Sender::Therapist;
+        let here = |event: Option<SessionEvent>| match event {
+            Some(SessionEvent::Presence { here, ask, .. }) => Some((here, ask)),
+            _ => None,
+        };
+        // Two tabs here: announced once, asking the other instances the first
+        // time; the first to close changes nothing.
+        let first = hub.arrive(&room, therapist, Some("Tess"));
+        assert_eq!(here(first.clone()), Some((true, true)));
+        hub.apply(first);
+        assert_eq!(here(hub.arrive(&room, therapist, Some("Tess"))), None);
+        assert_eq!(here(hub.depart(&room, therapist)), None);
+        // Another instance has the therapist too: the last tab here leaving
+        // leaves them here.
+        let elsewhere = Uuid::now_v7();
+        let remote = |here| SessionEvent::Presence {
+            session_id: room.session_id,
+            sender: therapist,
+            instance: elsewhere,
+            here,
+            name: here.then(|| "Tess".to_owned()),
+            ask: false,
+        };
+        hub.apply([remote(true)]);
+        let last = hub.depart(&room, therapist);
+        assert_eq!(here(last.clone()), Some((false, false)));
+        hub.apply(last);
+        assert_eq!(
+            room.presence_frame(therapist),
+            Some(ServerFrame::Presence { sender: therapist, here: true, name: Some("Tess".to_owned()) })
+        );
+        hub.apply([remote(false)]);
+        assert_eq!(
+            room.presence_frame(therapist),
+            Some(ServerFrame::Presence { sender: therapist, here: false, name: None })
+        );
+        // The connections here were told twice: here, and gone at the end.
+        let told: Vec<String> =
+            std::iter::from_fn(|| events.try_recv().ok()).map(|event| event.frame.to_string()).collect();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(told[0].contains(r#""here":true"#) && told[1].contains(r#""here":false"#), "{told:?}");
+        // What this process answers to another that asks: nobody here now.
+        assert!(hub.presence_here(room.session_id).is_empty());
+        assert_eq!(here(hub.arrive(&room, Sender::User, None)), Some((true, false)), "asked once per room");
+        assert_eq!(hub.presence_here(room.session_id).len(), 1);
     }
 
     #[test]

@@ -722,6 +722,49 @@ async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
     therapist.close().await;
 }
 
+/// Each side sees whether the other has the chat open: the client sees the
+/// therapist by name and that they left; the therapist sees the client.
+#[tokio::test]
+async fn each_side_sees_whether_the_other_is_in_the_chat() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let session_id = chat_now(&app, &client).await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    let banner =
+        |text: &str| format!("document.getElementById('mode-banner').textContent.includes({text:?})");
+    let name = format!("Client {}", &session_id.replace('-', "")[28..]);
+    client.until(&banner("Tess is here."), vec![]).await;
+    therapist.until(&banner(&format!("{name} is here.")), vec![]).await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        client.screenshot(&format!("presence-here-{width}")).await;
+    }
+
+    // The client's tab goes: the therapist is told; it comes back.
+    client.goto(&app, "/").await;
+    therapist.until(&banner(&format!("{name} has left the chat")), vec![]).await;
+    client.goto(&app, &format!("/chat/{session_id}")).await;
+    client.find("#chat").await;
+    therapist.until(&banner(&format!("{name} is here.")), vec![]).await;
+
+    // The therapist goes: the client learns the companion stays silent.
+    therapist.goto(&app, "/therapist").await;
+    client.until(&banner("The therapist has left the chat; they can come back"), vec![]).await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        client.screenshot(&format!("presence-left-{width}")).await;
+    }
+    assert_eq!(
+        client.js("return document.getElementById('mode-banner').dataset.mode", vec![]).await,
+        json!("THERAPIST_JOINED"),
+        "leaving is not a hand-back"
+    );
+    client.close().await;
+    therapist.close().await;
+}
+
 /// A client who starts waiting makes a sound on the dashboard once the
 /// therapist opts in (remembered in this browser), and none before.
 #[tokio::test]

@@ -349,3 +349,29 @@ async fn typing_reaches_the_other_side_once_a_second_and_ends_at_send_and_at_dis
         ServerFrame::Error { code: haven_protocol::ErrorCode::InvalidJson, .. }
     ));
 }
+
+#[tokio::test]
+async fn each_side_is_told_whether_the_other_is_here_at_connect_and_when_it_comes_and_goes() {
+    let app = TestApp::spawn().await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(client.presence().await, (Sender::Therapist, false, None), "no therapist yet");
+
+    let therapist = app.therapist("Tess Example").await;
+    let mut desk = app.connect(session.session_id, &therapist.token).await;
+    assert_eq!(desk.presence().await, (Sender::User, true, None), "the therapist sees the client is here");
+    let here = (Sender::Therapist, true, Some("Tess Example".to_owned()));
+    assert_eq!(client.presence().await, here, "the client sees the therapist, by name");
+
+    // The client's only tab goes and comes back.
+    client.close().await;
+    assert_eq!(desk.presence().await, (Sender::User, false, None), "the client has left");
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    assert_eq!(desk.presence().await, (Sender::User, true, None), "the client is back");
+    assert_eq!(client.presence().await, here, "a new tab is told at once");
+
+    // The therapist leaves: the chat stays theirs, the client is told.
+    desk.close().await;
+    assert_eq!(client.presence().await, (Sender::Therapist, false, None), "the therapist has left");
+    assert_eq!(client.mode().await, ChatMode::TherapistJoined, "leaving is not a hand-back");
+}

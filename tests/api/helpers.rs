@@ -2,6 +2,7 @@
 //! a fresh SQLite file, talks to it over HTTP and real WebSockets, and reads
 //! its JSON logs from standard error.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -232,7 +233,7 @@ impl TestApp {
             request.headers_mut().insert(name, HeaderValue::from_str(value).expect("header value"));
         }
         let (stream, _) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake");
-        Ws { stream }
+        Ws { stream, presence: VecDeque::new(), pending: VecDeque::new() }
     }
 }
 
@@ -372,6 +373,12 @@ pub fn session_of(event: &Value) -> Option<String> {
 /// A client-side WebSocket speaking Haven's protocol.
 pub struct Ws {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// `presence` frames, set aside: they come at connect and whenever the
+    /// other side comes or goes, in between any others; [`Ws::presence`]
+    /// reads them.
+    presence: VecDeque<ServerFrame>,
+    /// What was received while [`Ws::presence`] waited: read next.
+    pending: VecDeque<Received>,
 }
 
 /// What a socket received next.
@@ -402,8 +409,22 @@ impl Ws {
         self.stream.send(message).await.expect("send frame");
     }
 
-    /// The next frame or close, failing the test after [`EVENT_TIMEOUT`].
+    /// The next frame or close but `presence` frames, failing the test
+    /// after [`EVENT_TIMEOUT`].
     pub async fn receive(&mut self) -> Received {
+        if let Some(received) = self.pending.pop_front() {
+            return received;
+        }
+        loop {
+            match self.read().await {
+                Received::Frame(frame @ ServerFrame::Presence { .. }) => self.presence.push_back(frame),
+                other => return other,
+            }
+        }
+    }
+
+    /// The next frame or close, failing the test after [`EVENT_TIMEOUT`].
+    async fn read(&mut self) -> Received {
         loop {
             let next = tokio::time::timeout(EVENT_TIMEOUT, self.stream.next())
                 .await
@@ -419,6 +440,22 @@ impl Ws {
                 Some(Ok(other)) => panic!("unexpected websocket message {other:?}"),
                 Some(Err(error)) => panic!("websocket error: {error}"),
                 None => return Received::Closed(None),
+            }
+        }
+    }
+
+    /// The next `presence` frame: whether the other side is here, and the
+    /// name given. Other frames read meanwhile are kept for
+    /// [`Ws::receive`]; it fails the test after [`EVENT_TIMEOUT`].
+    pub async fn presence(&mut self) -> (haven_protocol::Sender, bool, Option<String>) {
+        loop {
+            if let Some(ServerFrame::Presence { sender, here, name }) = self.presence.pop_front() {
+                return (sender, here, name);
+            }
+            match self.read().await {
+                Received::Frame(ServerFrame::Presence { sender, here, name }) => return (sender, here, name),
+                Received::Closed(close) => panic!("socket closed waiting for presence: {close:?}"),
+                frame => self.pending.push_back(frame),
             }
         }
     }

@@ -582,3 +582,28 @@ async fn a_hand_back_on_one_instance_pauses_the_companion_everywhere_until_the_y
         assert_eq!((answer.seq, answer.sender), (seq + 1, Sender::Ai));
     }
 }
+
+#[tokio::test]
+async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(a, a).await;
+    let session = a.create_session().await;
+    let mut desk = a.connect(session.session_id, &token).await;
+    assert_eq!(desk.presence().await, (Sender::User, false, None));
+
+    // B has no socket of this session yet: its first one asks, and A tells.
+    let mut client = b.connect(session.session_id, &session.client_token).await;
+    let here = (Sender::Therapist, true, Some("Tess".to_owned()));
+    loop {
+        let presence = client.presence().await;
+        if presence == here {
+            break;
+        }
+        assert_eq!(presence, (Sender::Therapist, false, None), "before A answers, B knows of nobody");
+    }
+    assert_eq!(desk.presence().await, (Sender::User, true, None), "A hears of the client on B");
+
+    desk.close().await;
+    assert_eq!(client.presence().await, (Sender::Therapist, false, None), "leaving on A reaches B");
+}

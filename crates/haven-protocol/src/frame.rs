@@ -58,6 +58,16 @@ pub enum ServerFrame {
     /// expires after [`crate::TYPING_EXPIRES_SECONDS`] without another.
     /// Never stored, never the companion's.
     Typing { sender: crate::Sender, active: bool },
+    /// Whether the other side of the chat has a socket open now: sent on
+    /// connect and at every change. To the client it tells of the
+    /// therapist (`sender` `therapist`, with the therapist's `name` while
+    /// `here`); to the therapist, of the client (`user`). Never stored.
+    Presence {
+        sender: crate::Sender,
+        here: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
     /// To therapists only: the safety detector flagged a client message of
     /// `session_id` (this socket's session or another one the therapist can
     /// see), and the session's level is now `level`.

@@ -245,6 +245,20 @@ pub enum SessionEvent {
     Cancelled { session_id: Uuid, reply_id: Uuid },
     /// The client or the therapist is typing, or stopped (not stored).
     Typing { session_id: Uuid, sender: Sender, active: bool },
+    /// One instance has sockets of one side of a session open (`here`), or
+    /// none any more (not stored). `name` is the therapist's, while here.
+    /// `ask`: the instance just opened the session's first socket, and
+    /// instances with sockets of it answer with their own presence.
+    Presence {
+        session_id: Uuid,
+        sender: Sender,
+        instance: Uuid,
+        here: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ask: bool,
+    },
 }
 
 impl SessionEvent {
@@ -267,7 +281,8 @@ impl SessionEvent {
             | SessionEvent::Created { session_id }
             | SessionEvent::Delta { session_id, .. }
             | SessionEvent::Cancelled { session_id, .. }
-            | SessionEvent::Typing { session_id, .. } => *session_id,
+            | SessionEvent::Typing { session_id, .. }
+            | SessionEvent::Presence { session_id, .. } => *session_id,
         }
     }
 }
