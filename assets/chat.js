@@ -289,6 +289,11 @@ function announce(message) {
 // Whether the other side of the chat has a tab open now (`presence`
 // frames), with the therapist's name; unknown until the first frame.
 const presence = { here: null, name: "" };
+// The joined therapist away (no tab open) for the away time: the client is
+// offered the crisis resources and the companion (the server checks the
+// time too, and answers `therapist_here` when it is too soon).
+const awaySeconds = Number(root.dataset.awaySeconds || "120");
+const away = { timer: null, offered: false };
 
 function showMode(mode, paused) {
   banner.dataset.mode = mode;
@@ -305,7 +310,7 @@ function showMode(mode, paused) {
         ? `You have joined this chat. The automated companion is silent. ${client} has left the chat; what you write waits for them.`
         : `You have joined this chat. The automated companion is silent.${presence.here ? ` ${client} is here.` : ""}`;
     } else if (presence.here === false) {
-      banner.textContent = "The therapist has left the chat; they can come back, and the companion stays silent until they hand the chat back.";
+      banner.textContent = "The therapist has left the chat; they can come back. The companion stays silent meanwhile.";
     } else {
       banner.textContent = presence.here && presence.name
         ? `${presence.name} is here. You are talking with a person from the clinic.`
@@ -316,6 +321,7 @@ function showMode(mode, paused) {
       ? "The automated companion is answering until you join."
       : "You are talking with Haven's automated companion, a computer program. A therapist from the clinic can join this chat: you will see it here when they do, and then you talk with them directly.";
   }
+  watchAway();
 }
 
 function showRisk(frame) {
@@ -355,8 +361,8 @@ function handle(frame) {
       const paused = frame.companion_paused === true;
       showMode(frame.chat_mode, paused);
       if (frame.chat_mode === "THERAPIST_JOINED") dropAllStreaming();
-      if (!paused) state.resumeWanted = false;
-      showResumeQuestion(paused);
+      if (!paused && !away.offered) state.resumeWanted = false;
+      showResumeQuestion(paused || away.offered);
       break;
     }
     case "ai_delta":
@@ -405,10 +411,36 @@ function handle(frame) {
   }
 }
 
+function watchAway() {
+  if (therapistView || !resumeCard) return;
+  const waiting = banner.dataset.mode === "THERAPIST_JOINED"
+    && banner.dataset.companionPaused !== "true" && presence.here === false;
+  if (!waiting) {
+    window.clearTimeout(away.timer);
+    away.timer = null;
+    if (away.offered) {
+      away.offered = false;
+      showResumeQuestion(banner.dataset.companionPaused === "true");
+    }
+    return;
+  }
+  if (away.offered || away.timer) return;
+  away.timer = window.setTimeout(() => {
+    away.timer = null;
+    away.offered = true;
+    crisisOpen.hidden = false;
+    showResumeQuestion(true);
+  }, awaySeconds * 1000);
+}
+
 // The client's question after a hand-back, shown while the companion is
-// paused. It does not take the focus: the client may be writing.
+// paused, or while the therapist is away. It does not take the focus: the
+// client may be writing.
 function showResumeQuestion(paused) {
   if (!resumeCard) return;
+  document.getElementById("resume-text").textContent = away.offered
+    ? `The therapist has been away from this chat for ${awaySeconds < 60 ? `${awaySeconds} s` : `${Math.round(awaySeconds / 60)} min`}. If you need help right now, "Crisis resources" beside Send shows whom to call. You can also continue with the companion meanwhile; the therapist can join again.`
+    : "The therapist has left the chat. The companion stays silent until you say yes. You can still write here; your messages are kept.";
   if (paused) {
     if (!resumeCard.hidden) return;
     resumeButton.setAttribute("aria-disabled", String(state.resumeWanted));

@@ -149,8 +149,9 @@ function fill(tr, appointment) {
   const mine = appointment.status === "assigned";
   tr.dataset.chatMode = appointment.chat_mode;
   const joined = appointment.chat_mode === "THERAPIST_JOINED";
+  tr.dataset.clientOnline = String(appointment.client_online);
   const values = [
-    name,
+    appointment.client_online ? `${name} · online now` : `${name} · offline`,
     mine ? "Yours" : "Waiting",
     joined ? "Therapist joined" : !mine ? "Companion"
       : appointment.companion_paused ? "Handed back; the client has not answered" : "Handed back to the companion",

@@ -208,6 +208,11 @@ pub struct LimitArgs {
     #[arg(long, env = "HAVEN_HEARTBEAT_SECONDS", default_value_t = 20)]
     pub heartbeat_seconds: u64,
 
+    /// Seconds the joined therapist may have no tab open before the client
+    /// is offered the crisis resources and to continue with the companion.
+    #[arg(long, env = "HAVEN_THERAPIST_AWAY_SECONDS", default_value_t = 120)]
+    pub therapist_away_seconds: u64,
+
     /// Frames queued for one socket; a client that stops reading is
     /// disconnected when its queue is full.
     #[arg(long, env = "HAVEN_OUTBOUND_QUEUE", default_value_t = 256)]

@@ -18,12 +18,13 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use haven_protocol::{
-    ChatMessage, ChatMode, ClientInput, ErrorCode, FrameError, MessageKind, RESUME_MESSAGE, RiskLevel, Role,
-    Sender, ServerFrame, close_code, join_message, parse_client_frame,
+    AWAY_HAND_BACK_MESSAGE, ChatMessage, ChatMode, ClientInput, ErrorCode, FrameError, MessageKind,
+    RESUME_MESSAGE, RiskLevel, Role, Sender, ServerFrame, close_code, join_message, parse_client_frame,
 };
 use haven_safety::Earlier;
 use haven_store::{
-    Appended, Committed, Flagged, JoinOutcome, NewMessage, ResumeOutcome, SessionEvent, StoreError,
+    Appended, Committed, Flagged, HandBackOutcome, JoinOutcome, NewMessage, ResumeOutcome, SessionEvent,
+    StoreError,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
@@ -561,7 +562,16 @@ impl Connection {
         if self.messages.check().is_err() {
             return self.refuse_over_rate(None);
         }
-        match self.state.store.resume_companion(self.admitted.session_id, RESUME_MESSAGE).await {
+        let mut resumed = self.state.store.resume_companion(self.admitted.session_id, RESUME_MESSAGE).await;
+        if matches!(resumed, Ok(Committed { outcome: ResumeOutcome::NotPaused, .. }))
+            && self.delivery.mode.chat_mode == ChatMode::TherapistJoined
+        {
+            if !Box::pin(self.hand_back_while_away()).await? {
+                return Ok(());
+            }
+            resumed = self.state.store.resume_companion(self.admitted.session_id, RESUME_MESSAGE).await;
+        }
+        match resumed {
             Ok(Committed { outcome: ResumeOutcome::Resumed { unanswered }, events }) => {
                 tracing::info!("client chose to continue with the companion");
                 self.state.hub.apply(events);
@@ -578,6 +588,34 @@ impl Connection {
                 self.refuse(ErrorCode::Unavailable, "the companion could not be asked to continue; try again")
             }
         }
+    }
+
+    /// The client's `resume_companion` while a therapist is joined: once the
+    /// therapist has had no socket open for the away time, hands the chat
+    /// back on their behalf, as they would (the caller then resumes it, as
+    /// after their hand-back). `false`: refused, and the client told why.
+    async fn hand_back_while_away(&mut self) -> Result<bool, Stop> {
+        let away = Duration::from_secs(self.state.limits.settings.therapist_away_seconds);
+        if self.guard.room().therapist_away_for().is_none_or(|gone| gone < away) {
+            let message = format!("the therapist is in the chat or left less than {} s ago", away.as_secs());
+            self.refuse(ErrorCode::TherapistHere, &message)?;
+            return Ok(false);
+        }
+        let store = self.state.store.clone();
+        let session_id = self.admitted.session_id;
+        let therapist_id = store.chat_session(session_id).await?.and_then(|session| session.therapist_id);
+        let handed = match therapist_id {
+            Some(therapist_id) => {
+                store.hand_back(session_id, therapist_id, None, AWAY_HAND_BACK_MESSAGE).await?
+            }
+            None => return Ok(true),
+        };
+        if matches!(handed.outcome, HandBackOutcome::HandedBack) {
+            tracing::info!("therapist away: chat handed back at the client's request");
+            self.state.hub.apply(handed.events);
+        }
+        // Otherwise handed back or closed meanwhile: resuming says which.
+        Ok(true)
     }
 
     /// A typing signal: passed on to the other side of the chat, here and on

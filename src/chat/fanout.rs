@@ -15,6 +15,8 @@ use crate::startup::AppState;
 
 /// Runs until shutdown.
 pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
+    // The other instances tell who of their clients and therapists is here.
+    announce(&state, state.hub.ask_presence_again()).await;
     loop {
         let notification = tokio::select! {
             () = state.shutdown.cancelled() => return,
@@ -33,32 +35,38 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
                 state.hub.apply([SessionEvent::Message { session_id, seq, kind, message }]);
             }
             Notification::Event(event) => {
-                let asked = match event {
-                    SessionEvent::Presence { session_id, ask: true, .. } => Some(session_id),
-                    _ => None,
+                let answers = match event {
+                    // Another instance opened its first socket of a session
+                    // this one has sockets of: it learns who is here.
+                    SessionEvent::Presence { session_id, ask: true, .. } => {
+                        state.hub.presence_here(session_id)
+                    }
+                    // Another instance started listening: it learns every
+                    // presence here (after forgetting what it said before).
+                    SessionEvent::PresenceQuestion { .. } => state.hub.presence_everywhere(),
+                    _ => Vec::new(),
                 };
                 state.hub.apply([event]);
-                // Another instance opened its first socket of a session this
-                // one has sockets of: it learns who is here.
-                for answer in asked.map(|session_id| state.hub.presence_here(session_id)).unwrap_or_default()
-                {
-                    if let Err(error) = state.store.announce(answer).await {
-                        tracing::debug!(error = %error, "could not answer a presence question");
-                    }
-                }
+                announce(&state, answers).await;
             }
             Notification::Reconnected => {
                 tracing::info!("notification listener reconnected: re-reading open sessions");
                 state.hub.appointments_changed();
                 for room in state.hub.rooms() {
                     room.resync();
-                    for presence in state.hub.ask_presence_again(&room) {
-                        if let Err(error) = state.store.announce(presence).await {
-                            tracing::debug!(error = %error, "could not announce presence");
-                        }
-                    }
                 }
+                announce(&state, state.hub.ask_presence_again()).await;
             }
+        }
+    }
+}
+
+/// Tells the other instances about presence (not stored; a lost one is
+/// told again when their listener reconnects).
+async fn announce(state: &AppState, events: Vec<SessionEvent>) {
+    for event in events {
+        if let Err(error) = state.store.announce(event).await {
+            tracing::debug!(error = %error, "could not announce presence");
         }
     }
 }

@@ -17,7 +17,7 @@
 //!   (`chat::companion::Companion`), which the takeover and the close also
 //!   take: once the join message is published, no delta follows it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
 // The room's locks. Under the `model-check` feature they are Shuttle's, so
@@ -27,7 +27,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use shuttle::sync::{Mutex, MutexGuard};
 #[cfg(not(feature = "model-check"))]
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use haven_protocol::{ChatMessage, MessageKind, RiskLevel, Sender, ServerFrame};
@@ -75,6 +75,9 @@ pub struct Hub {
     /// This process among the instances sharing the database, in the
     /// presence it announces.
     instance: Uuid,
+    /// Sessions whose client has a socket open, with the instances (this
+    /// one included) where: the dashboards' "online now".
+    clients_online: Mutex<HashMap<Uuid, HashSet<Uuid>>>,
 }
 
 /// A session was flagged; it concerns every therapist who can see it.
@@ -117,6 +120,7 @@ impl Hub {
             revocations: broadcast::channel(64).0,
             risks: broadcast::channel(256).0,
             instance: Uuid::now_v7(),
+            clients_online: Mutex::default(),
         }
     }
 
@@ -137,7 +141,7 @@ impl Hub {
     }
 
     fn apply_one(&self, event: SessionEvent) -> Option<Utf8Bytes> {
-        let room = self.existing_room(event.session_id());
+        let room = event.session_id().and_then(|session_id| self.existing_room(session_id));
         match event {
             SessionEvent::Message { kind, message, .. } => {
                 self.appointments_changed();
@@ -171,10 +175,14 @@ impl Hub {
             SessionEvent::Delta { reply_id, delta, .. } => room?.relay_delta(reply_id, delta),
             SessionEvent::Cancelled { reply_id, .. } => room?.relay_cancelled(reply_id),
             SessionEvent::Typing { sender, active, .. } => room?.relay_typing(sender, active),
-            SessionEvent::Presence { sender, instance, here, name, .. } => {
+            SessionEvent::Presence { session_id, sender, instance, here, name, .. } => {
+                if sender == Sender::User {
+                    self.client_seen(session_id, instance, here);
+                }
                 let elsewhere = (instance != self.instance).then_some(instance);
                 room?.presence_changed(sender, elsewhere.map(|instance| (instance, here, name)));
             }
+            SessionEvent::PresenceQuestion { instance } => self.forget_presence(|other| other == instance),
         }
         None
     }
@@ -209,19 +217,72 @@ impl Hub {
         present_sides(&presence).map(|sender| self.presence_event(&room, &presence, sender, false)).collect()
     }
 
-    /// After notifications may have been lost: forgets what other instances
-    /// said of a room's presence, and returns this process's presence
-    /// there, both sides, asking them again.
-    pub fn ask_presence_again(&self, room: &Room) -> Vec<SessionEvent> {
-        room.presence().remote.clear();
-        for sender in [Sender::User, Sender::Therapist] {
-            room.presence_changed(sender, None);
+    /// Whether the session's client has a socket open now, on any instance.
+    pub fn client_online(&self, session_id: Uuid) -> bool {
+        self.online().contains_key(&session_id)
+    }
+
+    /// A client's sockets on `instance` are some or none now; dashboards
+    /// refresh when that makes the client come online or go.
+    fn client_seen(&self, session_id: Uuid, instance: Uuid, here: bool) {
+        let mut online = self.online();
+        let before = online.contains_key(&session_id);
+        if here {
+            online.entry(session_id).or_default().insert(instance);
+        } else if let Some(instances) = online.get_mut(&session_id) {
+            instances.remove(&instance);
+            if instances.is_empty() {
+                online.remove(&session_id);
+            }
         }
-        let presence = room.presence();
-        vec![
-            self.presence_event(room, &presence, Sender::User, true),
-            self.presence_event(room, &presence, Sender::Therapist, false),
-        ]
+        if online.contains_key(&session_id) != before {
+            drop(online);
+            self.appointments_changed();
+        }
+    }
+
+    /// Forgets what the instances `forget` picks told of presence: one that
+    /// asks again has restarted, or notifications may have been lost.
+    fn forget_presence(&self, forget: impl Fn(Uuid) -> bool) {
+        let mut online = self.online();
+        let before = online.len();
+        online.retain(|_, instances| {
+            instances.retain(|&instance| !forget(instance));
+            !instances.is_empty()
+        });
+        if online.len() != before {
+            drop(online);
+            self.appointments_changed();
+        }
+        for room in self.rooms() {
+            room.presence().remote.retain(|&(instance, _), _| !forget(instance));
+            for sender in [Sender::User, Sender::Therapist] {
+                room.presence_changed(sender, None);
+            }
+        }
+    }
+
+    /// After notifications may have been lost: forgets what other instances
+    /// told of presence, and returns the question to announce and this
+    /// process's presence, for the others to forget theirs of it and tell
+    /// again.
+    pub fn ask_presence_again(&self) -> Vec<SessionEvent> {
+        let own = self.instance;
+        self.forget_presence(|instance| instance != own);
+        let mut events = vec![SessionEvent::PresenceQuestion { instance: own }];
+        events.extend(self.presence_everywhere());
+        events
+    }
+
+    /// This process's presence in every session it has sockets of, for an
+    /// instance that asked.
+    pub fn presence_everywhere(&self) -> Vec<SessionEvent> {
+        self.rooms().iter().flat_map(|room| self.presence_here(room.session_id)).collect()
+    }
+
+    fn online(&self) -> MutexGuard<'_, HashMap<Uuid, HashSet<Uuid>>> {
+        // Single inserts and removes: consistent under every panic point.
+        self.clients_online.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn presence_event(&self, room: &Room, presence: &Presence, sender: Sender, ask: bool) -> SessionEvent {
@@ -292,6 +353,7 @@ impl Hub {
             client_window: Mutex::default(),
             connections: AtomicUsize::new(0),
             presence: Mutex::default(),
+            opened: Instant::now(),
             rooms: Arc::downgrade(&self.rooms),
         });
         rooms.insert(session_id, Arc::downgrade(&room));
@@ -395,6 +457,8 @@ pub struct Room {
     client_window: Mutex<VecDeque<Arc<Earlier>>>,
     connections: AtomicUsize,
     presence: Mutex<Presence>,
+    /// When this process opened the room.
+    opened: Instant,
     rooms: Weak<Rooms>,
 }
 
@@ -413,6 +477,8 @@ pub struct Presence {
     asked: bool,
     /// The presence of each side last sent to the connections here.
     told: [Option<(bool, Option<String>)>; 2],
+    /// When the therapist was last told here to have left.
+    therapist_left: Option<Instant>,
 }
 
 impl Presence {
@@ -644,6 +710,9 @@ impl Room {
         }
         presence.told[side] = Some(now.clone());
         let (here, name) = now;
+        if sender == Sender::Therapist && !here {
+            presence.therapist_left = Some(Instant::now());
+        }
         self.send(Event {
             seq: None,
             frame: frame_text(&ServerFrame::Presence { sender, here, name }),
@@ -654,6 +723,17 @@ impl Room {
             hands_back: false,
             from_side: Some(sender),
         });
+    }
+
+    /// How long the therapist has had no socket open on the session, as far
+    /// as this process knows (at most since its room opened); `None` while
+    /// one is open.
+    pub fn therapist_away_for(&self) -> Option<Duration> {
+        let presence = self.presence();
+        if presence.of(1).0 {
+            return None;
+        }
+        Some(presence.therapist_left.unwrap_or(self.opened).max(self.opened).elapsed())
     }
 
     /// The presence of a side, for a connection that just opened.

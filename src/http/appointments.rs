@@ -122,6 +122,7 @@ async fn list_appointments(
             chat_mode: session.chat_mode,
             companion_paused: session.companion_paused,
             client_label: labels.remove(&session.id),
+            client_online: state.hub.client_online(session.id),
             therapist_id: session.therapist_id,
             created_at: session.created_at,
             last_message_at: session.last_message_at,

@@ -89,6 +89,9 @@ struct ChatPage<'a> {
     risk: Option<(&'static str, &'static str)>,
     /// The client's crisis card offers these (docs/safety.md).
     crisis_links: &'a [CrisisLink],
+    /// Seconds the joined therapist may be away before the client is
+    /// offered the crisis resources and the companion.
+    away_seconds: u64,
 }
 
 #[derive(Template)]
@@ -228,9 +231,17 @@ async fn chat(
                 let risk = session.risk.as_ref().map(|risk| (risk.level.as_str(), level_label(risk.level)));
                 let crisis_links = state.escalation.links();
                 let client_name = client_name(session_id);
+                let away_seconds = state.limits.settings.therapist_away_seconds;
                 page(
                     StatusCode::OK,
-                    &ChatPage { session_id, therapist_view: true, client_name, risk, crisis_links },
+                    &ChatPage {
+                        session_id,
+                        therapist_view: true,
+                        client_name,
+                        risk,
+                        crisis_links,
+                        away_seconds,
+                    },
                 )
             }
             Ok(_) => Redirect::to(&login_url(&here)).into_response(),
@@ -252,9 +263,17 @@ async fn chat(
         Ok(Some(Credential::Client { session_id: own })) if own == session_id => {
             let crisis_links = state.escalation.links();
             let client_name = client_name(session_id);
+            let away_seconds = state.limits.settings.therapist_away_seconds;
             page(
                 StatusCode::OK,
-                &ChatPage { session_id, therapist_view: false, client_name, risk: None, crisis_links },
+                &ChatPage {
+                    session_id,
+                    therapist_view: false,
+                    client_name,
+                    risk: None,
+                    crisis_links,
+                    away_seconds,
+                },
             )
         }
         Ok(_) => invalid_link(),

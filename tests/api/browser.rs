@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use crate::helpers::{EVENT_TIMEOUT, PASSWORD, TestApp};
+use crate::helpers::{EVENT_TIMEOUT, Options, PASSWORD, TestApp};
 
 const ENTER: &str = "\u{E007}";
 
@@ -761,6 +761,81 @@ async fn each_side_sees_whether_the_other_is_in_the_chat() {
         json!("THERAPIST_JOINED"),
         "leaving is not a hand-back"
     );
+
+    // The dashboard shows whether the client is online now.
+    let row = format!("document.querySelector(\"#appointments tr[data-session-id='{session_id}']\")");
+    therapist
+        .until(
+            &format!(
+                "{row}.dataset.clientOnline === 'true' && {row}.cells[0].textContent.endsWith('online now')"
+            ),
+            vec![],
+        )
+        .await;
+    client.goto(&app, "/").await;
+    therapist
+        .until(
+            &format!(
+                "{row}.dataset.clientOnline === 'false' && {row}.cells[0].textContent.endsWith('offline')"
+            ),
+            vec![],
+        )
+        .await;
+    client.close().await;
+    therapist.close().await;
+}
+
+/// A therapist who joined and has been away for the away time (1 s here):
+/// the client is offered the crisis resources and the companion, and can
+/// take it.
+#[tokio::test]
+async fn a_client_whose_therapist_is_away_is_offered_help_and_the_companion() {
+    let options = Options { args: vec!["--therapist-away-seconds".into(), "1".into()], ..Options::default() };
+    let app = TestApp::spawn_with(options).await;
+    app.add_therapist("tess@clinic.test", "Tess").await;
+    let driver = Driver::start().await;
+    let (client, therapist) = (driver.browser().await, driver.browser().await);
+    let session_id = chat_now(&app, &client).await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    client
+        .until("document.getElementById('mode-banner').textContent.includes('Tess is here.')", vec![])
+        .await;
+    let offered = "!document.getElementById('resume-card').hidden && document.getElementById('resume-text').textContent.includes('has been away')";
+    assert_eq!(
+        client.js(&format!("return {offered}"), vec![]).await,
+        json!(false),
+        "not while the therapist is here"
+    );
+
+    therapist.goto(&app, "/therapist").await;
+    client.until(offered, vec![]).await;
+    assert_eq!(
+        client.js("return document.getElementById('crisis-open').hidden", vec![]).await,
+        json!(false),
+        "the crisis resources are one tap away"
+    );
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        client.screenshot(&format!("therapist-away-{width}")).await;
+    }
+    client.find("#resume-companion").await.click().await.unwrap();
+    client
+        .until(
+            "document.getElementById('mode-banner').dataset.mode === 'BOT_ONLY' && document.getElementById('resume-card').hidden",
+            vec![],
+        )
+        .await;
+    let replies = "return document.querySelectorAll('#messages .msg[data-sender=\"ai\"]').length";
+    let before = client.js(replies, vec![]).await.as_u64().unwrap();
+    client.find("#message-input").await.send_keys("are you there?\n").await.unwrap();
+    client
+        .until(
+            "document.querySelectorAll('#messages .msg[data-sender=\"ai\"]').length > args[0]",
+            vec![json!(before)],
+        )
+        .await;
     client.close().await;
     therapist.close().await;
 }
@@ -1137,7 +1212,7 @@ async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_e
     let row = format!("#appointments tr[data-session-id='{session_id}']");
     therapist
         .until(
-            "document.querySelector(args[0])?.cells[0].textContent === args[1]",
+            "document.querySelector(args[0])?.cells[0].textContent === args[1] + ' · online now'",
             vec![json!(row), json!(name)],
         )
         .await;
@@ -1584,7 +1659,7 @@ async fn a_therapist_can_rename_a_client_privately_and_clear_the_name() {
     therapist.goto(&app, "/therapist").await;
     therapist
         .until(
-            "document.querySelector(args[0])?.cells[0].textContent === args[1]
+            "document.querySelector(args[0])?.cells[0].textContent.startsWith(args[1] + ' · ')
              && document.querySelector(args[0] + ' a').getAttribute('aria-label') === 'Open chat, ' + args[1]",
             vec![json!(row), json!(named)],
         )

@@ -358,6 +358,11 @@ async fn each_side_is_told_whether_the_other_is_here_at_connect_and_when_it_come
     assert_eq!(client.presence().await, (Sender::Therapist, false, None), "no therapist yet");
 
     let therapist = app.therapist("Tess Example").await;
+    let online = async |token: &str| {
+        let list = app.appointments(token).await;
+        list.iter().find(|row| row.session_id == session.session_id).expect("listed").client_online
+    };
+    assert!(online(&therapist.token).await, "the dashboard shows the client online");
     let mut desk = app.connect(session.session_id, &therapist.token).await;
     assert_eq!(desk.presence().await, (Sender::User, true, None), "the therapist sees the client is here");
     let here = (Sender::Therapist, true, Some("Tess Example".to_owned()));
@@ -366,8 +371,10 @@ async fn each_side_is_told_whether_the_other_is_here_at_connect_and_when_it_come
     // The client's only tab goes and comes back.
     client.close().await;
     assert_eq!(desk.presence().await, (Sender::User, false, None), "the client has left");
+    assert!(!online(&therapist.token).await, "and is offline on the dashboard");
     let mut client = app.connect(session.session_id, &session.client_token).await;
     assert_eq!(desk.presence().await, (Sender::User, true, None), "the client is back");
+    assert!(online(&therapist.token).await);
     assert_eq!(client.presence().await, here, "a new tab is told at once");
 
     // The therapist leaves: the chat stays theirs, the client is told.

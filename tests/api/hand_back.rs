@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use haven_protocol::api::{AppointmentStatus, LoginResponse};
 
-use crate::helpers::{PASSWORD, TestApp, Ws, error_body, from_companion, messages};
+use crate::helpers::{Options, PASSWORD, TestApp, Ws, error_body, from_companion, messages};
 
 /// Posts a hand-back for `session` as the therapist with `token`.
 pub async fn hand_back(
@@ -169,4 +169,51 @@ async fn a_client_who_reconnects_while_paused_is_told_so_and_a_therapist_replay_
     let (_, mode) = until_mode_after(&mut tab, MessageKind::Join).await;
     assert_eq!(mode, ServerFrame::Mode { chat_mode: ChatMode::TherapistJoined, companion_paused: false });
     assert_eq!(tab.message().await.content, "I'm back");
+}
+
+/// A client, a therapist who joined and left, on a server with this away time.
+async fn therapist_joined_and_left(away_seconds: &str) -> (TestApp, Ws, LoginResponse, Uuid) {
+    let options =
+        Options { args: vec!["--therapist-away-seconds".into(), away_seconds.into()], ..Options::default() };
+    let app = TestApp::spawn_with(options).await;
+    let tess = app.therapist("Tess").await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    let mut therapist = app.connect(session.session_id, &tess.token).await;
+    until_mode_after(&mut client, MessageKind::Join).await;
+    assert!(!client.presence().await.1, "no therapist at first");
+    assert!(client.presence().await.1, "then the therapist");
+    // While the therapist is here, the client cannot take the chat back.
+    client.send_json(json!({"type": "resume_companion"})).await;
+    assert_eq!(error_code(&mut client).await, ErrorCode::TherapistHere);
+    therapist.frame().await;
+    therapist.close().await;
+    assert_eq!(client.presence().await, (Sender::Therapist, false, None));
+    (app, client, tess, session.session_id)
+}
+
+#[tokio::test]
+async fn a_client_whose_therapist_stays_away_may_continue_with_the_companion() {
+    // Away for less than the away time (2 min by default): refused.
+    let (_app, mut client, _, _) = therapist_joined_and_left("120").await;
+    client.send_json(json!({"type": "resume_companion"})).await;
+    assert_eq!(error_code(&mut client).await, ErrorCode::TherapistHere);
+
+    // Away for the away time (here none): handed back on the therapist's
+    // behalf, and resumed; the companion answers again.
+    let (app, mut client, tess, session_id) = therapist_joined_and_left("0").await;
+    client.send_json(json!({"type": "resume_companion"})).await;
+    let (frames, paused) = until_mode_after(&mut client, MessageKind::Handback).await;
+    let handback = messages(&frames).last().map(|m| m.content.clone()).unwrap();
+    assert_eq!(handback, haven_protocol::AWAY_HAND_BACK_MESSAGE);
+    assert_eq!(paused, ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: true });
+    let (_, mode) = until_mode_after(&mut client, MessageKind::Resume).await;
+    assert_eq!(mode, ServerFrame::Mode { chat_mode: ChatMode::BotOnly, companion_paused: false });
+    let hello = client.send_message("hello again").await;
+    client.ack(&hello).await;
+    assert_eq!(client.message().await.sender, Sender::User);
+    assert_eq!(client.message().await.sender, Sender::Ai, "the companion answers again");
+    // The chat stays the therapist's, who can join again.
+    let row = appointment(&app, &tess.token, session_id).await;
+    assert_eq!(row, (AppointmentStatus::Assigned, ChatMode::BotOnly, false));
 }

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::hand_back::{hand_back, until_mode_after};
 use crate::helpers::{
-    Options, PASSWORD, Received, TestApp, Ws, fresh_postgres_database, from_companion, messages,
+    EVENT_TIMEOUT, Options, PASSWORD, Received, TestApp, Ws, fresh_postgres_database, from_companion,
+    messages,
 };
 use crate::mock_llm::{MockLlm, Script};
 
@@ -604,6 +605,56 @@ async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here
     }
     assert_eq!(desk.presence().await, (Sender::User, true, None), "A hears of the client on B");
 
+    let online = async |app: &TestApp| {
+        let list: Vec<serde_json::Value> = app
+            .http
+            .get(app.url("/api/appointments"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let row = list.into_iter().find(|row| row["session_id"] == session.session_id.to_string());
+        row.expect("listed")["client_online"] == true
+    };
+    assert!(online(a).await, "A's dashboard shows B's client online");
+
+    // An instance that starts later asks, and is told at once: its dashboard
+    // shows the client online as soon as the answer comes (a `changed`
+    // event), or already.
+    let database_url = Some(a.database_url.clone());
+    let c = TestApp::spawn_with(Options { database_url, ..Options::default() }).await;
+    let token_c: serde_json::Value = c.login("tess@clinic.test", PASSWORD).await.json().await.unwrap();
+    let token_c = token_c["token"].as_str().unwrap().to_owned();
+    let mut events =
+        c.http.get(c.url("/api/appointments/events")).bearer_auth(&token_c).send().await.unwrap();
+    let online_on_c = async || {
+        let list: Vec<serde_json::Value> = c
+            .http
+            .get(c.url("/api/appointments"))
+            .bearer_auth(&token_c)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list.into_iter()
+            .any(|row| row["session_id"] == session.session_id.to_string() && row["client_online"] == true)
+    };
+    while !online_on_c().await {
+        let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
+        tick.expect("C never learned the client is online").unwrap().expect("the stream ended");
+    }
+
     desk.close().await;
     assert_eq!(client.presence().await, (Sender::Therapist, false, None), "leaving on A reaches B");
+    // The client leaves B: C's dashboard shows it offline once told.
+    client.close().await;
+    while online_on_c().await {
+        let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
+        tick.expect("C never learned the client left").unwrap().expect("the stream ended");
+    }
 }

@@ -60,6 +60,8 @@ pub struct Appointment {
     pub companion_paused: bool,
     /// The caller's private name for the client, if they gave one.
     pub client_label: Option<String>,
+    /// The client has the chat open now (a socket on any instance).
+    pub client_online: bool,
     pub therapist_id: Option<Uuid>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -112,6 +112,9 @@ pub enum ErrorCode {
     /// `resume_companion` when the companion is not waiting for the
     /// client's answer (no hand-back, or already answered).
     NotPaused,
+    /// `resume_companion` while the joined therapist is in the chat, or has
+    /// been away for less than the away time.
+    TherapistHere,
     /// A frame this connection's role may not send (`resume_companion`
     /// from a therapist).
     NotAllowed,

@@ -259,6 +259,9 @@ pub enum SessionEvent {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         ask: bool,
     },
+    /// An instance started (or restarted) listening: the others forget the
+    /// presence it told them before, and tell it theirs (not stored).
+    PresenceQuestion { instance: Uuid },
 }
 
 impl SessionEvent {
@@ -273,8 +276,8 @@ impl SessionEvent {
     }
 
     /// The session the event is about, if one.
-    pub fn session_id(&self) -> Uuid {
-        match self {
+    pub fn session_id(&self) -> Option<Uuid> {
+        Some(match self {
             SessionEvent::Message { session_id, .. }
             | SessionEvent::Flagged { session_id, .. }
             | SessionEvent::Acknowledged { session_id }
@@ -283,7 +286,8 @@ impl SessionEvent {
             | SessionEvent::Cancelled { session_id, .. }
             | SessionEvent::Typing { session_id, .. }
             | SessionEvent::Presence { session_id, .. } => *session_id,
-        }
+            SessionEvent::PresenceQuestion { .. } => return None,
+        })
     }
 }
 
