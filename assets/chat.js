@@ -136,7 +136,7 @@ const typing = { timer: null, shown: false, sentAt: 0 };
 function showActivity() {
   let text = "";
   if (typing.shown) {
-    text = therapistView ? `${root.dataset.clientName} is typing…` : "The therapist is typing…";
+    text = therapistView ? `${LABELS.user} is typing…` : "The therapist is typing…";
   } else if (state.streaming.size > 0) {
     text = "The companion is writing…";
   }
@@ -305,7 +305,7 @@ function showMode(mode, paused) {
       : "The therapist has left the chat. The companion is paused until you say yes.";
   } else if (mode === "THERAPIST_JOINED") {
     if (therapistView) {
-      const client = root.dataset.clientName;
+      const client = LABELS.user;
       banner.textContent = presence.here === false
         ? `You have joined this chat. The automated companion is silent. ${client} has left the chat; what you write waits for them.`
         : `You have joined this chat. The automated companion is silent.${presence.here ? ` ${client} is here.` : ""}`;
@@ -770,6 +770,10 @@ function showClientLabel(text) {
   const name = root.dataset.clientName;
   const title = clientLabel.text ? `Chat with ${clientLabel.text} (${name})` : `Chat with ${name}`;
   if (chatTitle.textContent !== title) chatTitle.textContent = title;
+  // The client's messages, typing and presence go by the same name.
+  LABELS.user = clientLabel.text ?? name;
+  for (const label of list.querySelectorAll(".msg--user .msg__label")) label.textContent = LABELS.user;
+  showMode(banner.dataset.mode, banner.dataset.companionPaused === "true");
 }
 
 async function loadClientLabel() {

@@ -1654,6 +1654,14 @@ async fn a_therapist_can_rename_a_client_privately_and_clear_the_name() {
     therapist.find("#chat").await;
     therapist.until_connected().await;
     therapist.until(title, vec![json!(format!("Chat with {named}"))]).await;
+    // The client's messages go by it too.
+    therapist
+        .until(
+            "[...document.querySelectorAll('#messages .msg--user .msg__label')].every(l => l.textContent === args[0])
+             && document.querySelector('#messages .msg--user .msg__label')",
+            vec![json!(label)],
+        )
+        .await;
 
     // The dashboard's row names the client the same way.
     therapist.goto(&app, "/therapist").await;
