@@ -65,6 +65,7 @@ JOINED = [
     "unseen/round-4.jsonl",
     "unseen/round-5.jsonl",
     "unseen/round-6.jsonl",
+    "unseen/round-7.jsonl",
 ]
 
 

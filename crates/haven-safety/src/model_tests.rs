@@ -27,6 +27,8 @@ const ROUND_6: &str = include_str!("../data/unseen/round-6.jsonl");
 const ROUND_6_CONVERSATIONS: &str = include_str!("../data/unseen/round-6-conversations.jsonl");
 const ROUND_7: &str = include_str!("../data/unseen/round-7.jsonl");
 const ROUND_7_CONVERSATIONS: &str = include_str!("../data/unseen/round-7-conversations.jsonl");
+const ROUND_8: &str = include_str!("../data/unseen/round-8.jsonl");
+const ROUND_8_CONVERSATIONS: &str = include_str!("../data/unseen/round-8-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -75,11 +77,19 @@ const ROUND_6_FALSE_ALARMS: usize = 12;
 const ROUND_6_CONVERSATIONS_SUFFICIENT: usize = 34;
 
 /// Round 7 with the detector it was first scored with (rules 2026.12.2,
-/// model 2026.12.9), scored once.
+/// model 2026.12.9), scored once. Round 7 now trains the model, so this is
+/// only a floor.
 const ROUND_7_HIGH_DETECTED: usize = 258;
 const ROUND_7_CONCERN_DETECTED: usize = 131;
 const ROUND_7_FALSE_ALARMS: usize = 13;
 const ROUND_7_CONVERSATIONS_SUFFICIENT: usize = 29;
+
+/// Round 8 with the detector it was first scored with (rules 2026.12.3,
+/// model 2026.12.10), scored once.
+const ROUND_8_HIGH_DETECTED: usize = 270;
+const ROUND_8_CONCERN_DETECTED: usize = 133;
+const ROUND_8_FALSE_ALARMS: usize = 15;
+const ROUND_8_CONVERSATIONS_SUFFICIENT: usize = 43;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -219,8 +229,14 @@ fn unseen_round_6_does_not_fall_below_its_first_score() {
 
 #[test]
 fn unseen_round_7_does_not_fall_below_its_first_score() {
-    let both = score("unseen round 7", ROUND_7);
+    let both = score("round 7 (now training data)", ROUND_7);
     holds(&both, ROUND_7_HIGH_DETECTED, ROUND_7_CONCERN_DETECTED, ROUND_7_FALSE_ALARMS);
+}
+
+#[test]
+fn unseen_round_8_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 8", ROUND_8);
+    holds(&both, ROUND_8_HIGH_DETECTED, ROUND_8_CONCERN_DETECTED, ROUND_8_FALSE_ALARMS);
 }
 
 /// The conversations of a round: the last message read with the earlier
@@ -256,8 +272,9 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_5 = conversations("unseen round 5", ROUND_5_CONVERSATIONS);
     let round_6 = conversations("unseen round 6", ROUND_6_CONVERSATIONS);
     let round_7 = conversations("unseen round 7", ROUND_7_CONVERSATIONS);
+    let round_8 = conversations("unseen round 8", ROUND_8_CONVERSATIONS);
     println!(
-        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50"
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50"
     );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
@@ -268,14 +285,15 @@ fn unseen_conversations_are_read_with_their_window() {
     assert!(round_5 >= ROUND_5_CONVERSATIONS_SUFFICIENT, "round 5: {round_5} sufficient");
     assert!(round_6 >= ROUND_6_CONVERSATIONS_SUFFICIENT, "round 6: {round_6} sufficient");
     assert!(round_7 >= ROUND_7_CONVERSATIONS_SUFFICIENT, "round 7: {round_7} sufficient");
+    assert!(round_8 >= ROUND_8_CONVERSATIONS_SUFFICIENT, "round 8: {round_8} sufficient");
 }
 
 #[test]
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.9");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.9", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.10");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.10", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -410,7 +428,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.9");
+    assert_eq!(json["model"]["version"], "2026.12.10");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
