@@ -29,6 +29,8 @@ const ROUND_7: &str = include_str!("../data/unseen/round-7.jsonl");
 const ROUND_7_CONVERSATIONS: &str = include_str!("../data/unseen/round-7-conversations.jsonl");
 const ROUND_8: &str = include_str!("../data/unseen/round-8.jsonl");
 const ROUND_8_CONVERSATIONS: &str = include_str!("../data/unseen/round-8-conversations.jsonl");
+const ROUND_9: &str = include_str!("../data/unseen/round-9.jsonl");
+const ROUND_9_CONVERSATIONS: &str = include_str!("../data/unseen/round-9-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -90,6 +92,13 @@ const ROUND_8_HIGH_DETECTED: usize = 270;
 const ROUND_8_CONCERN_DETECTED: usize = 133;
 const ROUND_8_FALSE_ALARMS: usize = 15;
 const ROUND_8_CONVERSATIONS_SUFFICIENT: usize = 43;
+
+/// Round 9 with the detector it was first scored with (rules 2026.12.4,
+/// model 2026.12.10), scored once.
+const ROUND_9_HIGH_DETECTED: usize = 262;
+const ROUND_9_CONCERN_DETECTED: usize = 129;
+const ROUND_9_FALSE_ALARMS: usize = 10;
+const ROUND_9_CONVERSATIONS_SUFFICIENT: usize = 35;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -239,6 +248,12 @@ fn unseen_round_8_does_not_fall_below_its_first_score() {
     holds(&both, ROUND_8_HIGH_DETECTED, ROUND_8_CONCERN_DETECTED, ROUND_8_FALSE_ALARMS);
 }
 
+#[test]
+fn unseen_round_9_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 9", ROUND_9);
+    holds(&both, ROUND_9_HIGH_DETECTED, ROUND_9_CONCERN_DETECTED, ROUND_9_FALSE_ALARMS);
+}
+
 /// The conversations of a round: the last message read with the earlier
 /// ones, and alone; returns how many the window scores at a sufficient level.
 fn conversations(name: &str, source: &str) -> usize {
@@ -273,8 +288,9 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_6 = conversations("unseen round 6", ROUND_6_CONVERSATIONS);
     let round_7 = conversations("unseen round 7", ROUND_7_CONVERSATIONS);
     let round_8 = conversations("unseen round 8", ROUND_8_CONVERSATIONS);
+    let round_9 = conversations("unseen round 9", ROUND_9_CONVERSATIONS);
     println!(
-        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50"
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50, round 9 {round_9} / 50"
     );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
@@ -286,6 +302,7 @@ fn unseen_conversations_are_read_with_their_window() {
     assert!(round_6 >= ROUND_6_CONVERSATIONS_SUFFICIENT, "round 6: {round_6} sufficient");
     assert!(round_7 >= ROUND_7_CONVERSATIONS_SUFFICIENT, "round 7: {round_7} sufficient");
     assert!(round_8 >= ROUND_8_CONVERSATIONS_SUFFICIENT, "round 8: {round_8} sufficient");
+    assert!(round_9 >= ROUND_9_CONVERSATIONS_SUFFICIENT, "round 9: {round_9} sufficient");
 }
 
 #[test]
