@@ -403,6 +403,20 @@ impl Event {
         }
     }
 
+    /// A typing or presence signal of one side, for the other side.
+    fn from_side(sender: Sender, frame: &ServerFrame) -> Self {
+        Self {
+            seq: None,
+            frame: frame_text(frame),
+            mode: None,
+            reply_id: None,
+            resync: false,
+            closes: false,
+            hands_back: false,
+            from_side: Some(sender),
+        }
+    }
+
     fn companion(reply_id: Uuid, frame: &ServerFrame) -> Self {
         Self {
             seq: None,
@@ -465,7 +479,7 @@ pub struct Room {
 /// Who of each side of a chat has a socket open, here and on other
 /// instances, and what the connections here were last told.
 #[derive(Default)]
-pub struct Presence {
+struct Presence {
     /// Sockets open here: the client's, the therapist's.
     local: [usize; 2],
     /// The therapist's name, from their latest socket here.
@@ -680,16 +694,7 @@ impl Room {
     /// Passes a typing signal to the session's connections here (each one
     /// drops its own side's).
     fn relay_typing(&self, sender: Sender, active: bool) {
-        self.send(Event {
-            seq: None,
-            frame: frame_text(&ServerFrame::Typing { sender, active }),
-            mode: None,
-            reply_id: None,
-            resync: false,
-            closes: false,
-            hands_back: false,
-            from_side: Some(sender),
-        });
+        self.send(Event::from_side(sender, &ServerFrame::Typing { sender, active }));
     }
 
     /// A side's presence may have changed: here (`None`) or on another
@@ -713,16 +718,7 @@ impl Room {
         if sender == Sender::Therapist && !here {
             presence.therapist_left = Some(Instant::now());
         }
-        self.send(Event {
-            seq: None,
-            frame: frame_text(&ServerFrame::Presence { sender, here, name }),
-            mode: None,
-            reply_id: None,
-            resync: false,
-            closes: false,
-            hands_back: false,
-            from_side: Some(sender),
-        });
+        self.send(Event::from_side(sender, &ServerFrame::Presence { sender, here, name }));
     }
 
     /// How long the therapist has had no socket open on the session, as far

@@ -274,6 +274,14 @@ async fn chat_now(app: &TestApp, browser: &Browser) -> String {
     browser.path().await.trim_start_matches("/chat/").to_owned()
 }
 
+/// Tess logs in and opens the chat, which joins it.
+async fn join_from_browser(app: &TestApp, therapist: &Browser, session_id: &str) {
+    log_in(app, therapist, "tess@clinic.test").await;
+    therapist.goto(app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+}
+
 async fn log_in(app: &TestApp, browser: &Browser, email: &str) {
     browser.goto(app, "/therapist/login").await;
     browser.find("#email").await.send_keys(email).await.unwrap();
@@ -679,10 +687,7 @@ async fn the_chat_page_shows_a_reply_as_it_streams() {
 async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
     let (app, _driver, client, therapist) = client_and_therapist().await;
     let session_id = chat_now(&app, &client).await;
-    log_in(&app, &therapist, "tess@clinic.test").await;
-    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
-    therapist.find("#chat").await;
-    therapist.until_connected().await;
+    join_from_browser(&app, &therapist, &session_id).await;
     client.until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![]).await;
     let name = format!("Client {}", &session_id.replace('-', "")[28..]);
     let shows = |text: &str| {
@@ -728,10 +733,7 @@ async fn each_side_sees_the_other_typing_until_it_sends_stops_or_goes_quiet() {
 async fn each_side_sees_whether_the_other_is_in_the_chat() {
     let (app, _driver, client, therapist) = client_and_therapist().await;
     let session_id = chat_now(&app, &client).await;
-    log_in(&app, &therapist, "tess@clinic.test").await;
-    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
-    therapist.find("#chat").await;
-    therapist.until_connected().await;
+    join_from_browser(&app, &therapist, &session_id).await;
     let banner =
         |text: &str| format!("document.getElementById('mode-banner').textContent.includes({text:?})");
     let name = format!("Client {}", &session_id.replace('-', "")[28..]);
@@ -796,9 +798,7 @@ async fn a_client_whose_therapist_is_away_is_offered_help_and_the_companion() {
     let driver = Driver::start().await;
     let (client, therapist) = (driver.browser().await, driver.browser().await);
     let session_id = chat_now(&app, &client).await;
-    log_in(&app, &therapist, "tess@clinic.test").await;
-    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
-    therapist.find("#chat").await;
+    join_from_browser(&app, &therapist, &session_id).await;
     client
         .until("document.getElementById('mode-banner').textContent.includes('Tess is here.')", vec![])
         .await;

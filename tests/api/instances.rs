@@ -605,21 +605,11 @@ async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here
     }
     assert_eq!(desk.presence().await, (Sender::User, true, None), "A hears of the client on B");
 
-    let online = async |app: &TestApp| {
-        let list: Vec<serde_json::Value> = app
-            .http
-            .get(app.url("/api/appointments"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let row = list.into_iter().find(|row| row["session_id"] == session.session_id.to_string());
-        row.expect("listed")["client_online"] == true
+    let online = async |app: &TestApp, token: &str| {
+        let list = app.appointments(token).await;
+        list.iter().any(|row| row.session_id == session.session_id && row.client_online)
     };
-    assert!(online(a).await, "A's dashboard shows B's client online");
+    assert!(online(a, &token).await, "A's dashboard shows B's client online");
 
     // An instance that starts later asks, and is told at once: its dashboard
     // shows the client online as soon as the answer comes (a `changed`
@@ -630,21 +620,7 @@ async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here
     let token_c = token_c["token"].as_str().unwrap().to_owned();
     let mut events =
         c.http.get(c.url("/api/appointments/events")).bearer_auth(&token_c).send().await.unwrap();
-    let online_on_c = async || {
-        let list: Vec<serde_json::Value> = c
-            .http
-            .get(c.url("/api/appointments"))
-            .bearer_auth(&token_c)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list.into_iter()
-            .any(|row| row["session_id"] == session.session_id.to_string() && row["client_online"] == true)
-    };
-    while !online_on_c().await {
+    while !online(&c, &token_c).await {
         let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
         tick.expect("C never learned the client is online").unwrap().expect("the stream ended");
     }
@@ -653,7 +629,7 @@ async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here
     assert_eq!(client.presence().await, (Sender::Therapist, false, None), "leaving on A reaches B");
     // The client leaves B: C's dashboard shows it offline once told.
     client.close().await;
-    while online_on_c().await {
+    while online(&c, &token_c).await {
         let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
         tick.expect("C never learned the client left").unwrap().expect("the stream ended");
     }

@@ -58,14 +58,14 @@ pub fn hand_back_message(therapist_name: &str) -> String {
     )
 }
 
-/// The system message appended when the client chooses to continue with
-/// the companion after a hand-back.
 /// The system message (kind `handback`) appended when the client chose the
 /// companion after the joined therapist had been away for the away time.
 /// [`RESUME_MESSAGE`] follows it at once.
 pub const AWAY_HAND_BACK_MESSAGE: &str = "The therapist has been away from this chat for a while, so it went back \
      to the companion. They can join again.";
 
+/// The system message appended when the client chooses to continue with
+/// the companion after a hand-back.
 pub const RESUME_MESSAGE: &str = "You chose to continue with the companion. Write whenever you are ready.";
 
 /// The system message appended when a therapist closes a chat.
