@@ -294,6 +294,9 @@ const presence = { here: null, name: "" };
 // time too, and answers `therapist_here` when it is too soon).
 const awaySeconds = Number(root.dataset.awaySeconds || "120");
 const away = { timer: null, offered: false };
+// The question's words after a hand-back, as the page renders them.
+const resumeText = document.getElementById("resume-text");
+const handedBackText = resumeText?.textContent ?? "";
 
 function showMode(mode, paused) {
   banner.dataset.mode = mode;
@@ -438,9 +441,9 @@ function watchAway() {
 // client may be writing.
 function showResumeQuestion(paused) {
   if (!resumeCard) return;
-  document.getElementById("resume-text").textContent = away.offered
+  resumeText.textContent = away.offered
     ? `The therapist has been away from this chat for ${awaySeconds < 60 ? `${awaySeconds} s` : `${Math.round(awaySeconds / 60)} min`}. If you need help right now, "Crisis resources" beside Send shows whom to call. You can also continue with the companion meanwhile; the therapist can join again.`
-    : "The therapist has left the chat. The companion stays silent until you say yes. You can still write here; your messages are kept.";
+    : handedBackText;
   if (paused) {
     if (!resumeCard.hidden) return;
     resumeButton.setAttribute("aria-disabled", String(state.resumeWanted));

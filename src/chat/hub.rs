@@ -729,7 +729,7 @@ impl Room {
         if presence.of(1).0 {
             return None;
         }
-        Some(presence.therapist_left.unwrap_or(self.opened).max(self.opened).elapsed())
+        Some(presence.therapist_left.unwrap_or(self.opened).elapsed())
     }
 
     /// The presence of a side, for a connection that just opened.
