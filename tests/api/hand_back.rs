@@ -179,9 +179,12 @@ async fn therapist_joined_and_left(away_seconds: &str) -> (TestApp, Ws, LoginRes
     let tess = app.therapist("Tess").await;
     let session = app.create_session().await;
     let mut client = app.connect(session.session_id, &session.client_token).await;
+    // The client's socket is open and told nobody is here before the
+    // therapist connects (else it may open after the join, and see neither).
+    assert_eq!(client.mode().await, ChatMode::BotOnly);
+    assert!(!client.presence().await.1, "no therapist at first");
     let mut therapist = app.connect(session.session_id, &tess.token).await;
     until_mode_after(&mut client, MessageKind::Join).await;
-    assert!(!client.presence().await.1, "no therapist at first");
     assert!(client.presence().await.1, "then the therapist");
     // While the therapist is here, the client cannot take the chat back.
     client.send_json(json!({"type": "resume_companion"})).await;
