@@ -186,9 +186,30 @@ function streamDelta(replyId, delta) {
   element.scrollIntoView({ block: "nearest" });
 }
 
+// A run of private messages (the conversation with the companion that the
+// client keeps private) shows as one line in the therapist's view.
+function renderPrivate(message) {
+  const last = list.querySelector("li[data-seq]:last-of-type");
+  const run = last?.classList.contains("msg--private") ? last : null;
+  const element = run ?? document.createElement("li");
+  const count = Number(element.dataset.count ?? 0) + 1;
+  element.className = "msg msg--private";
+  element.dataset.count = String(count);
+  element.dataset.seq = String(message.seq);
+  element.dataset.kind = "private";
+  element.textContent = count === 1
+    ? "1 earlier message with the companion is private"
+    : `${count} earlier messages with the companion are private`;
+  if (!run) placeConfirmed(element);
+}
+
 function render(message) {
   if (message.seq <= state.lastSeq) return;
   state.lastSeq = message.seq;
+  if (message.private) {
+    renderPrivate(message);
+    return;
+  }
   if (message.reply_id) dropStreaming(message.reply_id);
   // Any message that is not chat (the join, the close, crisis resources,
   // an outage notice) ends the companion's turn: no partial reply survives it.
@@ -212,6 +233,9 @@ function render(message) {
   element.dataset.clientId = message.client_id ?? "";
   placeConfirmed(element);
   element.scrollIntoView({ block: "nearest" });
+  if (message.sender === "user" && !therapistView) askSharing();
+  // The open question stays in view below the newest message.
+  if (sharingCard && !sharingCard.hidden) sharingCard.scrollIntoView({ block: "nearest" });
 }
 
 // While the tab is in the background, what the other person says, and
@@ -303,10 +327,15 @@ function showMode(mode, paused) {
   banner.dataset.companionPaused = String(paused);
   banner.dataset.otherHere = presence.here === null ? "" : String(presence.here);
   if (paused) {
+    // Only a hand-back pauses the companion: a therapist has joined.
+    cannotErase();
+    sharingFixed();
     banner.textContent = therapistView
       ? "You handed this chat back. The companion stays silent until the client chooses to continue with it."
       : "The therapist has left the chat. The companion is paused until you say yes.";
   } else if (mode === "THERAPIST_JOINED") {
+    cannotErase();
+    sharingFixed();
     if (therapistView) {
       const client = LABELS.user;
       banner.textContent = presence.here === false
@@ -325,6 +354,27 @@ function showMode(mode, paused) {
       : "You are talking with Haven's automated companion, a computer program. A therapist from the clinic can join this chat: you will see it here when they do, and then you talk with them directly.";
   }
   watchAway();
+}
+
+// While the chat waits for a therapist: who is online, and the client's
+// place. No estimated wait: nothing could honestly compute one.
+const queueLine = document.getElementById("queue");
+
+function showQueue(frame) {
+  if (!queueLine) return;
+  const online = frame.therapists_online;
+  let text;
+  if (online === 0) {
+    text = "No therapist is online right now. The companion is here meanwhile, and your chat stays on the clinic's list for when one comes online.";
+  } else {
+    const therapists = `${online} ${online === 1 ? "therapist is" : "therapists are"} online now.`;
+    const place = frame.ahead === 0
+      ? "Your chat is next on their list."
+      : `${frame.ahead} ${frame.ahead === 1 ? "person is" : "people are"} waiting before you.`;
+    text = `${therapists} ${place}`;
+  }
+  queueLine.textContent = text;
+  queueLine.hidden = false;
 }
 
 function showRisk(frame) {
@@ -360,8 +410,13 @@ function handle(frame) {
       }
       break;
     }
+    case "queue":
+      if (banner.dataset.mode === "BOT_ONLY") showQueue(frame);
+      break;
     case "mode": {
       const paused = frame.companion_paused === true;
+      // The chat waits no longer once a therapist has taken it.
+      if (frame.chat_mode !== "BOT_ONLY" && queueLine) queueLine.hidden = true;
       showMode(frame.chat_mode, paused);
       if (frame.chat_mode === "THERAPIST_JOINED") dropAllStreaming();
       if (!paused && !away.offered) state.resumeWanted = false;
@@ -376,6 +431,9 @@ function handle(frame) {
       break;
     case "risk":
       showRisk(frame);
+      break;
+    case "sharing":
+      sharingChosen(frame.shared);
       break;
     case "typing":
       if (frame.sender !== ownSender) otherSideTyping(frame.active);
@@ -491,6 +549,7 @@ const REFUSALS = {
   "session is assigned to another therapist": "Another therapist has taken this chat.",
   "unknown session": "This chat does not exist.",
   "chat closed": "This chat has been closed.",
+  "chat erased": "This chat was deleted.",
   "credential revoked": "Your login has ended.",
   "credential expired or revoked": "Your login has ended.",
 };
@@ -515,11 +574,18 @@ async function readClosedChat() {
 }
 
 function showClosed() {
+  cannotErase();
   banner.dataset.mode = "CLOSED";
+  if (queueLine) queueLine.hidden = true;
   banner.textContent = therapistView
     ? "This chat is closed. Its transcript stays here."
     : "This chat has ended. Its transcript and the crisis resources stay here.";
-  if (therapistView) return;
+  if (!therapistView) offerNewChat();
+}
+
+// A chat that ended (closed or deleted) offers the client a new one.
+function offerNewChat() {
+  if (document.getElementById("new-chat")) return;
   const again = document.createElement("a");
   again.className = "button button--primary";
   again.id = "new-chat";
@@ -559,6 +625,7 @@ function connect() {
       if (handBackOpen) handBackOpen.hidden = true;
       if (handedBack) handedBack.hidden = true;
       if (event.reason === "chat closed") readClosedChat();
+      if (event.reason === "chat erased") showErased();
       if (therapistView && event.reason.startsWith("credential")) showLoginEnded(LOGIN_ENDED);
       return;
     }
@@ -871,6 +938,201 @@ joinAgain?.addEventListener("click", () => {
   form.querySelector("button[type=submit]").disabled = false;
   connect();
   input.focus();
+});
+
+// The client's choice for the conversation with the companion
+// (docs/privacy.md): asked at their first message, changeable until a
+// therapist joins, private until they say yes.
+const sharing = { value: root.dataset.sharing, joined: root.dataset.joined === "true" };
+const sharingCard = document.getElementById("sharing-card");
+const sharingStatus = document.getElementById("sharing-status");
+const sharingChange = document.getElementById("sharing-change");
+
+function showSharingStatus() {
+  if (!sharingStatus) return;
+  const text = document.getElementById("sharing-status-text");
+  if (sharing.joined) {
+    text.textContent = sharing.value === "shared"
+      ? "The therapist can read your conversation with the companion."
+      : "Your conversation with the companion before the therapist joined stays private.";
+  } else {
+    text.textContent = sharing.value === "shared"
+      ? "The therapist who joins will be able to read your conversation with the companion."
+      : "Your conversation with the companion stays private from the therapist who joins.";
+  }
+  sharingStatus.hidden = sharing.value === "" && !sharing.joined;
+  sharingChange.hidden = sharing.joined;
+}
+
+function askSharing() {
+  if (!sharingCard || sharing.value !== "" || sharing.joined || !sharingCard.hidden) return;
+  sharingCard.hidden = false;
+  sharingCard.scrollIntoView({ block: "nearest" });
+  announcer.textContent = "A question for you below the conversation: should the therapist see it?";
+}
+
+// The choice as it stands when this tab connects, or as another tab of
+// the chat has just made it.
+function sharingChosen(shared) {
+  if (!sharingCard || shared === null) return;
+  const value = shared ? "shared" : "private";
+  if (value === sharing.value) return;
+  sharing.value = value;
+  sharingCard.hidden = true;
+  showSharingStatus();
+}
+
+function sharingFixed() {
+  if (!sharingCard) return;
+  sharing.joined = true;
+  sharingCard.hidden = true;
+  showSharingStatus();
+}
+
+async function chooseSharing(shared) {
+  let response;
+  try {
+    response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/companion-sharing`, {
+      method: "PUT",
+      credentials: "same-origin",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ shared }),
+    });
+  } catch {
+    response = null;
+  }
+  if (response?.status === 204) {
+    sharing.value = shared ? "shared" : "private";
+    sharingCard.hidden = true;
+    showSharingStatus();
+    input.focus();
+  } else if (response?.status === 409) {
+    sharingFixed();
+  } else {
+    composerError.textContent = "Your answer could not be saved. Please try again.";
+  }
+}
+
+document.getElementById("sharing-yes")?.addEventListener("click", () => chooseSharing(true));
+document.getElementById("sharing-no")?.addEventListener("click", () => chooseSharing(false));
+sharingChange?.addEventListener("click", () => {
+  sharingCard.hidden = false;
+  sharingCard.focus();
+});
+showSharingStatus();
+
+// The client's erasure: while no therapist has joined, "Delete this chat"
+// asks for confirmation and deletes every message for good. Once a
+// therapist has joined (now or before) the page says why it cannot.
+const eraseOpen = document.getElementById("erase-open");
+const eraseDialog = document.getElementById("erase-dialog");
+const eraseError = document.getElementById("erase-error");
+const eraseJoined = document.getElementById("erase-joined");
+
+function cannotErase() {
+  if (!eraseOpen) return;
+  eraseOpen.hidden = true;
+  eraseJoined.hidden = false;
+}
+
+// The chat is gone: from this tab by its button, or from another tab (its
+// socket closes with "chat erased").
+function showErased() {
+  state.stopped = true;
+  window.clearTimeout(state.reconnectTimer);
+  state.socket?.close();
+  list.replaceChildren();
+  document.getElementById("greeting")?.remove();
+  if (crisisCard) crisisCard.hidden = true;
+  if (queueLine) queueLine.hidden = true;
+  if (eraseOpen) eraseOpen.hidden = true;
+  disableComposer();
+  form.classList.add("composer--closed");
+  banner.dataset.mode = "ERASED";
+  banner.textContent = "This chat was deleted. Nothing of it is kept.";
+  setConnection("closed", "This chat was deleted.");
+  offerNewChat();
+}
+
+eraseOpen?.addEventListener("click", () => {
+  eraseError.textContent = "";
+  eraseDialog.showModal();
+  document.getElementById("erase-cancel").focus();
+});
+document.getElementById("erase-cancel")?.addEventListener("click", () => eraseDialog.close());
+eraseDialog?.addEventListener("close", () => {
+  if (!eraseOpen.hidden) eraseOpen.focus();
+  else if (!eraseJoined.hidden) input.focus();
+});
+document.getElementById("erase-confirm")?.addEventListener("click", async () => {
+  const confirm = document.getElementById("erase-confirm");
+  confirm.disabled = true;
+  let response;
+  try {
+    response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
+      method: "DELETE",
+      credentials: "same-origin",
+    });
+  } catch {
+    response = null;
+  }
+  confirm.disabled = false;
+  if (response?.status === 204) {
+    eraseDialog.close();
+    showErased();
+    document.getElementById("new-chat").focus();
+    return;
+  }
+  if (response?.status === 409) {
+    eraseDialog.close();
+    cannotErase();
+    return;
+  }
+  eraseError.textContent = "The chat could not be deleted. Please try again.";
+});
+
+// The access log: read when opened, again at every opening.
+const accessLog = document.getElementById("access-log");
+accessLog?.addEventListener("toggle", async () => {
+  if (!accessLog.open) return;
+  const status = document.getElementById("access-log-status");
+  const table = document.getElementById("access-log-table");
+  status.textContent = "Loading…";
+  let response;
+  try {
+    response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/access-log`, {
+      credentials: "same-origin",
+    });
+  } catch {
+    response = null;
+  }
+  if (!response?.ok) {
+    if (response?.status === 401) showLoginEnded(LOGIN_ENDED);
+    status.textContent = "The access log could not be loaded.";
+    return;
+  }
+  const { records } = await response.json();
+  const rows = records.map((record) => {
+    const row = document.createElement("tr");
+    const who = record.therapist ?? record.actor;
+    const cells = [
+      new Date(record.at).toLocaleString(),
+      who,
+      record.action.replace("_", " "),
+      record.address ?? "",
+      record.outcome,
+      record.detail ?? "",
+    ];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    return row;
+  });
+  table.tBodies[0].replaceChildren(...rows);
+  table.hidden = rows.length === 0;
+  status.textContent = rows.length === 0 ? "Nothing recorded yet." : `${rows.length} records.`;
 });
 
 if (therapistView) loadClientLabel();

@@ -31,9 +31,10 @@ let appointments = [];
 // Flags already chimed for: "session@last_flagged_at".
 const chimed = new Set();
 
-// The "Risk" cell (index 1) is built separately.
-const COLUMNS = ["Client", "Risk", "Status", "Mode", "Waiting", "Last activity"];
-const TEXT_COLUMNS = [0, 2, 3, 4, 5];
+// The "Client" (index 0) and "Risk" (index 1) cells are built separately.
+const COLUMNS = ["Client", "Risk", "Status", "Mode", "Waiting", "Last message"];
+const TEXT_COLUMNS = [2, 3, 4, 5];
+const SENDERS = { user: "Client", therapist: "You", ai: "Companion", system: "Haven" };
 
 function ago(iso) {
   if (!iso) return "—";
@@ -52,6 +53,11 @@ function newRow(sessionId) {
     td.dataset.label = label;
     tr.append(td);
   }
+  const who = document.createElement("span");
+  who.className = "client";
+  const unread = document.createElement("span");
+  unread.className = "unread";
+  tr.cells[0].append(who, unread);
   tr.cells[1].append(riskBadge(), acknowledgeForm(sessionId));
   const action = document.createElement("td");
   const link = document.createElement("a");
@@ -140,6 +146,18 @@ function clientName(appointment) {
   return appointment.client_label ? `${appointment.client_label} (${short})` : short;
 }
 
+/** "5 min · Client: the start of it…": when, who, and what, except the
+ * companion's words, which are read in the chat. */
+function preview(appointment) {
+  const last = appointment.last_message;
+  if (!last) return "—";
+  const who = SENDERS[last.sender] ?? last.sender;
+  const what = last.private
+    ? `${who} wrote (private to the client)`
+    : last.text === null ? `${who} wrote (open the chat to read)` : `${who}: ${last.text}`;
+  return `${ago(last.created_at)} · ${what}`;
+}
+
 function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
@@ -150,20 +168,24 @@ function fill(tr, appointment) {
   tr.dataset.chatMode = appointment.chat_mode;
   const joined = appointment.chat_mode === "THERAPIST_JOINED";
   tr.dataset.clientOnline = String(appointment.client_online);
+  setText(tr.cells[0].querySelector(".client"), `${name} · ${appointment.client_online ? "online now" : "offline"}`);
+  const unread = appointment.unread;
+  setText(tr.cells[0].querySelector(".unread"), unread ? `${unread} new` : "");
+  tr.dataset.unread = String(unread);
   const values = [
-    appointment.client_online ? `${name} · online now` : `${name} · offline`,
     mine ? "Yours" : "Waiting",
     joined ? "Therapist joined" : !mine ? "Companion"
       : appointment.companion_paused ? "Handed back; the client has not answered" : "Handed back to the companion",
     // Waiting counts only until a therapist first joins.
     mine ? "—" : ago(appointment.created_at),
-    ago(appointment.last_message_at),
+    preview(appointment),
   ];
   values.forEach((value, index) => setText(tr.cells[TEXT_COLUMNS[index]], value));
   fillRisk(tr, appointment);
   const link = tr.querySelector("a");
   setText(link, !mine ? "Join Chat" : joined ? "Open chat" : "Join again");
-  link.setAttribute("aria-label", `${link.textContent}, ${name}`);
+  const news = unread ? `, ${unread} new message${unread === 1 ? "" : "s"}` : "";
+  link.setAttribute("aria-label", `${link.textContent}, ${name}${news}`);
 }
 
 function render() {
@@ -303,3 +325,94 @@ soundButton(soundToggle);
 events.addEventListener("open", refreshSoon);
 window.setInterval(render, 30_000);
 refresh();
+
+// The "Closed" tab: this therapist's closed chats, read when the tab is
+// shown, the most recently closed first; each opens its transcript.
+const tabs = [...document.querySelectorAll('.tabs [role="tab"]')];
+const closedBody = document.querySelector("#closed tbody");
+const closedStatus = document.getElementById("closed-status");
+const closedMore = document.getElementById("closed-more");
+let closedNext = null;
+
+function when(iso) {
+  return new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
+function closedRow(chat) {
+  const tr = document.createElement("tr");
+  tr.dataset.sessionId = chat.session_id;
+  const name = clientName(chat);
+  const flagged = chat.risk_level !== "none";
+  const cells = [
+    ["Client", name],
+    ["Risk", flagged ? LEVEL_LABELS[chat.risk_level] ?? chat.risk_level : "—"],
+    ["Started", when(chat.created_at)],
+    ["Closed", when(chat.closed_at)],
+    ["Messages", String(chat.messages)],
+  ];
+  for (const [label, text] of cells) {
+    const td = document.createElement("td");
+    td.dataset.label = label;
+    td.textContent = text;
+    tr.append(td);
+  }
+  const action = document.createElement("td");
+  const link = document.createElement("a");
+  link.className = "button";
+  link.href = `/chat/${encodeURIComponent(chat.session_id)}?therapist=true`;
+  link.textContent = "Read transcript";
+  link.setAttribute("aria-label", `Read transcript, ${name}`);
+  action.append(link);
+  tr.append(action);
+  return tr;
+}
+
+async function loadClosed(url, append) {
+  try {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (response.status === 401) {
+      showLoginEnded(LOGIN_ENDED);
+      return;
+    }
+    if (!response.ok) throw new Error(`status ${response.status}`);
+    const rows = (await response.json()).map(closedRow);
+    if (append) closedBody.append(...rows);
+    else closedBody.replaceChildren(...rows);
+    closedNext = nextPage(response.headers.get("Link"));
+    closedMore.hidden = !closedNext;
+    const count = closedBody.rows.length;
+    closedStatus.textContent = count
+      ? `${count}${closedNext ? "+" : ""} closed chat${count === 1 ? "" : "s"}`
+      : "You have no closed chats.";
+  } catch {
+    closedStatus.textContent = "Could not load closed chats.";
+  }
+}
+
+function selectTab(tab, { focus = false } = {}) {
+  for (const other of tabs) {
+    const selected = other === tab;
+    other.setAttribute("aria-selected", String(selected));
+    other.tabIndex = selected ? 0 : -1;
+    document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
+  }
+  if (focus) tab.focus();
+  if (tab.id === "tab-closed") {
+    closedStatus.textContent = "Loading…";
+    loadClosed("/api/appointments/closed", false);
+  }
+}
+
+tabs.forEach((tab, index) => {
+  tab.addEventListener("click", () => selectTab(tab));
+  // Arrow keys move between tabs, as in every tab list.
+  tab.addEventListener("keydown", (event) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    event.preventDefault();
+    selectTab(tabs[(index + step + tabs.length) % tabs.length], { focus: true });
+  });
+});
+closedMore.addEventListener("click", () => {
+  if (closedNext) loadClosed(closedNext, true);
+});

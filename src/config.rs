@@ -33,6 +33,103 @@ pub enum Command {
         #[command(subcommand)]
         command: SafetyCommand,
     },
+    /// Copy a SQLite database to FILE while Haven serves it, and check the
+    /// copy (PostgreSQL: use pg_dump).
+    Backup {
+        /// Where to write the copy; it must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Replace a stopped deployment's SQLite database with a backup, after
+    /// checking it; the database replaced is kept beside it.
+    Restore {
+        /// The backup to restore.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Chats past their retention period (docs/privacy.md).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
+    /// The audit trail: who read or changed which chat, and when.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// Count the chats past their retention period, and with `--apply`
+    /// delete them. `serve` does this by itself every day.
+    Run {
+        #[command(flatten)]
+        policy: RetentionArgs,
+        /// Delete them; without it, only count them (a dry run).
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+/// How long chats are kept, counted from their last activity (their newest
+/// message, or their creation).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RetentionArgs {
+    /// Days a chat that no therapist joined, and that was never flagged, is
+    /// kept.
+    #[arg(long, env = "HAVEN_RETENTION_BOT_ONLY_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_bot_only_days: u32,
+    /// Days a chat that a therapist joined, or that the crisis detector
+    /// flagged, is kept: the clinical record. The default is 7 years; set
+    /// your jurisdiction's rule.
+    #[arg(long, env = "HAVEN_RETENTION_CLINICAL_DAYS", default_value_t = 2557,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_clinical_days: u32,
+}
+
+impl RetentionArgs {
+    /// The last activity before which each tier has expired, at `now`.
+    pub fn cutoffs(&self, now: time::OffsetDateTime) -> haven_store::RetentionCutoffs {
+        haven_store::RetentionCutoffs {
+            bot_only_before: now - time::Duration::days(self.retention_bot_only_days.into()),
+            clinical_before: now - time::Duration::days(self.retention_clinical_days.into()),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole hash chain; name the first record that was edited,
+    /// deleted or moved, and exit non-zero if one was.
+    Verify,
+    /// Print records, oldest first, one per line (tab-separated: seq, time,
+    /// actor, therapist e-mail, action, session, address, outcome, detail).
+    List {
+        /// Only this chat session's records.
+        #[arg(long)]
+        session: Option<uuid::Uuid>,
+        /// Only this therapist's records (by e-mail).
+        #[arg(long)]
+        therapist: Option<String>,
+        /// Only records at or after this time: RFC 3339 (`2026-12-01T09:00:00Z`)
+        /// or a date (`2026-12-01`, midnight UTC).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<time::OffsetDateTime>,
+    },
+}
+
+/// `--since`: an RFC 3339 time, or a date at midnight UTC.
+fn parse_since(value: &str) -> Result<time::OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(at) = time::OffsetDateTime::parse(value, &Rfc3339) {
+        return Ok(at);
+    }
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(value, &date_format)
+        .map(|date| date.midnight().assume_utc())
+        .map_err(|_| "expected an RFC 3339 time or a date such as 2026-12-01".to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +212,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub safety: SafetyArgs,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// The crisis resources shown to clients whose messages are flagged

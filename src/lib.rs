@@ -9,18 +9,21 @@
 
 use std::process::ExitCode;
 
+mod audit_cli;
 pub mod auth;
+mod backup_cli;
 pub mod chat;
 pub mod config;
 pub mod http;
 pub mod limits;
 pub mod pages;
+pub mod retention;
 pub mod safety;
 pub mod startup;
 pub mod telemetry;
 mod therapist_cli;
 
-use config::{Cli, Command, SafetyCommand, TherapistCommand};
+use config::{AuditCommand, Cli, Command, RetentionCommand, SafetyCommand, TherapistCommand};
 
 /// Runs one CLI command to completion.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -44,6 +47,15 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Safety { command: SafetyCommand::Report { days } } => {
             safety::report_cli(&cli.database, days).await
+        }
+        Command::Backup { to } => backup_cli::backup(&cli.database, &to).await,
+        Command::Restore { from } => backup_cli::restore(&cli.database, &from).await,
+        Command::Retention { command: RetentionCommand::Run { policy, apply } } => {
+            retention::run_cli(&cli.database, &policy, apply).await
+        }
+        Command::Audit { command: AuditCommand::Verify } => audit_cli::verify(&cli.database).await,
+        Command::Audit { command: AuditCommand::List { session, therapist, since } } => {
+            audit_cli::list(&cli.database, session, therapist.as_deref(), since).await
         }
     };
     match result {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -43,6 +44,9 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Cancelled when the server shuts down; sockets close with 1001.
     pub shutdown: CancellationToken,
+    /// Other instances' events are heard (always, with no other instances
+    /// to hear: SQLite); `/readyz` reports it.
+    pub listening: Arc<AtomicBool>,
 }
 
 /// Settings the handlers need, parsed once at start.
@@ -128,6 +132,8 @@ fn build_responder(ai: &AiArgs) -> anyhow::Result<Arc<dyn Responder>> {
 /// `haven serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
+    // One server per SQLite file, and no restore under it.
+    let _serving = haven_store::backup::ServingLock::acquire(database)?;
     let store = open_store(database).await?;
     // Compile the detector's rules and load its model now, not in the first
     // client's turn; a model file that cannot be used stops the server.
@@ -162,6 +168,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         escalation: Arc::new(Escalation::new(&args.safety, classifier)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
+        listening: Arc::new(AtomicBool::new(true)),
     };
 
     let listener = TcpListener::bind(args.bind).await.with_context(|| format!("binding {}", args.bind))?;
@@ -182,6 +189,9 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         let task = crate::chat::fanout::run(state.clone(), listener);
         state.tasks.spawn(task);
     }
+
+    state.tasks.spawn(crate::chat::queue::run(state.clone()));
+    state.tasks.spawn(crate::retention::daily(state.clone(), args.retention));
 
     let app = crate::http::router(state.clone())?;
     let shutdown = state.shutdown.clone();

@@ -3,7 +3,7 @@
 use std::io::{BufRead, IsTerminal};
 
 use anyhow::Context;
-use haven_store::NewTherapist;
+use haven_store::{NewTherapist, Origin};
 
 use crate::auth;
 use crate::config::{AccountArgs, AddTherapistArgs};
@@ -18,7 +18,10 @@ pub async fn add(database: &str, args: AddTherapistArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
     let password_hash = auth::hash_password(password).await?;
     let therapist = store
-        .create_therapist(NewTherapist { email, name: args.name.trim().to_owned(), password_hash })
+        .create_therapist(
+            NewTherapist { email, name: args.name.trim().to_owned(), password_hash },
+            Origin::OPERATOR,
+        )
         .await
         .context("creating the account")?;
     println!("Created therapist {} <{}> ({})", therapist.name, therapist.email, therapist.id);
@@ -33,8 +36,10 @@ pub async fn passwd(database: &str, args: AccountArgs) -> anyhow::Result<()> {
     auth::validate_new_account(&email, "-", &password).map_err(anyhow::Error::msg)?;
     let store = open_store(database).await?;
     let password_hash = auth::hash_password(password).await?;
-    let therapist =
-        store.set_password(&email, &password_hash).await?.context("no account with that e-mail")?;
+    let therapist = store
+        .set_password(&email, &password_hash, Origin::OPERATOR)
+        .await?
+        .context("no account with that e-mail")?;
     println!("Password changed for {} <{}>; every login has ended.", therapist.name, therapist.email);
     Ok(())
 }
@@ -43,7 +48,8 @@ pub async fn passwd(database: &str, args: AccountArgs) -> anyhow::Result<()> {
 pub async fn disable(database: &str, args: AccountArgs) -> anyhow::Result<()> {
     let store = open_store(database).await?;
     let email = auth::normalise_email(&args.email);
-    let therapist = store.disable_therapist(&email).await?.context("no account with that e-mail")?;
+    let therapist =
+        store.disable_therapist(&email, Origin::OPERATOR).await?.context("no account with that e-mail")?;
     println!("Disabled {} <{}>; every login has ended.", therapist.name, therapist.email);
     Ok(())
 }

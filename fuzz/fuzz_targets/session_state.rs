@@ -22,6 +22,7 @@ fn message(seq: i64, sender: Sender, kind: MessageKind) -> ChatMessage {
         created_at: time::OffsetDateTime::UNIX_EPOCH,
         client_id: None,
         reply_id: None,
+        private: false,
     }
 }
 

@@ -66,6 +66,10 @@ JOINED = [
     "unseen/round-5.jsonl",
     "unseen/round-6.jsonl",
     "unseen/round-7.jsonl",
+    "unseen/round-8.jsonl",
+    "unseen/round-9.jsonl",
+    "unseen/round-10.jsonl",
+    "unseen/round-11.jsonl",
 ]
 
 

@@ -23,17 +23,18 @@ use haven_protocol::{
 };
 use haven_safety::Earlier;
 use haven_store::{
-    Appended, Committed, Flagged, HandBackOutcome, JoinOutcome, NewMessage, ResumeOutcome, SessionEvent,
-    StoreError,
+    Action, Actor, Appended, Committed, Flagged, HandBackOutcome, JoinOutcome, NewMessage, Origin,
+    ResumeOutcome, SessionEvent, StoreError, TrailEntry,
 };
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use super::delivery::{Delivery, Live, Mode};
-use super::hub::{ConnectionGuard, Event, Revocation, RiskAlert, Room, frame_text};
+use super::hub::{ConnectionGuard, Event, Queue, Revocation, RiskAlert, Room, frame_text};
+use super::queue::OnDuty;
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
 
@@ -79,6 +80,8 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
         let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
         let messages = state.limits.message_limiter();
         let own = Sender::from(admitted.role);
+        // Before the client arrives: its arrival may change the queue.
+        let queue = (own == Sender::User).then(|| state.hub.watch_queue());
         let mut connection = Connection {
             state,
             admitted,
@@ -88,6 +91,10 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             events,
             revocations,
             risks,
+            queue,
+            told_queue: None,
+            on_duty: None,
+            read_marked: 0,
             delivery: Delivery::new(own, skipped_reply),
             messages,
             typing_since: None,
@@ -100,7 +107,10 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
         // Rare or one-off steps are boxed: each socket's task holds its
         // future for the connection's whole life, sized by its largest step.
         let stop = match Box::pin(connection.open(connections)).await {
-            Ok(()) => connection.live().await,
+            Ok(()) => {
+                Box::pin(connection.mark_read()).await;
+                connection.live().await
+            }
             Err(stop) => stop,
         };
         // A message already handed to the database is still acked (if the
@@ -110,6 +120,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
             let _ = connection.on_stored(storing, stored);
         }
         connection.stop_typing();
+        Box::pin(connection.mark_read()).await;
         connection.depart();
         match stop {
             Stop::Close(code, reason) => {
@@ -160,6 +171,17 @@ fn read_failure(error: axum::Error) -> Stop {
         Ok(tungstenite::Error::Protocol(_)) => Stop::Close(close_code::PROTOCOL_ERROR, "protocol error"),
         _ => Stop::Disconnected,
     }
+}
+
+/// Waits for the queue to change; never, for a connection that is not
+/// told of it (or when the queue is gone at shutdown).
+async fn queue_changed(queue: &mut Option<watch::Receiver<Arc<Queue>>>) {
+    if let Some(receiver) = queue
+        && receiver.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Waits for the next risk alert; never, for a connection without alerts.
@@ -292,6 +314,14 @@ struct Connection {
     revocations: broadcast::Receiver<Revocation>,
     /// Flagged sessions, for therapist connections only.
     risks: Option<broadcast::Receiver<RiskAlert>>,
+    /// The waiting queue, for client connections until a therapist joins.
+    queue: Option<watch::Receiver<Arc<Queue>>>,
+    /// The client's last `queue` frame: therapists online, chats ahead.
+    told_queue: Option<(u32, u32)>,
+    /// Counts a therapist's connection as them being online.
+    on_duty: Option<Box<OnDuty>>,
+    /// The seq a therapist's reading was last recorded at.
+    read_marked: i64,
     /// What the client has been told.
     delivery: Delivery,
     /// When this side last said it is typing, while its indicator is shown.
@@ -342,8 +372,9 @@ impl Connection {
             .ok_or(Stop::Close(close_code::POLICY_VIOLATION, "unknown session"))?;
         self.delivery.mode = Mode::of(&session);
         if let Some(therapist) = &self.admitted.therapist {
-            let joined =
-                store.join_as_therapist(session.id, therapist.id, &join_message(&therapist.name)).await?;
+            let message = join_message(&therapist.name);
+            let address = Some(self.admitted.address);
+            let joined = store.join_as_therapist(session.id, therapist.id, &message, address).await?;
             match joined.outcome {
                 JoinOutcome::Joined => {
                     self.delivery.mode = Mode::THERAPIST_JOINED;
@@ -361,6 +392,9 @@ impl Connection {
         }
         Span::current().record("chat_mode", self.delivery.mode.chat_mode.as_str());
         tracing::info!(connections, "connected");
+        if let Some(therapist) = &self.admitted.therapist {
+            self.on_duty = Some(Box::new(OnDuty::start(&self.state, therapist.id)));
+        }
 
         self.send(self.delivery.mode.frame())?;
         let own = Sender::from(self.admitted.role);
@@ -372,6 +406,10 @@ impl Connection {
         let other = if own == Sender::User { Sender::Therapist } else { Sender::User };
         if let Some(frame) = self.guard.room().presence_frame(other) {
             self.send(frame)?;
+        }
+        self.tell_queue()?;
+        if own == Sender::User {
+            self.send(ServerFrame::Sharing { shared: session.companion_shared })?;
         }
         // Messages up to `session.last_seq` come from the database (when asked
         // for with `since`); everything after it arrives as live events.
@@ -422,10 +460,10 @@ impl Connection {
                     }
                     Err(RecvError::Closed) => return Stop::Close(close_code::GOING_AWAY, "session closed"),
                 },
-                revoked = self.revocations.recv() => match revoked {
-                    Ok(revocation) if self.uses(revocation) => {
-                        tracing::info!("credential revoked: closing");
-                        return Stop::Close(close_code::POLICY_VIOLATION, "credential revoked");
+                revoked = self.revocations.recv() => match revoked.map(|revocation| self.closed_by(revocation)) {
+                    Ok(Some(reason)) => {
+                        tracing::info!(reason, "revoked: closing");
+                        return Stop::Close(close_code::POLICY_VIOLATION, reason);
                     }
                     // Missed revocations are caught by the heartbeat's re-check.
                     Ok(_) | Err(RecvError::Lagged(_)) => Ok(()),
@@ -442,11 +480,33 @@ impl Connection {
                         Ok(())
                     }
                 },
+                () = queue_changed(&mut self.queue) => self.tell_queue(),
                 _ = heartbeat.tick() => Box::pin(self.beat(period)).await,
             };
             if let Err(stop) = step {
                 return stop;
             }
+        }
+    }
+
+    /// Tells a waiting client its place in the queue, if it changed. Once a
+    /// therapist has taken the chat it is no longer waiting, for good.
+    fn tell_queue(&mut self) -> Result<(), Stop> {
+        let Some(queue) = &mut self.queue else { return Ok(()) };
+        if self.delivery.mode.chat_mode == ChatMode::TherapistJoined {
+            self.queue = None;
+            return Ok(());
+        }
+        let place = {
+            let queue = queue.borrow_and_update();
+            queue.ahead.get(&self.admitted.session_id).map(|&ahead| (queue.therapists_online, ahead))
+        };
+        match place {
+            Some((therapists_online, ahead)) if place != self.told_queue => {
+                self.told_queue = place;
+                self.send(ServerFrame::Queue { therapists_online, ahead })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -460,12 +520,17 @@ impl Connection {
         self.send(ServerFrame::Risk { session_id: alert.session_id, level: alert.level })
     }
 
-    /// Whether a revocation concerns this connection's credential.
-    fn uses(&self, revocation: Revocation) -> bool {
-        match revocation {
+    /// The close reason, when a revocation concerns this connection: its
+    /// credential, or its chat.
+    fn closed_by(&self, revocation: Revocation) -> Option<&'static str> {
+        let revoked = match revocation {
             Revocation::Login(hash) => hash == self.admitted.token_hash,
             Revocation::Therapist(id) => self.admitted.therapist.as_ref().is_some_and(|t| t.id == id),
-        }
+            Revocation::Chat(session_id) => {
+                return (session_id == self.admitted.session_id).then_some("chat erased");
+            }
+        };
+        revoked.then_some("credential revoked")
     }
 
     /// Drops a client silent for two periods, re-checks the credential, pings.
@@ -500,9 +565,27 @@ impl Connection {
             }
             // A database outage is not the client's fault: keep the socket.
             Err(error) => tracing::warn!(error = %error, "credential re-check failed"),
-            Ok(true) => {}
+            Ok(true) => self.mark_read().await,
         }
         self.outbound.push(Message::Ping(Default::default()))
+    }
+
+    /// Records how far a therapist's page has been sent the chat, when it
+    /// moved on since the last time: at connect, at each heartbeat and at
+    /// the end. The appointments lists' unread counts follow.
+    async fn mark_read(&mut self) {
+        let Some(therapist) = &self.admitted.therapist else { return };
+        let (session_id, seq) = (self.admitted.session_id, self.delivery.last_seq);
+        if seq <= self.read_marked {
+            return;
+        }
+        match self.state.store.mark_read(therapist.id, session_id, seq).await {
+            Ok(()) => {
+                self.read_marked = seq;
+                self.announce(SessionEvent::Read { session_id });
+            }
+            Err(error) => tracing::warn!(error = %error, "could not record how far the therapist read"),
+        }
     }
 
     /// A client frame: validate, screen, and start its commit. The result
@@ -606,7 +689,9 @@ impl Connection {
         let therapist_id = store.chat_session(session_id).await?.and_then(|session| session.therapist_id);
         let handed = match therapist_id {
             Some(therapist_id) => {
-                store.hand_back(session_id, therapist_id, None, AWAY_HAND_BACK_MESSAGE).await?
+                // Asked for by the client, whose address is not recorded.
+                let by = Origin::new(Actor::Client, None);
+                store.hand_back(session_id, therapist_id, None, AWAY_HAND_BACK_MESSAGE, by).await?
             }
             None => return Ok(true),
         };
@@ -660,16 +745,8 @@ impl Connection {
         }
     }
 
-    /// Passes on a signal that is not stored (typing, presence) to the
-    /// connections here and on the other instances sharing the database.
     fn announce(&self, event: SessionEvent) {
-        self.state.hub.apply([event.clone()]);
-        let store = self.state.store.clone();
-        tokio::spawn(async move {
-            if let Err(error) = store.announce(event).await {
-                tracing::debug!(error = %error, "could not announce a typing or presence signal");
-            }
-        });
+        super::announce(&self.state, event);
     }
 
     /// A client message's commit ended: ack, publish, escalate, and let the
@@ -797,15 +874,27 @@ impl Connection {
     }
 
     /// Sends every stored message with `last_seq < seq <= up_to`, reading
-    /// what each is from its kind, never its text.
+    /// what each is from its kind, never its text. A therapist's pages are
+    /// recorded in the audit trail as reads, and hide what the client keeps
+    /// private of the conversation with the companion.
     async fn catch_up(&mut self, up_to: i64) -> Result<(), Stop> {
+        let (store, session_id) = (self.state.store.clone(), self.admitted.session_id);
+        // The choice and the first join are fixed once a therapist is in.
+        let session = match &self.admitted.therapist {
+            Some(_) => Some(store.chat_session(session_id).await?.ok_or(StoreError::NotFound)?),
+            None => None,
+        };
         while self.delivery.last_seq < up_to {
-            let page = (up_to - self.delivery.last_seq).min(CATCH_UP_PAGE);
-            let messages = self
-                .state
-                .store
-                .messages_after(self.admitted.session_id, self.delivery.last_seq, page)
-                .await?;
+            let (after, page) = (self.delivery.last_seq, (up_to - self.delivery.last_seq).min(CATCH_UP_PAGE));
+            let messages = match (&self.admitted.therapist, &session) {
+                (Some(therapist), Some(session)) => {
+                    let read = TrailEntry::new(Actor::Therapist(therapist.id), Action::Read)
+                        .address(Some(self.admitted.address));
+                    let messages = store.read_messages(session_id, after, page, read).await?;
+                    messages.into_iter().map(|message| session.for_therapists(message)).collect()
+                }
+                _ => store.messages_after(session_id, after, page).await?,
+            };
             if messages.is_empty() {
                 break;
             }

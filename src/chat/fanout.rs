@@ -9,6 +9,8 @@
 //! Notifications can be lost; after the listener reconnects, every local
 //! room re-reads its session from the database.
 
+use std::sync::atomic::Ordering;
+
 use haven_store::{Listener, Notification, SessionEvent};
 
 use crate::startup::AppState;
@@ -49,7 +51,9 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
                 state.hub.apply([event]);
                 announce(&state, answers).await;
             }
+            Notification::Lost => state.listening.store(false, Ordering::Relaxed),
             Notification::Reconnected => {
+                state.listening.store(true, Ordering::Relaxed);
                 tracing::info!("notification listener reconnected: re-reading open sessions");
                 state.hub.appointments_changed();
                 for room in state.hub.rooms() {

@@ -33,7 +33,7 @@ use axum::extract::ws::Utf8Bytes;
 use haven_protocol::{ChatMessage, MessageKind, RiskLevel, Sender, ServerFrame};
 use haven_safety::Earlier;
 use haven_store::SessionEvent;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -77,7 +77,67 @@ pub struct Hub {
     instance: Uuid,
     /// Sessions whose client has a socket open, with the instances (this
     /// one included) where: the dashboards' "online now".
-    clients_online: Mutex<HashMap<Uuid, HashSet<Uuid>>>,
+    clients_online: Mutex<Seen>,
+    /// Therapists with an appointments list or a chat socket open: the
+    /// waiting clients' "therapists online now".
+    staff: Mutex<Staff>,
+    /// What waiting clients are told, read again after changes
+    /// (`chat::queue`).
+    queue: watch::Sender<Arc<Queue>>,
+    /// Wakes the queue's reader when a therapist came online or went (the
+    /// appointments lists do not show it, so they are not refreshed).
+    staffing: Notify,
+}
+
+/// Who has something open, by id (a session's client, a therapist), with
+/// the instances (this one included) where.
+#[derive(Debug, Default)]
+struct Seen(HashMap<Uuid, HashSet<Uuid>>);
+
+impl Seen {
+    /// `id` has something open on `instance`, or nothing any more. Returns
+    /// whether that made it come online or go.
+    fn set(&mut self, id: Uuid, instance: Uuid, here: bool) -> bool {
+        let before = self.0.contains_key(&id);
+        if here {
+            self.0.entry(id).or_default().insert(instance);
+        } else if let Some(instances) = self.0.get_mut(&id) {
+            instances.remove(&instance);
+            if instances.is_empty() {
+                self.0.remove(&id);
+            }
+        }
+        self.0.contains_key(&id) != before
+    }
+
+    /// Forgets what the instances `forget` picks told. Returns whether
+    /// anyone went offline.
+    fn forget(&mut self, forget: &impl Fn(Uuid) -> bool) -> bool {
+        let before = self.0.len();
+        self.0.retain(|_, instances| {
+            instances.retain(|&instance| !forget(instance));
+            !instances.is_empty()
+        });
+        self.0.len() != before
+    }
+}
+
+/// Therapists with an appointments list or a chat socket open.
+#[derive(Debug, Default)]
+struct Staff {
+    /// How many each has open here.
+    local: HashMap<Uuid, usize>,
+    /// Where each has some open, on any instance.
+    online: Seen,
+}
+
+/// What clients whose chats wait for a therapist are told.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Queue {
+    pub therapists_online: u32,
+    /// Each waiting chat's place: how many waiting chats come before it in
+    /// the therapists' list.
+    pub ahead: HashMap<Uuid, u32>,
 }
 
 /// A session was flagged; it concerns every therapist who can see it.
@@ -104,6 +164,8 @@ pub enum Revocation {
     Login([u8; 32]),
     /// Every login of a therapist, e.g. after a password change.
     Therapist(Uuid),
+    /// Every socket of a chat that was erased (by its client, or expired).
+    Chat(Uuid),
 }
 
 impl Default for Hub {
@@ -121,6 +183,9 @@ impl Hub {
             risks: broadcast::channel(256).0,
             instance: Uuid::now_v7(),
             clients_online: Mutex::default(),
+            staff: Mutex::default(),
+            queue: watch::Sender::default(),
+            staffing: Notify::new(),
         }
     }
 
@@ -171,7 +236,22 @@ impl Hub {
             SessionEvent::Flagged { session_id, level, therapist_id } => {
                 self.risk_flagged(RiskAlert { session_id, level, therapist_id });
             }
-            SessionEvent::Acknowledged { .. } | SessionEvent::Created { .. } => self.appointments_changed(),
+            SessionEvent::Acknowledged { .. } | SessionEvent::Created { .. } | SessionEvent::Read { .. } => {
+                self.appointments_changed()
+            }
+            SessionEvent::Erased { session_id } => {
+                // Nothing more from the companion; every socket closes.
+                if let Some(room) = room {
+                    room.companion().silence();
+                }
+                self.revoke(Revocation::Chat(session_id));
+                self.appointments_changed();
+            }
+            SessionEvent::Sharing { shared, .. } => {
+                // The dashboards' previews follow the choice.
+                self.appointments_changed();
+                room?.relay_sharing(shared);
+            }
             SessionEvent::Delta { reply_id, delta, .. } => room?.relay_delta(reply_id, delta),
             SessionEvent::Cancelled { reply_id, .. } => room?.relay_cancelled(reply_id),
             SessionEvent::Typing { sender, active, .. } => room?.relay_typing(sender, active),
@@ -183,6 +263,12 @@ impl Hub {
                 room?.presence_changed(sender, elsewhere.map(|instance| (instance, here, name)));
             }
             SessionEvent::PresenceQuestion { instance } => self.forget_presence(|other| other == instance),
+            SessionEvent::Staff { instance, therapist_id, here } => {
+                let changed = self.staff().online.set(therapist_id, instance, here);
+                if changed {
+                    self.staffing.notify_one();
+                }
+            }
         }
         None
     }
@@ -219,40 +305,79 @@ impl Hub {
 
     /// Whether the session's client has a socket open now, on any instance.
     pub fn client_online(&self, session_id: Uuid) -> bool {
-        self.online().contains_key(&session_id)
+        self.online().0.contains_key(&session_id)
     }
 
     /// A client's sockets on `instance` are some or none now; dashboards
     /// refresh when that makes the client come online or go.
     fn client_seen(&self, session_id: Uuid, instance: Uuid, here: bool) {
-        let mut online = self.online();
-        let before = online.contains_key(&session_id);
-        if here {
-            online.entry(session_id).or_default().insert(instance);
-        } else if let Some(instances) = online.get_mut(&session_id) {
-            instances.remove(&instance);
-            if instances.is_empty() {
-                online.remove(&session_id);
-            }
-        }
-        if online.contains_key(&session_id) != before {
-            drop(online);
+        let changed = self.online().set(session_id, instance, here);
+        if changed {
             self.appointments_changed();
         }
+    }
+
+    /// A therapist opened their appointments list or a chat socket here.
+    /// Returns the event to apply and announce when they had nothing open
+    /// here before.
+    pub fn on_duty(&self, therapist_id: Uuid) -> Option<SessionEvent> {
+        let mut staff = self.staff();
+        let open = staff.local.entry(therapist_id).or_default();
+        *open += 1;
+        (*open == 1).then_some(SessionEvent::Staff { instance: self.instance, therapist_id, here: true })
+    }
+
+    /// A therapist closed a list or a socket here. Returns the event to
+    /// apply and announce when it was their last one here.
+    pub fn off_duty(&self, therapist_id: Uuid) -> Option<SessionEvent> {
+        let mut staff = self.staff();
+        let open = staff.local.get_mut(&therapist_id)?;
+        *open -= 1;
+        if *open > 0 {
+            return None;
+        }
+        staff.local.remove(&therapist_id);
+        Some(SessionEvent::Staff { instance: self.instance, therapist_id, here: false })
+    }
+
+    /// How many therapists have a list or a chat open, on any instance.
+    pub fn therapists_online(&self) -> usize {
+        self.staff().online.0.len()
+    }
+
+    /// Whether any client waits to be told of the queue.
+    pub fn queue_watched(&self) -> bool {
+        self.queue.receiver_count() > 0
+    }
+
+    /// The queue, read again: waiting clients hear of it if it changed.
+    pub fn set_queue(&self, queue: Queue) {
+        self.queue.send_if_modified(|current| {
+            let changed = **current != queue;
+            if changed {
+                *current = Arc::new(queue);
+            }
+            changed
+        });
+    }
+
+    pub fn watch_queue(&self) -> watch::Receiver<Arc<Queue>> {
+        self.queue.subscribe()
+    }
+
+    /// Resolves once a therapist came online or went since the last time.
+    pub async fn staffing_changed(&self) {
+        self.staffing.notified().await;
     }
 
     /// Forgets what the instances `forget` picks told of presence: one that
     /// asks again has restarted, or notifications may have been lost.
     fn forget_presence(&self, forget: impl Fn(Uuid) -> bool) {
-        let mut online = self.online();
-        let before = online.len();
-        online.retain(|_, instances| {
-            instances.retain(|&instance| !forget(instance));
-            !instances.is_empty()
-        });
-        if online.len() != before {
-            drop(online);
+        if self.online().forget(&forget) {
             self.appointments_changed();
+        }
+        if self.staff().online.forget(&forget) {
+            self.staffing.notify_one();
         }
         for room in self.rooms() {
             room.presence().remote.retain(|&(instance, _), _| !forget(instance));
@@ -274,15 +399,27 @@ impl Hub {
         events
     }
 
-    /// This process's presence in every session it has sockets of, for an
-    /// instance that asked.
+    /// This process's presence in every session it has sockets of, and
+    /// the therapists with something open here, for an instance that asked.
     pub fn presence_everywhere(&self) -> Vec<SessionEvent> {
-        self.rooms().iter().flat_map(|room| self.presence_here(room.session_id)).collect()
+        let therapists: Vec<Uuid> = self.staff().local.keys().copied().collect();
+        let staff = therapists.into_iter().map(|therapist_id| SessionEvent::Staff {
+            instance: self.instance,
+            therapist_id,
+            here: true,
+        });
+        let rooms = self.rooms();
+        rooms.iter().flat_map(|room| self.presence_here(room.session_id)).chain(staff).collect()
     }
 
-    fn online(&self) -> MutexGuard<'_, HashMap<Uuid, HashSet<Uuid>>> {
+    fn online(&self) -> MutexGuard<'_, Seen> {
         // Single inserts and removes: consistent under every panic point.
         self.clients_online.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn staff(&self) -> MutexGuard<'_, Staff> {
+        // Single inserts and removes: consistent under every panic point.
+        self.staff.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn presence_event(&self, room: &Room, presence: &Presence, sender: Sender, ask: bool) -> SessionEvent {
@@ -380,8 +517,10 @@ pub struct Event {
     /// The chat was handed back with this message: therapists' connections
     /// close after it.
     pub hands_back: bool,
-    /// A typing or presence signal of this side of the chat: passed on to
-    /// the other side whatever the mode, never stored.
+    /// A signal of this side of the chat, never stored: passed on whatever
+    /// the mode to every connection of another side (typing and presence:
+    /// the other side; the client's sharing choice, from `System`: every
+    /// connection).
     pub from_side: Option<Sender>,
 }
 
@@ -697,6 +836,13 @@ impl Room {
         self.send(Event::from_side(sender, &ServerFrame::Typing { sender, active }));
     }
 
+    /// The client's sharing choice, for all of the client's tabs. (No
+    /// therapist can have a socket open while the choice can change: it
+    /// is fixed at the first join.)
+    fn relay_sharing(&self, shared: bool) {
+        self.send(Event::from_side(Sender::System, &ServerFrame::Sharing { shared: Some(shared) }));
+    }
+
     /// A side's presence may have changed: here (`None`) or on another
     /// instance. Tells the connections here when it did.
     fn presence_changed(&self, sender: Sender, elsewhere: Option<(Uuid, bool, Option<String>)>) {
@@ -952,6 +1098,7 @@ mod tests {
             client_id: None,
             reply_id: None,
             kind: MessageKind::Chat,
+            private: false,
         }
     }
 

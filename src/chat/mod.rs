@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum_extra::extract::CookieJar;
 use haven_protocol::{Role, close_code};
-use haven_store::Therapist;
+use haven_store::{Action, Actor, Therapist, TrailEntry};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -34,8 +34,22 @@ mod connection;
 mod delivery;
 pub mod fanout;
 mod hub;
+pub mod queue;
 
 pub use hub::{Finished, Hub, Revocation, RiskAlert, Room};
+
+/// Passes on a signal that is not stored (typing, presence) to the
+/// connections and dashboards here and on the other instances sharing the
+/// database.
+pub fn announce(state: &AppState, event: haven_store::SessionEvent) {
+    state.hub.apply([event.clone()]);
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        if let Err(error) = store.announce(event).await {
+            tracing::debug!(error = %error, "could not announce a typing or presence signal");
+        }
+    });
+}
 
 /// Largest WebSocket message accepted; a larger one closes the socket with
 /// 1009. A message of 4,000 characters is at most 24 KiB of escaped JSON.
@@ -71,6 +85,9 @@ pub struct Admitted {
     pub token_hash: [u8; 32],
     /// This socket's place under the per-IP and per-credential limits.
     pub slots: SocketSlots,
+    /// Where it comes from: recorded in the audit trail for a therapist's
+    /// join and reads.
+    pub address: IpAddr,
 }
 
 /// Why a connection is refused. The reason is sent in the close frame.
@@ -166,7 +183,7 @@ async fn admit(
     let admitted = |role, therapist| -> Result<Admitted, Refusal> {
         let slots =
             state.limits.open_socket(ip, token_hash).ok_or(Refusal::Policy("too many connections"))?;
-        Ok(Admitted { session_id, role, therapist, since: query.since, token_hash, slots })
+        Ok(Admitted { session_id, role, therapist, since: query.since, token_hash, slots, address: ip })
     };
     match auth::resolve(state, &token).await? {
         None => Err(Refusal::Policy("invalid or expired credential")),
@@ -181,7 +198,7 @@ async fn admit(
             // transcript, not for a socket.
             let session =
                 state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
-            if session.closed {
+            if session.closed_at.is_some() {
                 return Err(Refusal::Policy("chat closed"));
             }
             admitted(Role::User, None)
@@ -189,10 +206,12 @@ async fn admit(
         Some(Credential::Therapist(therapist)) => {
             let session =
                 state.store.chat_session(session_id).await?.ok_or(Refusal::Policy("unknown session"))?;
-            if session.closed {
+            if session.closed_at.is_some() {
                 return Err(Refusal::Policy("chat closed"));
             }
             if session.therapist_id.is_some_and(|holder| holder != therapist.id) {
+                let attempt = TrailEntry::new(Actor::Therapist(therapist.id), Action::Join);
+                state.store.append_trail(attempt.session(session_id).address(Some(ip)).refused()).await?;
                 return Err(Refusal::Policy("session is assigned to another therapist"));
             }
             admitted(Role::Therapist, Some(therapist))

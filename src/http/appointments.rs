@@ -11,7 +11,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
 use futures_util::Stream;
 use haven_protocol::RiskLevel;
-use haven_protocol::api::Appointment;
+use haven_protocol::api::{Appointment, ClosedAppointment, MessagePreview};
+use haven_store::ChatSession;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
@@ -19,6 +20,7 @@ use uuid::Uuid;
 
 use super::{ApiError, Json, Query};
 use crate::auth::{self, AuthTherapist};
+use crate::chat::queue::OnDuty;
 use crate::chat::{Revocation, RiskAlert};
 use crate::limits::Slot;
 use crate::startup::AppState;
@@ -27,6 +29,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/appointments", get(list_appointments))
         .route("/api/appointments/events", get(appointment_events))
+        .route("/api/appointments/closed", get(closed_appointments))
 }
 
 /// Rows of `GET /api/appointments` per page, by default and at most.
@@ -52,20 +55,21 @@ struct SortKey {
 }
 
 impl SortKey {
-    fn of(appointment: &Appointment) -> Self {
-        let unclaimed = appointment.therapist_id.is_none();
+    fn of(session: &ChatSession) -> Self {
+        let unclaimed = session.therapist_id.is_none();
         // The list is in descending key order: a waiting client who came
         // earlier ranks higher; a chat in progress, by its last activity.
         let activity = match unclaimed {
-            true => -appointment.created_at.unix_timestamp_nanos(),
-            false => appointment.last_message_at.unwrap_or(appointment.created_at).unix_timestamp_nanos(),
+            true => -session.created_at.unix_timestamp_nanos(),
+            false => session.last_message_at.unwrap_or(session.created_at).unix_timestamp_nanos(),
         };
+        let attention = session.risk.as_ref().filter(|risk| risk.needs_attention());
         Self {
-            attention: appointment.risk_needs_attention,
-            level: if appointment.risk_needs_attention { appointment.risk_level as u8 } else { 0 },
+            attention: attention.is_some(),
+            level: attention.map_or(0, |risk| risk.level as u8),
             unclaimed,
             activity,
-            id: appointment.session_id,
+            id: session.id,
         }
     }
 
@@ -87,6 +91,13 @@ impl SortKey {
         };
         next().is_none().then_some(key)
     }
+}
+
+/// Sessions in the order of the appointments list.
+pub fn waiting_order<'a>(sessions: impl Iterator<Item = &'a ChatSession>) -> Vec<Uuid> {
+    let mut keys: Vec<SortKey> = sessions.map(SortKey::of).collect();
+    keys.sort_unstable_by_key(|key| Reverse(*key));
+    keys.into_iter().map(|key| key.id).collect()
 }
 
 /// `GET /api/appointments?limit=N&cursor=C`: the open sessions the caller
@@ -113,26 +124,38 @@ async fn list_appointments(
     let waiting_since = haven_store::now() - state.settings.waiting_window;
     let sessions = state.store.appointments_for(caller.therapist.id, waiting_since).await?;
     let mut labels = state.store.client_labels(caller.therapist.id).await?;
+    let mut glances = state.store.glances_for(caller.therapist.id, waiting_since).await?;
     let mut appointments: Vec<(SortKey, Appointment)> = sessions
         .into_iter()
-        .map(|session| Appointment {
-            appointment_id: session.appointment_id,
-            session_id: session.id,
-            status: session.status,
-            chat_mode: session.chat_mode,
-            companion_paused: session.companion_paused,
-            client_label: labels.remove(&session.id),
-            client_online: state.hub.client_online(session.id),
-            therapist_id: session.therapist_id,
-            created_at: session.created_at,
-            last_message_at: session.last_message_at,
-            risk_level: session.risk.as_ref().map_or(RiskLevel::None, |risk| risk.level),
-            risk_first_flagged_at: session.risk.as_ref().map(|risk| risk.first_flagged_at),
-            risk_last_flagged_at: session.risk.as_ref().map(|risk| risk.last_flagged_at),
-            risk_needs_attention: session.risk.as_ref().is_some_and(|risk| risk.needs_attention()),
-        })
-        .map(|appointment| (SortKey::of(&appointment), appointment))
+        .map(|session| (SortKey::of(&session), session))
         .filter(|(key, _)| after.is_none_or(|after| *key < after))
+        .map(|(key, session)| {
+            let glance = glances.remove(&session.id);
+            let unread = glance.as_ref().map_or(0, |glance| glance.unread);
+            (
+                key,
+                Appointment {
+                    appointment_id: session.appointment_id,
+                    session_id: session.id,
+                    status: session.status,
+                    chat_mode: session.chat_mode,
+                    companion_paused: session.companion_paused,
+                    client_label: labels.remove(&session.id),
+                    client_online: state.hub.client_online(session.id),
+                    therapist_id: session.therapist_id,
+                    created_at: session.created_at,
+                    last_message_at: session.last_message_at,
+                    risk_level: session.risk.as_ref().map_or(RiskLevel::None, |risk| risk.level),
+                    risk_first_flagged_at: session.risk.as_ref().map(|risk| risk.first_flagged_at),
+                    risk_last_flagged_at: session.risk.as_ref().map(|risk| risk.last_flagged_at),
+                    risk_needs_attention: session.risk.as_ref().is_some_and(|risk| risk.needs_attention()),
+                    unread: u32::try_from(unread).unwrap_or(u32::MAX),
+                    last_message: glance
+                        .and_then(|glance| glance.last)
+                        .map(|last| MessagePreview::of(&session.for_therapists(last))),
+                },
+            )
+        })
         .collect();
     appointments.sort_unstable_by_key(|(key, _)| Reverse(*key));
     let more = appointments.len() > limit;
@@ -143,6 +166,63 @@ async fn list_appointments(
         headers.insert(LINK, HeaderValue::from_str(&next).map_err(|e| ApiError::Internal(e.into()))?);
     }
     Ok((headers, Json(appointments.into_iter().map(|(_, appointment)| appointment).collect())))
+}
+
+/// `GET /api/appointments/closed?limit=N&cursor=C`: the caller's closed
+/// chats, the most recently closed first, in pages of at most
+/// [`PAGE_MAX`] (50 by default), with a `Link: <…>; rel="next"` header
+/// when there is more. Each chat's transcript opens read-only in the chat
+/// page and downloads as the open ones do.
+async fn closed_appointments(
+    State(state): State<AppState>,
+    caller: AuthTherapist,
+    Query(page): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<ClosedAppointment>>), ApiError> {
+    let limit = page.limit.unwrap_or(50);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {PAGE_MAX}")));
+    }
+    let before =
+        match page.cursor.as_deref() {
+            None => None,
+            Some(cursor) => Some(parse_closed_cursor(cursor).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "cursor is not one this server gave")
+            })?),
+        };
+    // One more than asked: whether there is a next page.
+    let mut sessions = state.store.closed_for(caller.therapist.id, before, limit as u32 + 1).await?;
+    let more = sessions.len() > limit;
+    sessions.truncate(limit);
+    let mut labels = state.store.client_labels(caller.therapist.id).await?;
+    let mut headers = HeaderMap::new();
+    if let Some(last) = sessions.last().filter(|_| more)
+        && let Some(closed_at) = last.closed_at
+    {
+        let cursor = format!("{}.{}", closed_at.unix_timestamp_nanos(), last.id);
+        let next = format!("</api/appointments/closed?limit={limit}&cursor={cursor}>; rel=\"next\"");
+        headers.insert(LINK, HeaderValue::from_str(&next).map_err(|e| ApiError::Internal(e.into()))?);
+    }
+    let rows = sessions
+        .into_iter()
+        .filter_map(|session| {
+            Some(ClosedAppointment {
+                appointment_id: session.appointment_id,
+                client_label: labels.remove(&session.id),
+                session_id: session.id,
+                created_at: session.created_at,
+                closed_at: session.closed_at?,
+                messages: session.last_seq,
+                risk_level: session.risk.as_ref().map_or(RiskLevel::None, |risk| risk.level),
+            })
+        })
+        .collect();
+    Ok((headers, Json(rows)))
+}
+
+fn parse_closed_cursor(cursor: &str) -> Option<(time::OffsetDateTime, Uuid)> {
+    let (nanos, id) = cursor.split_once('.')?;
+    let closed_at = time::OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?;
+    Some((closed_at, id.parse().ok()?))
 }
 
 /// `GET /api/appointments/events`: server-sent `changed` events whenever the
@@ -168,6 +248,8 @@ async fn appointment_events(
         login: [u8; 32],
         therapist_id: Uuid,
         _slot: Slot<[u8; 32]>,
+        /// An open list counts its therapist as online for waiting clients.
+        _on_duty: OnDuty,
     }
     let login = auth::token_hash(&caller.token);
     let period = std::time::Duration::from_secs(state.limits.settings.heartbeat_seconds.max(1));
@@ -182,6 +264,7 @@ async fn appointment_events(
         login,
         therapist_id: caller.therapist.id,
         _slot: slot,
+        _on_duty: OnDuty::start(&state, caller.therapist.id),
     };
     let events = futures_util::stream::unfold(feed, |mut feed| async move {
         loop {

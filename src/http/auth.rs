@@ -9,7 +9,7 @@ use axum::routing::post;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
-use haven_store::Therapist;
+use haven_store::{Action, Actor, Therapist, TrailEntry};
 
 use super::{ApiError, Json};
 use crate::auth::{self, AuthTherapist, DEVICE_COOKIE, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
@@ -95,15 +95,17 @@ pub(crate) async fn start_login(
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let verified = auth::verify_password(password, stored_hash.clone()).await;
+    let tried = therapist.as_ref().map_or(Actor::Unknown, |therapist| Actor::Therapist(therapist.id));
     let Some(therapist) = therapist.filter(|_| verified) else {
         tracing::warn!("login failed");
+        store.append_trail(TrailEntry::new(tried, Action::Login).address(Some(ip)).refused()).await?;
         limits.login_failed(store, &[pair_key, locks[1].clone(), account_key]).await?;
         return Err(ApiError::InvalidCredentials);
     };
     limits.login_succeeded(store, &[&account_key, &pair_key]).await?;
     let token = auth::new_token(THERAPIST_TOKEN_PREFIX);
     let expires_at = haven_store::now() + state.settings.therapist_session;
-    state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at).await?;
+    state.store.create_auth_session(therapist.id, &auth::token_hash(&token), expires_at, Some(ip)).await?;
     tracing::info!(therapist_id = %therapist.id, "therapist logged in");
     let device = auth::device_cookie_value(therapist.id, stored_hash.as_deref().unwrap_or_default(), now);
     let mut device = auth::auth_cookie(DEVICE_COOKIE, device, state.settings.cookie_secure);
@@ -114,10 +116,11 @@ pub(crate) async fn start_login(
 /// `POST /api/auth/logout`: revokes the token used and clears the cookie.
 async fn logout(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: CookieJar,
     caller: AuthTherapist,
 ) -> Result<(StatusCode, CookieJar), ApiError> {
-    end_login(&state, &caller.token).await?;
+    end_login(&state, &caller.token, peer.ip()).await?;
     tracing::info!(therapist_id = %caller.therapist.id, "therapist logged out");
     Ok((StatusCode::NO_CONTENT, jar.remove(Cookie::build(THERAPIST_COOKIE).path("/"))))
 }
@@ -125,10 +128,10 @@ async fn logout(
 /// Ends the login of `token`, for the API's logout and the pages' logout
 /// alike: deleted from the store, and its sockets here closed with 1008
 /// (other instances' sockets close at their next heartbeat, which checks
-/// the login again).
-pub(crate) async fn end_login(state: &AppState, token: &str) -> haven_store::Result<()> {
+/// the login again). Recorded in the audit trail from `address`.
+pub(crate) async fn end_login(state: &AppState, token: &str, address: IpAddr) -> haven_store::Result<()> {
     let hash = auth::token_hash(token);
-    state.store.revoke_auth_session(&hash).await?;
+    state.store.revoke_auth_session(&hash, Some(address)).await?;
     state.hub.revoke(Revocation::Login(hash));
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY as CONTENT_SECURITY_POLICY_HEADER, REFERRER_POLICY,
     X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
@@ -19,10 +19,10 @@ use tower_http::trace::TraceLayer;
 
 use crate::startup::AppState;
 
-mod appointments;
+pub(crate) mod appointments;
 pub(crate) mod auth;
 mod safety;
-mod sessions;
+pub(crate) mod sessions;
 pub mod setup;
 
 /// The largest request body accepted (login, setup forms).
@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
 
     Ok(Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(sessions::router())
         .merge(auth::router())
         .merge(appointments::router())
@@ -96,6 +97,26 @@ async fn request_deadline(deadline: std::time::Duration, request: Request, next:
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// How long `/readyz` waits for the database's answer.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /readyz`: 200 `{"status": "ready"}` when the database answers a
+/// read within [`READY_TIMEOUT`] and, on PostgreSQL, the notification
+/// listener is connected; 503 `not_ready` with the reason otherwise.
+async fn readyz(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !state.listening.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::NotReady("the notification listener is reconnecting to the database"));
+    }
+    match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => Ok(axum::Json(serde_json::json!({ "status": "ready" }))),
+        Ok(Err(error)) => {
+            tracing::debug!(error = %error, "readiness: the database does not answer");
+            Err(ApiError::NotReady("the database does not answer"))
+        }
+        Err(_) => Err(ApiError::NotReady("the database does not answer")),
+    }
 }
 
 /// A page for browsers, JSON for API clients.
@@ -147,6 +168,9 @@ pub enum ApiError {
     /// The database is unreachable; nothing was changed, retry later.
     #[error("service temporarily unavailable")]
     Unavailable,
+    /// `/readyz`: this instance should not get traffic now, for the reason.
+    #[error("{0}")]
+    NotReady(&'static str),
     /// A bug or corrupt data. Details are logged, never returned.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -171,6 +195,7 @@ impl ApiError {
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

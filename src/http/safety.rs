@@ -1,7 +1,9 @@
 //! The crisis detector and its flags, for therapists (docs/safety.md).
 
+use std::net::SocketAddr;
+
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::routing::{get, post};
 use haven_protocol::api::{AcknowledgeRequest, AuditEntry, ClassifyRequest, SafetyReport, SessionRisk};
 use haven_protocol::{MAX_CONTENT_CHARS, RiskLevel};
@@ -73,6 +75,7 @@ async fn session_risk(
 /// level stays, and a later flag needs attention again.
 async fn acknowledge(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(session_id): Path<String>,
     caller: AuthTherapist,
     Json(request): Json<AcknowledgeRequest>,
@@ -85,7 +88,8 @@ async fn acknowledge(
             message: format!("the note is longer than {MAX_NOTE_CHARS} characters"),
         });
     }
-    let acknowledged = state.store.acknowledge_risk(session.id, caller.therapist.id, note).await?;
+    let acknowledged =
+        state.store.acknowledge_risk(session.id, caller.therapist.id, note, Some(peer.ip())).await?;
     match acknowledged.outcome {
         AcknowledgeOutcome::Acknowledged(_) => {
             tracing::info!(session_id = %session.id, "risk flag acknowledged");

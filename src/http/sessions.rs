@@ -1,19 +1,24 @@
 //! Chat sessions: "Chat Now" and the message history.
 
-use axum::Router;
 use std::net::SocketAddr;
+
+use axum::Router;
 
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{
-    ClientLabel, CreatedSession, HandBackRequest, MAX_CLIENT_LABEL_CHARS, MessagePage, Transcript,
+    AccessLog, AccessRecord, ClientLabel, CompanionSharing, CreatedSession, HandBackRequest,
+    MAX_CLIENT_LABEL_CHARS, MessagePage, Transcript,
 };
 use haven_protocol::{CLOSE_MESSAGE, MAX_CONTENT_CHARS, hand_back_message};
 use haven_protocol::{ChatMessage, MessageKind, Sender};
-use haven_store::{CloseOutcome, HandBackOutcome};
+use haven_store::{
+    Action, Actor, CloseOutcome, EraseOutcome, HandBackOutcome, Origin, SharingOutcome, TrailEntry,
+    TrailFilter,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -28,11 +33,14 @@ const MAX_PAGE: i64 = 500;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/sessions", post(create_session))
+        .route("/api/sessions/{session_id}", delete(erase_session))
+        .route("/api/sessions/{session_id}/companion-sharing", axum::routing::put(set_companion_sharing))
         .route("/api/sessions/{session_id}/messages", get(list_messages))
         .route("/api/sessions/{session_id}/close", post(close_session))
         .route("/api/sessions/{session_id}/hand-back", post(hand_back))
         .route("/api/sessions/{session_id}/label", get(client_label).put(set_client_label))
         .route("/api/sessions/{session_id}/transcript", get(transcript))
+        .route("/api/sessions/{session_id}/access-log", get(access_log))
 }
 
 /// `POST /api/sessions`: a new `BOT_ONLY` session and its client credential,
@@ -68,6 +76,79 @@ async fn create_session(
     Ok((StatusCode::CREATED, jar, Json(body)))
 }
 
+/// What a client is told when a therapist has joined the chat it asked to
+/// erase.
+pub const JOINED_NO_ERASURE: &str = "A therapist has joined this chat, so it is part of the clinic's \
+record and cannot be deleted here. To have it deleted, ask the clinic.";
+
+/// The chat a client credential of the request (cookie or bearer) is for,
+/// if it is `session_id`: `401` without a valid credential, `403` with
+/// another chat's or a therapist's, `404` for an id that is not a UUID.
+async fn own_chat(state: &AppState, headers: &HeaderMap, session_id: &str) -> Result<Uuid, ApiError> {
+    let canonical = super::canonical_uuid(session_id);
+    let mut credentials = Vec::new();
+    for token in request_tokens(headers, canonical) {
+        if let Some(credential) = auth::resolve(state, &token).await? {
+            credentials.push(credential);
+        }
+    }
+    if credentials.is_empty() {
+        return Err(ApiError::Unauthorized);
+    }
+    let session_id = canonical.ok_or(ApiError::NotFound)?;
+    let own = credentials
+        .iter()
+        .any(|credential| matches!(credential, Credential::Client { session_id: own } if *own == session_id));
+    if own { Ok(session_id) } else { Err(ApiError::Forbidden) }
+}
+
+/// `PUT /api/sessions/{id}/companion-sharing {"shared"}`: the client's
+/// choice, while no therapist has joined, whether the therapist who joins
+/// sees the conversation with the companion. Until they choose it is
+/// private.
+async fn set_companion_sharing(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<CompanionSharing>,
+) -> Result<StatusCode, ApiError> {
+    let session_id = own_chat(&state, &headers, &session_id).await?;
+    let chosen = state.store.set_companion_shared(session_id, request.shared).await?;
+    match chosen.outcome {
+        SharingOutcome::Set => {
+            tracing::info!(session_id = %session_id, shared = request.shared, "companion part sharing chosen");
+            state.hub.apply(chosen.events);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        SharingOutcome::Joined => {
+            Err(ApiError::Conflict("a therapist has joined: the choice can no longer change".into()))
+        }
+    }
+}
+
+/// `DELETE /api/sessions/{id}`: the client erases their chat, while no
+/// therapist has joined it. Every message and flag record and the
+/// credential are deleted, not hidden; the chat leaves every dashboard, and
+/// its sockets close with 1008 "chat erased".
+async fn erase_session(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    jar: CookieJar,
+) -> Result<(StatusCode, CookieJar), ApiError> {
+    let session_id = own_chat(&state, &headers, &session_id).await?;
+    let erased = state.store.erase_chat(session_id).await?;
+    match erased.outcome {
+        EraseOutcome::Erased { .. } => {
+            tracing::info!(session_id = %session_id, "chat erased by its client");
+            state.hub.apply(erased.events);
+            let cookie = Cookie::build(auth::client_cookie_name(session_id)).path("/");
+            Ok((StatusCode::NO_CONTENT, jar.remove(cookie)))
+        }
+        EraseOutcome::Joined => Err(ApiError::Conflict(JOINED_NO_ERASURE.into())),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct PageQuery {
     after: Option<i64>,
@@ -78,6 +159,7 @@ struct PageQuery {
 /// client or its assigned therapist.
 async fn list_messages(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(session_id): Path<String>,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -104,15 +186,73 @@ async fn list_messages(
     }
     let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
     let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
-    let allowed = credentials.iter().any(|credential| match credential {
-        Credential::Client { session_id: own } => *own == session.id,
-        Credential::Therapist(therapist) => session.therapist_id == Some(therapist.id),
+    let therapist = credentials.iter().find_map(|credential| match credential {
+        Credential::Therapist(therapist) if session.therapist_id == Some(therapist.id) => Some(therapist.id),
+        _ => None,
     });
-    if !allowed {
+    let client = credentials
+        .iter()
+        .any(|credential| matches!(credential, Credential::Client { session_id: own } if *own == session.id));
+    let limit = limit.min(MAX_PAGE);
+    // A therapist's read is recorded in the audit trail; the client reading
+    // their own chat is not.
+    let messages = match (therapist, client) {
+        (Some(therapist_id), _) => {
+            let read = TrailEntry::new(Actor::Therapist(therapist_id), Action::Read).address(Some(peer.ip()));
+            let messages = state.store.read_messages(session.id, after, limit, read).await?;
+            messages.into_iter().map(|message| session.for_therapists(message)).collect()
+        }
+        (None, true) => state.store.messages_after(session.id, after, limit).await?,
+        (None, false) => {
+            // Another therapist's chat: the attempt is recorded.
+            for credential in &credentials {
+                if let Credential::Therapist(therapist) = credential {
+                    let read = TrailEntry::new(Actor::Therapist(therapist.id), Action::Read);
+                    state
+                        .store
+                        .append_trail(read.session(session.id).address(Some(peer.ip())).refused())
+                        .await?;
+                }
+            }
+            return Err(ApiError::Forbidden);
+        }
+    };
+    Ok(Json(MessagePage { messages }))
+}
+
+/// `GET /api/sessions/{id}/access-log`: who read or changed the chat, for
+/// its therapist (the chat page's "Access log"). Read-only: the trail is
+/// only ever appended to.
+async fn access_log(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    caller: AuthTherapist,
+) -> Result<Json<AccessLog>, ApiError> {
+    let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
+    let session = state.store.chat_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    if session.therapist_id != Some(caller.therapist.id) {
         return Err(ApiError::Forbidden);
     }
-    let messages = state.store.messages_after(session.id, after, limit.min(MAX_PAGE)).await?;
-    Ok(Json(MessagePage { messages }))
+    let names: std::collections::HashMap<Uuid, String> =
+        state.store.therapists().await?.into_iter().map(|therapist| (therapist.id, therapist.name)).collect();
+    let mut filter = TrailFilter { session_id: Some(session_id), limit: MAX_PAGE, ..TrailFilter::default() };
+    let mut records = Vec::new();
+    loop {
+        let page = state.store.trail(&filter).await?;
+        let Some(last) = page.last() else { break };
+        filter.after = last.seq;
+        records.extend(page.into_iter().map(|record| AccessRecord {
+            seq: record.seq,
+            at: record.at,
+            therapist: record.therapist_id.and_then(|id| names.get(&id).cloned()),
+            actor: record.actor,
+            action: record.action,
+            address: record.address,
+            outcome: record.outcome,
+            detail: record.detail,
+        }));
+    }
+    Ok(Json(AccessLog { records }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +265,7 @@ struct TranscriptQuery {
 /// session's therapist to keep.
 async fn transcript(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(session_id): Path<String>,
     query: Result<Query<TranscriptQuery>, axum::extract::rejection::QueryRejection>,
     caller: AuthTherapist,
@@ -144,10 +285,13 @@ async fn transcript(
     let mut messages: Vec<ChatMessage> = Vec::new();
     loop {
         let after = messages.last().map_or(0, |message| message.seq);
-        let page = state.store.messages_after(session_id, after, MAX_PAGE).await?;
+        let export = TrailEntry::new(Actor::Therapist(caller.therapist.id), Action::Export);
+        let page =
+            state.store.read_messages(session_id, after, MAX_PAGE, export.address(Some(peer.ip()))).await?;
         if page.is_empty() {
             break;
         }
+        let page = page.into_iter().map(|message| session.for_therapists(message));
         messages.extend(page);
     }
     tracing::info!(session_id = %session_id, messages = messages.len(), markdown, "transcript downloaded");
@@ -155,7 +299,7 @@ async fn transcript(
         session_id,
         started_at: session.created_at,
         chat_mode: session.chat_mode,
-        closed: session.closed,
+        closed: session.closed_at.is_some(),
         messages,
     };
     let name = format!("haven-chat-{}", &session_id.simple().to_string()[..8]);
@@ -190,7 +334,16 @@ fn transcript_markdown(transcript: &Transcript) -> String {
         transcript.session_id,
         time(transcript.started_at),
     );
-    for message in &transcript.messages {
+    let mut messages = transcript.messages.iter().peekable();
+    while let Some(message) = messages.next() {
+        if message.private {
+            let mut hidden = 1;
+            while messages.next_if(|next| next.private).is_some() {
+                hidden += 1;
+            }
+            let _ = write!(out, "\n*{}*\n", private_placeholder(hidden));
+            continue;
+        }
         let who = match (message.sender, message.kind) {
             (Sender::User, _) => "Client",
             (Sender::Therapist, _) => "Therapist",
@@ -206,6 +359,15 @@ fn transcript_markdown(transcript: &Transcript) -> String {
     out
 }
 
+/// What therapists see in place of `count` messages of the conversation
+/// with the companion that the client keeps private.
+fn private_placeholder(count: usize) -> String {
+    match count {
+        1 => "1 earlier message with the companion is private".to_owned(),
+        _ => format!("{count} earlier messages with the companion are private"),
+    }
+}
+
 /// `POST /api/sessions/{id}/close`: the assigned therapist ends the chat.
 /// Every socket of the session gets the closing message and then closes with
 /// 1008, the session leaves the appointments lists, and the client's
@@ -213,11 +375,15 @@ fn transcript_markdown(transcript: &Transcript) -> String {
 /// an error.
 async fn close_session(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(session_id): Path<String>,
     caller: AuthTherapist,
 ) -> Result<StatusCode, ApiError> {
     let session_id = super::canonical_uuid(&session_id).ok_or(ApiError::NotFound)?;
-    let closed = state.store.close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE).await?;
+    let closed = state
+        .store
+        .close_chat_session(session_id, caller.therapist.id, CLOSE_MESSAGE, Some(peer.ip()))
+        .await?;
     match closed.outcome {
         CloseOutcome::Closed => {
             tracing::info!(session_id = %session_id, "chat closed by its therapist");
@@ -236,6 +402,7 @@ async fn close_session(
 /// the client says yes, and the therapist's sockets close with 1000.
 async fn hand_back(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(session_id): Path<String>,
     caller: AuthTherapist,
     Json(request): Json<HandBackRequest>,
@@ -247,7 +414,8 @@ async fn hand_back(
         return Err(ApiError::bad_request("note_too_long", message));
     }
     let message = hand_back_message(&caller.therapist.name);
-    let handed = state.store.hand_back(session_id, caller.therapist.id, note, &message).await?;
+    let by = Origin::new(Actor::Therapist(caller.therapist.id), Some(peer.ip()));
+    let handed = state.store.hand_back(session_id, caller.therapist.id, note, &message, by).await?;
     match handed.outcome {
         HandBackOutcome::HandedBack => {
             tracing::info!(session_id = %session_id, "chat handed back to the companion");

@@ -2,17 +2,18 @@
 //! one-time URL whose page creates the first account. The token lives only in
 //! memory (as a hash): it is valid until used or until the process exits.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 
 use askama::Template;
 use axum::Form;
 use axum::Router;
 use axum::extract::rejection::{FormRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::get;
-use haven_store::NewTherapist;
+use haven_store::{Actor, NewTherapist, Origin};
 use serde::Deserialize;
 
 use crate::auth;
@@ -87,6 +88,7 @@ async fn setup_form(State(state): State<AppState>, token: Result<Path<String>, P
 
 async fn create_first_therapist(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     token: Result<Path<String>, PathRejection>,
     input: Result<Form<SetupForm>, FormRejection>,
 ) -> Response {
@@ -105,7 +107,7 @@ async fn create_first_therapist(
     if !state.setup.take(&token) {
         return invalid_link();
     }
-    match create(&state, email, input).await {
+    match create(&state, email, input, peer.ip()).await {
         Ok(()) => {
             tracing::info!("first therapist account created through the setup page");
             crate::pages::page(StatusCode::CREATED, &SetupDone)
@@ -132,14 +134,22 @@ enum SetupError {
     Failed(anyhow::Error),
 }
 
-async fn create(state: &AppState, email: String, input: SetupForm) -> Result<(), SetupError> {
+/// Creates the first account; the audit trail records the operator who
+/// holds the setup link, from `address`.
+async fn create(
+    state: &AppState,
+    email: String,
+    input: SetupForm,
+    address: IpAddr,
+) -> Result<(), SetupError> {
     let count = state.store.count_therapists().await.map_err(|error| SetupError::Failed(error.into()))?;
     if count > 0 {
         return Err(SetupError::AlreadyDone);
     }
     let password_hash = auth::hash_password(input.password).await.map_err(SetupError::Failed)?;
     let new = NewTherapist { email, name: input.name.trim().to_owned(), password_hash };
-    state.store.create_therapist(new).await.map_err(|error| SetupError::Failed(error.into()))?;
+    let by = Origin::new(Actor::Operator, Some(address));
+    state.store.create_therapist(new, by).await.map_err(|error| SetupError::Failed(error.into()))?;
     Ok(())
 }
 

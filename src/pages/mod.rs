@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, Credential, THERAPIST_COOKIE};
 use crate::http::ApiError;
+use crate::http::sessions::JOINED_NO_ERASURE;
 use crate::safety::CrisisLink;
 use crate::startup::AppState;
 
@@ -62,7 +63,7 @@ impl YourChat {
             "[day padding:none] [month repr:short] [year], [hour]:[minute] UTC"
         );
         let (state, state_text) = match session.chat_mode {
-            _ if session.closed => ("closed", "Closed by the therapist: you can read it"),
+            _ if session.closed_at.is_some() => ("closed", "Closed by the therapist: you can read it"),
             haven_protocol::ChatMode::TherapistJoined => ("joined", "A therapist has joined"),
             haven_protocol::ChatMode::BotOnly => ("companion", "With the companion"),
         };
@@ -92,6 +93,13 @@ struct ChatPage<'a> {
     /// Seconds the joined therapist may be away before the client is
     /// offered the crisis resources and the companion.
     away_seconds: u64,
+    /// Why a chat a therapist joined cannot be deleted by its client.
+    erase_joined: &'static str,
+    /// The client's choice for the companion part: `shared`, `private`,
+    /// or empty while they have not chosen.
+    sharing: &'static str,
+    /// A therapist has joined (now or before): the choice is fixed.
+    joined: bool,
 }
 
 #[derive(Template)]
@@ -241,6 +249,9 @@ async fn chat(
                         risk,
                         crisis_links,
                         away_seconds,
+                        erase_joined: JOINED_NO_ERASURE,
+                        sharing: sharing_of(&session),
+                        joined: session.therapist_id.is_some(),
                     },
                 )
             }
@@ -273,11 +284,22 @@ async fn chat(
                     risk: None,
                     crisis_links,
                     away_seconds,
+                    erase_joined: JOINED_NO_ERASURE,
+                    sharing: sharing_of(&session),
+                    joined: session.therapist_id.is_some(),
                 },
             )
         }
         Ok(_) => invalid_link(),
         Err(error) => unavailable(error),
+    }
+}
+
+fn sharing_of(session: &haven_store::ChatSession) -> &'static str {
+    match session.companion_shared {
+        None => "",
+        Some(true) => "shared",
+        Some(false) => "private",
     }
 }
 
@@ -367,9 +389,13 @@ async fn login(
     }
 }
 
-async fn logout(State(state): State<AppState>, jar: CookieJar) -> Response {
+async fn logout(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    jar: CookieJar,
+) -> Response {
     if let Some(cookie) = jar.get(THERAPIST_COOKIE)
-        && let Err(error) = crate::http::auth::end_login(&state, cookie.value()).await
+        && let Err(error) = crate::http::auth::end_login(&state, cookie.value(), peer.ip()).await
     {
         return unavailable(error);
     }

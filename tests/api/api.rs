@@ -1,11 +1,11 @@
 //! The JSON API and bad input on the socket.
 
-use haven_protocol::api::{Appointment, AppointmentStatus};
-use haven_protocol::{ChatMode, ErrorCode, MAX_CONTENT_CHARS, ServerFrame};
+use haven_protocol::api::{Appointment, AppointmentStatus, ClosedAppointment, PREVIEW_CHARS};
+use haven_protocol::{ChatMode, ErrorCode, MAX_CONTENT_CHARS, MessageKind, Sender, ServerFrame};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{PASSWORD, TestApp, error_body};
+use crate::helpers::{EVENT_TIMEOUT, PASSWORD, TestApp, error_body};
 
 #[tokio::test]
 async fn chat_now_creates_an_open_bot_only_session_and_sets_an_http_only_cookie() {
@@ -115,6 +115,101 @@ async fn appointments_show_open_sessions_and_the_callers_own_only() {
     error_body(app.http.get(app.url("/api/appointments")).send().await.unwrap(), 401).await;
 }
 
+/// The caller's row of `session_id` once `wanted` holds of it, re-read at
+/// each event of the caller's open appointments stream.
+async fn row_once(
+    app: &TestApp,
+    token: &str,
+    events: &mut reqwest::Response,
+    session_id: uuid::Uuid,
+    wanted: impl Fn(&Appointment) -> bool,
+) -> Appointment {
+    loop {
+        let rows = app.appointments(token).await;
+        if let Some(row) = rows.into_iter().find(|row| row.session_id == session_id && wanted(row)) {
+            return row;
+        }
+        let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
+        tick.expect("the row never became as wanted").unwrap().expect("the stream ended");
+    }
+}
+
+#[tokio::test]
+async fn appointments_count_unread_messages_preview_the_last_and_list_closed_chats_apart() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let mut events =
+        app.http.get(app.url("/api/appointments/events")).bearer_auth(&tess.token).send().await.unwrap();
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let sent = client.send_message("is anyone there").await;
+    client.ack(&sent).await;
+    while client.message().await.sender != Sender::Ai {}
+    let row = row_once(&app, &tess.token, &mut events, session.session_id, |row| row.unread == 2).await;
+    let last = row.last_message.expect("a last message");
+    assert_eq!(
+        (last.sender, last.kind, last.text),
+        (Sender::Ai, MessageKind::Chat, None),
+        "no companion words"
+    );
+
+    // Tess opens the chat and leaves it: she has read everything so far.
+    let mut desk = app.connect(session.session_id, &tess.token).await;
+    desk.mode().await;
+    desk.close().await;
+    let row = row_once(&app, &tess.token, &mut events, session.session_id, |row| row.unread == 0).await;
+    assert_eq!(row.last_message.expect("the join").sender, Sender::System);
+
+    // The client writes on: one unread, previewed by its first line, cut.
+    let long = format!("{}\nand a second line", "word ".repeat(40));
+    let sent = client.send_message(&long).await;
+    client.ack(&sent).await;
+    let row = row_once(&app, &tess.token, &mut events, session.session_id, |row| row.unread == 1).await;
+    let text = row.last_message.expect("the message").text.expect("a client's words are previewed");
+    // The first PREVIEW_CHARS characters are 20 times "word ".
+    assert_eq!(PREVIEW_CHARS, 100);
+    assert_eq!(text, format!("{}…", "word ".repeat(20).trim_end()));
+
+    // Closed chats leave the list for the "Closed" one, newest first, paged.
+    let other = app.create_session().await;
+    let mut desk = app.connect(other.session_id, &tess.token).await;
+    desk.mode().await;
+    for id in [session.session_id, other.session_id] {
+        let closed = app.http.post(app.url(&format!("/api/sessions/{id}/close"))).bearer_auth(&tess.token);
+        assert_eq!(closed.send().await.unwrap().status(), 204);
+    }
+    assert!(app.appointments(&tess.token).await.is_empty());
+    let closed = |url: String| {
+        let request = app.http.get(url).bearer_auth(&tess.token);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let link = response.headers().get("link").map(|link| link.to_str().unwrap().to_owned());
+            (response.json::<Vec<ClosedAppointment>>().await.unwrap(), link)
+        }
+    };
+    let (first, link) = closed(app.url("/api/appointments/closed?limit=1")).await;
+    assert_eq!(first.iter().map(|row| row.session_id).collect::<Vec<_>>(), vec![other.session_id]);
+    let next = link.expect("a next page");
+    let next = next.trim_start_matches('<').split('>').next().unwrap();
+    let (second, link) = closed(app.url(next)).await;
+    assert_eq!(second.len(), 1);
+    let row = &second[0];
+    assert_eq!((row.session_id, link), (session.session_id, None));
+    let history = app.history(session.session_id, &tess.token).await;
+    assert_eq!(row.messages, history.len() as i64);
+    assert!(row.closed_at >= row.created_at);
+    // Nobody else's, and a bad cursor is refused.
+    let omar = app.therapist("Omar").await;
+    let theirs =
+        app.http.get(app.url("/api/appointments/closed")).bearer_auth(&omar.token).send().await.unwrap();
+    assert!(theirs.json::<Vec<ClosedAppointment>>().await.unwrap().is_empty());
+    let bad =
+        app.http.get(app.url("/api/appointments/closed?cursor=x")).bearer_auth(&tess.token).send().await;
+    error_body(bad.unwrap(), 400).await;
+}
+
 #[tokio::test]
 async fn message_history_pages_by_seq_for_the_client_and_its_therapist_only() {
     let app = TestApp::spawn().await;
@@ -169,6 +264,7 @@ async fn the_chats_therapist_downloads_its_whole_transcript_as_markdown_or_json(
     let id = client.send_message("first line\nsecond line").await;
     client.ack(&id).await;
     client.until_seq(2).await;
+    assert_eq!(app.share_companion_part(session.session_id, Some(&session.client_token), true).await, 204);
     let tess = app.therapist("Tess").await;
     let mut desk = app.connect(session.session_id, &tess.token).await;
     desk.mode().await;
@@ -307,6 +403,9 @@ async fn unknown_routes_get_a_json_404_and_health_answers() {
     error_body(app.http.get(app.url("/api/nothing-here")).send().await.unwrap(), 404).await;
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"status": "ready"}));
     error_body(app.http.delete(app.url("/api/sessions")).send().await.unwrap(), 405).await;
     let session = app.create_session().await;
     let plain_get = app.http.get(app.url(&format!("/api/chat/ws/{}", session.session_id))).send();

@@ -351,6 +351,58 @@ async fn typing_reaches_the_other_side_once_a_second_and_ends_at_send_and_at_dis
 }
 
 #[tokio::test]
+async fn a_waiting_client_is_told_how_many_therapists_are_online_and_how_many_chats_wait_before_it() {
+    let app = TestApp::spawn().await;
+    let first = app.create_session().await;
+    let mut a = app.connect(first.session_id, &first.client_token).await;
+    assert_eq!(a.queue().await, (0, 0), "nobody online, nobody waiting before");
+    let second = app.create_session().await;
+    let mut b = app.connect(second.session_id, &second.client_token).await;
+    assert_eq!(b.queue().await, (0, 1), "the first chat waits before the second");
+
+    // A therapist with the appointments list open is online.
+    let therapist = app.therapist("Tess Example").await;
+    let list = app.http.get(app.url("/api/appointments/events")).bearer_auth(&therapist.token).send();
+    let list = list.await.unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(a.queue().await, (1, 0));
+    assert_eq!(b.queue().await, (1, 1));
+
+    // A flagged chat comes first on the therapists' list: before both.
+    let third = app.create_session().await;
+    let mut c = app.connect(third.session_id, &third.client_token).await;
+    assert_eq!(c.queue().await, (1, 2), "a new chat waits last");
+    let sent = c.send_message("i want to kill myself").await;
+    c.ack(&sent).await;
+    assert_eq!(c.queue().await, (1, 0), "flagged: first");
+    assert_eq!(a.queue().await, (1, 1));
+    assert_eq!(b.queue().await, (1, 2));
+
+    // The therapist takes the flagged chat (and is counted once with the
+    // list open too): the others move up.
+    let mut desk = app.connect(third.session_id, &therapist.token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    assert_eq!(a.queue().await, (1, 0));
+    assert_eq!(b.queue().await, (1, 1));
+
+    // The therapist closes the chat and the list: nobody is online.
+    desk.close().await;
+    drop(list);
+    assert_eq!(a.queue().await, (0, 0));
+    assert_eq!(b.queue().await, (0, 1));
+    // A taken chat is told no more of the queue, and a therapist never is:
+    // nothing was set aside by the time a later message arrived.
+    let mut desk = app.connect(third.session_id, &therapist.token).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    assert_eq!(a.queue().await, (1, 0), "the therapist is back");
+    let seq = app.history(third.session_id, &therapist.token).await.len() as i64;
+    c.send_message("thank you").await;
+    desk.until_seq(seq + 1).await;
+    c.until_seq(seq + 1).await;
+    assert_eq!((c.queued(), desk.queued()), (0, 0));
+}
+
+#[tokio::test]
 async fn each_side_is_told_whether_the_other_is_here_at_connect_and_when_it_comes_and_goes() {
     let app = TestApp::spawn().await;
     let session = app.create_session().await;

@@ -1,6 +1,10 @@
 //! Account management from the shell, and the first-run setup page.
 
-use crate::helpers::{PASSWORD, TestApp};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::helpers::{EVENT_TIMEOUT, PASSWORD, TestApp, on_postgres, with_args};
 
 #[tokio::test]
 async fn therapist_add_reads_the_password_from_stdin_and_list_shows_the_account() {
@@ -58,4 +62,172 @@ async fn the_setup_url_stops_working_once_an_account_exists() {
     let fields = [("name", "Eve"), ("email", "eve@clinic.test"), ("password", PASSWORD)];
     assert_eq!(app.http.post(&setup_url).form(&fields).send().await.unwrap().status(), 404);
     assert_eq!(app.login("eve@clinic.test", PASSWORD).await.status(), 401);
+}
+
+/// A backup taken while clients write holds every message acked before it
+/// began; a restore is refused while Haven serves the file, and once it
+/// is stopped puts the backup in place, keeping the database it replaced.
+/// A second server on the same file is refused. (PostgreSQL deployments
+/// use pg_dump, and the commands say so.)
+#[tokio::test]
+async fn a_backup_under_load_restores_every_acknowledged_message() {
+    // The writer goes as fast as acks come back.
+    let mut app =
+        TestApp::spawn_with(with_args(&["--message-rate", "10000", "--message-burst", "10000"])).await;
+    let copy = app.dir.path().join("backup.db");
+    let copy_arg = copy.to_str().unwrap().to_owned();
+    if on_postgres() {
+        let refused = app.cli(&["backup", "--to", &copy_arg], "").await;
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("pg_dump"), "{refused:?}");
+        assert!(!copy.exists());
+        return;
+    }
+    // Audit records (the account, its login) before the backup.
+    app.therapist("Tess").await;
+    let session = app.create_session().await;
+    let mut writer = app.connect(session.session_id, &session.client_token).await;
+    writer.mode().await;
+    // The writer sends and awaits each ack until told to stop; what was
+    // acked before the backup began must be in it.
+    let acked = Arc::new(Mutex::new(Vec::<(i64, String)>::new()));
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let load = tokio::spawn({
+        let acked = acked.clone();
+        async move {
+            for n in 0.. {
+                if stopped.try_recv().is_ok() {
+                    return writer;
+                }
+                let content = format!("message {n}");
+                let client_id = writer.send_message(&content).await;
+                let (seq, _) = writer.ack(&client_id).await;
+                acked.lock().unwrap().push((seq, content));
+            }
+            unreachable!()
+        }
+    });
+    let written = async |count: usize| {
+        let enough = async {
+            while acked.lock().unwrap().len() < count {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, enough).await.expect("the writer stalled");
+    };
+    written(20).await;
+    let before: Vec<(i64, String)> = acked.lock().unwrap().clone();
+    let backup = app.cli(&["backup", "--to", &copy_arg], "").await;
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    assert!(String::from_utf8_lossy(&backup.stdout).contains("integrity check ok"), "{backup:?}");
+    // A few more after it, which the backup cannot hold.
+    let at_backup_end = acked.lock().unwrap().len();
+    written(at_backup_end + 5).await;
+    stop.send(()).unwrap();
+    let writer = load.await.unwrap();
+    let written = acked.lock().unwrap().len();
+    assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = app.cli(&["backup", "--to", &copy_arg], "").await;
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"),
+        "{again:?}"
+    );
+
+    // Not under a running server, nor a second server beside it.
+    let refused = app.cli(&["restore", "--from", &copy_arg], "").await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop it first"), "{refused:?}");
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(["--database", &app.database_url, "serve", "--bind", "127.0.0.1:0"])
+        .env_clear()
+        .output();
+    let second = tokio::time::timeout(EVENT_TIMEOUT, second).await.expect("a second server exits").unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("Haven is serving"), "{second:?}");
+    drop(writer);
+
+    app.stop().await;
+    let restored = app.cli(&["restore", "--from", &copy_arg], "").await;
+    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    let said = String::from_utf8_lossy(&restored.stdout).into_owned();
+    assert!(said.contains("integrity check ok") && said.contains("kept as"), "{said}");
+    app.start_again().await;
+    let history = app.history(session.session_id, &session.client_token).await;
+    let seqs: Vec<i64> = history.iter().map(|message| message.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gap, no duplicate");
+    for (seq, content) in &before {
+        let message = history.iter().find(|message| message.seq == *seq).expect("acked before the backup");
+        assert_eq!(&message.content, content);
+    }
+    let from_client = history.iter().filter(|message| message.sender == haven_protocol::Sender::User).count();
+    assert!(
+        from_client <= at_backup_end && from_client < written,
+        "only what the backup held: {from_client}"
+    );
+    let verified = app.cli(&["audit", "verify"], "").await;
+    let said = String::from_utf8_lossy(&verified.stdout).into_owned();
+    assert!(verified.status.success() && said.contains("intact"), "{said}");
+    let listed = String::from_utf8(app.cli(&["audit", "list"], "").await.stdout).unwrap();
+    assert!(listed.contains("\taccount_add\t") && listed.contains("\tlogin\t"), "{listed}");
+}
+
+/// `deploy/haven.service` is a unit systemd accepts, its sandbox rates
+/// "OK" in `systemd-analyze security` (exposure at most 2.0 of 10), and
+/// the command line and environment it gives `serve` start Haven.
+#[tokio::test]
+async fn the_service_unit_is_accepted_sandboxed_and_starts_haven() {
+    use tokio::io::AsyncBufReadExt;
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haven.service")).unwrap();
+    let binary = env!("CARGO_BIN_EXE_haven");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("haven.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/haven", binary)).unwrap();
+    let analyze = |args: &[&str]| {
+        std::process::Command::new("systemd-analyze")
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (Debian's systemd) is needed")
+    };
+    let verify = analyze(&["verify"]);
+    let complaints = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && complaints.trim().is_empty(), "{complaints}");
+    let security = analyze(&["security", "--offline=true"]);
+    let report = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|line| line.split("haven.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|score| score.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {report}"));
+    assert!(exposure <= 2.0, "{report}");
+
+    // Its ExecStart= and Environment= lines, with the database in a
+    // temporary directory and a free port.
+    let exec = unit.lines().find_map(|line| line.strip_prefix("ExecStart=")).unwrap();
+    let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
+    let mut command = tokio::process::Command::new(binary);
+    command.args(&args).env_clear().stdout(std::process::Stdio::piped()).kill_on_drop(true);
+    for line in unit.lines().filter_map(|line| line.strip_prefix("Environment=")) {
+        let (key, value) = line.split_once('=').unwrap();
+        command.env(key, value);
+    }
+    let database = dir.path().join("haven.db");
+    command.env("HAVEN_DATABASE_URL", format!("sqlite://{}", database.display()));
+    command.env("HAVEN_BIND", "127.0.0.1:0");
+    let mut serve = command.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(EVENT_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(address) = line.strip_prefix("Haven is listening on ") {
+                return address.to_owned();
+            }
+        }
+        panic!("serve stopped before listening");
+    })
+    .await
+    .expect("serve started in time");
+    let ready = reqwest::get(format!("{listening}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    serve.kill().await.unwrap();
 }

@@ -8,16 +8,12 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::helpers::{EVENT_TIMEOUT, Options, TestApp};
+use crate::helpers::{EVENT_TIMEOUT, Options, TestApp, with_args};
 
 /// The head and request deadlines these tests give the server, in seconds.
 const DEADLINE: u64 = 2;
 /// Open connections one address may hold in these tests.
 const CAP: usize = 40;
-
-fn with_args(args: &[&str]) -> Options {
-    Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
-}
 
 /// A TCP connection to `server` from the loopback address `source`.
 async fn connect_from(source: &str, server: &str) -> TcpStream {

@@ -13,11 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::helpers::{EVENT_TIMEOUT, Options, PASSWORD, Received, TestApp, message_of};
-
-fn with_args(args: &[&str]) -> Options {
-    Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
-}
+use crate::helpers::{EVENT_TIMEOUT, PASSWORD, Received, TestApp, message_of, with_args};
 
 /// A WebSocket upgrade request written by hand, for a raw TCP client.
 fn upgrade_request(address: &str, session: &haven_protocol::api::CreatedSession) -> String {

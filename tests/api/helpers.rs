@@ -86,6 +86,11 @@ pub async fn fresh_postgres_database() -> String {
     format!("{server}/{name}")
 }
 
+/// Options that pass these flags to `serve`.
+pub fn with_args(args: &[&str]) -> Options {
+    Options { args: args.iter().map(|arg| arg.to_string()).collect(), ..Options::default() }
+}
+
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(Options::default()).await
@@ -126,6 +131,12 @@ impl TestApp {
             .expect("wait for server")
     }
 
+    /// [`TestApp::start_again`] with these arguments added to `serve`'s.
+    pub async fn start_again_with(&mut self, args: &[&str]) {
+        self.options.args.extend(args.iter().map(|arg| arg.to_string()));
+        self.start_again().await;
+    }
+
     /// Starts the server again after [`TestApp::stop`], on the same file and port.
     pub async fn start_again(&mut self) {
         let bind = self.address.trim_start_matches("http://").to_owned();
@@ -134,6 +145,30 @@ impl TestApp {
         self.address = address;
         self.setup_url = setup_url;
         self.logs = logs;
+    }
+
+    /// Everything the database holds, as bytes: the SQLite file and its WAL,
+    /// or, on PostgreSQL, every row of these tables as text.
+    pub async fn stored_bytes(&self, tables: &[&str]) -> Vec<u8> {
+        let mut stored = Vec::new();
+        if on_postgres() {
+            use sqlx::Connection;
+            let mut connection = sqlx::PgConnection::connect(&self.database_url).await.unwrap();
+            for table in tables {
+                let rows: Vec<String> =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM {table} t")))
+                        .fetch_all(&mut connection)
+                        .await
+                        .unwrap();
+                stored.extend(rows.concat().into_bytes());
+            }
+        } else {
+            for suffix in ["", "-wal"] {
+                let path = format!("{}{suffix}", self.database_path().display());
+                stored.extend(std::fs::read(path).unwrap_or_default());
+            }
+        }
+        stored
     }
 
     /// The SQLite file, when the suite runs on SQLite.
@@ -202,6 +237,20 @@ impl TestApp {
         response.json().await.expect("session body")
     }
 
+    /// The client's choice for the conversation with the companion, sent
+    /// with `token` as bearer (none: no credential); the answer's status.
+    pub async fn share_companion_part(&self, session_id: Uuid, token: Option<&str>, shared: bool) -> u16 {
+        let request = self
+            .http
+            .put(self.url(&format!("/api/sessions/{session_id}/companion-sharing")))
+            .json(&json!({ "shared": shared }));
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        request.send().await.expect("sharing request").status().as_u16()
+    }
+
     /// The whole history through the API, with `token` as bearer.
     pub async fn history(&self, session_id: Uuid, token: &str) -> Vec<ChatMessage> {
         let response = self
@@ -233,7 +282,7 @@ impl TestApp {
             request.headers_mut().insert(name, HeaderValue::from_str(value).expect("header value"));
         }
         let (stream, _) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake");
-        Ws { stream, presence: VecDeque::new(), pending: VecDeque::new() }
+        Ws { stream, aside: Default::default(), pending: VecDeque::new() }
     }
 }
 
@@ -373,12 +422,31 @@ pub fn session_of(event: &Value) -> Option<String> {
 /// A client-side WebSocket speaking Haven's protocol.
 pub struct Ws {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// `presence` frames, set aside: they come at connect and whenever the
-    /// other side comes or goes, in between any others; [`Ws::presence`]
-    /// reads them.
-    presence: VecDeque<ServerFrame>,
-    /// What was received while [`Ws::presence`] waited: read next.
+    /// `presence`, `queue` and `sharing` frames, set aside by kind
+    /// ([`Aside`]): they come at connect and at changes, in between any
+    /// others; [`Ws::presence`], [`Ws::queue`] and [`Ws::sharing`] read them.
+    aside: [VecDeque<ServerFrame>; 3],
+    /// What was received while one of those waited: read next.
     pending: VecDeque<Received>,
+}
+
+/// The kinds of frames [`Ws::receive`] sets aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aside {
+    Presence,
+    Queue,
+    Sharing,
+}
+
+impl Aside {
+    fn of(frame: &ServerFrame) -> Option<Self> {
+        match frame {
+            ServerFrame::Presence { .. } => Some(Aside::Presence),
+            ServerFrame::Queue { .. } => Some(Aside::Queue),
+            ServerFrame::Sharing { .. } => Some(Aside::Sharing),
+            _ => None,
+        }
+    }
 }
 
 /// What a socket received next.
@@ -409,16 +477,19 @@ impl Ws {
         self.stream.send(message).await.expect("send frame");
     }
 
-    /// The next frame or close but `presence` frames, failing the test
-    /// after [`EVENT_TIMEOUT`].
+    /// The next frame or close but `presence`, `queue` and `sharing`
+    /// frames, failing the test after [`EVENT_TIMEOUT`].
     pub async fn receive(&mut self) -> Received {
         if let Some(received) = self.pending.pop_front() {
             return received;
         }
         loop {
             match self.read().await {
-                Received::Frame(frame @ ServerFrame::Presence { .. }) => self.presence.push_back(frame),
-                other => return other,
+                Received::Frame(frame) => match Aside::of(&frame) {
+                    Some(kind) => self.aside[kind as usize].push_back(frame),
+                    None => return Received::Frame(frame),
+                },
+                closed => return closed,
             }
         }
     }
@@ -448,14 +519,48 @@ impl Ws {
     /// name given. Other frames read meanwhile are kept for
     /// [`Ws::receive`]; it fails the test after [`EVENT_TIMEOUT`].
     pub async fn presence(&mut self) -> (haven_protocol::Sender, bool, Option<String>) {
+        match self.set_aside(Aside::Presence).await {
+            ServerFrame::Presence { sender, here, name } => (sender, here, name),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The next `queue` frame: therapists online, chats ahead. Other frames
+    /// read meanwhile are kept for [`Ws::receive`].
+    pub async fn queue(&mut self) -> (u32, u32) {
+        match self.set_aside(Aside::Queue).await {
+            ServerFrame::Queue { therapists_online, ahead } => (therapists_online, ahead),
+            _ => unreachable!(),
+        }
+    }
+
+    /// How many `queue` frames were set aside and not read.
+    pub fn queued(&self) -> usize {
+        self.aside[Aside::Queue as usize].len()
+    }
+
+    /// The next `sharing` frame: the client's choice for the companion
+    /// part. Other frames read meanwhile are kept for [`Ws::receive`].
+    pub async fn sharing(&mut self) -> Option<bool> {
+        match self.set_aside(Aside::Sharing).await {
+            ServerFrame::Sharing { shared } => shared,
+            _ => unreachable!(),
+        }
+    }
+
+    /// The next frame of a `kind` that [`Ws::receive`] sets aside.
+    async fn set_aside(&mut self, kind: Aside) -> ServerFrame {
         loop {
-            if let Some(ServerFrame::Presence { sender, here, name }) = self.presence.pop_front() {
-                return (sender, here, name);
+            if let Some(frame) = self.aside[kind as usize].pop_front() {
+                return frame;
             }
             match self.read().await {
-                Received::Frame(ServerFrame::Presence { sender, here, name }) => return (sender, here, name),
-                Received::Closed(close) => panic!("socket closed waiting for presence: {close:?}"),
-                frame => self.pending.push_back(frame),
+                Received::Frame(frame) => match Aside::of(&frame) {
+                    Some(other) if other == kind => return frame,
+                    Some(other) => self.aside[other as usize].push_back(frame),
+                    None => self.pending.push_back(Received::Frame(frame)),
+                },
+                Received::Closed(close) => panic!("socket closed waiting for a frame set aside: {close:?}"),
             }
         }
     }

@@ -381,6 +381,21 @@ fn run(program: &str, args: &[&str]) {
     assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// `/readyz`'s body once it answers `status`, asked again until then (the
+/// database's state reaches an instance through a failed read or its
+/// listener).
+async fn readiness_becomes(app: &TestApp, status: u16) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let response = app.http.get(app.url("/readyz")).send().await.unwrap();
+        if response.status() == status {
+            return response.json().await.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     use sqlx::Connection;
@@ -401,8 +416,16 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     let before = client.send_message("before the restart").await;
     let (first, _) = client.ack(&before).await;
 
-    // While the database is down, nothing is acknowledged.
+    for app in [&a, &b] {
+        assert_eq!(readiness_becomes(app, 200).await["status"], "ready");
+    }
+
+    // While the database is down, nothing is acknowledged, and neither
+    // instance is ready.
     postgres.pg_ctl("stop");
+    for app in [&a, &b] {
+        assert_eq!(readiness_becomes(app, 503).await["error"], "not_ready");
+    }
     client
         .send_json(json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}))
         .await;
@@ -415,8 +438,12 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     };
     assert_eq!(refused, (haven_protocol::ErrorCode::Unavailable, Some("outage-1".to_owned())));
 
-    // Back up: the re-sent message is stored once, and reaches the other instance.
+    // Back up: both are ready again (the database answers, the listeners are
+    // back); the re-sent message is stored once, and reaches the other instance.
     postgres.pg_ctl("start");
+    for app in [&a, &b] {
+        assert_eq!(readiness_becomes(app, 200).await["status"], "ready");
+    }
     client
         .send_json(json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}))
         .await;
@@ -633,4 +660,85 @@ async fn presence_crosses_instances_and_a_first_tab_elsewhere_learns_who_is_here
         let tick = tokio::time::timeout(EVENT_TIMEOUT, events.chunk()).await;
         tick.expect("C never learned the client left").unwrap().expect("the stream ended");
     }
+}
+
+#[tokio::test]
+async fn waiting_clients_count_the_therapists_online_on_every_instance() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(a, a).await;
+    let first = b.create_session().await;
+    let mut client = b.connect(first.session_id, &first.client_token).await;
+    assert_eq!(client.queue().await, (0, 0));
+
+    // The therapist opens the appointments list on A: B's client is told.
+    let list = a.http.get(a.url("/api/appointments/events")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(client.queue().await, (1, 0));
+
+    // An instance that starts later asks, and learns of the therapist on A.
+    let database_url = Some(a.database_url.clone());
+    let c = TestApp::spawn_with(Options { database_url, ..Options::default() }).await;
+    let second = c.create_session().await;
+    let mut later = c.connect(second.session_id, &second.client_token).await;
+    loop {
+        match later.queue().await {
+            (1, 1) => break,
+            place => assert_eq!(place, (0, 1), "before A answers, C knows of nobody"),
+        }
+    }
+
+    // The list closes on A: nobody is online, on B and on C.
+    drop(list);
+    assert_eq!(client.queue().await, (0, 0));
+    assert_eq!(later.queue().await, (0, 1));
+}
+
+#[tokio::test]
+async fn two_instances_appending_at_once_keep_one_audit_chain() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    a.add_therapist("tess@clinic.test", "Dr Tess Example").await;
+    // Logins on both instances at once: each appends to the trail.
+    let attempts = 20;
+    let logins = (0..attempts).map(|i| {
+        let app = if i % 2 == 0 { a } else { b };
+        let password = if i % 10 == 0 { "wrong password" } else { PASSWORD };
+        app.login("tess@clinic.test", password)
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(logins)
+        .await
+        .iter()
+        .map(|response| response.status().as_u16())
+        .collect();
+    assert_eq!(statuses.iter().filter(|status| **status == 401).count(), 2, "{statuses:?}");
+    assert!(statuses.iter().all(|status| *status == 200 || *status == 401), "{statuses:?}");
+    let output = a.cli(&["audit", "verify"], "").await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    // The account, then every attempt.
+    assert!(text.contains(&format!("{} records", attempts + 1)), "{text}");
+}
+
+#[tokio::test]
+async fn a_chat_erased_on_one_instance_closes_its_tabs_on_another() {
+    let apps = instances(2, &[]).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let token = therapist_on(b, a).await;
+    let session = a.create_session().await;
+    let mut tabs = tab_on_each(&apps, &session).await;
+    assert!(b.appointments(&token).await.iter().any(|row| row.session_id == session.session_id));
+    let response = a
+        .http
+        .delete(a.url(&format!("/api/sessions/{}", session.session_id)))
+        .bearer_auth(&session.client_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    for tab in &mut tabs {
+        let (code, reason) = tab.closed_eventually().await;
+        assert_eq!((code, reason.as_str()), (1008, "chat erased"));
+    }
+    assert!(!b.appointments(&token).await.iter().any(|row| row.session_id == session.session_id));
 }

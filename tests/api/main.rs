@@ -3,12 +3,14 @@
 
 mod admission;
 mod api;
+mod audit;
 mod browser;
 mod chat;
 mod cli;
 mod connections;
 mod durability;
 mod edges;
+mod erasure;
 mod hand_back;
 mod hardening;
 mod helpers;
@@ -17,3 +19,4 @@ mod mock_llm;
 mod privacy;
 mod providers;
 mod safety;
+mod visibility;

@@ -29,6 +29,18 @@ async fn logs_are_private_at(level: &str) {
     assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
     let later = client.send_message("another-private-line-9c2e").await;
     client.ack(&later).await;
+    // A therapist's read (audited), a client's choice and an erasure.
+    app.history(session.session_id, &therapist.token).await;
+    let erased = app.create_session().await;
+    let mut gone = app.connect(erased.session_id, &erased.client_token).await;
+    gone.mode().await;
+    let erased_secret = "erase-me-secret-41d0";
+    let sent = gone.send_message(erased_secret).await;
+    gone.ack(&sent).await;
+    assert_eq!(app.share_companion_part(erased.session_id, Some(&erased.client_token), true).await, 204);
+    let url = app.url(&format!("/api/sessions/{}", erased.session_id));
+    let response = app.http.delete(url).bearer_auth(&erased.client_token).send().await.unwrap();
+    assert_eq!(response.status(), 204);
     let mut refused =
         app.connect_with(&format!("/api/chat/ws/{}?role=therapist", session.session_id), &[]).await;
     refused.closed().await;
@@ -36,9 +48,16 @@ async fn logs_are_private_at(level: &str) {
     app.logs.wait_for(1, |event| message_of(event) == "connection rejected").await;
 
     let logs = app.logs.text().to_lowercase();
-    for needle in
-        [secret, "another-private-line-9c2e", PASSWORD, &session.client_token, &therapist.token, &setup_token]
-    {
+    for needle in [
+        secret,
+        "another-private-line-9c2e",
+        erased_secret,
+        PASSWORD,
+        &session.client_token,
+        &erased.client_token,
+        &therapist.token,
+        &setup_token,
+    ] {
         // As written, and as a transport's dump would show its bytes: in
         // hex, and as a byte slice's `Debug`.
         let hex: String = needle.bytes().map(|byte| format!("{byte:02x}")).collect();
@@ -55,6 +74,8 @@ async fn logs_are_private_at(level: &str) {
         "join message sent",
         "companion will not respond",
         "connection rejected",
+        "companion part sharing chosen",
+        "chat erased by its client",
     ] {
         assert!(!app.logs.matching(|event| message_of(event) == step).is_empty(), "no {step:?} event");
     }
@@ -70,28 +91,8 @@ async fn tokens_and_passwords_are_stored_only_as_hashes() {
     let mut client = app.connect(session.session_id, &session.client_token).await;
     client.mode().await;
 
-    // Everything the database holds, as bytes: the SQLite files, or every
-    // row of every table on PostgreSQL.
-    let mut stored = Vec::new();
-    if crate::helpers::on_postgres() {
-        use sqlx::Connection;
-        let mut connection = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
-        for table in
-            ["therapists", "therapist_auth_sessions", "chat_sessions", "client_credentials", "messages"]
-        {
-            let rows: Vec<String> =
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM {table} t")))
-                    .fetch_all(&mut connection)
-                    .await
-                    .unwrap();
-            stored.extend(rows.concat().into_bytes());
-        }
-    } else {
-        for suffix in ["", "-wal"] {
-            let path = format!("{}{suffix}", app.database_path().display());
-            stored.extend(std::fs::read(path).unwrap_or_default());
-        }
-    }
+    let tables = ["therapists", "therapist_auth_sessions", "chat_sessions", "client_credentials", "messages"];
+    let stored = app.stored_bytes(&tables).await;
     assert!(!stored.is_empty());
     let contains = |needle: &str| stored.windows(needle.len()).any(|window| window == needle.as_bytes());
     assert!(!contains(&session.client_token), "client token stored in clear");

@@ -145,6 +145,7 @@ async fn connection(socket: WebSocket, room: Arc<Room>, sender: Sender) {
                                 created_at: time::OffsetDateTime::now_utc(),
                                 client_id: Some(new.client_id.clone()),
                                 reply_id: None,
+                                private: false,
                             };
                             let _ = room.events.send(text(&ServerFrame::Message(message)));
                             ServerFrame::Ack { client_id: new.client_id, seq: *seq }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{ChatMessage, ChatMode, RiskLevel};
+use crate::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 
 /// `201` body of `POST /api/sessions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +77,67 @@ pub struct Appointment {
     pub risk_last_flagged_at: Option<OffsetDateTime>,
     /// Flagged since the last acknowledgement: the dashboard alerts.
     pub risk_needs_attention: bool,
+    /// Messages from the client and the companion the caller's chat page
+    /// was not sent yet.
+    pub unread: u32,
+    /// The newest message, if any.
+    pub last_message: Option<MessagePreview>,
+}
+
+/// One line about a message, for a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    pub sender: Sender,
+    pub kind: MessageKind,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The start of its first line, at most [`PREVIEW_CHARS`] characters
+    /// with "…" when cut; `null` for the companion's messages, which
+    /// therapists read in the chat itself, and for private ones.
+    pub text: Option<String>,
+    /// Part of the conversation with the companion that the client keeps
+    /// private: no text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
+}
+
+/// Longest preview text, in characters, before its "…".
+pub const PREVIEW_CHARS: usize = 100;
+
+impl MessagePreview {
+    pub fn of(message: &ChatMessage) -> Self {
+        let text = (message.sender != Sender::Ai && !message.private).then(|| {
+            let line = message.content.lines().find(|line| !line.trim().is_empty()).unwrap_or("").trim();
+            match line.char_indices().nth(PREVIEW_CHARS) {
+                Some((cut, _)) => format!("{}…", line[..cut].trim_end()),
+                None => line.to_owned(),
+            }
+        });
+        Self {
+            sender: message.sender,
+            kind: message.kind,
+            created_at: message.created_at,
+            text,
+            private: message.private,
+        }
+    }
+}
+
+/// One row of `GET /api/appointments/closed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClosedAppointment {
+    pub appointment_id: Uuid,
+    pub session_id: Uuid,
+    /// The caller's private name for the client, if they gave one.
+    pub client_label: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub closed_at: OffsetDateTime,
+    /// How many messages the transcript holds.
+    pub messages: i64,
+    /// The highest level the safety detector saw; `none` if never flagged.
+    pub risk_level: RiskLevel,
 }
 
 /// Body of `POST /api/safety/classify`.
@@ -203,4 +264,42 @@ pub struct MessagePage {
 pub struct ApiError {
     pub error: String,
     pub message: String,
+}
+
+/// `PUT /api/sessions/{id}/companion-sharing`: the client's choice, before
+/// a therapist joins, whether that therapist will see the conversation
+/// with the companion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompanionSharing {
+    pub shared: bool,
+}
+
+/// `GET /api/sessions/{id}/access-log`: the chat's records in the audit
+/// trail, oldest first, for its therapist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessLog {
+    pub records: Vec<AccessRecord>,
+}
+
+/// Who did what to the chat, when, from where, and how it ended. Never a
+/// message's text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRecord {
+    /// The record's place in the whole audit trail.
+    pub seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// `therapist`, `client`, `system` or `operator`.
+    pub actor: String,
+    /// The therapist's name, for a therapist's record.
+    pub therapist: Option<String>,
+    /// `read`, `export`, `join`, `hand_back`, `close`, `flag`,
+    /// `acknowledge`, …
+    pub action: String,
+    /// The therapist's or operator's address; clients' are never kept.
+    pub address: Option<String>,
+    /// `ok`, or `refused`.
+    pub outcome: String,
+    /// A few words without content, e.g. `messages 1-12`.
+    pub detail: Option<String>,
 }

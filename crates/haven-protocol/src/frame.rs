@@ -68,6 +68,18 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// To the client only, while its chat waits for a therapist (no
+    /// therapist has taken it yet): how many therapists are online now
+    /// (with the appointments list or a chat open, on any instance) and
+    /// how many waiting chats come before this one in the therapists'
+    /// list. Right after the `mode` frame on connect, then at every
+    /// change. Never stored.
+    Queue { therapists_online: u32, ahead: u32 },
+    /// To the client only: its choice whether the therapist who joins sees
+    /// the conversation with the companion (`null` until it chooses). On
+    /// connect and at every change, so that every open tab of the chat
+    /// shows the same choice. Never stored as a message.
+    Sharing { shared: Option<bool> },
     /// To therapists only: the safety detector flagged a client message of
     /// `session_id` (this socket's session or another one the therapist can
     /// see), and the session's level is now `level`.

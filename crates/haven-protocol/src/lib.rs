@@ -281,6 +281,10 @@ pub struct ChatMessage {
     /// message replaces (it equals `id`). Absent for other senders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_id: Option<Uuid>,
+    /// Sent to therapists only, for a message of the conversation with the
+    /// companion that the client keeps private: its `content` is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 #[cfg(test)]

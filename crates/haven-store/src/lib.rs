@@ -8,20 +8,25 @@
 //! default; [`PgStore`] serves several instances from one database. Both
 //! run the same transaction scripts (`scripts.rs`), written once.
 
+use std::net::IpAddr;
+
 use async_trait::async_trait;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender, api::AppointmentStatus};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub mod backup;
 mod batch;
 mod postgres;
 mod rows;
 mod scripts;
 mod sqlite;
+pub mod trail;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use trail::{Action, Actor, Origin, TrailEntry, TrailFilter, TrailRecord};
 
 /// Storage failures, as callers need to tell them apart.
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +90,57 @@ pub struct ChatSession {
     pub last_message_at: Option<OffsetDateTime>,
     /// Closed by its therapist: off every list; its client credential only
     /// reads the transcript.
-    pub closed: bool,
+    pub closed_at: Option<OffsetDateTime>,
     /// Handed back by its therapist, and the client has not yet said yes to
     /// the companion: `BOT_ONLY`, but the companion stays silent.
     pub companion_paused: bool,
+    /// The client's choice: may the therapist see the companion part (the
+    /// messages before the first join)? `None` until they choose, which
+    /// counts as no.
+    pub companion_shared: Option<bool>,
+    /// The seq of the first join message: the companion part ends there.
+    pub first_join_seq: Option<i64>,
     /// Set once the safety detector flagged a client message; never cleared.
     pub risk: Option<RiskState>,
+}
+
+impl ChatSession {
+    /// Whether message `seq` is hidden from therapists: part of the
+    /// conversation with the companion before the first join, which the
+    /// client has not chosen to share.
+    pub fn hides_from_therapists(&self, seq: i64) -> bool {
+        self.companion_shared != Some(true) && self.first_join_seq.is_none_or(|first| seq < first)
+    }
+
+    /// `message` as a therapist may see it: without its text, marked
+    /// `private`, where [`ChatSession::hides_from_therapists`].
+    pub fn for_therapists(&self, message: ChatMessage) -> ChatMessage {
+        if self.hides_from_therapists(message.seq) {
+            ChatMessage { content: String::new(), private: true, ..message }
+        } else {
+            message
+        }
+    }
+}
+
+/// The result of [`Store::set_companion_shared`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharingOutcome {
+    /// Recorded, in the audit trail too; the [`SessionEvent::Sharing`] is
+    /// among the write's events.
+    Set,
+    /// A therapist has joined: the choice is fixed; nothing was written.
+    Joined,
+}
+
+/// What a therapist's list shows of a chat beyond its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glance {
+    /// Messages from the client and the companion after what the
+    /// therapist has read.
+    pub unread: i64,
+    /// The newest message, if any.
+    pub last: Option<ChatMessage>,
 }
 
 /// A session's safety flag: the highest level seen, when, and whether a
@@ -237,8 +287,16 @@ pub enum SessionEvent {
     Flagged { session_id: Uuid, level: RiskLevel, therapist_id: Option<Uuid> },
     /// A therapist acknowledged a session's flag.
     Acknowledged { session_id: Uuid },
+    /// A therapist read further in a session: their unread count changed.
+    Read { session_id: Uuid },
     /// A chat session was created.
     Created { session_id: Uuid },
+    /// A chat session and everything in it were deleted: erased by its
+    /// client, or expired. Its sockets close.
+    Erased { session_id: Uuid },
+    /// The client chose whether the therapist who joins sees the
+    /// conversation with the companion.
+    Sharing { session_id: Uuid, shared: bool },
     /// A piece of a companion reply being generated (not stored).
     Delta { session_id: Uuid, reply_id: Uuid, delta: String },
     /// A companion reply ended without a message (not stored).
@@ -262,6 +320,10 @@ pub enum SessionEvent {
     /// An instance started (or restarted) listening: the others forget the
     /// presence it told them before, and tell it theirs (not stored).
     PresenceQuestion { instance: Uuid },
+    /// One instance has a therapist's appointments list or chat sockets
+    /// open (`here`), or none any more: the clients' "therapists online
+    /// now" (not stored).
+    Staff { instance: Uuid, therapist_id: Uuid, here: bool },
 }
 
 impl SessionEvent {
@@ -281,12 +343,15 @@ impl SessionEvent {
             SessionEvent::Message { session_id, .. }
             | SessionEvent::Flagged { session_id, .. }
             | SessionEvent::Acknowledged { session_id }
+            | SessionEvent::Read { session_id }
             | SessionEvent::Created { session_id }
+            | SessionEvent::Erased { session_id }
+            | SessionEvent::Sharing { session_id, .. }
             | SessionEvent::Delta { session_id, .. }
             | SessionEvent::Cancelled { session_id, .. }
             | SessionEvent::Typing { session_id, .. }
             | SessionEvent::Presence { session_id, .. } => *session_id,
-            SessionEvent::PresenceQuestion { .. } => return None,
+            SessionEvent::PresenceQuestion { .. } | SessionEvent::Staff { .. } => return None,
         })
     }
 }
@@ -346,6 +411,39 @@ pub enum ResumeOutcome {
     NotPaused,
 }
 
+/// The result of [`Store::erase_chat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EraseOutcome {
+    /// Every row of the chat and its credential were deleted in this call;
+    /// the [`SessionEvent::Erased`] is among the write's events.
+    Erased { messages: i64 },
+    /// A therapist has joined the chat (now or before): it is the clinic's
+    /// record, and nothing was written.
+    Joined,
+}
+
+/// When chats expire ([`Store::apply_retention`]): the last activity (the
+/// newest message, or the creation) before which each tier goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionCutoffs {
+    /// Chats no therapist ever joined, and never flagged.
+    pub bot_only_before: OffsetDateTime,
+    /// Chats a therapist joined, or the crisis detector flagged: the
+    /// clinical record.
+    pub clinical_before: OffsetDateTime,
+}
+
+/// What a retention run found (a dry run) or removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub bot_only_chats: i64,
+    pub bot_only_messages: i64,
+    pub clinical_chats: i64,
+    pub clinical_messages: i64,
+    /// The chats were removed; otherwise only counted.
+    pub applied: bool,
+}
+
 /// The result of [`Store::join_as_therapist`].
 #[derive(Debug, Clone)]
 pub enum JoinOutcome {
@@ -360,21 +458,25 @@ pub enum JoinOutcome {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates a therapist account. `Conflict` when the e-mail is taken.
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist>;
+    /// Creates a therapist account, recorded in the audit trail as done by
+    /// `by`. `Conflict` when the e-mail is taken.
+    async fn create_therapist(&self, new: NewTherapist, by: Origin) -> Result<Therapist>;
     async fn therapists(&self) -> Result<Vec<Therapist>>;
     async fn count_therapists(&self) -> Result<i64>;
+    /// Whether the database answers a trivial read now.
+    async fn ping(&self) -> Result<()>;
     /// The account and its password hash, for a login attempt.
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>>;
 
-    /// Records a therapist login under the hash of its token.
+    /// Records a therapist login under the hash of its token, and in the
+    /// audit trail, from `address`.
     async fn create_auth_session(
         &self,
         therapist_id: Uuid,
         token_hash: &[u8],
         expires_at: OffsetDateTime,
+        address: Option<IpAddr>,
     ) -> Result<()>;
-    /// The therapist whose unexpired login has this token hash.
     /// The therapist whose login has this token hash, if the login is valid
     /// at `now`: not past its absolute expiry, used within `idle`, and of an
     /// account that is not disabled. With `touch`, a valid login is marked as
@@ -391,13 +493,15 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_therapist_sessions(&self, therapist_id: Uuid) -> Result<()>;
 
     /// Replaces an account's password hash and ends its logins, in one
-    /// transaction. `None` for an unknown e-mail.
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>>;
+    /// transaction with its audit record. `None` for an unknown e-mail.
+    async fn set_password(&self, email: &str, password_hash: &str, by: Origin) -> Result<Option<Therapist>>;
 
-    /// Disables an account and ends its logins. `None` for an unknown e-mail.
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>>;
-    /// Ends a login. Unknown hashes are not an error.
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()>;
+    /// Disables an account and ends its logins, in one transaction with its
+    /// audit record. `None` for an unknown e-mail.
+    async fn disable_therapist(&self, email: &str, by: Origin) -> Result<Option<Therapist>>;
+    /// Ends a login, recorded in the audit trail as its therapist's logout
+    /// from `address`. Unknown hashes are not an error.
+    async fn revoke_auth_session(&self, token_hash: &[u8], address: Option<IpAddr>) -> Result<()>;
 
     /// "Chat Now": a new open, unassigned `BOT_ONLY` session whose client
     /// credential has this token hash.
@@ -412,6 +516,29 @@ pub trait Store: Send + Sync + 'static {
         &self,
         therapist_id: Uuid,
         waiting_since: OffsetDateTime,
+    ) -> Result<Vec<ChatSession>>;
+
+    /// What this therapist's list shows of each chat `appointments_for`
+    /// lists, by session: how many messages from the client and the
+    /// companion came after what they have read, and the newest message.
+    async fn glances_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<std::collections::HashMap<Uuid, Glance>>;
+
+    /// Records that this therapist was sent a session's messages up to
+    /// `seq`. A lower `seq` than recorded changes nothing.
+    async fn mark_read(&self, therapist_id: Uuid, session_id: Uuid, seq: i64) -> Result<()>;
+
+    /// This therapist's closed chats, the most recently closed first: at
+    /// most `limit`, closed before `before` (a `(closed_at, id)` of the
+    /// previous page) when given.
+    async fn closed_for(
+        &self,
+        therapist_id: Uuid,
+        before: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
     ) -> Result<Vec<ChatSession>>;
 
     /// Sets this therapist's private name for a session's client, or
@@ -430,6 +557,7 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         join_message: &str,
+        address: Option<IpAddr>,
     ) -> Result<Committed<JoinOutcome>>;
 
     /// Closes a session assigned to this therapist, in one transaction:
@@ -441,6 +569,7 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         closing_message: &str,
+        address: Option<IpAddr>,
     ) -> Result<Committed<CloseOutcome>>;
 
     /// The hand-back, in one transaction: a session `THERAPIST_JOINED` by
@@ -448,13 +577,15 @@ pub trait Store: Send + Sync + 'static {
     /// `note`, if any, is appended as the therapist's message and then
     /// `hand_back_message` as a `system` message of kind `handback`. The
     /// session stays assigned: the same therapist may join again, as a new
-    /// join. `NotFound` for no such session.
+    /// join. `by`: the therapist, or the client when the therapist was
+    /// away. `NotFound` for no such session.
     async fn hand_back(
         &self,
         session_id: Uuid,
         therapist_id: Uuid,
         note: Option<&str>,
         hand_back_message: &str,
+        by: Origin,
     ) -> Result<Committed<HandBackOutcome>>;
 
     /// The client's yes after a hand-back, in one transaction: unpauses the
@@ -521,6 +652,7 @@ pub trait Store: Send + Sync + 'static {
         session_id: Uuid,
         therapist_id: Uuid,
         note: Option<&str>,
+        address: Option<IpAddr>,
     ) -> Result<Committed<AcknowledgeOutcome>>;
 
     /// A session's safety audit trail, oldest first.
@@ -531,6 +663,50 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` messages with `seq > after`, in seq order.
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>>;
+
+    /// [`Store::messages_after`] for a reader whom the audit trail records:
+    /// `read` (its actor, action and address; the session and the seqs
+    /// sent are filled in) is appended in the same transaction as the read,
+    /// when it returns any message.
+    async fn read_messages(
+        &self,
+        session_id: Uuid,
+        after: i64,
+        limit: i64,
+        read: TrailEntry,
+    ) -> Result<Vec<ChatMessage>>;
+
+    /// Records the client's choice for the companion part, while no
+    /// therapist has joined, with its audit record. `NotFound` for no such
+    /// session.
+    async fn set_companion_shared(&self, session_id: Uuid, shared: bool)
+    -> Result<Committed<SharingOutcome>>;
+
+    /// The client's erasure, in one transaction: while no therapist has
+    /// joined, deletes every message, flag record, therapist's read mark and
+    /// label of the chat, its client credential and the chat itself, and
+    /// records the erasure (without content) in the audit trail. `NotFound`
+    /// for no such session.
+    async fn erase_chat(&self, session_id: Uuid) -> Result<Committed<EraseOutcome>>;
+
+    /// A retention run, in one transaction: counts the chats whose last
+    /// activity is before their tier's cutoff and, with `apply`, deletes
+    /// them as [`Store::erase_chat`] does. Either way the run is recorded in
+    /// the audit trail as done by `by`, unless it was Haven's own daily run
+    /// ([`Actor::System`]) and found nothing.
+    async fn apply_retention(
+        &self,
+        cutoffs: RetentionCutoffs,
+        apply: bool,
+        by: Origin,
+    ) -> Result<Committed<RetentionReport>>;
+
+    /// Appends a record of something that wrote nothing else (a failed
+    /// login) to the audit trail.
+    async fn append_trail(&self, entry: TrailEntry) -> Result<()>;
+
+    /// Audit records, oldest first: those `filter` selects.
+    async fn trail(&self, filter: &TrailFilter) -> Result<Vec<TrailRecord>>;
 }
 
 /// What another instance did.
@@ -538,6 +714,9 @@ pub trait Store: Send + Sync + 'static {
 pub enum Notification {
     /// An event another instance committed (or announced).
     Event(SessionEvent),
+    /// The connection to the notification source was lost: until
+    /// [`Notification::Reconnected`], other instances are not heard.
+    Lost,
     /// The connection to the notification source was lost and is back:
     /// notifications in between may be lost, so read what was missed.
     Reconnected,

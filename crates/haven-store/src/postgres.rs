@@ -279,6 +279,11 @@ impl Backend for PgStore {
     /// instances.
     const LOCK: &'static str = " FOR UPDATE";
 
+    /// One advisory lock for the whole trail, held to the transaction's
+    /// end: appends from every instance take turns, so the chain stays one.
+    /// Its key is arbitrary, and Haven's alone in its database.
+    const TRAIL_LOCK: &'static str = "SELECT pg_advisory_xact_lock(7368426865)";
+
     fn reader(&self) -> &PgPool {
         &self.db.pool
     }
@@ -313,7 +318,7 @@ impl Backend for PgStore {
     async fn listen(&self) -> Result<Option<Box<dyn Listener>>> {
         let mut listener = PgListener::connect_with(&self.db.pool).await?;
         listener.listen(CHANNEL).await?;
-        Ok(Some(Box::new(PgNotifications { listener, instance: self.db.instance })))
+        Ok(Some(Box::new(PgNotifications { listener, instance: self.db.instance, lost: false })))
     }
 }
 
@@ -346,11 +351,25 @@ fn split(text: &str, max: usize) -> impl Iterator<Item = &str> {
 struct PgNotifications {
     listener: PgListener,
     instance: Uuid,
+    /// The database went away: the next call listens again until it is back.
+    lost: bool,
 }
 
 #[async_trait]
 impl Listener for PgNotifications {
     async fn next(&mut self) -> Notification {
+        // The database went away (a restart ends sessions with an error, not
+        // only a closed socket). Listen again until it is back; whatever
+        // was announced meanwhile is lost.
+        if std::mem::take(&mut self.lost) {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if self.listener.listen(CHANNEL).await.is_ok() {
+                    tracing::info!("notification listener reconnected");
+                    return Notification::Reconnected;
+                }
+            }
+        }
         loop {
             match self.listener.try_recv().await {
                 Ok(Some(notification)) => {
@@ -360,18 +379,10 @@ impl Listener for PgNotifications {
                 }
                 // The connection was lost and has been re-established.
                 Ok(None) => return Notification::Reconnected,
-                // The database went away (a restart ends sessions with an
-                // error, not only a closed socket). Listen again until it is
-                // back; whatever was announced meanwhile is lost.
                 Err(error) => {
                     tracing::warn!(error = %error, "notification listener lost the database; reconnecting");
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        if self.listener.listen(CHANNEL).await.is_ok() {
-                            tracing::info!("notification listener reconnected");
-                            return Notification::Reconnected;
-                        }
-                    }
+                    self.lost = true;
+                    return Notification::Lost;
                 }
             }
         }

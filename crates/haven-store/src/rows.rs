@@ -52,6 +52,8 @@ pub(crate) struct SessionRow {
     pub(crate) risk_acknowledged_at: Option<OffsetDateTime>,
     pub(crate) risk_acknowledged_by: Option<Uuid>,
     pub(crate) companion_paused: bool,
+    pub(crate) companion_shared: Option<bool>,
+    pub(crate) first_join_seq: Option<i64>,
 }
 
 impl TryFrom<SessionRow> for ChatSession {
@@ -72,8 +74,10 @@ impl TryFrom<SessionRow> for ChatSession {
             last_seq: row.last_seq,
             created_at: row.created_at,
             last_message_at: row.last_message_at,
-            closed: row.closed_at.is_some(),
+            closed_at: row.closed_at,
             companion_paused: row.companion_paused,
+            companion_shared: row.companion_shared,
+            first_join_seq: row.first_join_seq,
             risk: match (row.risk_level, row.risk_first_at, row.risk_last_at) {
                 (Some(level), Some(first_flagged_at), Some(last_flagged_at)) => Some(RiskState {
                     level: parse_level(&level)?,
@@ -119,6 +123,7 @@ impl TryFrom<MessageRow> for ChatMessage {
             created_at: row.created_at,
             client_id: row.client_id,
             reply_id: (sender == Sender::Ai).then_some(row.id),
+            private: false,
         })
     }
 }
@@ -129,7 +134,7 @@ pub(crate) fn parse_mode(value: &str) -> Result<ChatMode> {
 
 pub(crate) const SESSION_COLUMNS: &str = "id, appointment_id, therapist_id, status, chat_mode, last_seq, \
      created_at, last_message_at, closed_at, risk_level, risk_first_at, risk_last_at, risk_acknowledged_at, \
-     risk_acknowledged_by, companion_paused";
+     risk_acknowledged_by, companion_paused, companion_shared, first_join_seq";
 
 pub(crate) fn parse_level(value: &str) -> Result<RiskLevel> {
     RiskLevel::parse(value).ok_or_else(|| StoreError::Corrupt(format!("risk level {value:?}")))
@@ -227,6 +232,7 @@ pub(crate) fn new_message(
         created_at,
         client_id: client_id.map(str::to_owned),
         reply_id: (sender == Sender::Ai).then_some(id),
+        private: false,
     }
 }
 

@@ -25,6 +25,7 @@
 //! with these scripts (inserting a message, raising a flag).
 
 use std::marker::PhantomData;
+use std::net::IpAddr;
 
 use async_trait::async_trait;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, Sender, api::AppointmentStatus};
@@ -40,11 +41,20 @@ use crate::rows::{
     TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
     stored_level,
 };
+use crate::trail::{Action, Actor, Origin, TrailEntry, TrailFilter, TrailRecord};
 use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, Flagged,
-    HandBackOutcome, JoinOutcome, Listener, NewMessage, NewTherapist, Result, ResumeOutcome, RiskFlag,
-    SafetyReport, SessionEvent, Store, StoreError, Therapist, now,
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed,
+    EraseOutcome, Flagged, Glance, HandBackOutcome, JoinOutcome, Listener, NewMessage, NewTherapist, Result,
+    ResumeOutcome, RetentionCutoffs, RetentionReport, RiskFlag, SafetyReport, SessionEvent, SharingOutcome,
+    Store, StoreError, Therapist, now,
 };
+
+/// The sessions on a therapist's appointments list (`$1`: the therapist,
+/// `$2`: the waiting window's start), for a query on `chat_sessions s`:
+/// open ones of theirs, and unclaimed ones still waiting: flagged, or with
+/// activity (a message, or creation) in the window.
+const LISTED: &str = "s.closed_at IS NULL AND (s.therapist_id = $1 OR (s.therapist_id IS NULL
+    AND (s.risk_level IS NOT NULL OR COALESCE(s.last_message_at, s.created_at) >= $2)))";
 
 /// What a store tells the shared scripts: the few things that differ.
 pub(crate) trait Backend: Send + Sync + 'static {
@@ -54,6 +64,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// depends on it: `" FOR UPDATE"`, or `""` where the write transaction
     /// already excludes every other writer.
     const LOCK: &'static str;
+
+    /// Run before appending to the audit trail, so that appends take turns
+    /// across instances and the chain stays one chain: an advisory lock
+    /// held to the end of the transaction, or `""` where the write
+    /// transaction already excludes every other writer.
+    const TRAIL_LOCK: &'static str;
 
     /// Where reads that are not part of a write go.
     fn reader(&self) -> &Pool<Self::Db>;
@@ -76,6 +92,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// [`Store::announce`]: nothing for a store that only one instance uses.
     fn announce(&self, _event: SessionEvent) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// After chats were deleted: makes their bytes leave every file the
+    /// database keeps (SQLite: a checkpoint that truncates the WAL). Nothing
+    /// by default.
+    fn scrub(&self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
 
@@ -117,10 +140,13 @@ where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Column<DB>,
+    for<'q> Option<Uuid>: Encode<'q, DB>,
+    for<'q> Option<OffsetDateTime>: Encode<'q, DB>,
 {
     // Accounts.
 
-    async fn create_therapist(&self, new: NewTherapist) -> Result<Therapist> {
+    async fn create_therapist(&self, new: NewTherapist, by: Origin) -> Result<Therapist> {
         let therapist = Therapist {
             id: Uuid::now_v7(),
             email: new.email,
@@ -128,6 +154,7 @@ where
             created_at: now(),
             disabled: false,
         };
+        let mut tx = self.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO therapists (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -136,15 +163,19 @@ where
         .bind(&therapist.name)
         .bind(&new.password_hash)
         .bind(therapist.created_at)
-        .execute(self.writer())
+        .execute(&mut *tx)
         .await;
         match inserted {
-            Ok(_) => Ok(therapist),
+            Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
-                Err(StoreError::Conflict("email already registered"))
+                return Err(StoreError::Conflict("email already registered"));
             }
-            Err(error) => Err(error.into()),
+            Err(error) => return Err(error.into()),
         }
+        let record = by.entry(Action::AccountAdd).detail(format!("account {}", therapist.id));
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+        tx.commit().await?;
+        Ok(therapist)
     }
 
     async fn therapists(&self) -> Result<Vec<Therapist>> {
@@ -158,6 +189,11 @@ where
 
     async fn count_therapists(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(self.reader()).await?)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(self.reader()).await?;
+        Ok(())
     }
 
     async fn therapist_with_password(&self, email: &str) -> Result<Option<(Therapist, String)>> {
@@ -177,7 +213,7 @@ where
     }
 
     /// Replaces an account's password hash and ends its logins.
-    async fn set_password(&self, email: &str, password_hash: &str) -> Result<Option<Therapist>> {
+    async fn set_password(&self, email: &str, password_hash: &str, by: Origin) -> Result<Option<Therapist>> {
         let mut tx = self.begin_write().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET password_hash = $1 WHERE email = $2 RETURNING {THERAPIST_COLUMNS}"
@@ -188,12 +224,14 @@ where
         .await?;
         let Some(row) = row else { return Ok(None) };
         Scripts::<B>::end_logins(&mut tx, row.id).await?;
+        let record = by.entry(Action::AccountPassword).detail(format!("account {}", row.id));
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
 
     /// Disables an account and ends its logins.
-    async fn disable_therapist(&self, email: &str) -> Result<Option<Therapist>> {
+    async fn disable_therapist(&self, email: &str, by: Origin) -> Result<Option<Therapist>> {
         let mut tx = self.begin_write().await?;
         let row: Option<TherapistRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE therapists SET disabled_at = COALESCE(disabled_at, $1) WHERE email = $2
@@ -205,6 +243,8 @@ where
         .await?;
         let Some(row) = row else { return Ok(None) };
         Scripts::<B>::end_logins(&mut tx, row.id).await?;
+        let record = by.entry(Action::AccountDisable).detail(format!("account {}", row.id));
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
         tx.commit().await?;
         Ok(Some(row.into()))
     }
@@ -216,7 +256,9 @@ where
         therapist_id: Uuid,
         token_hash: &[u8],
         expires_at: OffsetDateTime,
+        address: Option<IpAddr>,
     ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO therapist_auth_sessions (token_hash, therapist_id, created_at, expires_at)
              VALUES ($1, $2, $3, $4)",
@@ -225,8 +267,11 @@ where
         .bind(therapist_id)
         .bind(now())
         .bind(expires_at)
-        .execute(self.writer())
+        .execute(&mut *tx)
         .await?;
+        let record = TrailEntry::new(Actor::Therapist(therapist_id), Action::Login).address(address);
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -271,11 +316,19 @@ where
         Ok(Some(row.therapist.into()))
     }
 
-    async fn revoke_auth_session(&self, token_hash: &[u8]) -> Result<()> {
-        sqlx::query("DELETE FROM therapist_auth_sessions WHERE token_hash = $1")
-            .bind(token_hash)
-            .execute(self.writer())
-            .await?;
+    async fn revoke_auth_session(&self, token_hash: &[u8], address: Option<IpAddr>) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let ended: Option<Uuid> = sqlx::query_scalar(
+            "DELETE FROM therapist_auth_sessions WHERE token_hash = $1 RETURNING therapist_id",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(therapist_id) = ended {
+            let record = TrailEntry::new(Actor::Therapist(therapist_id), Action::Logout).address(address);
+            Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -299,8 +352,10 @@ where
             last_seq: 0,
             created_at: now(),
             last_message_at: None,
-            closed: false,
+            closed_at: None,
             companion_paused: false,
+            companion_shared: None,
+            first_join_seq: None,
             risk: None,
         };
         let mut tx = self.begin_write().await?;
@@ -350,12 +405,99 @@ where
         waiting_since: OffsetDateTime,
     ) -> Result<Vec<ChatSession>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM chat_sessions
-             WHERE closed_at IS NULL AND (therapist_id = $1 OR (therapist_id IS NULL
-               AND (risk_level IS NOT NULL OR COALESCE(last_message_at, created_at) >= $2))) ORDER BY id"
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions s WHERE {LISTED} ORDER BY id"
         )))
         .bind(therapist_id)
         .bind(waiting_since)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn glances_for(
+        &self,
+        therapist_id: Uuid,
+        waiting_since: OffsetDateTime,
+    ) -> Result<std::collections::HashMap<Uuid, Glance>> {
+        #[derive(FromRow)]
+        struct GlanceRow {
+            session_id: Uuid,
+            unread: i64,
+            // The newest message's columns, all null when there is none.
+            seq: Option<i64>,
+            id: Option<Uuid>,
+            sender: Option<String>,
+            kind: Option<String>,
+            content: Option<String>,
+            created_at: Option<OffsetDateTime>,
+            client_id: Option<String>,
+        }
+        let rows: Vec<GlanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT s.id AS session_id,
+               (SELECT count(*) FROM messages m WHERE m.session_id = s.id AND m.sender IN ('user', 'ai')
+                  AND m.seq > COALESCE(r.last_read_seq, 0)) AS unread,
+               l.seq, l.id, l.sender, l.kind, l.content, l.created_at, l.client_id
+             FROM chat_sessions s
+             LEFT JOIN therapist_reads r ON r.therapist_id = $1 AND r.session_id = s.id
+             LEFT JOIN messages l ON l.session_id = s.id AND l.seq = s.last_seq
+             WHERE {LISTED}"
+        )))
+        .bind(therapist_id)
+        .bind(waiting_since)
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let last = match (row.seq, row.id, row.sender, row.kind, row.content, row.created_at) {
+                    (Some(seq), Some(id), Some(sender), Some(kind), Some(content), Some(created_at)) => {
+                        let client_id = row.client_id;
+                        Some(
+                            MessageRow { seq, id, sender, kind, content, created_at, client_id }
+                                .try_into()?,
+                        )
+                    }
+                    _ => None,
+                };
+                Ok((row.session_id, Glance { unread: row.unread, last }))
+            })
+            .collect()
+    }
+
+    async fn mark_read(&self, therapist_id: Uuid, session_id: Uuid, seq: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO therapist_reads (therapist_id, session_id, last_read_seq, updated_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (therapist_id, session_id) DO UPDATE
+               SET last_read_seq = excluded.last_read_seq, updated_at = excluded.updated_at
+               WHERE therapist_reads.last_read_seq < excluded.last_read_seq",
+        )
+        .bind(therapist_id)
+        .bind(session_id)
+        .bind(seq)
+        .bind(now())
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    async fn closed_for(
+        &self,
+        therapist_id: Uuid,
+        before: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<ChatSession>> {
+        // With no page before, a bound after every possible one.
+        let (closed_at, id) =
+            before.unwrap_or((OffsetDateTime::now_utc() + time::Duration::days(1), Uuid::max()));
+        let rows: Vec<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM chat_sessions
+             WHERE therapist_id = $1 AND closed_at IS NOT NULL AND (closed_at < $2 OR (closed_at = $2 AND id < $3))
+             ORDER BY closed_at DESC, id DESC LIMIT $4"
+        )))
+        .bind(therapist_id)
+        .bind(closed_at)
+        .bind(id)
+        .bind(i64::from(limit))
         .fetch_all(self.reader())
         .await?;
         rows.into_iter().map(TryInto::try_into).collect()
@@ -406,7 +548,11 @@ where
         session_id: Uuid,
         therapist_id: Uuid,
         join_message: &str,
+        address: Option<IpAddr>,
     ) -> Result<Committed<JoinOutcome>> {
+        let record = TrailEntry::new(Actor::Therapist(therapist_id), Action::Join)
+            .session(session_id)
+            .address(address);
         let mut tx = self.begin_write().await?;
         // The lock makes racing therapists (on any instance) take turns.
         let lock = B::LOCK;
@@ -419,6 +565,7 @@ where
         let (holder, mode) = current.ok_or(StoreError::NotFound)?;
         match holder {
             Some(holder) if holder != therapist_id => {
+                Scripts::<B>::refuse(tx, record).await?;
                 return Ok(Committed::nothing(JoinOutcome::ClaimedByOther));
             }
             Some(_) if parse_mode(&mode)? == ChatMode::TherapistJoined => {
@@ -430,7 +577,8 @@ where
         let seq: i64 = sqlx::query_scalar(
             "UPDATE chat_sessions
              SET therapist_id = $1, status = 'assigned', chat_mode = 'THERAPIST_JOINED', companion_paused = FALSE,
-                 last_seq = last_seq + 1, updated_at = $2, last_message_at = $2
+                 last_seq = last_seq + 1, updated_at = $2, last_message_at = $2,
+                 first_join_seq = COALESCE(first_join_seq, last_seq + 1)
              WHERE id = $3 RETURNING last_seq",
         )
         .bind(therapist_id)
@@ -440,7 +588,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Join, join_message, None, at);
-        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message], vec![record]).await?;
         Ok(Committed::new(JoinOutcome::Joined, events))
     }
 
@@ -450,7 +598,11 @@ where
         session_id: Uuid,
         therapist_id: Uuid,
         closing_message: &str,
+        address: Option<IpAddr>,
     ) -> Result<Committed<CloseOutcome>> {
+        let record = TrailEntry::new(Actor::Therapist(therapist_id), Action::Close)
+            .session(session_id)
+            .address(address);
         let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
         let current: Option<(Option<Uuid>, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(
@@ -461,6 +613,7 @@ where
         .await?;
         let (holder, closed_at) = current.ok_or(StoreError::NotFound)?;
         if holder != Some(therapist_id) {
+            Scripts::<B>::refuse(tx, record).await?;
             return Ok(Committed::nothing(CloseOutcome::NotYours));
         }
         if closed_at.is_some() {
@@ -477,7 +630,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Close, closing_message, None, at);
-        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message], vec![record]).await?;
         Ok(Committed::new(CloseOutcome::Closed, events))
     }
 
@@ -488,7 +641,9 @@ where
         therapist_id: Uuid,
         note: Option<&str>,
         hand_back_message: &str,
+        by: Origin,
     ) -> Result<Committed<HandBackOutcome>> {
+        let record = by.entry(Action::HandBack).session(session_id);
         let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
         let current: Option<(Option<Uuid>, String, Option<OffsetDateTime>)> =
@@ -500,6 +655,7 @@ where
             .await?;
         let (holder, mode, closed_at) = current.ok_or(StoreError::NotFound)?;
         if holder != Some(therapist_id) {
+            Scripts::<B>::refuse(tx, record).await?;
             return Ok(Committed::nothing(HandBackOutcome::NotYours));
         }
         if closed_at.is_some() {
@@ -544,7 +700,7 @@ where
             None,
             at,
         ));
-        let events = Scripts::<B>::commit_messages(self, tx, session_id, messages).await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, messages, vec![record]).await?;
         Ok(Committed::new(HandBackOutcome::HandedBack, events))
     }
 
@@ -586,7 +742,7 @@ where
         .await?;
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Resume, resume_message, None, at);
-        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message]).await?;
+        let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message], Vec::new()).await?;
         Ok(Committed::new(ResumeOutcome::Resumed { unanswered }, events))
     }
 
@@ -607,15 +763,161 @@ where
     }
 
     async fn messages_after(&self, session_id: Uuid, after: i64, limit: i64) -> Result<Vec<ChatMessage>> {
-        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        let mut connection = self.reader().acquire().await?;
+        Scripts::<B>::messages_after_in(&mut connection, session_id, after, limit).await
+    }
+
+    async fn read_messages(
+        &self,
+        session_id: Uuid,
+        after: i64,
+        limit: i64,
+        read: TrailEntry,
+    ) -> Result<Vec<ChatMessage>> {
+        let mut tx = self.begin_write().await?;
+        let messages = Scripts::<B>::messages_after_in(&mut tx, session_id, after, limit).await?;
+        if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
+            let record = read.session(session_id).detail(format!("messages {}-{}", first.seq, last.seq));
+            Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+            tx.commit().await?;
+        }
+        Ok(messages)
+    }
+
+    async fn set_companion_shared(
+        &self,
+        session_id: Uuid,
+        shared: bool,
+    ) -> Result<Committed<SharingOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let holder: Option<Option<Uuid>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT therapist_id FROM chat_sessions WHERE id = $1{lock}"
         )))
         .bind(session_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(self.reader())
+        .fetch_optional(&mut *tx)
         .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        if holder.ok_or(StoreError::NotFound)?.is_some() {
+            return Ok(Committed::nothing(SharingOutcome::Joined));
+        }
+        sqlx::query("UPDATE chat_sessions SET companion_shared = $1 WHERE id = $2")
+            .bind(shared)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await?;
+        let choice = if shared { "shared" } else { "private" };
+        let record = TrailEntry::new(Actor::Client, Action::Sharing).session(session_id).detail(choice);
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+        let events = vec![SessionEvent::Sharing { session_id, shared }];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(Committed::new(SharingOutcome::Set, events))
+    }
+
+    async fn erase_chat(&self, session_id: Uuid) -> Result<Committed<EraseOutcome>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        let row: Option<(Option<Uuid>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT therapist_id, last_seq FROM chat_sessions WHERE id = $1{lock}"
+        )))
+        .bind(session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (holder, messages) = row.ok_or(StoreError::NotFound)?;
+        // A hand-back keeps the therapist: a chat once joined stays joined.
+        if holder.is_some() {
+            return Ok(Committed::nothing(EraseOutcome::Joined));
+        }
+        Scripts::<B>::delete_chat(&mut tx, session_id).await?;
+        let record = TrailEntry::new(Actor::Client, Action::Erase)
+            .session(session_id)
+            .detail(format!("{messages} messages"));
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
+        let events = vec![SessionEvent::Erased { session_id }];
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        Scripts::<B>::scrub_after_deleting(self).await;
+        Ok(Committed::new(EraseOutcome::Erased { messages }, events))
+    }
+
+    async fn apply_retention(
+        &self,
+        cutoffs: RetentionCutoffs,
+        apply: bool,
+        by: Origin,
+    ) -> Result<Committed<RetentionReport>> {
+        let mut tx = self.begin_write().await?;
+        let lock = B::LOCK;
+        // A chat's tier: clinical once a therapist joined it or the crisis
+        // detector flagged it; its age: its last activity.
+        let expired: Vec<(Uuid, i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, last_seq, (therapist_id IS NOT NULL OR risk_level IS NOT NULL) AS clinical
+             FROM chat_sessions
+             WHERE COALESCE(last_message_at, created_at) < CASE
+                 WHEN therapist_id IS NULL AND risk_level IS NULL THEN $1 ELSE $2 END
+             ORDER BY id{lock}"
+        )))
+        .bind(cutoffs.bot_only_before)
+        .bind(cutoffs.clinical_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut report = RetentionReport { applied: apply, ..RetentionReport::default() };
+        let mut events = Vec::new();
+        for (session_id, messages, clinical) in expired {
+            if clinical {
+                report.clinical_chats += 1;
+                report.clinical_messages += messages;
+            } else {
+                report.bot_only_chats += 1;
+                report.bot_only_messages += messages;
+            }
+            if apply {
+                Scripts::<B>::delete_chat(&mut tx, session_id).await?;
+                events.push(SessionEvent::Erased { session_id });
+            }
+        }
+        let detail = format!(
+            "{}{} chats no therapist joined ({} messages), {} clinical chats ({} messages)",
+            if apply { "removed " } else { "dry run: " },
+            report.bot_only_chats,
+            report.bot_only_messages,
+            report.clinical_chats,
+            report.clinical_messages,
+        );
+        let found = report.bot_only_chats + report.clinical_chats > 0;
+        if found || by.actor != Actor::System {
+            Scripts::<B>::trail_in_tx(&mut tx, vec![by.entry(Action::Retention).detail(detail)]).await?;
+        }
+        self.notify(&mut tx, &events).await?;
+        tx.commit().await?;
+        if !events.is_empty() {
+            Scripts::<B>::scrub_after_deleting(self).await;
+        }
+        Ok(Committed::new(report, events))
+    }
+
+    async fn append_trail(&self, entry: TrailEntry) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        Scripts::<B>::trail_in_tx(&mut tx, vec![entry]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn trail(&self, filter: &TrailFilter) -> Result<Vec<TrailRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT seq, at, actor, therapist_id, action, session_id, address, outcome, detail, prev_hash, hash
+             FROM audit_trail
+             WHERE seq > $1 AND ($2 IS NULL OR session_id = $2) AND ($3 IS NULL OR therapist_id = $3)
+               AND ($4 IS NULL OR at >= $4)
+             ORDER BY seq LIMIT $5",
+        )
+        .bind(filter.after)
+        .bind(filter.session_id)
+        .bind(filter.therapist_id)
+        .bind(filter.since)
+        .bind(filter.limit)
+        .fetch_all(self.reader())
+        .await?)
     }
 
     // Rate limits.
@@ -672,7 +974,11 @@ where
         session_id: Uuid,
         therapist_id: Uuid,
         note: Option<&str>,
+        address: Option<IpAddr>,
     ) -> Result<Committed<AcknowledgeOutcome>> {
+        let record = TrailEntry::new(Actor::Therapist(therapist_id), Action::Acknowledge)
+            .session(session_id)
+            .address(address);
         let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
         let row: Option<SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -683,6 +989,7 @@ where
         .await?;
         let session: ChatSession = row.ok_or(StoreError::NotFound)?.try_into()?;
         if session.therapist_id.is_some_and(|holder| holder != therapist_id) {
+            Scripts::<B>::refuse(tx, record).await?;
             return Ok(Committed::nothing(AcknowledgeOutcome::NotYours));
         }
         let Some(mut risk) = session.risk else {
@@ -709,6 +1016,8 @@ where
         .bind(at)
         .execute(&mut *tx)
         .await?;
+        let record = record.detail(format!("level {}", risk.level.as_str()));
+        Scripts::<B>::trail_in_tx(&mut tx, vec![record]).await?;
         let events = vec![SessionEvent::Acknowledged { session_id }];
         self.notify(&mut tx, &events).await?;
         tx.commit().await?;
@@ -799,6 +1108,9 @@ where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Vec<u8>: Column<DB>,
+    for<'q> Option<Uuid>: Encode<'q, DB>,
+    for<'q> Option<OffsetDateTime>: Encode<'q, DB>,
 {
     /// Ends every login of a therapist, inside a transaction.
     async fn end_logins(tx: &mut DB::Connection, therapist_id: Uuid) -> Result<()> {
@@ -806,6 +1118,99 @@ where
             .bind(therapist_id)
             .execute(&mut *tx)
             .await?;
+        Ok(())
+    }
+
+    /// Up to `limit` messages with `seq > after`, in seq order, on this
+    /// connection (a reader's, or a write transaction's).
+    async fn messages_after_in(
+        connection: &mut DB::Connection,
+        session_id: Uuid,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ChatMessage>> {
+        let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *connection)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    /// Appends `records` to the audit trail, inside a write transaction,
+    /// after every row lock the transaction takes (on PostgreSQL the
+    /// trail's advisory lock comes last, so that no two writers wait on
+    /// each other in opposite orders).
+    pub(crate) async fn trail_in_tx(tx: &mut DB::Connection, records: Vec<TrailEntry>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if !B::TRAIL_LOCK.is_empty() {
+            sqlx::query(B::TRAIL_LOCK).execute(&mut *tx).await?;
+        }
+        let last: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_trail ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (mut seq, mut prev_hash) = last.unwrap_or((0, crate::trail::GENESIS.to_vec()));
+        let at = now();
+        for entry in records {
+            seq += 1;
+            let record = entry.into_record(seq, at, prev_hash);
+            sqlx::query(
+                "INSERT INTO audit_trail (seq, at, actor, therapist_id, action, session_id, address, outcome,
+                                          detail, prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(record.seq)
+            .bind(record.at)
+            .bind(&record.actor)
+            .bind(record.therapist_id)
+            .bind(&record.action)
+            .bind(record.session_id)
+            .bind(record.address.as_deref())
+            .bind(&record.outcome)
+            .bind(record.detail.as_deref())
+            .bind(&record.prev_hash[..])
+            .bind(&record.hash[..])
+            .execute(&mut *tx)
+            .await?;
+            prev_hash = record.hash;
+        }
+        Ok(())
+    }
+
+    /// Deletes a chat and every row that belongs to it, inside a write
+    /// transaction that holds its lock: nothing of it is left, and the
+    /// audit trail (which holds no content) keeps its records.
+    async fn delete_chat(tx: &mut DB::Connection, session_id: Uuid) -> Result<()> {
+        for table in ["messages", "safety_audit", "therapist_reads", "client_labels", "client_credentials"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE session_id = $1")))
+                .bind(session_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM chat_sessions WHERE id = $1").bind(session_id).execute(&mut *tx).await?;
+        Ok(())
+    }
+
+    /// [`Backend::scrub`] after a committed deletion. A failure is logged,
+    /// not returned: the deletion stands, and the next checkpoint finishes
+    /// what this one could not.
+    async fn scrub_after_deleting(backend: &B) {
+        if let Err(error) = backend.scrub().await {
+            tracing::warn!(error = %error, "checkpoint after a deletion failed; the next one finishes it");
+        }
+    }
+
+    /// Ends a write transaction that was refused: only its audit record,
+    /// as refused, is committed.
+    async fn refuse(mut tx: Transaction<'static, DB>, record: TrailEntry) -> Result<()> {
+        Self::trail_in_tx(&mut tx, vec![record.refused()]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -854,19 +1259,22 @@ where
     }
 
     /// Ends a write that appended `messages` (numbered already, the session
-    /// row updated): inserts them, tells the other instances in the
-    /// transaction, and commits. Returns the write's events.
+    /// row updated): inserts them, appends `records` to the audit trail,
+    /// tells the other instances in the transaction, and commits. Returns
+    /// the write's events.
     pub(crate) async fn commit_messages(
         backend: &B,
         mut tx: Transaction<'static, DB>,
         session_id: Uuid,
         messages: Vec<ChatMessage>,
+        records: Vec<TrailEntry>,
     ) -> Result<Vec<SessionEvent>> {
         let mut events = Vec::new();
         for message in messages {
             Self::insert_message(&mut tx, session_id, &message).await?;
             events.push(SessionEvent::message(session_id, message));
         }
+        Self::trail_in_tx(&mut tx, records).await?;
         backend.notify(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(events)
@@ -974,6 +1382,10 @@ where
         .bind(at)
         .execute(&mut *tx)
         .await?;
+        let record = TrailEntry::new(Actor::System, Action::Flag)
+            .session(session_id)
+            .detail(format!("level {} at message {seq}", flag.level.as_str()));
+        Self::trail_in_tx(tx, vec![record]).await?;
         events.push(SessionEvent::Flagged { session_id, level, therapist_id });
         Ok(Committed::new(Flagged { level, referred: raised }, events))
     }

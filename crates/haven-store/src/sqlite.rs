@@ -47,6 +47,10 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// (about 40 MB) and lets it start over from its beginning.
 const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 
+/// How long an erasure tries to reset the WAL ([`Backend::scrub`]) while
+/// another checkpoint holds it.
+const SCRUB_PATIENCE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     /// Exactly one connection: SQLite has one writer at a time anyway.
@@ -87,6 +91,10 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
             .pragma("temp_store", "memory")
+            // A deleted row's bytes are overwritten with zeros, not left in
+            // free pages: an erased chat is gone from the file once the
+            // WAL is checkpointed.
+            .pragma("secure_delete", "ON")
             .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
@@ -369,6 +377,9 @@ impl Backend for SqliteStore {
     /// database's only write lock.
     const LOCK: &'static str = "";
 
+    /// Nothing, for the same reason.
+    const TRAIL_LOCK: &'static str = "";
+
     fn reader(&self) -> &SqlitePool {
         &self.reader
     }
@@ -389,6 +400,31 @@ impl Backend for SqliteStore {
     /// Nothing to do: no other instance shares the file.
     async fn notify(&self, _tx: &mut sqlx::SqliteConnection, _events: &[SessionEvent]) -> Result<()> {
         Ok(())
+    }
+
+    /// `secure_delete` zeroed the deleted rows in their pages; the WAL
+    /// still holds the pages as they were until it is reset. This copies
+    /// every page into the file and truncates the WAL.
+    ///
+    /// SQLite waits (its busy timeout) for readers of an older snapshot,
+    /// but not for another checkpoint: while the background checkpointer
+    /// runs one, the pragma reports "busy" without an error and leaves the
+    /// WAL as it was. So a busy result is tried again, for up to
+    /// [`SCRUB_PATIENCE`].
+    async fn scrub(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + SCRUB_PATIENCE;
+        loop {
+            let (busy, _, _): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.writer).await?;
+            if busy == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "the WAL stayed busy");
+                return Err(StoreError::Unavailable(sqlx::Error::Io(busy)));
+            }
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 50).await;
+        }
     }
 }
 
@@ -431,6 +467,41 @@ mod tests {
         }
     }
 
+    /// Another connection's checkpoints, back to back, as the background
+    /// checkpointer's may fall: an erasure still leaves nothing of the chat
+    /// in the WAL (a concurrent checkpoint makes SQLite's TRUNCATE report
+    /// busy without an error).
+    #[tokio::test]
+    async fn an_erasure_resets_the_wal_while_other_checkpoints_run() {
+        let (store, dir) = store().await;
+        let file = dir.path().join("test.db");
+        let url = format!("sqlite://{}", file.display());
+        let mut other =
+            sqlx::ConnectOptions::connect(&SqliteConnectOptions::from_str(&url).unwrap()).await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let hammer = tokio::spawn(async move {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut other).await.unwrap();
+            }
+        });
+        let wal = dir.path().join("test.db-wal");
+        for round in 0..40 {
+            let session = store.create_chat_session(b"client").await.unwrap().outcome;
+            let canary = format!("erasure canary {}", Uuid::now_v7());
+            for n in 0..20 {
+                let new = NewMessage { content: canary.clone(), ..user_message(&format!("c{n}")) };
+                store.append_message(session.id, new).await.unwrap();
+            }
+            store.erase_chat(session.id).await.unwrap();
+            let bytes = std::fs::read(&wal).unwrap_or_default();
+            let left = bytes.windows(canary.len()).any(|window| window == canary.as_bytes());
+            assert!(!left, "round {round}: the erased chat is still in the WAL");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        hammer.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_batch_that_fails_writes_nothing_and_the_next_one_commits() {
         let (store, dir) = store().await;
@@ -448,9 +519,9 @@ mod tests {
         let next = store.append_message(session.id, user_message("c1")).await.unwrap().outcome;
         assert!(matches!(next, Appended::Stored { seq: 2, .. }), "{next:?}");
         let new = NewTherapist { email: "t@x".into(), name: "T".into(), password_hash: "x".into() };
-        let tess = store.create_therapist(new).await.unwrap();
+        let tess = store.create_therapist(new, crate::Origin::OPERATOR).await.unwrap();
         assert!(matches!(
-            store.join_as_therapist(session.id, tess.id, "joined").await.unwrap().outcome,
+            store.join_as_therapist(session.id, tess.id, "joined", None).await.unwrap().outcome,
             JoinOutcome::Joined
         ));
         let url = format!("sqlite://{}", dir.path().join("test.db").display());

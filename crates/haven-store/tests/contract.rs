@@ -9,8 +9,8 @@ use std::sync::Arc;
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 use haven_store::{
     AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, Flagged, HandBackOutcome,
-    JoinOutcome, NewMessage, NewTherapist, PgStore, ResumeOutcome, RiskFlag, SessionEvent, SqliteStore,
-    Store, StoreError, Therapist,
+    JoinOutcome, NewMessage, NewTherapist, Origin, PgStore, ResumeOutcome, RiskFlag, SessionEvent,
+    SqliteStore, Store, StoreError, Therapist,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -34,6 +34,11 @@ async fn subjects() -> Vec<Subject> {
 }
 
 async fn fresh_postgres() -> PgStore {
+    PgStore::connect(&fresh_postgres_url().await, Uuid::now_v7()).await.unwrap()
+}
+
+/// A fresh, empty PostgreSQL database.
+async fn fresh_postgres_url() -> String {
     use sqlx::Connection;
     let server = std::env::var("HAVEN_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
@@ -42,12 +47,12 @@ async fn fresh_postgres() -> PgStore {
         .await
         .unwrap_or_else(|error| panic!("PostgreSQL is required at {server}: {error}"));
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
-    PgStore::connect(&format!("{server}/{name}"), Uuid::now_v7()).await.unwrap()
+    format!("{server}/{name}")
 }
 
 async fn therapist(store: &dyn Store, email: &str) -> Therapist {
     let new = NewTherapist { email: email.into(), name: "T".into(), password_hash: "x".into() };
-    store.create_therapist(new).await.unwrap()
+    store.create_therapist(new, Origin::OPERATOR).await.unwrap()
 }
 
 async fn session(store: &dyn Store, token: &[u8]) -> Uuid {
@@ -141,7 +146,8 @@ async fn flags_only_rise_send_resources_when_they_do_and_are_audited() {
         assert_eq!(risk.level, RiskLevel::High, "{name}");
         assert!(risk.needs_attention() && risk.first_flagged_at < risk.last_flagged_at, "{name}");
 
-        let acknowledged = store.acknowledge_risk(session, tess.id, Some("called the client")).await.unwrap();
+        let acknowledged =
+            store.acknowledge_risk(session, tess.id, Some("called the client"), None).await.unwrap();
         assert_eq!(acknowledged.events, [SessionEvent::Acknowledged { session_id: session }], "{name}");
         let AcknowledgeOutcome::Acknowledged(acked) = acknowledged.outcome else {
             panic!("{name}: expected an acknowledgement");
@@ -187,11 +193,11 @@ async fn only_the_assigned_therapist_acknowledges_and_only_a_flag() {
         let store = store.as_ref();
         let session = session(store, b"client").await;
         let (tess, other) = (therapist(store, "t@x").await, therapist(store, "o@x").await);
-        let not_flagged = store.acknowledge_risk(session, tess.id, None).await.unwrap();
+        let not_flagged = store.acknowledge_risk(session, tess.id, None, None).await.unwrap();
         assert!(
             matches!(not_flagged.outcome, AcknowledgeOutcome::NotFlagged) && not_flagged.events.is_empty()
         );
-        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
+        store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
         let alert = flagged(store, session, "a", RiskLevel::Imminent).await.events.pop();
         assert_eq!(
             alert,
@@ -203,7 +209,7 @@ async fn only_the_assigned_therapist_acknowledges_and_only_a_flag() {
             "{name}: the alert names the assigned therapist"
         );
         assert!(matches!(
-            store.acknowledge_risk(session, other.id, None).await.unwrap().outcome,
+            store.acknowledge_risk(session, other.id, None, None).await.unwrap().outcome,
             AcknowledgeOutcome::NotYours
         ));
         assert!(
@@ -227,7 +233,7 @@ async fn a_companion_reply_after_the_join_is_not_written() {
             (Sender::Ai, MessageKind::Chat, Some(stored.id))
         );
         assert_eq!(messages(&before.events), [stored], "{name}");
-        let joined = store.join_as_therapist(session, tess.id, "joined").await.unwrap();
+        let joined = store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
         assert!(matches!(joined.outcome, JoinOutcome::Joined), "{name}");
         let join = &messages(&joined.events)[0];
         assert_eq!((join.seq, join.sender, join.kind), (2, Sender::System, MessageKind::Join), "{name}");
@@ -254,19 +260,19 @@ async fn join_is_once_per_transition_and_exclusive() {
         let outcome =
             |result: Result<Committed<JoinOutcome>, StoreError>| result.map(|c| (c.outcome, c.events.len()));
         assert!(matches!(
-            outcome(store.join_as_therapist(session, tess.id, "j").await),
+            outcome(store.join_as_therapist(session, tess.id, "j", None).await),
             Ok((JoinOutcome::Joined, 1))
         ));
         assert!(matches!(
-            outcome(store.join_as_therapist(session, tess.id, "j").await),
+            outcome(store.join_as_therapist(session, tess.id, "j", None).await),
             Ok((JoinOutcome::AlreadyJoined, 0))
         ));
         assert!(matches!(
-            outcome(store.join_as_therapist(session, omar.id, "j").await),
+            outcome(store.join_as_therapist(session, omar.id, "j", None).await),
             Ok((JoinOutcome::ClaimedByOther, 0))
         ));
         assert!(matches!(
-            outcome(store.join_as_therapist(Uuid::now_v7(), tess.id, "j").await),
+            outcome(store.join_as_therapist(Uuid::now_v7(), tess.id, "j", None).await),
             Err(StoreError::NotFound)
         ));
         let stored = store.chat_session(session).await.unwrap().unwrap();
@@ -286,14 +292,15 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         let tess = therapist(store, "t@x").await;
         let omar = therapist(store, "o@x").await;
         let reply = || BotMessage::Reply { id: Uuid::now_v7(), content: "companion".into() };
-        let hand_back =
-            |who: Uuid, note: Option<&'static str>| store.hand_back(session, who, note, "handed back");
+        let hand_back = |who: Uuid, note: Option<&'static str>| {
+            store.hand_back(session, who, note, "handed back", Origin::OPERATOR)
+        };
         // Only a joined chat can be handed back, and only by its therapist.
         assert!(
             matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::NotYours),
             "{name}"
         );
-        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
+        store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
         assert!(
             matches!(hand_back(omar.id, None).await.unwrap().outcome, HandBackOutcome::NotYours),
             "{name}"
@@ -345,14 +352,14 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         // The same therapist joins again: a new transition with its own
         // message; another one still cannot.
         assert!(matches!(
-            store.join_as_therapist(session, omar.id, "j").await.unwrap().outcome,
+            store.join_as_therapist(session, omar.id, "j", None).await.unwrap().outcome,
             JoinOutcome::ClaimedByOther
         ));
-        let rejoined = store.join_as_therapist(session, tess.id, "joined again").await.unwrap();
+        let rejoined = store.join_as_therapist(session, tess.id, "joined again", None).await.unwrap();
         assert!(matches!(rejoined.outcome, JoinOutcome::Joined), "{name}");
         assert!(store.append_if_bot_only(session, reply()).await.unwrap().outcome.is_none(), "{name}");
         // A hand-back with nothing said after it: nothing waits for an answer.
-        store.hand_back(session, tess.id, None, "handed back").await.unwrap();
+        store.hand_back(session, tess.id, None, "handed back", Origin::OPERATOR).await.unwrap();
         let quiet = store.resume_companion(session, "resumed").await.unwrap();
         assert!(matches!(quiet.outcome, ResumeOutcome::Resumed { unanswered: false }), "{name}");
         let kinds: Vec<_> =
@@ -360,8 +367,8 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         use MessageKind::{Chat, Handback, Join, Resume};
         assert_eq!(kinds, [Join, Chat, Handback, Chat, Resume, Chat, Chat, Join, Handback, Resume], "{name}");
         // Closed: no hand-back, no resume.
-        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
-        store.close_chat_session(session, tess.id, "closed").await.unwrap();
+        store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
+        store.close_chat_session(session, tess.id, "closed", None).await.unwrap();
         assert!(matches!(hand_back(tess.id, None).await.unwrap().outcome, HandBackOutcome::Closed), "{name}");
         assert!(matches!(store.resume_companion(Uuid::now_v7(), "resumed").await, Err(StoreError::NotFound)));
     }
@@ -389,17 +396,61 @@ async fn a_client_label_is_one_therapists_own_and_can_be_changed_or_forgotten() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_only_move_forward_and_unread_counts_the_client_and_the_companion() {
+    for Subject { name, store, .. } in subjects().await {
+        let store = store.as_ref();
+        let chat = session(store, b"client").await;
+        let tess = therapist(store, "t@x").await;
+        let since = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let glance = async || store.glances_for(tess.id, since).await.unwrap().remove(&chat).unwrap();
+        assert_eq!((glance().await.unread, glance().await.last), (0, None), "{name}");
+        store.append_message(chat, user_message("one")).await.unwrap();
+        let reply = BotMessage::Reply { id: Uuid::now_v7(), content: "hello".into() };
+        store.append_if_bot_only(chat, reply).await.unwrap();
+        let seen = glance().await;
+        let last = seen.last.unwrap();
+        assert_eq!((seen.unread, last.seq, last.sender), (2, 2, Sender::Ai), "{name}");
+
+        store.join_as_therapist(chat, tess.id, "joined", None).await.unwrap();
+        store.mark_read(tess.id, chat, 3).await.unwrap();
+        // An older page's record does not take it back.
+        store.mark_read(tess.id, chat, 1).await.unwrap();
+        assert_eq!(glance().await.unread, 0, "{name}");
+        store.append_message(chat, user_message("two")).await.unwrap();
+        assert_eq!(glance().await.unread, 1, "{name}");
+        // Another therapist's reading is their own (the chat is not on
+        // their list, being Tess's).
+        let omar = therapist(store, "o@x").await;
+        store.mark_read(omar.id, chat, 4).await.unwrap();
+        assert_eq!(glance().await.unread, 1, "{name}");
+
+        // Closed, it is listed apart, newest first, in pages.
+        let other = session(store, b"other").await;
+        store.join_as_therapist(other, tess.id, "joined", None).await.unwrap();
+        store.close_chat_session(chat, tess.id, "closed", None).await.unwrap();
+        store.close_chat_session(other, tess.id, "closed", None).await.unwrap();
+        let first = store.closed_for(tess.id, None, 1).await.unwrap();
+        assert_eq!(first.iter().map(|s| s.id).collect::<Vec<_>>(), vec![other], "{name}");
+        let cursor = (first[0].closed_at.unwrap(), first[0].id);
+        let next = store.closed_for(tess.id, Some(cursor), 5).await.unwrap();
+        assert_eq!(next.iter().map(|s| s.id).collect::<Vec<_>>(), vec![chat], "{name}");
+        assert!(store.closed_for(omar.id, None, 5).await.unwrap().is_empty(), "{name}");
+        assert!(store.glances_for(tess.id, since).await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_chat_takes_no_more_writes_of_any_kind() {
     for Subject { name, store, .. } in subjects().await {
         let session = session(store.as_ref(), b"client").await;
         let tess = therapist(store.as_ref(), "t@x").await;
         store.append_message(session, user_message("before")).await.unwrap();
-        store.join_as_therapist(session, tess.id, "joined").await.unwrap();
-        let closed = store.close_chat_session(session, tess.id, "closed").await.unwrap();
+        store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
+        let closed = store.close_chat_session(session, tess.id, "closed", None).await.unwrap();
         assert!(matches!(closed.outcome, CloseOutcome::Closed), "{name}");
         let close = &messages(&closed.events)[0];
         assert_eq!((close.seq, close.kind), (3, MessageKind::Close), "{name}");
-        let again = store.close_chat_session(session, tess.id, "closed").await.unwrap();
+        let again = store.close_chat_session(session, tess.id, "closed", None).await.unwrap();
         assert!(matches!(again.outcome, CloseOutcome::AlreadyClosed) && again.events.is_empty(), "{name}");
         // The client keeps a credential that reads the transcript.
         assert_eq!(store.session_for_client_token(b"client").await.unwrap(), Some(session), "{name}");
@@ -595,12 +646,12 @@ async fn expired_logins_and_unknown_sessions_find_nothing() {
         let tess = therapist(store, "t@x").await;
         let now = haven_store::now();
         let hour = time::Duration::hours(1);
-        store.create_auth_session(tess.id, b"live", now + hour).await.unwrap();
-        store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1)).await.unwrap();
+        store.create_auth_session(tess.id, b"live", now + hour, None).await.unwrap();
+        store.create_auth_session(tess.id, b"old", now - time::Duration::seconds(1), None).await.unwrap();
         let found = store.therapist_by_token(b"live", now, hour, true).await.unwrap();
         assert_eq!(found.map(|t| t.id), Some(tess.id), "{name}");
         assert!(store.therapist_by_token(b"old", now, hour, true).await.unwrap().is_none(), "{name}");
-        store.revoke_auth_session(b"live").await.unwrap();
+        store.revoke_auth_session(b"live", None).await.unwrap();
         assert!(store.therapist_by_token(b"live", now, hour, true).await.unwrap().is_none(), "{name}");
         assert!(matches!(
             store.append_message(Uuid::now_v7(), user_message("a")).await,
@@ -617,8 +668,8 @@ async fn idle_logins_end_and_password_changes_or_disabling_end_every_login() {
         let start = haven_store::now();
         let (hour, idle) = (time::Duration::hours(1), time::Duration::minutes(30));
         let minutes = time::Duration::minutes;
-        store.create_auth_session(tess.id, b"a", start + hour).await.unwrap();
-        store.create_auth_session(tess.id, b"b", start + hour).await.unwrap();
+        store.create_auth_session(tess.id, b"a", start + hour, None).await.unwrap();
+        store.create_auth_session(tess.id, b"b", start + hour, None).await.unwrap();
         // Used at minute 20, so still valid at minute 45; unused by minute 31.
         assert!(
             store.therapist_by_token(b"a", start + minutes(20), idle, true).await.unwrap().is_some(),
@@ -633,15 +684,16 @@ async fn idle_logins_end_and_password_changes_or_disabling_end_every_login() {
             "{name}"
         );
 
-        store.set_password("t@x", "new hash").await.unwrap().expect("known account");
+        store.set_password("t@x", "new hash", Origin::OPERATOR).await.unwrap().expect("known account");
         assert!(
             store.therapist_by_token(b"a", start, idle, true).await.unwrap().is_none(),
             "{name}: password change ends logins"
         );
         assert_eq!(store.therapist_with_password("t@x").await.unwrap().unwrap().1, "new hash");
 
-        store.create_auth_session(tess.id, b"c", start + hour).await.unwrap();
-        let disabled = store.disable_therapist("t@x").await.unwrap().expect("known account");
+        store.create_auth_session(tess.id, b"c", start + hour, None).await.unwrap();
+        let disabled =
+            store.disable_therapist("t@x", Origin::OPERATOR).await.unwrap().expect("known account");
         assert!(disabled.disabled, "{name}");
         assert!(
             store.therapist_by_token(b"c", start, idle, true).await.unwrap().is_none(),
@@ -651,7 +703,7 @@ async fn idle_logins_end_and_password_changes_or_disabling_end_every_login() {
             store.therapist_with_password("t@x").await.unwrap().is_none(),
             "{name}: a disabled account cannot log in"
         );
-        assert!(store.set_password("nobody@x", "h").await.unwrap().is_none(), "{name}");
+        assert!(store.set_password("nobody@x", "h", Origin::OPERATOR).await.unwrap().is_none(), "{name}");
     }
 }
 
@@ -666,4 +718,76 @@ fn the_kind_migration_knows_the_join_and_closing_texts() {
         assert!(migration.contains(&format!("'{}'", haven_protocol::JOIN_MESSAGE)));
         assert!(migration.contains(&format!("'{}'", haven_protocol::CLOSE_MESSAGE)));
     }
+}
+
+/// What keeping the audit trail one chain costs on PostgreSQL, where each
+/// audited action takes one advisory lock held to its commit: a therapist's
+/// reads of a chat through two stores on one database (two instances),
+/// with their audit record and without (`messages_after`, as before the
+/// trail), at 1, 4 and 16 readers. A benchmark, not a check; docs/privacy.md
+/// has its figures:
+/// `cargo test -p haven-store --release --test contract -- --ignored --nocapture trail_cost`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark"]
+async fn trail_cost_on_postgres() {
+    use haven_store::trail::Verifier;
+    use haven_store::{Action, Actor, TrailEntry, TrailFilter};
+    use std::time::{Duration, Instant};
+
+    const RUN: Duration = Duration::from_secs(5);
+    let url = fresh_postgres_url().await;
+    let mut instances: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..2 {
+        instances.push(Arc::new(PgStore::connect(&url, Uuid::now_v7()).await.unwrap()));
+    }
+    let store = &*instances[0];
+    let reader = therapist(store, "reader@x").await.id;
+    let chat = session(store, b"client").await;
+    for n in 0..20 {
+        store.append_message(chat, user_message(&format!("c{n}"))).await.unwrap();
+    }
+    println!("readers\tplain reads/s\taudited reads/s\tratio");
+    for readers in [1, 4, 16] {
+        let mut rates = [0.0; 2];
+        for (audited, rate) in rates.iter_mut().enumerate() {
+            let until = Instant::now() + RUN;
+            let tasks: Vec<_> = (0..readers)
+                .map(|index| {
+                    let store = instances[index % 2].clone();
+                    tokio::spawn(async move {
+                        let mut reads = 0_u64;
+                        while Instant::now() < until {
+                            let read = if audited == 1 {
+                                let entry = TrailEntry::new(Actor::Therapist(reader), Action::Read);
+                                store.read_messages(chat, 0, 50, entry).await
+                            } else {
+                                store.messages_after(chat, 0, 50).await
+                            };
+                            assert_eq!(read.unwrap().len(), 20);
+                            reads += 1;
+                        }
+                        reads
+                    })
+                })
+                .collect();
+            let mut reads = 0;
+            for task in tasks {
+                reads += task.await.unwrap();
+            }
+            *rate = reads as f64 / RUN.as_secs_f64();
+        }
+        println!("{readers}\t{:.0}\t{:.0}\t{:.2}", rates[0], rates[1], rates[1] / rates[0]);
+    }
+    // Every audited read is in one unbroken chain.
+    let mut verifier = Verifier::default();
+    let mut filter = TrailFilter { limit: 1_000, ..TrailFilter::default() };
+    loop {
+        let page = store.trail(&filter).await.unwrap();
+        let Some(last) = page.last() else { break };
+        filter.after = last.seq;
+        for record in &page {
+            verifier.check(record).unwrap();
+        }
+    }
+    println!("{} records, one chain", verifier.count());
 }
