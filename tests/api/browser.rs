@@ -112,11 +112,16 @@ impl Browser {
     }
 
     async fn find(&self, css: &str) -> Element {
-        self.client.wait().at_most(EVENT_TIMEOUT).for_element(Locator::Css(css)).await.unwrap_or_else(
-            |error| {
-                panic!("no element {css}: {error}");
-            },
-        )
+        // A search that meets the page's navigation (after a click that
+        // opens another page) is asked again, on the new page.
+        for _ in 0..3 {
+            match self.client.wait().at_most(EVENT_TIMEOUT).for_element(Locator::Css(css)).await {
+                Ok(element) => return element,
+                Err(error) if error.to_string().contains("aborted by navigation") => continue,
+                Err(error) => panic!("no element {css}: {error}"),
+            }
+        }
+        panic!("no element {css}: every search was aborted by a navigation")
     }
 
     async fn js(&self, script: &str, args: Vec<Value>) -> Value {
@@ -153,6 +158,41 @@ impl Browser {
 
     async fn until_connected(&self) {
         self.until("document.getElementById('connection').dataset.state === 'open'", vec![]).await;
+    }
+
+    /// The client answers the question asked at their first message: yes,
+    /// the therapist may read the conversation with the companion.
+    async fn share_with_therapist(&self) {
+        // The tap waits until the question is drawn and stays in one place
+        // for two frames: a tap aimed while the list still moves can land
+        // beside the button.
+        self.client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const card = document.getElementById('sharing-card');
+                 const yes = document.getElementById('sharing-yes');
+                 let last = null;
+                 const step = () => {
+                   const box = yes.getBoundingClientRect();
+                   const here = card.hidden || box.height === 0 ? null : `${box.top},${box.left}`;
+                   if (here !== null && here === last) { done(); return; }
+                   last = here;
+                   requestAnimationFrame(step);
+                 };
+                 requestAnimationFrame(step);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        self.find("#sharing-yes").await.click().await.unwrap();
+        self.until(
+            "(document.getElementById('sharing-card').hidden && !document.getElementById('sharing-status').hidden)
+             || document.getElementById('composer-error').textContent !== ''",
+            vec![],
+        )
+        .await;
+        let error = self.js("return document.getElementById('composer-error').textContent", vec![]).await;
+        assert_eq!(error, "", "the answer was not saved");
     }
 
     /// Types into the message box and presses Enter.
@@ -280,6 +320,10 @@ async fn join_from_browser(app: &TestApp, therapist: &Browser, session_id: &str)
     therapist.goto(app, &format!("/chat/{session_id}?therapist=true")).await;
     therapist.find("#chat").await;
     therapist.until_connected().await;
+    // The socket opens before the join commits; the mode frame follows it.
+    therapist
+        .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
+        .await;
 }
 
 async fn log_in(app: &TestApp, browser: &Browser, email: &str) {
@@ -348,6 +392,9 @@ async fn the_reference_procedure_works_in_a_real_browser() {
     client.say("hello").await;
     client.until_message("user", "hello").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    client.until("!document.getElementById('sharing-card').hidden", vec![]).await;
+    client.screenshot("1-client-asked-about-sharing").await;
+    client.share_with_therapist().await;
     let own = client.shown("user", "hello").await;
     assert!(own.right < 2.0 && own.left > 40.0, "the user's message is on the right: {own:?}");
     assert!(is_blue(own.background), "the user's message is blue: {own:?}");
@@ -449,6 +496,7 @@ async fn a_dropped_connection_resumes_with_no_gap_and_no_duplicate() {
     let session_id = chat_now(&app, &client).await;
     client.say("hello").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    client.share_with_therapist().await;
 
     // The server dies; the page notices and keeps what is typed meanwhile.
     app.stop().await;
@@ -769,7 +817,7 @@ async fn each_side_sees_whether_the_other_is_in_the_chat() {
     therapist
         .until(
             &format!(
-                "{row}.dataset.clientOnline === 'true' && {row}.cells[0].textContent.endsWith('online now')"
+                "{row}.dataset.clientOnline === 'true' && {row}.querySelector('.client').textContent.endsWith('online now')"
             ),
             vec![],
         )
@@ -778,11 +826,51 @@ async fn each_side_sees_whether_the_other_is_in_the_chat() {
     therapist
         .until(
             &format!(
-                "{row}.dataset.clientOnline === 'false' && {row}.cells[0].textContent.endsWith('offline')"
+                "{row}.dataset.clientOnline === 'false' && {row}.querySelector('.client').textContent.endsWith('offline')"
             ),
             vec![],
         )
         .await;
+    client.close().await;
+    therapist.close().await;
+}
+
+/// While the chat waits, the client sees the companion's greeting, whether
+/// a therapist is online and how many wait before them, in plain words;
+/// the line goes at the join.
+#[tokio::test]
+async fn a_waiting_client_sees_who_is_online_and_how_many_wait_before_them() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let earlier = app.create_session().await;
+    let session_id = chat_now(&app, &client).await;
+    assert!(client.find("#greeting").await.text().await.unwrap().contains("I'm here to listen"));
+    let line = |text: &str| {
+        format!(
+            "!document.getElementById('queue').hidden && document.getElementById('queue').textContent.includes({text:?})"
+        )
+    };
+    client.until(&line("No therapist is online right now."), vec![]).await;
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    client.until(&line("1 therapist is online now. 1 person is waiting before you."), vec![]).await;
+    let axe = axe_source();
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        assert_eq!(
+            serious_axe_violations(&client, &axe).await,
+            json!([]),
+            "axe with the queue line at {width}px"
+        );
+        client.screenshot(&format!("queue-{width}")).await;
+    }
+    // Tess takes the earlier chat in another tab: this one is next.
+    let mut desk = app.connect(earlier.session_id, &therapist_token(&app).await).await;
+    assert_eq!(desk.mode().await, ChatMode::TherapistJoined);
+    client.until(&line("Your chat is next on their list."), vec![]).await;
+
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    client.until("document.getElementById('queue').hidden", vec![]).await;
     client.close().await;
     therapist.close().await;
 }
@@ -1052,6 +1140,9 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
                 vec![],
             )
             .await;
+        if turn == 1 {
+            client.share_with_therapist().await;
+        }
     }
     let layout = client
         .js(
@@ -1090,6 +1181,11 @@ async fn on_a_phone_the_conversation_scrolls_between_a_fixed_header_and_composer
         "message-input",
         "focus after Join Chat"
     );
+    // The socket opens before the join commits: the transcript is the
+    // therapist's once the page shows the join.
+    therapist
+        .until("document.getElementById('mode-banner').dataset.mode === 'THERAPIST_JOINED'", vec![])
+        .await;
     // The chat's therapist downloads its transcript from the page.
     let markdown = therapist
         .client
@@ -1206,13 +1302,14 @@ async fn a_therapist_opening_a_flagged_chat_sees_the_alert_the_client_name_and_e
     let session_id = chat_now(&app, &client).await;
     client.say("i have the pills in front of me and im going to take them all tonight").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    client.share_with_therapist().await;
     let name = format!("Client {}", &session_id.replace('-', "")[28..]);
 
     log_in(&app, &therapist, "tess@clinic.test").await;
     let row = format!("#appointments tr[data-session-id='{session_id}']");
     therapist
         .until(
-            "document.querySelector(args[0])?.cells[0].textContent === args[1] + ' · online now'",
+            "document.querySelector(args[0])?.querySelector('.client').textContent === args[1] + ' · online now'",
             vec![json!(row), json!(name)],
         )
         .await;
@@ -1587,6 +1684,7 @@ async fn a_therapist_can_rename_a_client_privately_and_clear_the_name() {
     let session_id = chat_now(&app, &client).await;
     client.say("hello").await;
     client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    client.share_with_therapist().await;
     let short = format!("Client {}", &session_id.replace('-', "")[28..]);
     let label = "Sam, Tuesday group";
     let named = format!("{label} ({short})");
@@ -1747,6 +1845,233 @@ async fn a_therapist_can_rename_a_client_privately_and_clear_the_name() {
     assert_eq!(stored, json!({ "label": null }));
     let error = therapist.js("return document.getElementById('composer-error').textContent", vec![]).await;
     assert_eq!(error, "", "no error on the page");
+    client.close().await;
+    therapist.close().await;
+}
+
+/// The dashboard counts unread messages, previews the last one (the
+/// companion's only by sender and time), fits 1280 px without wrapping its
+/// buttons, and lists closed chats in a "Closed" tab that opens each
+/// transcript read-only.
+#[tokio::test]
+async fn the_dashboard_shows_unread_counts_previews_and_a_closed_tab() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("hi there, how does this work").await;
+    client
+        .until("document.querySelectorAll('#messages li[data-sender=\"ai\"][data-seq]').length >= 1", vec![])
+        .await;
+    client.share_with_therapist().await;
+
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    let row = format!("document.querySelector(\"#appointments tr[data-session-id='{session_id}']\")");
+    therapist
+        .until(
+            &format!(
+                "{row}.dataset.unread === '2' && {row}.querySelector('.unread').textContent === '2 new'
+                 && {row}.cells[5].textContent.includes('Companion wrote (open the chat to read)')"
+            ),
+            vec![],
+        )
+        .await;
+    // At 1280 px nothing wraps: every button and link is one line high.
+    therapist.client.set_window_size(1280, 800).await.unwrap();
+    let wrapped = therapist
+        .js(
+            "return [...document.querySelectorAll('#appointments .button, #appointments summary')]
+               .filter(b => b.getClientRects().length > 1 || b.offsetHeight > 2.2 * parseFloat(getComputedStyle(b).fontSize) + 18)
+               .map(b => b.textContent)",
+            vec![],
+        )
+        .await;
+    assert_eq!(wrapped, json!([]), "buttons wrap at 1280 px");
+    let fits = "document.querySelector('#panel-open .table-wrap').scrollWidth <= document.querySelector('#panel-open .table-wrap').clientWidth";
+    assert_eq!(therapist.js(&format!("return {fits}"), vec![]).await, json!(true), "the table fits 1280 px");
+    for (width, height) in [(1280, 800), (390, 844)] {
+        therapist.client.set_window_size(width, height).await.unwrap();
+        therapist.screenshot(&format!("dashboard-unread-{width}")).await;
+    }
+
+    // Tess reads the chat; back on the list, nothing is unread, and the
+    // client's next words are previewed.
+    therapist.goto(&app, &format!("/chat/{session_id}?therapist=true")).await;
+    therapist.find("#chat").await;
+    therapist.until_connected().await;
+    therapist.goto(&app, "/therapist").await;
+    therapist
+        .until(
+            &format!("{row}.dataset.unread === '0' && {row}.querySelector('.unread').offsetParent === null"),
+            vec![],
+        )
+        .await;
+    client.say("could we talk about my sleep").await;
+    therapist
+        .until(
+            &format!("{row}.dataset.unread === '1' && {row}.cells[5].textContent.includes('Client: could we talk about my sleep')"),
+            vec![],
+        )
+        .await;
+
+    // Closed, it leaves the list for the "Closed" tab, which opens it.
+    let token = therapist_token(&app).await;
+    let closed =
+        app.http.post(app.url(&format!("/api/sessions/{session_id}/close"))).bearer_auth(token).send();
+    assert_eq!(closed.await.unwrap().status(), 204);
+    therapist.until(&format!("{row} === null"), vec![]).await;
+    therapist.find("#tab-closed").await.click().await.unwrap();
+    let closed_row = format!("document.querySelector(\"#closed tr[data-session-id='{session_id}']\")");
+    therapist
+        .until(&format!("!document.getElementById('panel-closed').hidden && {closed_row} !== null && document.getElementById('panel-open').hidden"), vec![])
+        .await;
+    assert_eq!(
+        therapist
+            .js("return document.getElementById('tab-closed').getAttribute('aria-selected')", vec![])
+            .await,
+        json!("true")
+    );
+    let axe = axe_source();
+    for (width, height) in [(1280, 800), (390, 844)] {
+        therapist.client.set_window_size(width, height).await.unwrap();
+        assert_eq!(
+            serious_axe_violations(&therapist, &axe).await,
+            json!([]),
+            "axe on the Closed tab at {width}px"
+        );
+        therapist.screenshot(&format!("dashboard-closed-{width}")).await;
+    }
+    therapist.find(&format!("#closed tr[data-session-id='{session_id}'] a")).await.click().await.unwrap();
+    therapist.find("#chat").await;
+    therapist
+        .until(
+            "document.getElementById('mode-banner').dataset.mode === 'CLOSED'
+             && [...document.querySelectorAll('#messages .msg__body')].some(m => m.textContent === 'could we talk about my sleep')
+             && document.getElementById('message-input').disabled",
+            vec![],
+        )
+        .await;
+    client.close().await;
+    therapist.close().await;
+}
+
+/// A client deletes a chat no therapist joined, after confirming: it leaves
+/// the page, "Your chats" and the therapist's dashboard at once. A chat a
+/// therapist joined says why it cannot be deleted and whom to ask.
+#[tokio::test]
+async fn a_client_deletes_a_chat_after_confirming_and_a_joined_one_says_whom_to_ask() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    log_in(&app, &therapist, "tess@clinic.test").await;
+    for (width, height) in [(1280, 800), (390, 844)] {
+        client.client.set_window_size(width, height).await.unwrap();
+        let session_id = chat_now(&app, &client).await;
+        client.say("please forget this").await;
+        client.until_message("user", "please forget this").await;
+        let row = format!("document.querySelector(\"#appointments tr[data-session-id='{session_id}']\")");
+        therapist.until(&format!("{row} !== null"), vec![]).await;
+
+        // "Keep the chat" changes nothing, and gives the focus back.
+        client.find("#erase-open").await.click().await.unwrap();
+        client.until("document.getElementById('erase-dialog').open", vec![]).await;
+        client.screenshot(&format!("erase-confirm-{width}")).await;
+        client.find("#erase-cancel").await.click().await.unwrap();
+        client
+            .until(
+                "!document.getElementById('erase-dialog').open && document.activeElement.id === 'erase-open'",
+                vec![],
+            )
+            .await;
+        client.until_message("user", "please forget this").await;
+
+        client.find("#erase-open").await.click().await.unwrap();
+        client.until("document.getElementById('erase-dialog').open", vec![]).await;
+        client.find("#erase-confirm").await.click().await.unwrap();
+        client
+            .until(
+                "document.getElementById('mode-banner').dataset.mode === 'ERASED'
+                 && document.querySelectorAll('#messages li').length === 0
+                 && document.activeElement.id === 'new-chat'
+                 && document.getElementById('message-input').disabled",
+                vec![],
+            )
+            .await;
+        client.screenshot(&format!("erased-{width}")).await;
+        therapist.until(&format!("{row} === null"), vec![]).await;
+        client.goto(&app, "/").await;
+        client.find("#chat-now").await;
+        assert_eq!(client.count(&format!("#your-chats li[data-session-id='{session_id}']")).await, 0);
+    }
+
+    // Joined: no delete button, and the reason.
+    let session_id = chat_now(&app, &client).await;
+    client.say("hello").await;
+    join_from_browser(&app, &therapist, &session_id).await;
+    client
+        .until(
+            "document.getElementById('erase-open').hidden
+             && !document.getElementById('erase-joined').hidden
+             && document.getElementById('erase-joined').textContent.includes('ask the clinic')",
+            vec![],
+        )
+        .await;
+
+    // The therapist's access log lists the join and the history read.
+    therapist.find("#access-log summary").await.click().await.unwrap();
+    therapist
+        .until(
+            "[...document.querySelectorAll('#access-log-table tbody tr')].map(r => r.cells[2].textContent).join(',').startsWith('join,read')",
+            vec![],
+        )
+        .await;
+    let who = therapist
+        .js("return document.querySelector('#access-log-table tbody tr').cells[1].textContent", vec![])
+        .await;
+    assert_eq!(who, json!("Tess"));
+    therapist.screenshot("access-log-1280").await;
+    client.close().await;
+    therapist.close().await;
+}
+
+/// The client keeps the conversation with the companion private: their
+/// other tab shows the answer at once, the therapist who joins sees one
+/// line in its place, and the client's page says the choice is fixed now.
+#[tokio::test]
+async fn a_client_who_keeps_the_companion_part_private_shows_the_therapist_a_placeholder() {
+    let (app, _driver, client, therapist) = client_and_therapist().await;
+    let session_id = chat_now(&app, &client).await;
+    client.say("something only the companion should read").await;
+    client.until("document.querySelector('#messages .msg--ai[data-seq]')", vec![]).await;
+    let first_tab = client.client.window().await.unwrap();
+    let second_tab = client.client.new_window(true).await.unwrap().handle;
+    client.client.switch_to_window(second_tab.clone()).await.unwrap();
+    client.goto(&app, &format!("/chat/{session_id}")).await;
+    client.until_connected().await;
+    client.until("!document.getElementById('sharing-card').hidden", vec![]).await;
+    client.client.switch_to_window(first_tab.clone()).await.unwrap();
+    client.find("#sharing-no").await.click().await.unwrap();
+    let answered = "document.getElementById('sharing-card').hidden
+         && document.getElementById('sharing-status-text').textContent.includes('stays private')
+         && !document.getElementById('sharing-change').hidden";
+    client.until(answered, vec![]).await;
+    client.client.switch_to_window(second_tab).await.unwrap();
+    client.until(answered, vec![]).await;
+    client.client.switch_to_window(first_tab).await.unwrap();
+    join_from_browser(&app, &therapist, &session_id).await;
+    therapist
+        .until(
+            "[...document.querySelectorAll('#messages .msg--private')].map(m => m.textContent).join('|')
+               === '2 earlier messages with the companion are private'",
+            vec![],
+        )
+        .await;
+    let page = therapist.js("return document.getElementById('messages').textContent", vec![]).await;
+    assert!(!page.as_str().unwrap().contains("only the companion should read"), "{page}");
+    therapist.screenshot("private-companion-part-1280").await;
+    client
+        .until(
+            "document.getElementById('sharing-change').hidden
+             && document.getElementById('sharing-status-text').textContent.includes('before the therapist joined stays private')",
+            vec![],
+        )
+        .await;
     client.close().await;
     therapist.close().await;
 }
