@@ -13,6 +13,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "HAVEN_DATABASE_URL", default_value = "sqlite://haven.db")]
     pub database: String,
 
+    /// A configuration file (TOML) whose keys are the flags' long names;
+    /// flags and environment variables override it (`haven config example`).
+    #[arg(long, global = true, env = "HAVEN_CONFIG")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -57,6 +62,22 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The configuration file of `serve --config`.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the configuration `serve` would run with (flags aside), secrets
+    /// masked, each value with where it came from; exit non-zero on an
+    /// unknown key or an invalid value, naming each one.
+    Check,
+    /// Print a configuration file with every key, commented out at its
+    /// default.
+    Example,
 }
 
 #[derive(Debug, Subcommand)]

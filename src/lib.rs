@@ -1,9 +1,9 @@
 //! Haven: real-time chat for therapy support.
 //!
-//! Read in this order: [`config`] (what can be set), [`startup`] (how the
-//! service is assembled), [`http`] (the JSON API and the setup page),
-//! [`chat`] (the WebSocket: roles, takeover, ordering) and [`auth`] (how a
-//! credential becomes a role).
+//! Read in this order: [`config`] (what can be set; [`config_file`] reads
+//! the file), [`startup`] (how the service is assembled), [`http`] (the
+//! JSON API and the setup page), [`chat`] (the WebSocket: roles, takeover,
+//! ordering) and [`auth`] (how a credential becomes a role).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ pub mod auth;
 mod backup_cli;
 pub mod chat;
 pub mod config;
+pub mod config_file;
 pub mod http;
 pub mod limits;
 pub mod pages;
@@ -23,7 +24,7 @@ pub mod startup;
 pub mod telemetry;
 mod therapist_cli;
 
-use config::{AuditCommand, Cli, Command, RetentionCommand, SafetyCommand, TherapistCommand};
+use config::{AuditCommand, Cli, Command, ConfigCommand, RetentionCommand, SafetyCommand, TherapistCommand};
 
 /// Runs one CLI command to completion.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -56,6 +57,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Audit { command: AuditCommand::Verify } => audit_cli::verify(&cli.database).await,
         Command::Audit { command: AuditCommand::List { session, therapist, since } } => {
             audit_cli::list(&cli.database, session, therapist.as_deref(), since).await
+        }
+        Command::Config { command: ConfigCommand::Check } => config_file::check(cli.config.as_deref()),
+        Command::Config { command: ConfigCommand::Example } => {
+            std::io::Write::write_all(&mut std::io::stdout(), config_file::example().as_bytes())
+                .map_err(Into::into)
         }
     };
     match result {

@@ -202,16 +202,20 @@ async fn the_service_unit_is_accepted_sandboxed_and_starts_haven() {
         .unwrap_or_else(|| panic!("no exposure level in {report}"));
     assert!(exposure <= 2.0, "{report}");
 
-    // Its ExecStart= and Environment= lines, with the database in a
-    // temporary directory and a free port.
+    // The configuration file it reads is valid.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haven.toml");
+    let (ok, effective, errors) = haven(&["config", "check", "--config", config], &[]).await;
+    assert!(ok, "{errors}");
+    assert!(effective.contains("database = \"sqlite:///var/lib/haven/haven.db\"  # file"), "{effective}");
+
+    // Its ExecStart= line with that file, the database in a temporary
+    // directory and a free port (the environment overrides the file, as
+    // /etc/haven/haven.env would).
     let exec = unit.lines().find_map(|line| line.strip_prefix("ExecStart=")).unwrap();
+    let exec = exec.replace("/etc/haven/haven.toml", config);
     let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
     let mut command = tokio::process::Command::new(binary);
     command.args(&args).env_clear().stdout(std::process::Stdio::piped()).kill_on_drop(true);
-    for line in unit.lines().filter_map(|line| line.strip_prefix("Environment=")) {
-        let (key, value) = line.split_once('=').unwrap();
-        command.env(key, value);
-    }
     let database = dir.path().join("haven.db");
     command.env("HAVEN_DATABASE_URL", format!("sqlite://{}", database.display()));
     command.env("HAVEN_BIND", "127.0.0.1:0");
@@ -230,4 +234,138 @@ async fn the_service_unit_is_accepted_sandboxed_and_starts_haven() {
     let ready = reqwest::get(format!("{listening}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     serve.kill().await.unwrap();
+}
+
+/// Runs the `haven` binary with only these environment variables.
+async fn haven(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_haven"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run haven");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+    (output.status.success(), text(output.stdout), text(output.stderr))
+}
+
+#[tokio::test]
+async fn the_example_file_has_every_flag_and_checks_clean_at_the_defaults() {
+    let (ok, help, _) = haven(&["serve", "--help"], &[]).await;
+    assert!(ok);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|flag| flag.split(['=', ' ', '<', ',']).next().unwrap())
+        .filter(|flag| !["", "help", "version", "config"].contains(flag))
+        .collect();
+    assert!(flags.len() > 35, "{flags:?}");
+    let (ok, example, _) = haven(&["config", "example"], &[]).await;
+    assert!(ok);
+    for flag in &flags {
+        assert!(example.contains(&format!("\n# {flag} = ")), "`{flag}` has no key in:\n{example}");
+    }
+    // Every key that has a default, uncommented, is a valid file that
+    // changes nothing.
+    let file: String = example
+        .lines()
+        .filter(|line| !line.contains("(not set by default)"))
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| {
+            line.split_once(" = ")
+                .is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("haven.toml");
+    std::fs::write(&path, &file).unwrap();
+    let (ok, from_file, errors) = haven(&["config", "check", "--config", path.to_str().unwrap()], &[]).await;
+    assert!(ok, "{errors}\n{file}");
+    let (ok, defaults, _) = haven(&["config", "check"], &[]).await;
+    assert!(ok);
+    assert_eq!(from_file.replace("# file", "# default"), defaults, "the example's values are the defaults");
+    assert!(!from_file.contains("# default"), "every key came from the file:\n{from_file}");
+    assert!(defaults.contains("message-rate = 10  # default\n"), "{defaults}");
+    assert!(defaults.contains("# crisis-line is not set\n"), "{defaults}");
+}
+
+#[tokio::test]
+async fn config_check_names_every_unknown_key_and_invalid_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("haven.toml");
+    std::fs::write(
+        &path,
+        "mesage-rate = 5\nmessage-rate = \"fast\"\nbind = \"nowhere\"\ncookie-secure = \"yes\"\n\
+         ai-provider = \"claude\"\nheartbeat-seconds = 5\nallowed-origin = [\"https://chat.example.org\"]\n",
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let (ok, printed, errors) = haven(&["config", "check", "--config", path], &[]).await;
+    assert!(!ok);
+    assert!(printed.is_empty(), "nothing is printed as effective: {printed}");
+    for named in ["`mesage-rate`", "`message-rate`", "`bind`", "`cookie-secure`", "`ai-provider`"] {
+        assert!(errors.contains(named), "{named} is not named in:\n{errors}");
+    }
+    assert!(!errors.contains("heartbeat-seconds") && !errors.contains("allowed-origin"), "{errors}");
+    assert_eq!(errors.lines().filter(|line| line.starts_with("error: ")).count(), 5 + 1, "{errors}");
+    // `serve` refuses the same file before it opens anything.
+    let (ok, _, errors) = haven(&["serve", "--config", path, "--bind", "127.0.0.1:0"], &[]).await;
+    assert!(!ok);
+    assert!(errors.contains("`mesage-rate`") && errors.contains("`ai-provider`"), "{errors}");
+    let (ok, _, errors) = haven(&["config", "check", "--config", "/nonexistent/haven.toml"], &[]).await;
+    assert!(!ok && errors.contains("/nonexistent/haven.toml"), "{errors}");
+}
+
+#[tokio::test]
+async fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("haven.toml");
+    std::fs::write(
+        &path,
+        "message-rate = 3\nmessage-burst = 4\nai-api-key = \"sk-from-the-file\"\n\
+         database = \"postgres://haven:db-password@db.internal/haven\"\n\
+         emergency-number = \"112\"\ncrisis-line = \"999 (from the file)\"\n\
+         bind = \"203.0.113.7:9\"\nlog-format = \"text\"\n",
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let env = [("HAVEN_MESSAGE_BURST", "5"), ("HAVEN_CONFIG", config)];
+    let (ok, printed, errors) = haven(&["config", "check"], &env).await;
+    assert!(ok, "{errors}");
+    for line in [
+        "message-rate = 3  # file",
+        "message-burst = 5  # environment HAVEN_MESSAGE_BURST",
+        "outbound-queue = 256  # default",
+        "ai-api-key = \"********\"  # file",
+        "database = \"postgres://haven:********@db.internal/haven\"  # file",
+    ] {
+        assert!(printed.lines().any(|printed| printed == line), "no `{line}` in:\n{printed}");
+    }
+    assert!(!printed.contains("sk-from-the-file") && !printed.contains("db-password"), "{printed}");
+
+    // A server run with the file: the harness's `--bind` and `--log-format`
+    // flags win over the file's, the environment's crisis line over the
+    // file's, and the file's emergency number over the default (none).
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        args: vec!["--config".into(), config.into()],
+        env: vec![("HAVEN_CRISIS_LINE".into(), "116 123 (from the environment)".into())],
+        ..Default::default()
+    })
+    .await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let client_id =
+        client.send_message("i have the pills in front of me and im going to take them all tonight").await;
+    client.ack(&client_id).await;
+    let crisis = loop {
+        let message = client.message().await;
+        if message.sender == haven_protocol::Sender::System {
+            break message;
+        }
+    };
+    assert!(crisis.content.contains("112"), "{}", crisis.content);
+    assert!(crisis.content.contains("116 123 (from the environment)"), "{}", crisis.content);
+    assert!(!crisis.content.contains("from the file"), "{}", crisis.content);
 }
