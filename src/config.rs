@@ -221,6 +221,11 @@ pub struct ServeArgs {
     #[arg(long, env = "HAVEN_THERAPIST_SESSION_HOURS", default_value_t = 12)]
     pub therapist_session_hours: u32,
 
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g.
+    /// `127.0.0.1:9100`; off when unset. Never served on `--bind`.
+    #[arg(long, env = "HAVEN_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+
     /// Log format on standard error.
     #[arg(long, env = "HAVEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

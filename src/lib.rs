@@ -18,6 +18,7 @@ pub mod config_file;
 pub mod http;
 pub mod limits;
 pub mod pages;
+pub mod prometheus;
 pub mod retention;
 pub mod safety;
 pub mod startup;

@@ -110,13 +110,14 @@ impl Limits {
     /// A slot for one more open socket from this IP with this credential, or
     /// `None` when either is at its limit.
     pub fn open_socket(&self, ip: IpAddr, credential: [u8; 32]) -> Option<SocketSlots> {
-        let ip_slot =
-            Counter::acquire(&self.sockets_per_ip, limit_key(ip), self.settings.max_sockets_per_ip)?;
+        let ip_slot = Counter::acquire(&self.sockets_per_ip, limit_key(ip), self.settings.max_sockets_per_ip)
+            .or_else(|| refused("sockets_per_ip"))?;
         let credential_slot = Counter::acquire(
             &self.sockets_per_credential,
             credential,
             self.settings.max_sockets_per_credential,
-        )?;
+        )
+        .or_else(|| refused("sockets_per_credential"))?;
         Some(SocketSlots { _ip: ip_slot, _credential: credential_slot })
     }
 
@@ -124,12 +125,14 @@ impl Limits {
     /// `None` when the IP is at its limit.
     pub fn open_connection(&self, ip: IpAddr) -> Option<Slot<IpAddr>> {
         Counter::acquire(&self.connections_per_ip, limit_key(ip), self.settings.max_connections_per_ip)
+            .or_else(|| refused("connections_per_ip"))
     }
 
     /// A slot for one more appointments event stream of this login (the
     /// hash of its session token); `None` when the login is at its limit.
     pub fn open_event_stream(&self, login: [u8; 32]) -> Option<Slot<[u8; 32]>> {
         Counter::acquire(&self.event_streams_per_login, login, self.settings.max_event_streams_per_login)
+            .or_else(|| refused("event_streams_per_login"))
     }
 
     /// A per-connection message limiter: `message_rate`/s, bursts of `message_burst`.
@@ -296,4 +299,11 @@ mod tests {
         assert_eq!(limit_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
         assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
     }
+}
+
+/// Counts a refusal by `limit` (the `haven_rate_limited_total` series);
+/// always `None`.
+pub fn refused<T>(limit: &'static str) -> Option<T> {
+    metrics::counter!("haven_rate_limited_total", "limit" => limit).increment(1);
+    None
 }

@@ -182,6 +182,10 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
         println!("No therapist account exists yet. Create the first one here (valid until used or restart):");
         println!("  {base}/setup/{token}");
     }
+    if let Some(bind) = args.metrics_bind {
+        let metrics = crate::prometheus::serve(bind, state.clone()).await?;
+        println!("Haven metrics are on http://{metrics}/metrics");
+    }
     println!("Haven is listening on {base}");
 
     // With a shared database, other instances' events reach this one's sockets.

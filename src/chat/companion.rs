@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use haven_protocol::{ChatMessage, RiskLevel, Sender};
-use haven_responder::{ReplyRequest, Responder, Turn};
+use haven_responder::{ReplyRequest, Responder, ResponderError, Turn};
 use haven_store::{BotMessage, SessionEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -150,6 +150,7 @@ async fn stream_reply(
         if guidance == Guidance::SafetyScript { &SafetyScript } else { &*state.responder };
     let responder_name = responder.name();
     let silenced = room.silenced();
+    let asked = std::time::Instant::now();
     let mut chunks = responder.reply(request);
     let mut text = String::new();
     loop {
@@ -164,6 +165,10 @@ async fn stream_reply(
         };
         match chunk {
             Some(Ok(delta)) => {
+                if text.is_empty() {
+                    metrics::histogram!("haven_companion_first_delta_seconds", "provider" => responder_name)
+                        .record(asked.elapsed().as_secs_f64());
+                }
                 text.push_str(&delta);
                 if !room.publish_delta(reply_id, delta.clone()) {
                     tracing::info!("companion reply cancelled: therapist joined");
@@ -178,6 +183,7 @@ async fn stream_reply(
             Some(Err(error)) => {
                 // The error names the failure only, never anyone's words.
                 tracing::warn!(responder = responder_name, error = %error, "companion failed");
+                provider_failed(responder_name, error.kind());
                 return Err(());
             }
             None => break,
@@ -185,6 +191,7 @@ async fn stream_reply(
     }
     if text.trim().is_empty() {
         tracing::warn!(responder = responder_name, error = "the model returned no text", "companion failed");
+        provider_failed(responder_name, ResponderError::Empty.kind());
         return Err(());
     }
 
@@ -198,6 +205,8 @@ async fn stream_reply(
         Ok(committed) => match committed.outcome {
             Some(message) => {
                 tracing::info!(seq = message.seq, responder = responder_name, "companion reply stored");
+                metrics::histogram!("haven_companion_reply_seconds", "provider" => responder_name)
+                    .record(asked.elapsed().as_secs_f64());
                 state.hub.apply(committed.events);
                 Ok(Finished::Committed)
             }
@@ -387,4 +396,8 @@ impl History {
             }
         }
     }
+}
+
+fn provider_failed(provider: &'static str, kind: &'static str) {
+    metrics::counter!("haven_provider_errors_total", "provider" => provider, "kind" => kind).increment(1);
 }

@@ -66,6 +66,7 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
     );
     async move {
         let _running = running;
+        let _open = crate::prometheus::OpenSocket::new(admitted.role.as_str());
         let room = state.hub.room(admitted.session_id);
         // Subscribe before reading anything, so no event committed from here
         // on can fall between the backlog and the live stream.
@@ -351,6 +352,8 @@ struct Storing {
     detected: RiskLevel,
     /// The text to ask the model about, when it gives second opinions.
     second_opinion: Option<String>,
+    /// When its frame arrived, for the ack latency metric.
+    received: Instant,
     commit: BoxFuture<'static, haven_store::Result<Committed<Appended>>>,
 }
 
@@ -612,6 +615,7 @@ impl Connection {
                 return self.send(error.into_frame());
             }
         };
+        let received = Instant::now();
         let role = self.admitted.role;
         tracing::info!("message received");
         // Every client message is screened before it is stored, with the
@@ -631,7 +635,7 @@ impl Connection {
         let message =
             NewMessage { sender: role.into(), content: new.content, client_id: new.client_id, risk };
         let commit = Box::pin(async move { store.append_message(session_id, message).await });
-        self.storing = Some(Storing { client_id, acked: false, detected, second_opinion, commit });
+        self.storing = Some(Storing { client_id, acked: false, detected, second_opinion, received, commit });
         Ok(())
     }
 
@@ -756,7 +760,7 @@ impl Connection {
         storing: Storing,
         stored: haven_store::Result<Committed<Appended>>,
     ) -> Result<(), Stop> {
-        let Storing { client_id, acked, detected, second_opinion, .. } = storing;
+        let Storing { client_id, acked, detected, second_opinion, received, .. } = storing;
         let role = self.admitted.role;
         match stored {
             Ok(Committed {
@@ -767,7 +771,12 @@ impl Connection {
                 self.stop_typing();
                 // The message is committed: it is published and answered even
                 // if this client is already gone and never sees its ack.
-                let acked = if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) };
+                let acked = if acked {
+                    Ok(())
+                } else {
+                    record_ack_latency(received);
+                    self.send(ServerFrame::Ack { client_id, seq })
+                };
                 tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if let Some(flagged) = flagged {
                     log_flag(detected, flagged);
@@ -822,6 +831,7 @@ impl Connection {
             self.refusals.pop_front();
         }
         self.refusals.push_back(now);
+        metrics::counter!("haven_rate_limited_total", "limit" => "message_rate").increment(1);
         if self.refusals.len() > self.state.limits.settings.refusals_before_close {
             tracing::warn!("rate limit exceeded repeatedly: closing");
             return Err(Stop::Close(close_code::POLICY_VIOLATION, "rate limit exceeded"));
@@ -930,6 +940,7 @@ impl Connection {
             return Ok(());
         }
         storing.acked = true;
+        record_ack_latency(storing.received);
         let client_id = storing.client_id.clone();
         self.send(ServerFrame::Ack { client_id, seq: message.seq })
     }
@@ -968,4 +979,9 @@ impl Connection {
     fn send(&self, frame: ServerFrame) -> Result<(), Stop> {
         self.outbound.push(Message::Text(frame_text(&frame)))
     }
+}
+
+/// From a message's arrival to its ack, after its commit.
+fn record_ack_latency(received: Instant) {
+    metrics::histogram!("haven_ack_latency_seconds").record(received.elapsed().as_secs_f64());
 }

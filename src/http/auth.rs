@@ -62,6 +62,7 @@ pub(crate) async fn start_login(
     let store = &*state.store;
     if let Some(retry_after) = limits.login_locked(store, &locks).await? {
         tracing::warn!("login refused: too many failures");
+        crate::limits::refused::<()>("login_failures");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let account = store.therapist_with_password(&email).await?;
@@ -88,16 +89,19 @@ pub(crate) async fn start_login(
     }
     let Some(_slot) = limits.hashing_slot().await else {
         tracing::warn!("login refused: password hashing is saturated");
+        crate::limits::refused::<()>("password_hash_workers");
         return Err(ApiError::Unavailable);
     };
     // Again after the wait: parallel attempts must not slip past the lock.
     if let Some(retry_after) = limits.login_locked(store, &locks).await? {
+        crate::limits::refused::<()>("login_failures");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let verified = auth::verify_password(password, stored_hash.clone()).await;
     let tried = therapist.as_ref().map_or(Actor::Unknown, |therapist| Actor::Therapist(therapist.id));
     let Some(therapist) = therapist.filter(|_| verified) else {
         tracing::warn!("login failed");
+        metrics::counter!("haven_login_failures_total").increment(1);
         store.append_trail(TrailEntry::new(tried, Action::Login).address(Some(ip)).refused()).await?;
         limits.login_failed(store, &[pair_key, locks[1].clone(), account_key]).await?;
         return Err(ApiError::InvalidCredentials);

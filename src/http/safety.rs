@@ -91,8 +91,12 @@ async fn acknowledge(
     let acknowledged =
         state.store.acknowledge_risk(session.id, caller.therapist.id, note, Some(peer.ip())).await?;
     match acknowledged.outcome {
-        AcknowledgeOutcome::Acknowledged(_) => {
+        AcknowledgeOutcome::Acknowledged(risk) => {
             tracing::info!(session_id = %session.id, "risk flag acknowledged");
+            if let Some(at) = risk.acknowledged_at {
+                let waited = (at - risk.last_flagged_at).as_seconds_f64().max(0.0);
+                metrics::histogram!("haven_crisis_acknowledgement_seconds").record(waited);
+            }
             state.hub.apply(acknowledged.events);
             let session = state.store.chat_session(session.id).await?.ok_or(ApiError::NotFound)?;
             Ok(Json(risk_of(&state, &session).await?))

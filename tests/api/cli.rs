@@ -219,6 +219,7 @@ async fn the_service_unit_is_accepted_sandboxed_and_starts_haven() {
     let database = dir.path().join("haven.db");
     command.env("HAVEN_DATABASE_URL", format!("sqlite://{}", database.display()));
     command.env("HAVEN_BIND", "127.0.0.1:0");
+    command.env("HAVEN_METRICS_BIND", "127.0.0.1:0");
     let mut serve = command.spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
     let listening = tokio::time::timeout(EVENT_TIMEOUT, async {

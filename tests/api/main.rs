@@ -15,6 +15,7 @@ mod hand_back;
 mod hardening;
 mod helpers;
 mod instances;
+mod metrics;
 mod mock_llm;
 mod privacy;
 mod providers;

@@ -78,6 +78,22 @@ pub enum ResponderError {
 }
 
 impl ResponderError {
+    /// What kind of failure this is, as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResponderError::Timeout => "timeout",
+            ResponderError::RateLimited => "rate_limited",
+            ResponderError::ServerError(_) => "server_error",
+            ResponderError::Unauthorized => "unauthorized",
+            ResponderError::Rejected(_) => "rejected",
+            ResponderError::Unreachable => "unreachable",
+            ResponderError::Malformed => "malformed",
+            ResponderError::Truncated => "truncated",
+            ResponderError::Empty => "empty",
+            ResponderError::Misconfigured(_) => "misconfigured",
+        }
+    }
+
     /// Worth another attempt, if no text has been shown yet.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::RateLimited | Self::ServerError(_) | Self::Unreachable)

@@ -107,11 +107,10 @@ pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: i
         let started = std::time::Instant::now();
         match writer.write_batch(&batch).await {
             Ok(results) => {
-                tracing::debug!(
-                    writes = batch.len(),
-                    micros = started.elapsed().as_micros(),
-                    "batch committed"
-                );
+                let took = started.elapsed();
+                tracing::debug!(writes = batch.len(), micros = took.as_micros(), "batch committed");
+                metrics::histogram!("haven_commit_batch_size").record(batch.len() as f64);
+                metrics::histogram!("haven_commit_batch_duration_seconds").record(took.as_secs_f64());
                 for (pending, result) in batch.drain(..).zip(results) {
                     let _ = pending.done.send(result);
                 }

@@ -364,7 +364,24 @@ pub struct Committed<T> {
 }
 
 impl<T> Committed<T> {
+    /// Every write that committed something comes through here, on the
+    /// instance that wrote it: its metrics are counted here, once.
     pub(crate) fn new(outcome: T, events: Vec<SessionEvent>) -> Self {
+        for event in &events {
+            match event {
+                SessionEvent::Message { kind, message: Some(message), .. } => {
+                    metrics::counter!("haven_messages_stored_total", "sender" => message.sender.as_str())
+                        .increment(1);
+                    if *kind == MessageKind::Join {
+                        metrics::counter!("haven_takeovers_total").increment(1);
+                    }
+                }
+                SessionEvent::Flagged { level, .. } => {
+                    metrics::counter!("haven_crisis_flags_total", "level" => level.as_str()).increment(1);
+                }
+                _ => {}
+            }
+        }
         Self { outcome, events }
     }
 
@@ -463,6 +480,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_therapist(&self, new: NewTherapist, by: Origin) -> Result<Therapist>;
     async fn therapists(&self) -> Result<Vec<Therapist>>;
     async fn count_therapists(&self) -> Result<i64>;
+    /// Open (not closed) chat sessions, counted by mode.
+    async fn sessions_by_mode(&self) -> Result<Vec<(ChatMode, i64)>>;
     /// Whether the database answers a trivial read now.
     async fn ping(&self) -> Result<()>;
     /// The account and its password hash, for a login attempt.

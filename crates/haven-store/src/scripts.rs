@@ -191,6 +191,15 @@ where
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM therapists").fetch_one(self.reader()).await?)
     }
 
+    async fn sessions_by_mode(&self) -> Result<Vec<(ChatMode, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT chat_mode, COUNT(*) FROM chat_sessions WHERE closed_at IS NULL GROUP BY chat_mode",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        rows.into_iter().map(|(mode, count)| Ok((parse_mode(&mode)?, count))).collect()
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(self.reader()).await?;
         Ok(())
@@ -966,7 +975,7 @@ where
         let flagged = Scripts::<B>::flag_in_tx(&mut tx, session_id, seq, &flag).await?;
         self.notify(&mut tx, &flagged.events).await?;
         tx.commit().await?;
-        Ok(flagged)
+        Ok(Committed::new(flagged.outcome, flagged.events))
     }
 
     async fn acknowledge_risk(
@@ -1387,6 +1396,8 @@ where
             .detail(format!("level {} at message {seq}", flag.level.as_str()));
         Self::trail_in_tx(tx, vec![record]).await?;
         events.push(SessionEvent::Flagged { session_id, level, therapist_id });
-        Ok(Committed::new(Flagged { level, referred: raised }, events))
+        // Not counted here: the write it is part of commits it, and
+        // counts it then (`Committed::new`).
+        Ok(Committed { outcome: Flagged { level, referred: raised }, events })
     }
 }
