@@ -367,3 +367,44 @@ async fn the_api_key_never_shows_in_help() {
     assert!(help.contains("--ai-api-key"), "{help}");
     assert!(!help.contains("sekrit-key-789"), "{help}");
 }
+
+#[tokio::test]
+async fn a_provider_that_cannot_be_reached_is_retried_then_the_client_is_told() {
+    // A port nothing listens on: every connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let args = [
+        "--ai-provider",
+        "openai",
+        "--ai-base-url",
+        &base_url,
+        "--ai-model",
+        "test-model",
+        "--ai-api-key",
+        "k",
+        "--ai-retries",
+        "2",
+        "--safety-second-opinion",
+        "false",
+    ];
+    let app =
+        TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
+    let (_, mut client) = chat(&app).await;
+    client.send_message("hello").await;
+    let frames = until_sender(&mut client, Sender::System).await;
+    assert!(message_of_sender(&frames, Sender::System).starts_with(NOTICE), "{frames:?}");
+    let retries = app.logs.matching(|line| line["message"] == "retrying the model");
+    assert_eq!(retries.len(), 2, "{retries:?}");
+    assert!(retries.iter().all(|line| line["error"] == "the provider could not be reached"), "{retries:?}");
+}
+
+fn message_of_sender(frames: &[ServerFrame], sender: Sender) -> String {
+    frames
+        .iter()
+        .find_map(|frame| match frame {
+            ServerFrame::Message(message) if message.sender == sender => Some(message.content.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}

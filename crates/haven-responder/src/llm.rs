@@ -303,6 +303,11 @@ fn classify(error: &genai::Error) -> ResponderError {
             | genai::Error::InvalidJsonResponseElement { .. }
             | genai::Error::ChatResponseGeneration { .. }
             | genai::Error::SerdeJson(_) => ResponderError::Malformed,
+            // A stream whose connection was never made failed to reach
+            // the provider; one that broke later was cut off.
+            genai::Error::WebStream { error, .. } if never_connected(error.as_ref()) => {
+                ResponderError::Unreachable
+            }
             genai::Error::WebStream { .. } => ResponderError::Truncated,
             genai::Error::WebModelCall { .. } | genai::Error::WebAdapterCall { .. } => {
                 ResponderError::Unreachable
@@ -310,6 +315,28 @@ fn classify(error: &genai::Error) -> ResponderError {
             _ => ResponderError::Misconfigured("the model request could not be made"),
         },
     }
+}
+
+/// Whether `error` comes from a connection that could not be made (refused,
+/// or no route to the provider), anywhere down its chain of causes.
+fn never_connected(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 #[cfg(test)]
