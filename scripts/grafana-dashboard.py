@@ -4,9 +4,10 @@
     scripts/grafana-dashboard.py > docs/grafana-dashboard.json
     scripts/grafana-dashboard.py --prometheus http://127.0.0.1:9090
 
-The second form prints a Prometheus graph-page URL with the same queries,
-which is how docs/metrics-panels.png was rendered (Grafana is not in
-Debian's packages); docs/deployment.md has the whole procedure.
+The second form prints, for each panel, its title and a Prometheus
+graph-page URL with its first query: that is how docs/metrics-panels.png
+was rendered (Grafana is not in Debian's packages); docs/deployment.md
+has the whole procedure.
 """
 
 import json
@@ -85,18 +86,16 @@ def grafana():
     }
 
 
-def prometheus_url(base):
-    params = {}
-    n = 0
-    for _, _, queries in PANELS:
-        for expr, _ in queries:
-            params.update({f"g{n}.expr": expr, f"g{n}.tab": "0", f"g{n}.range_input": "10m"})
-            n += 1
-    return f"{base.rstrip('/')}/graph?{urllib.parse.urlencode(params)}"
+def prometheus_urls(base):
+    """One graph-page URL per panel, with the panel's first query."""
+    for title, _, queries in PANELS:
+        params = {"g0.expr": queries[0][0], "g0.tab": "0", "g0.range_input": "15m"}
+        yield title, f"{base.rstrip('/')}/graph?{urllib.parse.urlencode(params)}"
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--prometheus":
-        print(prometheus_url(sys.argv[2]))
+        for title, url in prometheus_urls(sys.argv[2]):
+            print(f"{title}\t{url}")
     else:
         print(json.dumps(grafana(), indent=2))
