@@ -267,6 +267,13 @@ fn now_ms() -> i64 {
     (haven_store::now().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// Counts a refusal by `limit` (the `haven_rate_limited_total` series);
+/// always `None`.
+pub fn refused<T>(limit: &'static str) -> Option<T> {
+    metrics::counter!("haven_rate_limited_total", "limit" => limit).increment(1);
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,11 +306,4 @@ mod tests {
         assert_eq!(limit_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
         assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
     }
-}
-
-/// Counts a refusal by `limit` (the `haven_rate_limited_total` series);
-/// always `None`.
-pub fn refused<T>(limit: &'static str) -> Option<T> {
-    metrics::counter!("haven_rate_limited_total", "limit" => limit).increment(1);
-    None
 }
