@@ -267,10 +267,14 @@ fn now_ms() -> i64 {
     (haven_store::now().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// Counts a refusal by `limit` (the `haven_rate_limited_total` series);
-/// always `None`.
-pub fn refused<T>(limit: &'static str) -> Option<T> {
+/// Counts a refusal by `limit` (the `haven_rate_limited_total` series).
+pub fn count_refusal(limit: &'static str) {
     metrics::counter!("haven_rate_limited_total", "limit" => limit).increment(1);
+}
+
+/// [`count_refusal`], for a slot that could not be taken: always `None`.
+fn refused<T>(limit: &'static str) -> Option<T> {
+    count_refusal(limit);
     None
 }
 

@@ -831,7 +831,7 @@ impl Connection {
             self.refusals.pop_front();
         }
         self.refusals.push_back(now);
-        metrics::counter!("haven_rate_limited_total", "limit" => "message_rate").increment(1);
+        crate::limits::count_refusal("message_rate");
         if self.refusals.len() > self.state.limits.settings.refusals_before_close {
             tracing::warn!("rate limit exceeded repeatedly: closing");
             return Err(Stop::Close(close_code::POLICY_VIOLATION, "rate limit exceeded"));

@@ -62,7 +62,7 @@ pub(crate) async fn start_login(
     let store = &*state.store;
     if let Some(retry_after) = limits.login_locked(store, &locks).await? {
         tracing::warn!("login refused: too many failures");
-        crate::limits::refused::<()>("login_failures");
+        crate::limits::count_refusal("login_failures");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let account = store.therapist_with_password(&email).await?;
@@ -89,12 +89,12 @@ pub(crate) async fn start_login(
     }
     let Some(_slot) = limits.hashing_slot().await else {
         tracing::warn!("login refused: password hashing is saturated");
-        crate::limits::refused::<()>("password_hash_workers");
+        crate::limits::count_refusal("password_hash_workers");
         return Err(ApiError::Unavailable);
     };
     // Again after the wait: parallel attempts must not slip past the lock.
     if let Some(retry_after) = limits.login_locked(store, &locks).await? {
-        crate::limits::refused::<()>("login_failures");
+        crate::limits::count_refusal("login_failures");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let verified = auth::verify_password(password, stored_hash.clone()).await;

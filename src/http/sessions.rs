@@ -52,7 +52,7 @@ async fn create_session(
 ) -> Result<(StatusCode, CookieJar, Json<CreatedSession>), ApiError> {
     if let Some(retry_after) = state.limits.new_session(&*state.store, peer.ip()).await? {
         tracing::warn!("chat session refused: too many from this address");
-        crate::limits::refused::<()>("sessions_per_ip");
+        crate::limits::count_refusal("sessions_per_ip");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let token = auth::new_token(CLIENT_TOKEN_PREFIX);
