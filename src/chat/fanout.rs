@@ -53,8 +53,8 @@ pub async fn run(state: AppState, mut listener: Box<dyn Listener>) {
             }
             Notification::Lost => state.listening.store(false, Ordering::Relaxed),
             Notification::Reconnected => {
-                state.listening.store(true, Ordering::Relaxed);
                 metrics::counter!("haven_notification_reconnects_total").increment(1);
+                state.listening.store(true, Ordering::Relaxed);
                 tracing::info!("notification listener reconnected: re-reading open sessions");
                 state.hub.appointments_changed();
                 for room in state.hub.rooms() {

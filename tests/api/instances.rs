@@ -405,7 +405,9 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     drop(admin);
     let database_url = format!("{}/haven", postgres.url());
     let options = || Options { database_url: Some(database_url.clone()), ..Options::default() };
-    let (a, b) = (TestApp::spawn_with(options()).await, TestApp::spawn_with(options()).await);
+    let metered = Options { args: vec!["--metrics-bind".into(), "127.0.0.1:0".into()], ..options() };
+    let (a, b) = (TestApp::spawn_with(metered).await, TestApp::spawn_with(options()).await);
+    let metrics = crate::metrics::address(&a).await;
     let token = therapist_on(&b, &a).await;
     let session = a.create_session().await;
     let mut client = a.connect(session.session_id, &session.client_token).await;
@@ -444,6 +446,8 @@ async fn a_postgres_restart_loses_nothing_acknowledged_and_instances_recover() {
     for app in [&a, &b] {
         assert_eq!(readiness_becomes(app, 200).await["status"], "ready");
     }
+    let (samples, _) = crate::metrics::scrape(&metrics).await;
+    assert_eq!(samples.get("haven_notification_reconnects_total"), Some(&1.0), "{samples:?}");
     client
         .send_json(json!({"type": "message", "content": "during the outage", "client_id": "outage-1"}))
         .await;

@@ -10,9 +10,9 @@ use crate::helpers::{EVENT_TIMEOUT, Options, TestApp, Ws};
 use crate::mock_llm::{MockLlm, Script};
 
 /// One scrape: each sample (`name{labels}`) and its value.
-type Samples = BTreeMap<String, f64>;
+pub type Samples = BTreeMap<String, f64>;
 
-async fn scrape(address: &str) -> (Samples, String) {
+pub async fn scrape(address: &str) -> (Samples, String) {
     let response = reqwest::get(format!("http://{address}/metrics")).await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
@@ -26,6 +26,12 @@ async fn scrape(address: &str) -> (Samples, String) {
         })
         .collect();
     (samples, text)
+}
+
+/// The address `app` serves metrics on (`--metrics-bind`).
+pub async fn address(app: &TestApp) -> String {
+    let listening = app.logs.wait_for(1, |line| line["message"] == "metrics listening").await;
+    listening[0]["address"].as_str().unwrap().to_owned()
 }
 
 /// How much `sample` grew from `before` to `after` (absent counts as 0).
@@ -67,8 +73,7 @@ async fn a_scripted_chat_moves_each_series_by_what_it_did() {
     ];
     let app =
         TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
-    let listening = app.logs.wait_for(1, |line| line["message"] == "metrics listening").await;
-    let address = listening[0]["address"].as_str().unwrap().to_owned();
+    let address = address(&app).await;
     let (before, _) = scrape(&address).await;
     let build = format!("haven_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
     assert_eq!(before.get(&build), Some(&1.0), "{before:?}");
