@@ -24,34 +24,30 @@ use crate::config::Cli;
 /// with status 2.
 pub fn parse() -> Cli {
     let args: Vec<OsString> = std::env::args_os().collect();
-    let matches = match resolve(&args) {
-        Ok(resolved) => resolved.matches,
-        Err(problems) => {
-            for problem in problems {
-                eprintln!("error: {problem}");
-            }
-            std::process::exit(2);
-        }
-    };
+    let matches = resolve(&args).unwrap_or_else(|problems| refuse(&problems)).matches;
     Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
+/// Prints every problem of the configuration and exits with status 2, as
+/// clap does for a bad flag.
+fn refuse(problems: &[String]) -> ! {
+    for problem in problems {
+        eprintln!("error: {problem}");
+    }
+    std::process::exit(2);
 }
 
 /// `haven config check`: resolves `serve`'s configuration as
 /// `haven serve --config FILE` would (the environment included, flags
 /// aside) and prints
 /// it, secrets masked, each value with where it came from. Every unknown
-/// key and invalid value is named, and makes it fail.
+/// key and invalid value is named, and makes it exit with status 2.
 pub fn check(config: Option<&Path>) -> anyhow::Result<()> {
     let mut args: Vec<OsString> = vec!["haven".into(), "serve".into()];
     if let Some(config) = config {
         args.extend(["--config".into(), config.into()]);
     }
-    let resolved = resolve(&args).map_err(|problems| {
-        for problem in &problems {
-            eprintln!("error: {problem}");
-        }
-        anyhow::anyhow!("{} problem(s) in the configuration", problems.len())
-    })?;
+    let resolved = resolve(&args).unwrap_or_else(|problems| refuse(&problems));
     let serve = resolved.matches.subcommand_matches("serve").expect("serve was given");
     let mut out = String::new();
     for arg in &settings() {
