@@ -18,7 +18,6 @@ const IMMINENT: &str = "i have the pills in front of me and im going to take the
 const HIGH: &str = "I've been cutting myself again";
 
 /// A server whose language model is the mock; crisis resources configured.
-/// It logs at `debug`, where each second opinion is logged.
 async fn with_model(mock: &MockLlm) -> TestApp {
     let args = [
         "--ai-provider",
@@ -36,8 +35,7 @@ async fn with_model(mock: &MockLlm) -> TestApp {
         "--emergency-number",
         "911",
     ];
-    let env = vec![("RUST_LOG".to_owned(), "info,haven=debug".to_owned())];
-    TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), env, ..Options::default() }).await
+    TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await
 }
 
 async fn get(app: &TestApp, path: &str, token: &str) -> (u16, Value) {
