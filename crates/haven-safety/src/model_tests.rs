@@ -37,6 +37,8 @@ const ROUND_11: &str = include_str!("../data/unseen/round-11.jsonl");
 const ROUND_11_CONVERSATIONS: &str = include_str!("../data/unseen/round-11-conversations.jsonl");
 const ROUND_12: &str = include_str!("../data/unseen/round-12.jsonl");
 const ROUND_12_CONVERSATIONS: &str = include_str!("../data/unseen/round-12-conversations.jsonl");
+const ROUND_13: &str = include_str!("../data/unseen/round-13.jsonl");
+const ROUND_13_CONVERSATIONS: &str = include_str!("../data/unseen/round-13-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -135,6 +137,13 @@ const ROUND_12_HIGH_DETECTED: usize = 270;
 const ROUND_12_CONCERN_DETECTED: usize = 134;
 const ROUND_12_FALSE_ALARMS: usize = 16;
 const ROUND_12_CONVERSATIONS_SUFFICIENT: usize = 38;
+
+/// Round 13 with the detector it was first scored with, the shipped one
+/// (rules 2026.12.6, model 2026.12.14), scored once.
+const ROUND_13_HIGH_DETECTED: usize = 271;
+const ROUND_13_CONCERN_DETECTED: usize = 137;
+const ROUND_13_FALSE_ALARMS: usize = 11;
+const ROUND_13_CONVERSATIONS_SUFFICIENT: usize = 36;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -303,6 +312,12 @@ fn unseen_round_12_does_not_fall_below_its_first_score() {
 }
 
 #[test]
+fn unseen_round_13_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 13", ROUND_13);
+    holds(&both, ROUND_13_HIGH_DETECTED, ROUND_13_CONCERN_DETECTED, ROUND_13_FALSE_ALARMS);
+}
+
+#[test]
 fn unseen_round_10_does_not_fall_below_its_first_score() {
     let both = score("round 10 (now training data)", ROUND_10);
     holds(&both, ROUND_10_HIGH_DETECTED, ROUND_10_CONCERN_DETECTED, ROUND_10_FALSE_ALARMS);
@@ -346,8 +361,9 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_10 = conversations("unseen round 10", ROUND_10_CONVERSATIONS);
     let round_11 = conversations("unseen round 11", ROUND_11_CONVERSATIONS);
     let round_12 = conversations("unseen round 12", ROUND_12_CONVERSATIONS);
+    let round_13 = conversations("unseen round 13", ROUND_13_CONVERSATIONS);
     println!(
-        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50, round 9 {round_9} / 50, round 10 {round_10} / 50, round 11 {round_11} / 50, round 12 {round_12} / 50"
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50, round 9 {round_9} / 50, round 10 {round_10} / 50, round 11 {round_11} / 50, round 12 {round_12} / 50, round 13 {round_13} / 50"
     );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
@@ -363,6 +379,7 @@ fn unseen_conversations_are_read_with_their_window() {
     assert!(round_10 >= ROUND_10_CONVERSATIONS_SUFFICIENT, "round 10: {round_10} sufficient");
     assert!(round_11 >= ROUND_11_CONVERSATIONS_SUFFICIENT, "round 11: {round_11} sufficient");
     assert!(round_12 >= ROUND_12_CONVERSATIONS_SUFFICIENT, "round 12: {round_12} sufficient");
+    assert!(round_13 >= ROUND_13_CONVERSATIONS_SUFFICIENT, "round 13: {round_13} sufficient");
 }
 
 #[test]
