@@ -13,7 +13,7 @@
 use std::io::{BufWriter, IsTerminal};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -54,6 +54,10 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().flatten_event(true).with_current_span(true).boxed(),
     };
-    let _ = tracing_subscriber::registry().with(layer.with_filter(filter.and(transports))).try_init();
+    // Both filters apply to the whole subscriber, not as a filter of the
+    // one layer: `EnvFilter` combined into a per-layer filter lost every
+    // event's span (its `session_id`) under a filter such as
+    // `info,haven=debug` on PostgreSQL (`privacy.rs` checks it).
+    let _ = tracing_subscriber::registry().with(filter).with(transports).with(layer).try_init();
     guard
 }

@@ -28,7 +28,7 @@ pub const UNAVAILABLE_NOTICE: &str = "The companion is unavailable right now. Yo
 /// owned by the app's task tracker, so shutdown waits for it.
 pub fn spawn(state: &AppState, room: &Arc<Room>) {
     let Some(reply_id) = room.start_generation() else {
-        tracing::info!("companion busy: the reply being generated will be followed by one more");
+        tracing::debug!("companion busy: the reply being generated will be followed by one more");
         return;
     };
     let task = run(state.clone(), room.clone(), reply_id);
@@ -204,7 +204,7 @@ async fn stream_reply(
     {
         Ok(committed) => match committed.outcome {
             Some(message) => {
-                tracing::info!(seq = message.seq, responder = responder_name, "companion reply stored");
+                tracing::debug!(seq = message.seq, responder = responder_name, "companion reply stored");
                 metrics::histogram!("haven_companion_reply_seconds", "provider" => responder_name)
                     .record(asked.elapsed().as_secs_f64());
                 state.hub.apply(committed.events);

@@ -212,7 +212,7 @@ fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: Ri
     let (state, session_id) = (state.clone(), room.session_id);
     let task = async move {
         let opinion = opinion.await;
-        tracing::info!(
+        tracing::debug!(
             detected = detected.as_str(),
             opinion = opinion.map_or("none given", RiskLevel::as_str),
             "second opinion received"
@@ -617,7 +617,7 @@ impl Connection {
         };
         let received = Instant::now();
         let role = self.admitted.role;
-        tracing::info!("message received");
+        tracing::debug!("message received");
         // Every client message is screened before it is stored, with the
         // client's latest earlier messages, so a flag and its crisis message
         // commit with it; nothing here needs a language model, which gets
@@ -777,7 +777,7 @@ impl Connection {
                     record_ack_latency(received);
                     self.send(ServerFrame::Ack { client_id, seq })
                 };
-                tracing::info!(seq, chat_mode = chat_mode.as_str(), "message stored");
+                tracing::debug!(seq, chat_mode = chat_mode.as_str(), "message stored");
                 if let Some(flagged) = flagged {
                     log_flag(detected, flagged);
                 }
@@ -786,11 +786,11 @@ impl Connection {
                     ask_second_opinion(&self.state, self.guard.room(), seq, detected, text);
                 }
                 if chat_mode == ChatMode::TherapistJoined {
-                    tracing::info!(chat_mode = chat_mode.as_str(), "companion will not respond");
+                    tracing::debug!(chat_mode = chat_mode.as_str(), "companion will not respond");
                 } else if companion_paused {
-                    tracing::info!(chat_mode = chat_mode.as_str(), "companion waits for the client's yes");
+                    tracing::debug!(chat_mode = chat_mode.as_str(), "companion waits for the client's yes");
                 } else if role == Role::User {
-                    tracing::info!(chat_mode = chat_mode.as_str(), "generating companion reply");
+                    tracing::debug!(chat_mode = chat_mode.as_str(), "generating companion reply");
                     companion::spawn(&self.state, self.guard.room());
                 }
                 match frame {
@@ -808,7 +808,7 @@ impl Connection {
                 Err(Stop::Close(close_code::POLICY_VIOLATION, "chat closed"))
             }
             Ok(Committed { outcome: Appended::Duplicate { seq }, .. }) => {
-                tracing::info!(seq, "duplicate client_id: original ack sent again");
+                tracing::debug!(seq, "duplicate client_id: original ack sent again");
                 if acked { Ok(()) } else { self.send(ServerFrame::Ack { client_id, seq }) }
             }
             Err(error) => {

@@ -177,7 +177,8 @@ async fn messages_sent_while_a_reply_streams_are_answered_by_one_more_reply() {
     let mock = MockLlm::start().await;
     let slow = Script { chunk_delay: Duration::from_millis(150), ..Script::default() };
     mock.script("", slow);
-    let app = app_with(&mock, "openai", &[], &[]).await;
+    // At `debug`, where the companion says it is busy.
+    let app = app_with(&mock, "openai", &[], &[("RUST_LOG", "info,haven=debug")]).await;
     let (session, mut client) = chat(&app).await;
     let first = client.send_message("first").await;
     client.ack(&first).await;

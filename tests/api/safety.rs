@@ -18,6 +18,7 @@ const IMMINENT: &str = "i have the pills in front of me and im going to take the
 const HIGH: &str = "I've been cutting myself again";
 
 /// A server whose language model is the mock; crisis resources configured.
+/// It logs at `debug`, where each second opinion is logged.
 async fn with_model(mock: &MockLlm) -> TestApp {
     let args = [
         "--ai-provider",
@@ -35,7 +36,8 @@ async fn with_model(mock: &MockLlm) -> TestApp {
         "--emergency-number",
         "911",
     ];
-    TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await
+    let env = vec![("RUST_LOG".to_owned(), "info,haven=debug".to_owned())];
+    TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), env, ..Options::default() }).await
 }
 
 async fn get(app: &TestApp, path: &str, token: &str) -> (u16, Value) {
