@@ -141,7 +141,7 @@ pub async fn serve(database: &str, args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(version = classifier.version(), "crisis detector ready");
     if !Escalation::configured(&args.safety) {
         tracing::warn!(
-            "no crisis line or emergency number configured: crisis messages name none (set HAVEN_CRISIS_LINE and HAVEN_EMERGENCY_NUMBER)"
+            "no crisis line or emergency number configured: crisis messages name none (set --crisis-line and --emergency-number, the config keys crisis-line and emergency-number, or HAVEN_CRISIS_LINE and HAVEN_EMERGENCY_NUMBER)"
         );
     }
     let setup = Arc::new(SetupToken::default());
