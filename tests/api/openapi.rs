@@ -72,6 +72,8 @@ async fn the_served_document_is_openapi_3_1_and_is_the_code_s() {
     let served: Value = response.json().await.unwrap();
     assert_eq!(&served, contract().document(), "the suite checks against what the server serves");
     assert_eq!(served["openapi"], "3.1.0");
+    let breaches = openapi_3_1_breaches(&served);
+    assert!(breaches.is_empty(), "not a valid OpenAPI 3.1 document: {breaches:#?}");
     assert_eq!(served["info"]["title"], "Haven");
     assert!(served["info"]["version"].is_string());
     let schemas = served["components"]["schemas"].as_object().unwrap();
@@ -99,6 +101,31 @@ async fn the_served_document_is_openapi_3_1_and_is_the_code_s() {
     assert!(description.contains("#/components/schemas/ClientFrame"), "{description}");
     assert!(description.contains("#/components/schemas/ServerFrame"), "{description}");
     assert!(socket["responses"]["101"].is_object());
+}
+
+/// Where `document` breaks the JSON Schema of OpenAPI 3.1 documents
+/// (tests/api/data/README.md).
+fn openapi_3_1_breaches(document: &Value) -> Vec<String> {
+    let schema: Value = serde_json::from_str(include_str!("data/openapi-3.1-schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the OpenAPI 3.1 schema compiles");
+    validator
+        .iter_errors(document)
+        .map(|error| format!("at {}: {error}", error.instance_path().as_str()))
+        .collect()
+}
+
+#[test]
+fn the_openapi_3_1_schema_refuses_a_broken_document() {
+    let mut document = contract().document().clone();
+    assert_eq!(openapi_3_1_breaches(&document), Vec::<String>::new());
+    document["openapi"] = json!("3.0.3");
+    assert!(!openapi_3_1_breaches(&document).is_empty(), "3.0 is not 3.1");
+    let mut document = contract().document().clone();
+    document["paths"]["/healthz"]["get"]["responses"]["200"] = json!({"content": {}});
+    assert!(!openapi_3_1_breaches(&document).is_empty(), "a response needs a description");
+    let mut document = contract().document().clone();
+    document["paths"]["/healthz"]["get"]["parameters"] = json!([{"name": "x", "in": "body"}]);
+    assert!(!openapi_3_1_breaches(&document).is_empty(), "no parameter is in a body");
 }
 
 fn collect_references(value: &Value, references: &mut Vec<String>) {
