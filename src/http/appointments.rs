@@ -48,12 +48,37 @@ struct PageQuery {
     cursor: Option<String>,
 }
 
-/// The data of a `risk` event of `GET /api/appointments/events`.
+/// One event of `GET /api/appointments/events`: its name (`event:`) and
+/// its data (`data:`, one line of JSON).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "lowercase")]
+pub enum AppointmentEvent {
+    /// The list may have changed: read `GET /api/appointments` again.
+    Changed(Changed),
+    /// A session the caller can see was flagged.
+    Risk(RiskEvent),
+}
+
+/// The data of a `changed` event: `{}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Changed {}
+
+/// The data of a `risk` event.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RiskEvent {
     pub session_id: Uuid,
     /// The session's level now.
     pub level: RiskLevel,
+}
+
+impl AppointmentEvent {
+    /// The event as sent: its name and data are its JSON's `event` and
+    /// `data`, so the wire is what the schema says.
+    fn to_sse(&self) -> SseEvent {
+        let json = serde_json::to_value(self).unwrap_or_default();
+        let name = json["event"].as_str().unwrap_or_default();
+        SseEvent::default().event(name).data(json["data"].to_string())
+    }
 }
 
 /// Where a row sorts: flagged sessions that need attention first, highest
@@ -286,9 +311,9 @@ fn parse_closed_cursor(cursor: &str) -> Option<(time::OffsetDateTime, Uuid)> {
 /// (logout or revocation elsewhere, `haven therapist disable` or `passwd`,
 /// idle expiry): like a socket's heartbeat, it re-checks its credential.
 ///
-/// Events: `event: changed` with `data: {}`, and `event: risk` with the
+/// Events: `event: changed` with `data: {}`, and `event: risk` with a
 /// [RiskEvent](#/components/schemas/RiskEvent) as `data`; comments keep the
-/// stream alive.
+/// stream alive. The content's schema is one event, as its name and data.
 #[utoipa::path(
     get,
     path = "/api/appointments/events",
@@ -296,7 +321,7 @@ fn parse_closed_cursor(cursor: &str) -> Option<(time::OffsetDateTime, Uuid)> {
     security(("therapist_token" = []), ("therapist_cookie" = [])),
     responses(
         (status = 200, description = "The event stream, open until the login ends or the server stops.",
-            body = String, content_type = "text/event-stream"),
+            body = AppointmentEvent, content_type = "text/event-stream"),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 429, description = "`rate_limited`: this login has too many streams open.", body = ErrorBody,
             headers(("retry-after" = u64, description = "Seconds to wait"))),
@@ -365,9 +390,8 @@ async fn appointment_events(
                 },
                 alert = feed.risks.recv() => match alert {
                     Ok(alert) if alert.visible_to(feed.therapist_id) => {
-                        let data = RiskEvent { session_id: alert.session_id, level: alert.level };
-                        let data = serde_json::to_string(&data).unwrap_or_default();
-                        return Some((Ok(SseEvent::default().event("risk").data(data)), feed));
+                        let risk = RiskEvent { session_id: alert.session_id, level: alert.level };
+                        return Some((Ok(AppointmentEvent::Risk(risk).to_sse()), feed));
                     }
                     // Missed alerts still show in the list the next `changed` brings.
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
@@ -376,7 +400,7 @@ async fn appointment_events(
                 next = feed.changes.recv() => match next {
                     // A lagged receiver missed some ticks; one refresh covers them all.
                     Ok(()) | Err(RecvError::Lagged(_)) => {
-                        return Some((Ok(SseEvent::default().event("changed").data("{}")), feed));
+                        return Some((Ok(AppointmentEvent::Changed(Changed {}).to_sse()), feed));
                     }
                     Err(RecvError::Closed) => return None,
                 },

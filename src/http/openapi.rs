@@ -51,7 +51,6 @@ pub use haven_protocol::api::ApiError as ErrorBody;
     components(schemas(
         haven_protocol::ClientFrame,
         haven_protocol::ServerFrame,
-        super::appointments::RiskEvent,
     )),
     modifiers(&SecuritySchemes),
 )]

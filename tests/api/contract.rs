@@ -14,8 +14,13 @@
 //! [`Ws`]: crate::helpers::Ws
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Bytes;
+use http_body::Frame;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -55,6 +60,17 @@ impl Operation {
                 Some(literal) => literal == part,
                 None => !part.is_empty(),
             })
+    }
+
+    /// The path, as in the document.
+    fn path(&self) -> String {
+        self.pointer
+            .trim_start_matches("/paths/")
+            .rsplit_once('/')
+            .unwrap()
+            .0
+            .replace("~1", "/")
+            .replace("~0", "~")
     }
 
     /// Literal segments first: `/a/b` is chosen over `/a/{x}`.
@@ -109,6 +125,16 @@ impl Contract {
             }
         }
         Contract { document, operations, validators: Mutex::default() }
+    }
+
+    /// `METHOD path` of the operation that answers `method path`, if any.
+    fn operation(&self, method: &str, path: &str) -> Option<String> {
+        let method = method.to_ascii_lowercase();
+        let parts: Vec<&str> = path.split('/').collect();
+        let mut candidates: Vec<&Operation> =
+            self.operations.iter().filter(|op| op.method == method && op.matches(&parts)).collect();
+        candidates.sort_by_key(|op| std::cmp::Reverse(op.literals()));
+        candidates.first().map(|op| format!("{} {}", op.method, op.path()))
     }
 
     /// The document, as JSON.
@@ -203,6 +229,10 @@ impl Contract {
                 content.keys()
             ));
         };
+        if essence == "text/event-stream" {
+            // Its events are checked as they are read (`Events`).
+            return Ok(());
+        }
         if media.get("schema").is_none() || !is_json(&essence) {
             // A text body (a page, a script, a Markdown file) or a stream.
             return match body.map(std::str::from_utf8) {
@@ -237,6 +267,42 @@ impl Contract {
         } else {
             Err(format!("does not match {pointer}: {}\n{value:#}", errors.join("; ")))
         }
+    }
+
+    /// Checks one event of a `text/event-stream` answer (`event:` and
+    /// `data:` lines) against its content's schema, which is an event as
+    /// `{"event", "data"}`.
+    pub fn check_event(&self, operation: &str, block: &str) -> Result<(), Breach> {
+        let (mut name, mut data) = (None, Vec::new());
+        for line in block.lines() {
+            if line.starts_with(':') || line.is_empty() {
+                continue; // A comment: the keep-alive.
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => name = Some(value.to_owned()),
+                "data" => data.push(value.to_owned()),
+                other => return Err(format!("{operation}: an event with a field {other:?}: {block:?}")),
+            }
+        }
+        if name.is_none() && data.is_empty() {
+            return Ok(());
+        }
+        let data = data.join("\n");
+        let data: Value = serde_json::from_str(&data)
+            .map_err(|error| format!("{operation}: an event's data is not JSON ({error}): {block:?}"))?;
+        // An event with no name is a `message` (the default of the format).
+        let event = json!({"event": name.as_deref().unwrap_or("message"), "data": data});
+        let pointer = self
+            .operations
+            .iter()
+            .find(|op| format!("{} {}", op.method, op.path()) == operation)
+            .map(|op| format!("{}/responses/200/content/text~1event-stream/schema", op.pointer))
+            .unwrap_or_else(|| panic!("no operation {operation}"));
+        self.check_value(&pointer, &event).map_err(|why| format!("{operation}: an event {why}"))?;
+        checked(format_args!("event {operation} {}", event["event"]));
+        Ok(())
     }
 
     /// Checks a frame the server sent against `ServerFrame`.
@@ -330,7 +396,8 @@ impl Contract {
             out.insert("properties".into(), Value::Object(properties));
             out.insert("required".into(), Value::Array(required));
         }
-        if out.contains_key("properties") && !out.contains_key("additionalProperties") {
+        let object = out.contains_key("properties") || out.get("type") == Some(&json!("object"));
+        if object && !out.contains_key("additionalProperties") {
             out.insert("additionalProperties".into(), json!(false));
         }
         Value::Object(out)
@@ -381,6 +448,41 @@ impl Http {
             url,
             origin: self.origin.clone(),
         }
+    }
+}
+
+/// The body of a `text/event-stream` answer, checking each event as it
+/// passes (the test fails at the first that breaks the contract).
+struct Events {
+    inner: reqwest::Body,
+    /// What came after the last whole event.
+    pending: String,
+    /// `METHOD path` of the operation, as in the document.
+    operation: String,
+}
+
+impl http_body::Body for Events {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.pending.push_str(&String::from_utf8_lossy(data));
+            while let Some(end) = this.pending.find("\n\n") {
+                let block: String = this.pending.drain(..end + 2).collect();
+                contract()
+                    .check_event(&this.operation, &block)
+                    .unwrap_or_else(|breach| panic!("the API broke its contract: {breach}"));
+            }
+        }
+        polled
     }
 }
 
@@ -448,11 +550,21 @@ impl Request {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         if content_type.as_deref().is_some_and(|value| essence(value) == "text/event-stream") {
-            // A stream is for the test to read: only its head is checked.
+            // A stream is for the test to read: its head is checked now,
+            // and each event as the test reads it.
             contract()
                 .check_response(&method, &path, status.as_u16(), content_type.as_deref(), None)
                 .unwrap_or_else(|breach| panic!("the API broke its contract: {breach}"));
-            return Ok(response);
+            let operation = contract()
+                .operation(&method, &path)
+                .unwrap_or_else(|| panic!("{method} {path} answered a stream but has no operation"));
+            let response: axum::http::Response<reqwest::Body> = response.into();
+            let (parts, body) = response.into_parts();
+            let events = Events { inner: body, pending: String::new(), operation };
+            return Ok(reqwest::Response::from(axum::http::Response::from_parts(
+                parts,
+                reqwest::Body::wrap(events),
+            )));
         }
         let version = response.version();
         let headers = response.headers().clone();
@@ -549,6 +661,21 @@ mod tests {
             .check_response("PATCH", "/api/sessions", 405, Some("application/json"), Some(&error))
             .unwrap();
         assert!(contract().check_response("PATCH", "/api/sessions", 200, None, Some(b"")).is_err());
+    }
+
+    #[test]
+    fn events_of_a_stream_are_checked_strictly_too() {
+        let stream = "get /api/appointments/events";
+        let contract = contract();
+        contract.check_event(stream, "event: changed\ndata: {}\n\n").unwrap();
+        contract.check_event(stream, ":\n\n").unwrap();
+        let risk = r#"{"session_id":"0192a6f0-7a4e-7c3d-9f1e-2b3c4d5e6f70","level":"high"}"#;
+        contract.check_event(stream, &format!("event: risk\ndata: {risk}\n\n")).unwrap();
+        let extra = r#"{"session_id":"0192a6f0-7a4e-7c3d-9f1e-2b3c4d5e6f70","level":"high","text":"x"}"#;
+        assert!(contract.check_event(stream, &format!("event: risk\ndata: {extra}\n\n")).is_err());
+        assert!(contract.check_event(stream, "event: changed\ndata: {\"x\":1}\n\n").is_err());
+        assert!(contract.check_event(stream, "event: shout\ndata: {}\n\n").is_err());
+        assert!(contract.check_event(stream, "data: {}\n\n").is_err(), "an unnamed event");
     }
 
     #[test]
