@@ -1,15 +1,17 @@
 //! The API's contract, checked on every response the suite receives: each
-//! HTTP response through [`Http`] (`TestApp::http`) and each frame a [`Ws`]
-//! reads must be what `/api/openapi.json` documents, or the test fails.
+//! HTTP response through [`Http`] (`TestApp::http`), each event of a stream
+//! it returns, and each frame a [`Ws`] reads must be what
+//! `/api/openapi.json` documents, or the test fails.
 //!
 //! The document is the server's own (`haven::http::openapi::document()`,
-//! which `/api/openapi.json` serves: `openapi::the_served_document_is_the_code_s`
-//! checks that). A response must have a documented status for its
-//! operation, a documented content type, and a body that validates against
-//! the schema, made strict: every object is closed (`additionalProperties:
-//! false`), so an undocumented field fails as well as a missing or
-//! mistyped one. A path that is in no operation may only answer the
-//! fallback's `404`, and a documented path with another method `405`.
+//! which `/api/openapi.json` serves, as
+//! `openapi::the_served_document_is_openapi_3_1_and_is_the_code_s` checks).
+//! A response must have a documented status for its operation, a
+//! documented content type, and a body that validates against the schema,
+//! made strict: every object is closed (`additionalProperties: false`), so
+//! an undocumented field fails as well as a missing or mistyped one. A path
+//! that is in no operation may only answer the fallback's `404`, and a
+//! documented path with another method `405`.
 //!
 //! [`Ws`]: crate::helpers::Ws
 
