@@ -9,7 +9,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -17,11 +16,12 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::{HOST, ORIGIN};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum_extra::extract::CookieJar;
 use haven_protocol::{Role, close_code};
 use haven_store::{Action, Actor, Therapist, TrailEntry};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::{self, Credential, THERAPIST_COOKIE};
@@ -61,13 +61,16 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// cannot be drained, so its sender may see the connection reset instead.
 const TRANSPORT_LIMIT_BYTES: usize = 1024 * 1024;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/chat/ws/{session_id}", get(chat_socket))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(chat_socket))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SocketQuery {
-    /// Accepted for compatibility; must match the credential.
+    /// `user` or `therapist`: accepted for compatibility; it must match the
+    /// credential's kind.
+    #[param(pattern = "^(user|therapist)$")]
     role: Option<String>,
     /// Replay every message with a greater seq before live traffic.
     since: Option<i64>,
@@ -104,6 +107,30 @@ impl From<haven_store::StoreError> for Refusal {
     }
 }
 
+/// The chat WebSocket.
+///
+/// A WebSocket upgrade (`Connection: Upgrade`, `Upgrade: websocket`). The
+/// credential (bearer header, or a cookie with a same-site `Origin`) decides
+/// the role. Every frame is a JSON text frame: the client sends
+/// [ClientFrame](#/components/schemas/ClientFrame)s and the server sends
+/// [ServerFrame](#/components/schemas/ServerFrame)s. A refused connection
+/// is upgraded (`101`) and then closed at once with 1008 and the reason
+/// (unknown session, missing or invalid credential, role mismatch, foreign
+/// origin, another therapist's chat, closed chat, too many connections),
+/// or 1011 when the database is unreachable. docs/protocol.md has the
+/// close codes and the order of frames.
+#[utoipa::path(
+    get,
+    path = "/api/chat/ws/{session_id}",
+    tag = "chat",
+    params(crate::http::SessionPath, SocketQuery),
+    security(("client_token" = []), ("client_cookie" = []), ("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 101, description = "Switching Protocols: the socket is open (or is closed at once with the reason of a refusal)."),
+        (status = 400, description = "`websocket_required`: not a WebSocket upgrade; or `invalid_query`.", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "`not_found`: the path does not parse.", body = crate::http::openapi::ErrorBody),
+    )
+)]
 async fn chat_socket(
     State(state): State<AppState>,
     Path(session_id): Path<String>,

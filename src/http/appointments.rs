@@ -1,6 +1,5 @@
 //! The therapist's appointments list.
 
-use axum::Router;
 use std::cmp::Reverse;
 use std::convert::Infallible;
 
@@ -8,16 +7,18 @@ use axum::extract::State;
 use axum::http::header::LINK;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
 use futures_util::Stream;
 use haven_protocol::RiskLevel;
 use haven_protocol::api::{Appointment, ClosedAppointment, MessagePreview};
 use haven_store::ChatSession;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
+use super::openapi::ErrorBody;
 use super::{ApiError, Json, Query};
 use crate::auth::{self, AuthTherapist};
 use crate::chat::queue::OnDuty;
@@ -25,20 +26,59 @@ use crate::chat::{Revocation, RiskAlert};
 use crate::limits::Slot;
 use crate::startup::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/appointments", get(list_appointments))
-        .route("/api/appointments/events", get(appointment_events))
-        .route("/api/appointments/closed", get(closed_appointments))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_appointments))
+        .routes(routes!(appointment_events))
+        .routes(routes!(closed_appointments))
 }
 
 /// Rows of `GET /api/appointments` per page, by default and at most.
 pub const PAGE_MAX: usize = 200;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// Rows per page: 1 to 200 (by default 200 for the open list, 50 for
+    /// the closed one).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<usize>,
+    /// Where the page starts: only as given in a `Link: <…>; rel="next"`
+    /// header.
     cursor: Option<String>,
+}
+
+/// One event of `GET /api/appointments/events`: its name (`event:`) and
+/// its data (`data:`, one line of JSON).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "lowercase")]
+pub enum AppointmentEvent {
+    /// The list may have changed: read `GET /api/appointments` again.
+    Changed(Changed),
+    /// A session the caller can see was flagged.
+    Risk(RiskEvent),
+}
+
+/// The data of a `changed` event: `{}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Changed {}
+
+/// The data of a `risk` event.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RiskEvent {
+    pub session_id: Uuid,
+    /// The session's level now.
+    pub level: RiskLevel,
+}
+
+impl AppointmentEvent {
+    /// The event as sent: its name and data are its JSON's `event` and
+    /// `data`, so the wire is what the schema says.
+    fn to_sse(&self) -> SseEvent {
+        let json = serde_json::to_value(self).unwrap_or_default();
+        let name = json["event"].as_str().unwrap_or_default();
+        SseEvent::default().event(name).data(json["data"].to_string())
+    }
 }
 
 /// Where a row sorts: flagged sessions that need attention first, highest
@@ -100,11 +140,28 @@ pub fn waiting_order<'a>(sessions: impl Iterator<Item = &'a ChatSession>) -> Vec
     keys.into_iter().map(|key| key.id).collect()
 }
 
+/// The open chats the caller can take or has taken.
+///
 /// `GET /api/appointments?limit=N&cursor=C`: the open sessions the caller
 /// can take or has taken, in pages of at most [`PAGE_MAX`] (the default),
 /// ordered by [`SortKey`]. Unclaimed sessions that nobody has touched for
 /// `--waiting-hours` leave the list (flagged ones stay). When there is
 /// more, a `Link: <…>; rel="next"` header gives the next page's URL.
+#[utoipa::path(
+    get,
+    path = "/api/appointments",
+    tag = "appointments",
+    params(PageQuery),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "One page of the list.", body = Vec<Appointment>,
+            headers(("link" = String, description = "`</api/appointments?limit=N&cursor=C>; rel=\"next\"` when there is more"))),
+        (status = 400, description = "`invalid_query`: a limit out of range, or a cursor this server did not give.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn list_appointments(
     State(state): State<AppState>,
     caller: AuthTherapist,
@@ -168,11 +225,28 @@ async fn list_appointments(
     Ok((headers, Json(appointments.into_iter().map(|(_, appointment)| appointment).collect())))
 }
 
+/// The caller's closed chats.
+///
 /// `GET /api/appointments/closed?limit=N&cursor=C`: the caller's closed
 /// chats, the most recently closed first, in pages of at most
 /// [`PAGE_MAX`] (50 by default), with a `Link: <…>; rel="next"` header
 /// when there is more. Each chat's transcript opens read-only in the chat
 /// page and downloads as the open ones do.
+#[utoipa::path(
+    get,
+    path = "/api/appointments/closed",
+    tag = "appointments",
+    params(PageQuery),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "One page, the most recently closed first.", body = Vec<ClosedAppointment>,
+            headers(("link" = String, description = "`</api/appointments/closed?limit=N&cursor=C>; rel=\"next\"` when there is more"))),
+        (status = 400, description = "`invalid_query`: a limit out of range, or a cursor this server did not give.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn closed_appointments(
     State(state): State<AppState>,
     caller: AuthTherapist,
@@ -225,6 +299,8 @@ fn parse_closed_cursor(cursor: &str) -> Option<(time::OffsetDateTime, Uuid)> {
     Some((closed_at, id.parse().ok()?))
 }
 
+/// Server-sent events: the list changed, or a session was flagged.
+///
 /// `GET /api/appointments/events`: server-sent `changed` events whenever the
 /// list may have changed (the dashboard then re-reads `/api/appointments`),
 /// and a `risk` event `{"session_id", "level"}` the moment a session the
@@ -234,6 +310,25 @@ fn parse_closed_cursor(cursor: &str) -> Option<(time::OffsetDateTime, Uuid)> {
 /// otherwise within one heartbeat interval of its login ending in any way
 /// (logout or revocation elsewhere, `haven therapist disable` or `passwd`,
 /// idle expiry): like a socket's heartbeat, it re-checks its credential.
+///
+/// Events: `event: changed` with `data: {}`, and `event: risk` with a
+/// [RiskEvent](#/components/schemas/RiskEvent) as `data`; comments keep the
+/// stream alive. The content's schema is one event, as its name and data.
+#[utoipa::path(
+    get,
+    path = "/api/appointments/events",
+    tag = "appointments",
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The event stream, open until the login ends or the server stops.",
+            body = AppointmentEvent, content_type = "text/event-stream"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: this login has too many streams open.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn appointment_events(
     State(state): State<AppState>,
     caller: AuthTherapist,
@@ -295,8 +390,8 @@ async fn appointment_events(
                 },
                 alert = feed.risks.recv() => match alert {
                     Ok(alert) if alert.visible_to(feed.therapist_id) => {
-                        let data = serde_json::json!({"session_id": alert.session_id, "level": alert.level});
-                        return Some((Ok(SseEvent::default().event("risk").data(data.to_string())), feed));
+                        let risk = RiskEvent { session_id: alert.session_id, level: alert.level };
+                        return Some((Ok(AppointmentEvent::Risk(risk).to_sse()), feed));
                     }
                     // Missed alerts still show in the list the next `changed` brings.
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
@@ -305,7 +400,7 @@ async fn appointment_events(
                 next = feed.changes.recv() => match next {
                     // A lagged receiver missed some ticks; one refresh covers them all.
                     Ok(()) | Err(RecvError::Lagged(_)) => {
-                        return Some((Ok(SseEvent::default().event("changed").data("{}")), feed));
+                        return Some((Ok(AppointmentEvent::Changed(Changed {}).to_sse()), feed));
                     }
                     Err(RecvError::Closed) => return None,
                 },

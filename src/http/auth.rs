@@ -2,26 +2,48 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::routing::post;
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{LoginRequest, LoginResponse, TherapistProfile};
 use haven_store::{Action, Actor, Therapist, TrailEntry};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::openapi::ErrorBody;
 use super::{ApiError, Json};
 use crate::auth::{self, AuthTherapist, DEVICE_COOKIE, THERAPIST_COOKIE, THERAPIST_TOKEN_PREFIX};
 use crate::chat::Revocation;
 use crate::startup::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/auth/login", post(login)).route("/api/auth/logout", post(logout))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(login)).routes(routes!(logout))
 }
 
+/// A therapist logs in.
+///
 /// `POST /api/auth/login`: a therapist token in the body and in an HttpOnly
-/// cookie. Unknown e-mail and wrong password get the same answer.
+/// cookie. Unknown e-mail and wrong password get the same answer. Failures
+/// lock the pair of account and address, and the address, for a while
+/// (`429`); an account's failures from anywhere only slow its logins down.
+#[utoipa::path(
+    post,
+    path = "/api/auth/login",
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in.", body = LoginResponse,
+            headers(("set-cookie" = String, description = "`haven_therapist` (the token, HttpOnly) and `haven_device`"))),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 401, description = "`invalid_credentials`: unknown e-mail or wrong password, alike.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many failed logins.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable, or password hashing is saturated.", body = ErrorBody),
+    )
+)]
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -117,7 +139,23 @@ pub(crate) async fn start_login(
     Ok((therapist, token, jar.add(device)))
 }
 
-/// `POST /api/auth/logout`: revokes the token used and clears the cookie.
+/// A therapist logs out.
+///
+/// `POST /api/auth/logout`: revokes the token used and clears the cookie;
+/// the login's sockets and event streams close.
+#[utoipa::path(
+    post,
+    path = "/api/auth/logout",
+    tag = "auth",
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 204, description = "Logged out; the cookie is cleared.",
+            headers(("set-cookie" = String, description = "Clears `haven_therapist`"))),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn logout(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

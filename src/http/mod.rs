@@ -10,17 +10,21 @@ use axum::http::header::{
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use haven_protocol::api::ApiError as ErrorBody;
 use haven_store::StoreError;
+use serde::Serialize;
 use tower_http::csrf::CsrfLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::startup::AppState;
 
 pub(crate) mod appointments;
 pub(crate) mod auth;
+pub mod openapi;
 mod safety;
 pub(crate) mod sessions;
 pub mod setup;
@@ -34,8 +38,39 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; st
      img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
      form-action 'self'; frame-ancestors 'none'";
 
+/// Every route of the service, each with its OpenAPI operation: the router
+/// and `/api/openapi.json` are made from this one list.
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs_page))
+        .merge(sessions::router())
+        .merge(auth::router())
+        .merge(appointments::router())
+        .merge(safety::router())
+        .merge(setup::router())
+        .merge(crate::chat::router())
+        .merge(crate::pages::router())
+}
+
+/// A session in a path (its OpenAPI parameter; handlers take the text and
+/// check it with [`canonical_uuid`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct SessionPath {
+    /// The session id, lowercase and hyphenated; any other form is `404`.
+    #[allow(dead_code)]
+    session_id: uuid::Uuid,
+}
+
 /// Every route of the service, with its security layers.
 pub fn router(state: AppState) -> anyhow::Result<Router> {
+    // The document is made once, here, so a broken one stops the start.
+    if let Err(error) = &*openapi::DOCUMENT {
+        anyhow::bail!("the OpenAPI document cannot be written: {error}");
+    }
     // Cross-site POSTs with cookies are refused (Sec-Fetch-Site / Origin);
     // non-browser clients send neither header and pass.
     let mut csrf = CsrfLayer::new();
@@ -46,16 +81,8 @@ pub fn router(state: AppState) -> anyhow::Result<Router> {
     let header = |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
     let deadline = std::time::Duration::from_secs(state.limits.settings.request_timeout_seconds.max(1));
 
-    Ok(Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(sessions::router())
-        .merge(auth::router())
-        .merge(appointments::router())
-        .merge(safety::router())
-        .merge(setup::router())
-        .merge(crate::chat::router())
-        .merge(crate::pages::router())
+    let (routes, _) = routes().split_for_parts();
+    Ok(routes
         .fallback(not_found)
         // API bodies are small; anything larger is refused with 413.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -95,6 +122,13 @@ async fn request_deadline(deadline: std::time::Duration, request: Request, next:
     }
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Always `ok`.", body = String, content_type = "text/plain", example = "ok"))
+)]
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -102,15 +136,38 @@ async fn healthz() -> &'static str {
 /// How long `/readyz` waits for the database's answer.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// `200` body of `GET /readyz`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Readiness {
+    status: Ready,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum Ready {
+    Ready,
+}
+
+/// Readiness: whether this instance should get traffic.
+///
 /// `GET /readyz`: 200 `{"status": "ready"}` when the database answers a
 /// read within [`READY_TIMEOUT`] and, on PostgreSQL, the notification
 /// listener is connected; 503 `not_ready` with the reason otherwise.
-async fn readyz(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "`not_ready`, with the reason as `message`.", body = ErrorBody),
+    )
+)]
+async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, ApiError> {
     if !state.listening.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ApiError::NotReady("the notification listener is reconnecting to the database"));
     }
     match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
-        Ok(Ok(())) => Ok(axum::Json(serde_json::json!({ "status": "ready" }))),
+        Ok(Ok(())) => Ok(Json(Readiness { status: Ready::Ready })),
         Ok(Err(error)) => {
             tracing::debug!(error = %error, "readiness: the database does not answer");
             Err(ApiError::NotReady("the database does not answer"))

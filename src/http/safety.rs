@@ -2,53 +2,146 @@
 
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::extract::{ConnectInfo, State};
-use axum::routing::{get, post};
 use haven_protocol::api::{AcknowledgeRequest, AuditEntry, ClassifyRequest, SafetyReport, SessionRisk};
 use haven_protocol::{MAX_CONTENT_CHARS, RiskLevel};
-use haven_safety::Assessment;
+use haven_safety::model::ModelVerdict;
+use haven_safety::{Assessment, RuleHit};
 use haven_store::{AcknowledgeOutcome, AuditKind, ChatSession};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{ApiError, Json, Path, Query, visible_session};
+use super::openapi::ErrorBody;
+use super::{ApiError, Json, Path, Query, SessionPath, visible_session};
 use crate::auth::AuthTherapist;
 use crate::startup::AppState;
 
 /// Longest acknowledgement note, in characters.
 const MAX_NOTE_CHARS: usize = 2_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/safety/classify", post(classify))
-        .route("/api/safety/report", get(report))
-        .route("/api/sessions/{session_id}/risk", get(session_risk))
-        .route("/api/sessions/{session_id}/risk/acknowledge", post(acknowledge))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(classify))
+        .routes(routes!(report))
+        .routes(routes!(session_risk))
+        .routes(routes!(acknowledge))
 }
 
+/// The detector's verdict on one text, as the API sends it: the JSON of
+/// [`haven_safety::Assessment`], which has no schema of its own. It is
+/// built field by field, so a field added there fails to compile here.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Assessment)]
+struct AssessmentBody {
+    /// The higher of the rules' level (the highest among `rules`) and the
+    /// model's; `none` when neither found anything.
+    level: RiskLevel,
+    /// Every rule that fired, highest level first, then in file order.
+    rules: Vec<RuleHitBody>,
+    /// The version of the rules that produced this verdict.
+    version: String,
+    /// The model's verdict; absent when the rules ran alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<ModelVerdictBody>,
+}
+
+/// One rule that fired, and on which words.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = RuleHit)]
+struct RuleHitBody {
+    /// The rule's stable id, e.g. `en.intent.kill_self`.
+    id: String,
+    /// The rule's level, or lower if a suppression capped it.
+    level: RiskLevel,
+    /// The words of the (normalised) text the rule matched.
+    matched: String,
+}
+
+/// What the model says of the text.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = ModelVerdict)]
+struct ModelVerdictBody {
+    /// The model file's version.
+    version: String,
+    /// The level the model's thresholds give (`none` under three words).
+    level: RiskLevel,
+    /// The model's probability that the text is at `concern` or above,
+    /// rounded to four places.
+    score: f32,
+}
+
+impl From<Assessment> for AssessmentBody {
+    fn from(assessment: Assessment) -> Self {
+        let Assessment { level, rules, version, model } = assessment;
+        let rules = rules
+            .into_iter()
+            .map(|RuleHit { id, level, matched }| RuleHitBody { id, level, matched })
+            .collect();
+        let model =
+            model.map(|ModelVerdict { version, level, score }| ModelVerdictBody { version, level, score });
+        Self { level, rules, version: version.to_owned(), model }
+    }
+}
+
+/// What the detector finds in a text, and why.
+///
 /// `POST /api/safety/classify {"text"}`: what the detector finds in a text,
 /// and why. Nothing is stored or logged.
+#[utoipa::path(
+    post,
+    path = "/api/safety/classify",
+    tag = "safety",
+    request_body = ClassifyRequest,
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The verdict.", body = AssessmentBody),
+        (status = 400, description = "`invalid_json`, or `content_too_long` (over 4,000 characters).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn classify(
     State(state): State<AppState>,
     _caller: AuthTherapist,
     Json(request): Json<ClassifyRequest>,
-) -> Result<Json<Assessment>, ApiError> {
+) -> Result<Json<AssessmentBody>, ApiError> {
     if request.text.chars().count() > MAX_CONTENT_CHARS {
         return Err(ApiError::BadRequest {
             code: "content_too_long",
             message: format!("text is longer than {MAX_CONTENT_CHARS} characters"),
         });
     }
-    Ok(Json(state.escalation.classify(&request.text)))
+    Ok(Json(state.escalation.classify(&request.text).into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ReportQuery {
+    /// Count over this many days back (default 365, at most 36,500).
     days: Option<u32>,
 }
 
+/// Flags and crisis referrals counted over the last N days.
+///
 /// `GET /api/safety/report?days=N`: flags and crisis referrals counted over
 /// the last N days (default 365).
+#[utoipa::path(
+    get,
+    path = "/api/safety/report",
+    tag = "safety",
+    params(ReportQuery),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The counts.", body = SafetyReport),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn report(
     State(state): State<AppState>,
     _caller: AuthTherapist,
@@ -59,8 +152,25 @@ async fn report(
     Ok(Json(crate::safety::report(state.store.as_ref(), days, version).await?))
 }
 
+/// A session's flag and its audit trail.
+///
 /// `GET /api/sessions/{id}/risk`: a session's flag and audit trail, for a
 /// therapist who can see the session.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{session_id}/risk",
+    tag = "safety",
+    params(SessionPath),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The flag (level `none` if never flagged) and the trail.", body = SessionRisk),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another therapist's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn session_risk(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -70,9 +180,30 @@ async fn session_risk(
     Ok(Json(risk_of(&state, &session).await?))
 }
 
+/// The therapist has seen the flag.
+///
 /// `POST /api/sessions/{id}/risk/acknowledge {"note"}`: the therapist has
 /// seen the flag. It is recorded in the audit trail with the note; the
 /// level stays, and a later flag needs attention again.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{session_id}/risk/acknowledge",
+    tag = "safety",
+    params(SessionPath),
+    request_body = AcknowledgeRequest,
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The flag, acknowledged.", body = SessionRisk),
+        (status = 400, description = "`invalid_json`, or `note_too_long` (over 2,000 characters).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another therapist's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 409, description = "`conflict`: the session has no flag to acknowledge.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn acknowledge(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -136,4 +267,24 @@ async fn risk_of(state: &AppState, session: &ChatSession) -> Result<SessionRisk,
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented body is byte for byte what the detector's own type
+    /// serializes to, with and without the model's verdict.
+    #[test]
+    fn the_assessment_body_serializes_as_the_assessment() {
+        for text in ["I want to end my life tonight, I have the pills here", "hello"] {
+            let assessment = haven_safety::classify(text);
+            assert!(assessment.model.is_some());
+            let body = AssessmentBody::from(assessment.clone());
+            assert_eq!(serde_json::to_value(&body).unwrap(), serde_json::to_value(&assessment).unwrap());
+            let rules_only = Assessment { model: None, ..assessment };
+            let body = AssessmentBody::from(rules_only.clone());
+            assert_eq!(serde_json::to_value(&body).unwrap(), serde_json::to_value(&rules_only).unwrap());
+        }
+    }
 }

@@ -2,11 +2,8 @@
 
 use std::net::SocketAddr;
 
-use axum::Router;
-
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use haven_protocol::api::{
@@ -20,9 +17,12 @@ use haven_store::{
     TrailFilter,
 };
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{ApiError, Json, Path};
+use super::openapi::ErrorBody;
+use super::{ApiError, Json, Path, SessionPath};
 use crate::auth::{self, AuthTherapist, CLIENT_TOKEN_PREFIX, Credential, THERAPIST_COOKIE};
 use crate::startup::AppState;
 
@@ -30,21 +30,36 @@ use crate::startup::AppState;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 500;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/sessions", post(create_session))
-        .route("/api/sessions/{session_id}", delete(erase_session))
-        .route("/api/sessions/{session_id}/companion-sharing", axum::routing::put(set_companion_sharing))
-        .route("/api/sessions/{session_id}/messages", get(list_messages))
-        .route("/api/sessions/{session_id}/close", post(close_session))
-        .route("/api/sessions/{session_id}/hand-back", post(hand_back))
-        .route("/api/sessions/{session_id}/label", get(client_label).put(set_client_label))
-        .route("/api/sessions/{session_id}/transcript", get(transcript))
-        .route("/api/sessions/{session_id}/access-log", get(access_log))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_session))
+        .routes(routes!(erase_session))
+        .routes(routes!(set_companion_sharing))
+        .routes(routes!(list_messages))
+        .routes(routes!(close_session))
+        .routes(routes!(hand_back))
+        .routes(routes!(client_label, set_client_label))
+        .routes(routes!(transcript))
+        .routes(routes!(access_log))
 }
 
+/// Chat Now: a new chat session.
+///
 /// `POST /api/sessions`: a new `BOT_ONLY` session and its client credential,
 /// returned in the body and set as an HttpOnly cookie for browsers.
+#[utoipa::path(
+    post,
+    path = "/api/sessions",
+    tag = "sessions",
+    responses(
+        (status = 201, description = "The session, and its client token (shown once).", body = CreatedSession,
+            headers(("set-cookie" = String, description = "`haven_client_{session id as 32 hex digits}`: the same token, HttpOnly"))),
+        (status = 429, description = "`rate_limited`: too many new sessions from this address.", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the database is unreachable.", body = ErrorBody),
+    )
+)]
 async fn create_session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -103,10 +118,31 @@ async fn own_chat(state: &AppState, headers: &HeaderMap, session_id: &str) -> Re
     if own { Ok(session_id) } else { Err(ApiError::Forbidden) }
 }
 
+/// The client's choice: may the therapist see the conversation with the companion?
+///
 /// `PUT /api/sessions/{id}/companion-sharing {"shared"}`: the client's
 /// choice, while no therapist has joined, whether the therapist who joins
 /// sees the conversation with the companion. Until they choose it is
 /// private.
+#[utoipa::path(
+    put,
+    path = "/api/sessions/{session_id}/companion-sharing",
+    tag = "sessions",
+    params(SessionPath),
+    request_body = CompanionSharing,
+    security(("client_token" = []), ("client_cookie" = [])),
+    responses(
+        (status = 204, description = "Chosen."),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another chat's or a therapist's credential.", body = ErrorBody),
+        (status = 404, description = "`not_found`: the id is not a session id.", body = ErrorBody),
+        (status = 409, description = "`conflict`: a therapist has joined; the choice is fixed.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn set_companion_sharing(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -127,10 +163,29 @@ async fn set_companion_sharing(
     }
 }
 
+/// The client erases their chat.
+///
 /// `DELETE /api/sessions/{id}`: the client erases their chat, while no
 /// therapist has joined it. Every message and flag record and the
 /// credential are deleted, not hidden; the chat leaves every dashboard, and
 /// its sockets close with 1008 "chat erased".
+#[utoipa::path(
+    delete,
+    path = "/api/sessions/{session_id}",
+    tag = "sessions",
+    params(SessionPath),
+    security(("client_token" = []), ("client_cookie" = [])),
+    responses(
+        (status = 204, description = "Erased; the chat's cookie is cleared.",
+            headers(("set-cookie" = String, description = "Clears `haven_client_{id}`"))),
+        (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another chat's or a therapist's credential.", body = ErrorBody),
+        (status = 404, description = "`not_found`: the id is not a session id.", body = ErrorBody),
+        (status = 409, description = "`conflict`: a therapist has joined this chat.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn erase_session(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -150,14 +205,38 @@ async fn erase_session(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// Only messages with a greater seq (default 0).
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// At most this many (default 100; more than 500 is read as 500).
+    #[param(minimum = 1)]
     limit: Option<i64>,
 }
 
+/// A session's messages, in seq order.
+///
 /// `GET /api/sessions/{id}/messages?after=SEQ&limit=N`: for the session's
-/// client or its assigned therapist.
+/// client or its assigned therapist. A therapist's read is recorded in the
+/// audit trail.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{session_id}/messages",
+    tag = "sessions",
+    params(SessionPath, PageQuery),
+    security(("client_token" = []), ("client_cookie" = []), ("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The page of messages.", body = MessagePage),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not this session's client or therapist.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn list_messages(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -221,9 +300,26 @@ async fn list_messages(
     Ok(Json(MessagePage { messages }))
 }
 
+/// Who read or changed the chat.
+///
 /// `GET /api/sessions/{id}/access-log`: who read or changed the chat, for
 /// its therapist (the chat page's "Access log"). Read-only: the trail is
 /// only ever appended to.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{session_id}/access-log",
+    tag = "sessions",
+    params(SessionPath),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The chat's records, oldest first.", body = AccessLog),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not the caller's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn access_log(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -256,14 +352,37 @@ async fn access_log(
     Ok(Json(AccessLog { records }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TranscriptQuery {
+    /// `json` (the default) or `markdown`.
+    #[param(pattern = "^(json|markdown)$")]
     format: Option<String>,
 }
 
+/// The whole chat, as a file.
+///
 /// `GET /api/sessions/{id}/transcript?format=markdown|json`: the whole
 /// chat, with every message's sender, kind and time, as a file for the
-/// session's therapist to keep.
+/// session's therapist to keep. The read is recorded in the audit trail.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{session_id}/transcript",
+    tag = "sessions",
+    params(SessionPath, TranscriptQuery),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The transcript, as an attachment.",
+            content((Transcript = "application/json"), (String = "text/markdown")),
+            headers(("content-disposition" = String, description = "`attachment; filename=\"haven-chat-XXXXXXXX.json\"` (or `.md`)"))),
+        (status = 400, description = "`invalid_query`: an unknown format.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not the caller's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn transcript(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -369,11 +488,28 @@ fn private_placeholder(count: usize) -> String {
     }
 }
 
+/// The therapist closes the chat.
+///
 /// `POST /api/sessions/{id}/close`: the assigned therapist ends the chat.
 /// Every socket of the session gets the closing message and then closes with
 /// 1008, the session leaves the appointments lists, and the client's
 /// credential only reads the transcript from then on. Closing twice is not
 /// an error.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{session_id}/close",
+    tag = "sessions",
+    params(SessionPath),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 204, description = "Closed (or already closed)."),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not the caller's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn close_session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -396,11 +532,32 @@ async fn close_session(
     }
 }
 
+/// The therapist hands the chat back to the companion.
+///
 /// `POST /api/sessions/{id}/hand-back {"note"}`: the therapist who joined
 /// ends their part without closing the chat. In one transaction the note
 /// (if any) is stored as the therapist's message, then the hand-back
 /// message; the session is `BOT_ONLY` again with the companion paused until
 /// the client says yes, and the therapist's sockets close with 1000.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{session_id}/hand-back",
+    tag = "sessions",
+    params(SessionPath),
+    request_body = HandBackRequest,
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 204, description = "Handed back."),
+        (status = 400, description = "`invalid_json`, or `note_too_long` (over 4,000 characters).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not the caller's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 409, description = "`conflict`: the therapist is not in the chat now, or it is closed.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn hand_back(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -429,8 +586,25 @@ async fn hand_back(
     }
 }
 
+/// The caller's private name for the session's client.
+///
 /// `GET /api/sessions/{id}/label`: the caller's private name for the
 /// session's client, for a therapist who can see the session.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{session_id}/label",
+    tag = "sessions",
+    params(SessionPath),
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The name, or `null`.", body = ClientLabel),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another therapist's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn client_label(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -441,9 +615,29 @@ async fn client_label(
     Ok(Json(ClientLabel { label: labels.remove(&session.id) }))
 }
 
+/// Names the session's client, for the caller only.
+///
 /// `PUT /api/sessions/{id}/label {"label"}`: sets (or, blank or `null`,
 /// forgets) the caller's private name for the session's client, on one
 /// line. Nobody else sees it, the client least of all.
+#[utoipa::path(
+    put,
+    path = "/api/sessions/{session_id}/label",
+    tag = "sessions",
+    params(SessionPath),
+    request_body = ClientLabel,
+    security(("therapist_token" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The name as stored (whitespace collapsed), or `null`.", body = ClientLabel),
+        (status = 400, description = "`invalid_json`, or `label_too_long` (over 60 characters).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another therapist's chat.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
 async fn set_client_label(
     State(state): State<AppState>,
     Path(session_id): Path<String>,

@@ -7,14 +7,14 @@ use std::sync::Mutex;
 
 use askama::Template;
 use axum::Form;
-use axum::Router;
 use axum::extract::rejection::{FormRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
 use haven_store::{Actor, NewTherapist, Origin};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth;
 use crate::startup::AppState;
@@ -62,17 +62,36 @@ impl SetupToken {
     }
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/setup/{token}", get(setup_form).post(create_first_therapist))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(setup_form, create_first_therapist))
 }
 
-#[derive(Debug, Deserialize)]
+/// The setup form's fields.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = SetupForm)]
 struct SetupForm {
     name: String,
     email: String,
+    /// At least 8 characters.
     password: String,
 }
 
+/// The first-run setup page (HTML).
+///
+/// While no therapist account exists, `haven serve` prints a one-time URL
+/// whose page creates the first account. The token is valid until used or
+/// until the process exits.
+#[utoipa::path(
+    get,
+    path = "/setup/{token}",
+    tag = "pages",
+    params(("token" = String, Path, description = "The one-time token `serve` printed")),
+    responses(
+        (status = 200, description = "The form.", body = String, content_type = "text/html"),
+        (status = 404, description = "The link is no longer valid (used, or the server restarted).",
+            body = String, content_type = "text/html"),
+    )
+)]
 async fn setup_form(State(state): State<AppState>, token: Result<Path<String>, PathRejection>) -> Response {
     let Ok(Path(token)) = token else { return invalid_link() };
     if !state.setup.is_valid(&token) {
@@ -86,6 +105,20 @@ async fn setup_form(State(state): State<AppState>, token: Result<Path<String>, P
     form(StatusCode::OK, None, "", "")
 }
 
+/// Creates the first therapist account (HTML form post).
+#[utoipa::path(
+    post,
+    path = "/setup/{token}",
+    tag = "pages",
+    params(("token" = String, Path, description = "The one-time token `serve` printed")),
+    request_body(content = SetupForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 201, description = "The account exists: the page says so.", body = String, content_type = "text/html"),
+        (status = 400, description = "The form again, with the problem.", body = String, content_type = "text/html"),
+        (status = 404, description = "The link is no longer valid.", body = String, content_type = "text/html"),
+        (status = 500, description = "Setup failed; the link stays valid.", body = String, content_type = "text/html"),
+    )
+)]
 async fn create_first_therapist(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

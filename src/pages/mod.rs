@@ -9,15 +9,15 @@ use std::net::SocketAddr;
 
 use askama::Template;
 use axum::Form;
-use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::Cookie;
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::{self, Credential, THERAPIST_COOKIE};
@@ -28,14 +28,14 @@ use crate::startup::AppState;
 
 mod assets;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(home))
-        .route("/chat/{session_id}", get(chat))
-        .route("/therapist", get(dashboard))
-        .route("/therapist/login", get(login_form).post(login))
-        .route("/therapist/logout", post(logout))
-        .route("/assets/{file}", get(assets::serve))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(home))
+        .routes(routes!(chat))
+        .routes(routes!(dashboard))
+        .routes(routes!(login_form, login))
+        .routes(routes!(logout))
+        .routes(routes!(assets::serve))
 }
 
 #[derive(Template)]
@@ -163,7 +163,19 @@ fn unavailable(error: impl Into<ApiError>) -> Response {
     )
 }
 
+/// The home page: "Chat Now", and the chats this browser started.
+///
 /// `/`: "Chat Now", and the chats this browser started (one cookie each).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "pages",
+    responses(
+        (status = 200, description = "The page.", body = String, content_type = "text/html"),
+        (status = 500, description = "The page failed to render.", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unreachable.", body = String, content_type = "text/html"),
+    )
+)]
 async fn home(State(state): State<AppState>, jar: CookieJar) -> Response {
     let mut chats = Vec::new();
     for (session_id, token) in auth::client_cookies(&jar) {
@@ -181,8 +193,11 @@ async fn home(State(state): State<AppState>, jar: CookieJar) -> Response {
     page(StatusCode::OK, &HomePage { chats })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ChatQuery {
+    /// `true` for the therapist's view (it needs the `haven_therapist`
+    /// cookie); it chooses the view only, never a right.
     therapist: Option<String>,
 }
 
@@ -201,8 +216,27 @@ fn level_label(level: haven_protocol::RiskLevel) -> &'static str {
     }
 }
 
+/// The chat page (HTML).
+///
 /// `/chat/{id}` for the session's client; `/chat/{id}?therapist=true` for a
 /// logged-in therapist (others are sent to the login page).
+#[utoipa::path(
+    get,
+    path = "/chat/{session_id}",
+    tag = "pages",
+    params(crate::http::SessionPath, ChatQuery),
+    security((), ("client_cookie" = []), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The chat page.", body = String, content_type = "text/html"),
+        (status = 303, description = "The therapist's view without a login: to the login page.",
+            headers(("location" = String, description = "`/therapist/login?next=…`"))),
+        (status = 400, description = "The query does not parse.", body = String, content_type = "text/plain"),
+        (status = 403, description = "Not this browser's chat, or another therapist's.", body = String, content_type = "text/html"),
+        (status = 404, description = "No such chat.", body = String, content_type = "text/html"),
+        (status = 500, description = "The page failed to render.", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unreachable.", body = String, content_type = "text/html"),
+    )
+)]
 async fn chat(
     State(state): State<AppState>,
     session_id: Result<Path<String>, PathRejection>,
@@ -330,6 +364,22 @@ fn local_path(next: Option<&str>) -> &str {
     }
 }
 
+/// The therapist's dashboard (HTML).
+///
+/// The appointments list, kept live by `/api/appointments/events`.
+#[utoipa::path(
+    get,
+    path = "/therapist",
+    tag = "pages",
+    security((), ("therapist_cookie" = [])),
+    responses(
+        (status = 200, description = "The dashboard.", body = String, content_type = "text/html"),
+        (status = 303, description = "Not logged in: to the login page.",
+            headers(("location" = String, description = "`/therapist/login`"))),
+        (status = 500, description = "The page failed to render.", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unreachable.", body = String, content_type = "text/html"),
+    )
+)]
 async fn dashboard(State(state): State<AppState>, jar: CookieJar) -> Response {
     let Some(token) = jar.get(THERAPIST_COOKIE).map(|cookie| cookie.value().to_owned()) else {
         return Redirect::to("/therapist/login").into_response();
@@ -343,24 +393,63 @@ async fn dashboard(State(state): State<AppState>, jar: CookieJar) -> Response {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct NextQuery {
+    /// Where a login leads: the dashboard or a chat page; anything else
+    /// leads to the dashboard.
     next: Option<String>,
 }
 
+/// The therapists' login form (HTML).
+#[utoipa::path(
+    get,
+    path = "/therapist/login",
+    tag = "pages",
+    params(NextQuery),
+    responses(
+        (status = 200, description = "The form.", body = String, content_type = "text/html"),
+        (status = 400, description = "The query does not parse.", body = String, content_type = "text/plain"),
+        (status = 500, description = "The page failed to render.", body = String, content_type = "text/html"),
+    )
+)]
 async fn login_form(Query(query): Query<NextQuery>) -> Response {
     page(StatusCode::OK, &LoginPage { problem: None, next: local_path(query.next.as_deref()) })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = LoginForm)]
 struct LoginForm {
     email: String,
     password: String,
+    /// Where to go on success: the dashboard or a chat page.
     next: Option<String>,
 }
 
+/// The login form's post (HTML).
+///
 /// The login form: on success the HttpOnly cookie is set and the browser is
-/// sent on to `next` (the dashboard by default).
+/// sent on to `next` (the dashboard by default). The same limits as
+/// `POST /api/auth/login` apply.
+#[utoipa::path(
+    post,
+    path = "/therapist/login",
+    tag = "pages",
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Logged in: on to `next`.",
+            headers(("location" = String), ("set-cookie" = String, description = "`haven_therapist` and `haven_device`"))),
+        (status = 400, description = "The form does not parse.", body = String, content_type = "text/plain"),
+        (status = 401, description = "The form again: the e-mail or password is incorrect.", body = String, content_type = "text/html"),
+        (status = 413, description = "The form is over 16 KiB.", body = String, content_type = "text/plain"),
+        (status = 415, description = "The body is not a form.", body = String, content_type = "text/plain"),
+        (status = 422, description = "A field is missing.", body = String, content_type = "text/plain"),
+        (status = 429, description = "The form again: too many failed attempts.", body = String, content_type = "text/html",
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "The page failed to render.", body = String, content_type = "text/html"),
+        (status = 503, description = "The database is unreachable.", body = String, content_type = "text/html"),
+    )
+)]
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -389,6 +478,20 @@ async fn login(
     }
 }
 
+/// The dashboard's "Log out" (form post).
+///
+/// Revokes the login and clears the cookie.
+#[utoipa::path(
+    post,
+    path = "/therapist/logout",
+    tag = "pages",
+    security((), ("therapist_cookie" = [])),
+    responses(
+        (status = 303, description = "Logged out: to the login page.",
+            headers(("location" = String, description = "`/therapist/login`"), ("set-cookie" = String, description = "Clears `haven_therapist`"))),
+        (status = 503, description = "The database is unreachable.", body = String, content_type = "text/html"),
+    )
+)]
 async fn logout(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

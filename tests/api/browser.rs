@@ -2075,3 +2075,44 @@ async fn a_client_who_keeps_the_companion_part_private_shows_the_therapist_a_pla
     client.close().await;
     therapist.close().await;
 }
+
+/// The API reference (`/api/docs`) draws every operation of the document in
+/// a real browser, from files of this server alone: it works offline, under
+/// the pages' Content-Security-Policy.
+#[tokio::test]
+async fn the_api_reference_renders_every_operation_from_this_server_alone() {
+    let app = TestApp::spawn().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let document = crate::contract::contract().document();
+    let methods = ["get", "put", "post", "delete", "patch"];
+    let operations: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| methods.iter().filter(|method| item.get(**method).is_some()).count())
+        .sum();
+    browser.goto(&app, "/api/docs").await;
+    browser.until("document.querySelectorAll('.opblock').length >= args[0]", vec![json!(operations)]).await;
+    // The frames are among the schemas shown.
+    browser.until("document.body.innerText.includes('ServerFrame')", vec![]).await;
+    // Its style sheet applies: a GET is drawn in its colour.
+    let colour = browser
+        .js("return getComputedStyle(document.querySelector('.opblock-get')).backgroundColor", vec![])
+        .await;
+    assert_ne!(parse_rgb(colour.as_str().unwrap()).3, 0.0, "swagger-ui.css applies");
+    // Everything the page loaded came from this server.
+    let loaded = browser
+        .js("return performance.getEntriesByType('resource').map((entry) => entry.name)", vec![])
+        .await;
+    let loaded: Vec<String> = serde_json::from_value(loaded).unwrap();
+    assert!(loaded.iter().any(|url| url.ends_with("/api/openapi.json")), "{loaded:?}");
+    for url in &loaded {
+        assert!(
+            url.starts_with(&format!("{}/", app.address)) || url.starts_with("data:"),
+            "{url} is not this server's"
+        );
+    }
+    browser.screenshot("api-docs").await;
+    browser.close().await;
+}

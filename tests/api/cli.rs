@@ -232,7 +232,8 @@ async fn the_service_unit_is_accepted_sandboxed_and_starts_haven() {
     })
     .await
     .expect("serve started in time");
-    let ready = reqwest::get(format!("{listening}/readyz")).await.unwrap();
+    let client = crate::contract::Http::new(reqwest::Client::new(), &listening);
+    let ready = client.get(format!("{listening}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     serve.kill().await.unwrap();
 }

@@ -208,6 +208,7 @@ async fn when_descriptors_run_out_the_accept_loop_pauses_and_serves_again() {
     let health = async {
         loop {
             let client = reqwest::Client::builder().local_address("127.0.0.3".parse().ok()).build().unwrap();
+            let client = app.client(client);
             if let Ok(response) = client.get(app.url("/healthz")).send().await {
                 return response.status();
             }

@@ -85,7 +85,8 @@ async fn a_login_redirects_only_to_haven_pages() {
     let app = TestApp::spawn().await;
     app.add_therapist("tess@clinic.test", "Tess").await;
     let session = app.create_session().await;
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let browser =
+        app.client(reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap());
     let chat = format!("/chat/{}?therapist=true", session.session_id);
     for (next, expected) in [
         ("/\t/evil.example/x", "/therapist"),

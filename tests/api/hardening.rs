@@ -144,9 +144,10 @@ async fn failures_lock_an_address_but_only_slow_an_account_down_and_never_a_know
     let app = TestApp::spawn_with(with_args(&["--login-failures", "3"])).await;
     app.add_therapist("tess@clinic.test", "Tess").await;
     app.add_therapist("omar@clinic.test", "Omar").await;
-    let from =
-        |address: &str| reqwest::Client::builder().local_address(address.parse().ok()).build().unwrap();
-    let login = |client: &reqwest::Client, email: &str, password: &str, device: Option<&str>| {
+    let from = |address: &str| {
+        app.client(reqwest::Client::builder().local_address(address.parse().ok()).build().unwrap())
+    };
+    let login = |client: &crate::contract::Http, email: &str, password: &str, device: Option<&str>| {
         let mut request =
             client.post(app.url("/api/auth/login")).json(&json!({"email": email, "password": password}));
         if let Some(device) = device {

@@ -24,6 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
+use crate::contract::{Http, contract};
+
 /// How long any single expected event may take before the test fails.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -52,7 +54,9 @@ pub struct TestApp {
     /// The setup URL printed at start, if the server printed one.
     pub setup_url: Option<String>,
     pub logs: Logs,
-    pub http: reqwest::Client,
+    /// Every response it receives is checked against `/api/openapi.json`
+    /// (crate::contract).
+    pub http: Http,
     pub dir: TempDir,
     /// `sqlite://…` in `dir`, or a fresh PostgreSQL database (see [`backend`]).
     pub database_url: String,
@@ -104,7 +108,8 @@ impl TestApp {
             None => format!("sqlite://{}", dir.path().join("haven.db").display()),
         };
         let (child, address, setup_url, logs) = start(&database_url, "127.0.0.1:0", &options).await;
-        TestApp { address, setup_url, logs, http: reqwest::Client::new(), dir, database_url, options, child }
+        let http = Http::new(reqwest::Client::new(), &address);
+        TestApp { address, setup_url, logs, http, dir, database_url, options, child }
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown) and starts a new
@@ -142,6 +147,7 @@ impl TestApp {
         let bind = self.address.trim_start_matches("http://").to_owned();
         let (child, address, setup_url, logs) = start(&self.database_url, &bind, &self.options).await;
         self.child = child;
+        self.http.set_origin(&address);
         self.address = address;
         self.setup_url = setup_url;
         self.logs = logs;
@@ -178,6 +184,12 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
+    }
+
+    /// A client built by the test (another source address, no redirects),
+    /// whose responses are checked as [`TestApp::http`]'s are.
+    pub fn client(&self, client: reqwest::Client) -> Http {
+        Http::new(client, &self.address)
     }
 
     /// Runs `haven --database … ARGS` with `stdin` piped in.
@@ -502,6 +514,9 @@ impl Ws {
                 .expect("timed out waiting for a frame");
             match next {
                 Some(Ok(Message::Text(text))) => {
+                    contract()
+                        .check_server_frame(&text)
+                        .unwrap_or_else(|breach| panic!("the server broke its contract: {breach}"));
                     let frame = serde_json::from_str(&text)
                         .unwrap_or_else(|error| panic!("bad frame {text}: {error}"));
                     return Received::Frame(frame);

@@ -8,6 +8,7 @@ use crate::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 
 /// `201` body of `POST /api/sessions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedSession {
     pub session_id: Uuid,
     pub appointment_id: Uuid,
@@ -18,6 +19,7 @@ pub struct CreatedSession {
 
 /// Body of `POST /api/auth/login`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
@@ -25,6 +27,7 @@ pub struct LoginRequest {
 
 /// A therapist account as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TherapistProfile {
     pub id: Uuid,
     pub name: String,
@@ -33,6 +36,7 @@ pub struct TherapistProfile {
 
 /// Body of a successful login.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LoginResponse {
     pub token: String,
     pub therapist: TherapistProfile,
@@ -41,6 +45,7 @@ pub struct LoginResponse {
 /// Appointment status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AppointmentStatus {
     /// Waiting for a therapist; any therapist may join.
     Open,
@@ -50,6 +55,7 @@ pub enum AppointmentStatus {
 
 /// One row of `GET /api/appointments`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Appointment {
     pub appointment_id: Uuid,
     pub session_id: Uuid,
@@ -59,21 +65,26 @@ pub struct Appointment {
     /// to the companion.
     pub companion_paused: bool,
     /// The caller's private name for the client, if they gave one.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub client_label: Option<String>,
     /// The client has the chat open now (a socket on any instance).
     pub client_online: bool,
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub therapist_id: Option<Uuid>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub last_message_at: Option<OffsetDateTime>,
     /// The highest level the safety detector has seen in the session;
     /// `none` when it was never flagged. Flagged sessions come first.
     pub risk_level: RiskLevel,
     /// When the session was first and last flagged.
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub risk_first_flagged_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub risk_last_flagged_at: Option<OffsetDateTime>,
     /// Flagged since the last acknowledgement: the dashboard alerts.
     pub risk_needs_attention: bool,
@@ -81,11 +92,13 @@ pub struct Appointment {
     /// was not sent yet.
     pub unread: u32,
     /// The newest message, if any.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub last_message: Option<MessagePreview>,
 }
 
 /// One line about a message, for a list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MessagePreview {
     pub sender: Sender,
     pub kind: MessageKind,
@@ -94,6 +107,7 @@ pub struct MessagePreview {
     /// The start of its first line, at most [`PREVIEW_CHARS`] characters
     /// with "…" when cut; `null` for the companion's messages, which
     /// therapists read in the chat itself, and for private ones.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub text: Option<String>,
     /// Part of the conversation with the companion that the client keeps
     /// private: no text.
@@ -125,10 +139,12 @@ impl MessagePreview {
 
 /// One row of `GET /api/appointments/closed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClosedAppointment {
     pub appointment_id: Uuid,
     pub session_id: Uuid,
     /// The caller's private name for the client, if they gave one.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub client_label: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -142,12 +158,14 @@ pub struct ClosedAppointment {
 
 /// Body of `POST /api/safety/classify`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClassifyRequest {
     pub text: String,
 }
 
 /// Body of `POST /api/sessions/{id}/risk/acknowledge`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcknowledgeRequest {
     /// The therapist's note for the audit trail (at most 2,000 characters).
     #[serde(default)]
@@ -156,6 +174,7 @@ pub struct AcknowledgeRequest {
 
 /// Body of `POST /api/sessions/{id}/hand-back`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HandBackRequest {
     /// A note to the client, stored as the therapist's last message (at
     /// most 4,000 characters, as any message).
@@ -167,6 +186,7 @@ pub struct HandBackRequest {
 /// `GET /api/sessions/{id}/label`: the caller's private name for the
 /// session's client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClientLabel {
     /// One line, at most [`MAX_CLIENT_LABEL_CHARS`] characters; `null` or
     /// blank forgets it.
@@ -178,15 +198,20 @@ pub const MAX_CLIENT_LABEL_CHARS: usize = 60;
 
 /// Body of `GET /api/sessions/{id}/risk` and of an acknowledgement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionRisk {
     pub session_id: Uuid,
     pub level: RiskLevel,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub first_flagged_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub last_flagged_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub acknowledged_at: Option<OffsetDateTime>,
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub acknowledged_by: Option<Uuid>,
     pub needs_attention: bool,
     /// The audit trail, oldest first.
@@ -196,6 +221,7 @@ pub struct SessionRisk {
 /// One line of a session's safety audit trail.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AuditEntry {
     /// A client message was flagged. `rules` are the ids of the rules that
     /// fired; `referred` says crisis resources were sent with this flag.
@@ -214,12 +240,14 @@ pub enum AuditEntry {
         at: OffsetDateTime,
         level: RiskLevel,
         therapist_id: Uuid,
+        #[cfg_attr(feature = "openapi", schema(required = true))]
         note: Option<String>,
     },
 }
 
 /// Body of `GET /api/safety/report?days=N`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SafetyReport {
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,
@@ -234,6 +262,7 @@ pub struct SafetyReport {
 
 /// Counts per level, with their total.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LevelCounts {
     pub concern: i64,
     pub high: i64,
@@ -244,6 +273,7 @@ pub struct LevelCounts {
 /// Body of `GET /api/sessions/{id}/transcript` (JSON): the whole chat, for
 /// its therapist to keep.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Transcript {
     pub session_id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
@@ -255,12 +285,14 @@ pub struct Transcript {
 
 /// Body of `GET /api/sessions/{id}/messages`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MessagePage {
     pub messages: Vec<ChatMessage>,
 }
 
 /// Body of every API error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     pub error: String,
     pub message: String,
@@ -270,6 +302,7 @@ pub struct ApiError {
 /// a therapist joins, whether that therapist will see the conversation
 /// with the companion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompanionSharing {
     pub shared: bool,
 }
@@ -277,6 +310,7 @@ pub struct CompanionSharing {
 /// `GET /api/sessions/{id}/access-log`: the chat's records in the audit
 /// trail, oldest first, for its therapist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccessLog {
     pub records: Vec<AccessRecord>,
 }
@@ -284,6 +318,7 @@ pub struct AccessLog {
 /// Who did what to the chat, when, from where, and how it ended. Never a
 /// message's text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccessRecord {
     /// The record's place in the whole audit trail.
     pub seq: i64,
@@ -292,14 +327,17 @@ pub struct AccessRecord {
     /// `therapist`, `client`, `system` or `operator`.
     pub actor: String,
     /// The therapist's name, for a therapist's record.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub therapist: Option<String>,
     /// `read`, `export`, `join`, `hand_back`, `close`, `flag`,
     /// `acknowledge`, …
     pub action: String,
     /// The therapist's or operator's address; clients' are never kept.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub address: Option<String>,
     /// `ok`, or `refused`.
     pub outcome: String,
     /// A few words without content, e.g. `messages 1-12`.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub detail: Option<String>,
 }

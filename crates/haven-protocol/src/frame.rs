@@ -10,6 +10,7 @@ use crate::{ChatMessage, ChatMode, MAX_CLIENT_ID_LEN, MAX_CONTENT_CHARS, RiskLev
 /// ignored: the sender of a message is always the connection's role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ClientFrame {
     Message {
         content: String,
@@ -34,6 +35,7 @@ fn typing_default() -> bool {
 /// Frames the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ServerFrame {
     /// A committed message of the session, in seq order.
     Message(ChatMessage),
@@ -79,7 +81,10 @@ pub enum ServerFrame {
     /// the conversation with the companion (`null` until it chooses). On
     /// connect and at every change, so that every open tab of the chat
     /// shows the same choice. Never stored as a message.
-    Sharing { shared: Option<bool> },
+    Sharing {
+        #[cfg_attr(feature = "openapi", schema(required = true))]
+        shared: Option<bool>,
+    },
     /// To therapists only: the safety detector flagged a client message of
     /// `session_id` (this socket's session or another one the therapist can
     /// see), and the session's level is now `level`.
@@ -96,6 +101,7 @@ pub enum ServerFrame {
 /// Stable codes of `error` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorCode {
     /// The frame is not JSON, or a field has the wrong type.
     InvalidJson,

@@ -111,6 +111,7 @@ impl Role {
 /// Who wrote a stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Sender {
     User,
     Therapist,
@@ -152,6 +153,7 @@ impl From<Role> for Sender {
 /// close and the crisis resources apart by this, never by the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MessageKind {
     /// A message of the conversation: the client's, the therapist's or the
     /// companion's.
@@ -203,6 +205,7 @@ impl MessageKind {
 /// Who may speak in a session: the companion until a therapist joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ChatMode {
     BotOnly,
     TherapistJoined,
@@ -229,6 +232,7 @@ impl ChatMode {
 /// A session's level is the highest of its messages' levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RiskLevel {
     /// Nothing that suggests anyone is at risk.
     #[default]
@@ -262,6 +266,7 @@ impl RiskLevel {
 
 /// A committed message, as sent in `message` frames and the history API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     /// Position in the session: 1, 2, 3, … with no gap.
     pub seq: i64,
@@ -270,12 +275,14 @@ pub struct ChatMessage {
     /// What the message is to the session (`chat` for every message of a
     /// client, a therapist or the companion).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub kind: MessageKind,
     pub content: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// The sender's idempotency key; `null` for `ai` and `system` messages.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub client_id: Option<String>,
     /// For `ai` messages: the `reply_id` of the `ai_delta` frames this
     /// message replaces (it equals `id`). Absent for other senders.
