@@ -5,10 +5,9 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use haven_protocol::api::{AcknowledgeRequest, AuditEntry, ClassifyRequest, SafetyReport, SessionRisk};
 use haven_protocol::{MAX_CONTENT_CHARS, RiskLevel};
-use haven_safety::model::ModelVerdict;
-use haven_safety::{Assessment, RuleHit};
+use haven_safety::Assessment;
 use haven_store::{AcknowledgeOutcome, AuditKind, ChatSession};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -28,62 +27,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(acknowledge))
 }
 
-/// The detector's verdict on one text, as the API sends it: the JSON of
-/// [`haven_safety::Assessment`], which has no schema of its own. It is
-/// built field by field, so a field added there fails to compile here.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-#[schema(as = Assessment)]
-struct AssessmentBody {
-    /// The higher of the rules' level (the highest among `rules`) and the
-    /// model's; `none` when neither found anything.
-    level: RiskLevel,
-    /// Every rule that fired, highest level first, then in file order.
-    rules: Vec<RuleHitBody>,
-    /// The version of the rules that produced this verdict.
-    version: String,
-    /// The model's verdict; absent when the rules ran alone.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<ModelVerdictBody>,
-}
-
-/// One rule that fired, and on which words.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-#[schema(as = RuleHit)]
-struct RuleHitBody {
-    /// The rule's stable id, e.g. `en.intent.kill_self`.
-    id: String,
-    /// The rule's level, or lower if a suppression capped it.
-    level: RiskLevel,
-    /// The words of the (normalised) text the rule matched.
-    matched: String,
-}
-
-/// What the model says of the text.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-#[schema(as = ModelVerdict)]
-struct ModelVerdictBody {
-    /// The model file's version.
-    version: String,
-    /// The level the model's thresholds give (`none` under three words).
-    level: RiskLevel,
-    /// The model's probability that the text is at `concern` or above,
-    /// rounded to four places.
-    score: f32,
-}
-
-impl From<Assessment> for AssessmentBody {
-    fn from(assessment: Assessment) -> Self {
-        let Assessment { level, rules, version, model } = assessment;
-        let rules = rules
-            .into_iter()
-            .map(|RuleHit { id, level, matched }| RuleHitBody { id, level, matched })
-            .collect();
-        let model =
-            model.map(|ModelVerdict { version, level, score }| ModelVerdictBody { version, level, score });
-        Self { level, rules, version: version.to_owned(), model }
-    }
-}
-
 /// What the detector finds in a text, and why.
 ///
 /// `POST /api/safety/classify {"text"}`: what the detector finds in a text,
@@ -95,7 +38,7 @@ impl From<Assessment> for AssessmentBody {
     request_body = ClassifyRequest,
     security(("therapist_token" = []), ("therapist_cookie" = [])),
     responses(
-        (status = 200, description = "The verdict.", body = AssessmentBody),
+        (status = 200, description = "The verdict.", body = Assessment),
         (status = 400, description = "`invalid_json`, or `content_too_long` (over 4,000 characters).", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
@@ -107,14 +50,14 @@ async fn classify(
     State(state): State<AppState>,
     _caller: AuthTherapist,
     Json(request): Json<ClassifyRequest>,
-) -> Result<Json<AssessmentBody>, ApiError> {
+) -> Result<Json<Assessment>, ApiError> {
     if request.text.chars().count() > MAX_CONTENT_CHARS {
         return Err(ApiError::BadRequest {
             code: "content_too_long",
             message: format!("text is longer than {MAX_CONTENT_CHARS} characters"),
         });
     }
-    Ok(Json(state.escalation.classify(&request.text).into()))
+    Ok(Json(state.escalation.classify(&request.text)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -267,24 +210,4 @@ async fn risk_of(state: &AppState, session: &ChatSession) -> Result<SessionRisk,
             })
             .collect(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The documented body is byte for byte what the detector's own type
-    /// serializes to, with and without the model's verdict.
-    #[test]
-    fn the_assessment_body_serializes_as_the_assessment() {
-        for text in ["I want to end my life tonight, I have the pills here", "hello"] {
-            let assessment = haven_safety::classify(text);
-            assert!(assessment.model.is_some());
-            let body = AssessmentBody::from(assessment.clone());
-            assert_eq!(serde_json::to_value(&body).unwrap(), serde_json::to_value(&assessment).unwrap());
-            let rules_only = Assessment { model: None, ..assessment };
-            let body = AssessmentBody::from(rules_only.clone());
-            assert_eq!(serde_json::to_value(&body).unwrap(), serde_json::to_value(&rules_only).unwrap());
-        }
-    }
 }

@@ -62,6 +62,7 @@ pub fn rules_version() -> &'static str {
 
 /// One rule that fired, and on which words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuleHit {
     /// The rule's stable id, e.g. `en.intent.kill_self`.
     pub id: String,
@@ -74,6 +75,7 @@ pub struct RuleHit {
 /// The detector's verdict on one message: `{"level", "rules", "version",
 /// "model"}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assessment {
     /// The higher of the rules' level (the highest among `rules`) and the
     /// model's; `none` when neither found anything.

@@ -85,6 +85,7 @@ fn error(message: impl Into<String>) -> ModelError {
 
 /// What the model says of one text: `{"version", "level", "score"}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelVerdict {
     /// The model file's version.
     pub version: String,
