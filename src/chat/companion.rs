@@ -12,7 +12,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use haven_protocol::{ChatMessage, RiskLevel, Sender};
 use haven_responder::{ReplyRequest, Responder, ResponderError, Turn};
-use haven_store::{BotMessage, SessionEvent};
+use haven_store::{BotMessage, CurrentRisk, SessionEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -24,10 +24,12 @@ use crate::startup::AppState;
 /// Told to the client when the model fails. A therapist can still join.
 pub const UNAVAILABLE_NOTICE: &str = "The companion is unavailable right now. Your message is saved, and a therapist can still join this chat.";
 
-/// Asks the companion to answer the session's newest messages. The task is
-/// owned by the app's task tracker, so shutdown waits for it.
-pub fn spawn(state: &AppState, room: &Arc<Room>) {
-    let Some(reply_id) = room.start_generation() else {
+/// Asks the companion to answer the session's newest messages, after a
+/// commit that reported the session up to seq `through` and flagged as
+/// `risk` says. The task is owned by the app's task tracker, so shutdown
+/// waits for it.
+pub fn spawn(state: &AppState, room: &Arc<Room>, through: i64, risk: Option<CurrentRisk>) {
+    let Some(reply_id) = room.start_generation(through, risk) else {
         tracing::debug!("companion busy: the reply being generated will be followed by one more");
         return;
     };
@@ -73,16 +75,10 @@ async fn generate(
     reply_id: Uuid,
     answered_through: Option<i64>,
 ) -> (Result<Finished, ()>, Option<i64>) {
-    // The session row first: the history must reach its last seq, and its
-    // flag decides how the companion may answer.
-    let session = match state.store.chat_session(room.session_id).await {
-        Ok(session) => session,
-        Err(error) => {
-            tracing::error!(error = %error, "companion could not read the session");
-            return (Ok(Finished::Abandoned), None);
-        }
-    };
-    let (last_seq, risk) = session.map_or((i64::MAX, None), |session| (session.last_seq, session.risk));
+    // What the commits told the room, and the flags since: the history
+    // must reach the newest seq a commit reported, and the flag decides how
+    // the companion may answer.
+    let (last_seq, risk) = room.reply_inputs();
     let kept = room.recent_history(last_seq);
     let mut history = match kept {
         Some(history) => history,
@@ -267,12 +263,25 @@ pub struct Companion {
     /// companion is silenced, so that a reply need not read them from the
     /// database.
     history: Option<History>,
+    /// The newest seq that a commit asking for a reply reported: the next
+    /// reply's history reaches it.
+    through: i64,
+    /// The session's flag as the commits reported it and the flags raised
+    /// since made it (their [`CurrentRisk::max`]): the one copy the replies
+    /// read.
+    risk: Option<CurrentRisk>,
 }
 
 impl Companion {
-    /// Starts a reply unless one is running (then it is asked to answer
-    /// again when done) or the companion is silenced. Returns its id.
-    pub fn start(&mut self) -> Option<Uuid> {
+    /// Starts a reply to a commit that reported the session up to seq
+    /// `through`, flagged as `risk` says, unless one is running (then it is
+    /// asked to answer again when done) or the companion is silenced.
+    /// Returns its id.
+    pub fn start(&mut self, through: i64, risk: Option<CurrentRisk>) -> Option<Uuid> {
+        self.through = self.through.max(through);
+        if let Some(risk) = risk {
+            self.note_risk(risk);
+        }
         if self.silenced {
             return None;
         }
@@ -319,6 +328,17 @@ impl Companion {
             self.silencer = CancellationToken::new();
         }
         self.resumed_after = self.resumed_after.max(resume_message);
+    }
+
+    /// A flag raised in the session, here or on another instance.
+    pub fn note_risk(&mut self, risk: CurrentRisk) {
+        self.risk = Some(self.risk.map_or(risk, |known| known.max(risk)));
+    }
+
+    /// What the next reply needs of the session: the seq its history must
+    /// reach, and the session's flag.
+    pub fn reply_inputs(&self) -> (i64, Option<CurrentRisk>) {
+        (self.through, self.risk)
     }
 
     /// Cancelled when the companion is silenced.

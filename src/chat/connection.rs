@@ -659,11 +659,11 @@ impl Connection {
             resumed = self.state.store.resume_companion(self.admitted.session_id, RESUME_MESSAGE).await;
         }
         match resumed {
-            Ok(Committed { outcome: ResumeOutcome::Resumed { unanswered }, events }) => {
+            Ok(Committed { outcome: ResumeOutcome::Resumed { unanswered, seq, risk }, events }) => {
                 tracing::info!("client chose to continue with the companion");
                 self.state.hub.apply(events);
                 if unanswered {
-                    companion::spawn(&self.state, self.guard.room());
+                    companion::spawn(&self.state, self.guard.room(), seq, risk);
                 }
                 Ok(())
             }
@@ -764,7 +764,7 @@ impl Connection {
         let role = self.admitted.role;
         match stored {
             Ok(Committed {
-                outcome: Appended::Stored { seq, chat_mode, companion_paused, flagged },
+                outcome: Appended::Stored { seq, chat_mode, companion_paused, risk, flagged },
                 events,
             }) => {
                 self.spoke = true;
@@ -791,7 +791,7 @@ impl Connection {
                     tracing::debug!(chat_mode = chat_mode.as_str(), "companion waits for the client's yes");
                 } else if role == Role::User {
                     tracing::debug!(chat_mode = chat_mode.as_str(), "generating companion reply");
-                    companion::spawn(&self.state, self.guard.room());
+                    companion::spawn(&self.state, self.guard.room(), seq, risk);
                 }
                 match frame {
                     Some(frame) => acked.and_then(|()| self.send_own(seq, frame)),

@@ -39,6 +39,9 @@ pub struct Script {
     pub malformed: bool,
     /// Wait this long before answering at all.
     pub delay_before: Duration,
+    /// Hold the answer until this turns `true`: a stream after its first
+    /// event, any other answer before it starts.
+    pub hold: Option<watch::Receiver<bool>>,
 }
 
 impl Default for Script {
@@ -51,6 +54,7 @@ impl Default for Script {
             byte_by_byte: false,
             malformed: false,
             delay_before: Duration::ZERO,
+            hold: None,
         }
     }
 }
@@ -137,7 +141,7 @@ impl MockLlm {
     }
 
     /// Waits until `condition` holds, re-checking on every request and
-    /// every stream that ends.
+    /// every stream that starts or ends.
     pub async fn until(&self, what: &str, condition: impl Fn(&MockLlm) -> bool) {
         let mut changes = self.state.changed.subscribe();
         let wait = async {
@@ -200,6 +204,9 @@ async fn respond(state: Arc<MockState>, format: Format, newest: String, streamin
         return (status, axum::Json(body)).into_response();
     }
     if !streaming {
+        if let Some(mut hold) = script.hold.clone() {
+            let _ = hold.wait_for(|released| *released).await;
+        }
         let text = script.chunks.concat();
         let body = match format {
             Format::OpenAi => {
@@ -263,18 +270,25 @@ async fn respond(state: Arc<MockState>, format: Format, newest: String, streamin
     }
 
     state.streams_open.fetch_add(1, Ordering::SeqCst);
+    state.touch();
     let guard = StreamGuard { state: state.clone(), finished: false };
     let body = futures_util::stream::unfold(
-        (pieces.into_iter(), guard, cut),
-        |(mut pieces, mut guard, cut)| async move {
+        (pieces.into_iter(), guard, cut, script.hold, true),
+        |(mut pieces, mut guard, cut, mut hold, first)| async move {
             match pieces.next() {
                 Some((delay, bytes)) => {
+                    if !first && let Some(mut held) = hold.take() {
+                        let _ = held.wait_for(|released| *released).await;
+                    }
                     tokio::time::sleep(delay).await;
-                    Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), (pieces, guard, cut)))
+                    Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), (pieces, guard, cut, hold, false)))
                 }
                 None if cut => {
                     guard.finish();
-                    Some((Err(std::io::Error::other("mock: stream cut")), (pieces, guard, false)))
+                    Some((
+                        Err(std::io::Error::other("mock: stream cut")),
+                        (pieces, guard, false, hold, false),
+                    ))
                 }
                 None => {
                     guard.finish();

@@ -355,3 +355,50 @@ async fn at_concern_the_companion_checks_in_once_per_flag() {
     let again = reply_to("honestly i wish i could just not wake up").await;
     assert!(again.starts_with(check_in), "a new flag checks in again: {again}");
 }
+
+/// The companion's reply reads the session's flag from what the commits
+/// and the flags since told the room, not from the database: a flag raised
+/// after a message's commit, while the reply before it was still being
+/// generated, decides the follow-up reply all the same.
+#[tokio::test]
+async fn a_flag_raised_between_the_commit_and_the_reply_shapes_the_reply() {
+    let mock = MockLlm::start().await;
+    let (release, held) = tokio::sync::watch::channel(false);
+    // The reply to the first message streams a piece, then waits.
+    let slow =
+        Script { chunks: vec!["Tell me ".into(), "more.".into()], hold: Some(held), ..Script::default() };
+    mock.script("alpha", slow);
+    // The model's second opinion on the second message (with the first in
+    // its window): imminent, where the detector sees nothing.
+    mock.script("zulu", Script { chunks: vec!["imminent".into()], ..Script::default() });
+    let app = with_model(&mock).await;
+    let tess = app.therapist("Tess").await;
+    // Tess is in another chat: the alert about this one reaches her there.
+    let elsewhere = app.create_session().await;
+    let mut tess_ws = app.connect(elsewhere.session_id, &tess.token).await;
+    tess_ws.mode().await;
+
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    say(&mut client, "alpha: how was your weekend").await;
+    mock.until("the first reply to stream", |mock| mock.streams_open() == 1).await;
+    let seq = say(&mut client, "zulu: a quiet evening at home, all sorted now").await;
+    // Its commit reported no flag; the second opinion raises one after it.
+    assert_eq!(next_risk(&mut tess_ws).await, (session.session_id, RiskLevel::Imminent));
+
+    // The first reply ends; the follow-up answers the second message.
+    release.send(true).unwrap();
+    let follow_up = loop {
+        let message = client.message().await;
+        if message.sender == Sender::Ai && message.seq > seq {
+            if message.content == "Tell me more." {
+                continue;
+            }
+            break message;
+        }
+    };
+    assert_eq!(follow_up.content, SAFETY_SCRIPT[0], "the safety script, never the model");
+    let streamed = mock.requests().iter().filter(|request| request.body["stream"] == json!(true)).count();
+    assert_eq!(streamed, 1, "only the first reply asked the model");
+}

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::rows::new_message;
-use crate::{Appended, BotMessage, Committed, NewMessage, Result, SessionEvent, StoreError};
+use crate::{Appended, BotMessage, Committed, CurrentRisk, NewMessage, Result, SessionEvent, StoreError};
 
 /// Writes waiting for the group-commit task; senders wait when it is full.
 const WRITE_QUEUE: usize = 4_096;
@@ -222,12 +222,12 @@ pub(crate) fn usual_rows(batch: &[Pending]) -> (Vec<Row<'_>>, Settled) {
 }
 
 /// The result of a row the shared insert stored with `seq`, in a session
-/// whose mode is `chat_mode` (and its companion paused or not).
+/// whose mode is `chat_mode` (its companion paused or not, and flagged as
+/// `risk` says).
 pub(crate) fn stored(
     row: &Row,
     seq: i64,
-    chat_mode: ChatMode,
-    companion_paused: bool,
+    (chat_mode, companion_paused, risk): (ChatMode, bool, Option<CurrentRisk>),
     at: OffsetDateTime,
 ) -> Written {
     let message = new_message(row.id, seq, row.sender, row.kind, row.content, row.client_id, at);
@@ -235,7 +235,7 @@ pub(crate) fn stored(
         Some(_) => {
             let events = vec![SessionEvent::message(row.session_id, message)];
             Written::Message(Committed::new(
-                Appended::Stored { seq, chat_mode, companion_paused, flagged: None },
+                Appended::Stored { seq, chat_mode, companion_paused, risk, flagged: None },
                 events,
             ))
         }

@@ -184,6 +184,29 @@ pub struct Flagged {
     pub level: RiskLevel,
     /// The level rose, and the crisis message was appended.
     pub referred: bool,
+    /// When the flag was raised.
+    pub at: OffsetDateTime,
+}
+
+/// A session's safety flag as a write found it, in its transaction: the
+/// highest level so far, and when a flag was last raised. The companion's
+/// next reply is shaped by it (docs/safety.md). The level only rises, and
+/// the time only moves on, so of two readings the later one is the
+/// [`max`](CurrentRisk::max) of both, whichever arrived first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CurrentRisk {
+    pub level: RiskLevel,
+    pub last_flagged_at: OffsetDateTime,
+}
+
+impl CurrentRisk {
+    /// What both readings together say: the higher level, the later flag.
+    pub fn max(self, other: CurrentRisk) -> CurrentRisk {
+        CurrentRisk {
+            level: self.level.max(other.level),
+            last_flagged_at: self.last_flagged_at.max(other.last_flagged_at),
+        }
+    }
 }
 
 /// The result of [`Store::acknowledge_risk`].
@@ -254,9 +277,17 @@ pub enum BotMessage {
 /// The result of [`Store::append_message`].
 #[derive(Debug, Clone)]
 pub enum Appended {
-    /// Committed now with this seq. `chat_mode` and `companion_paused` are
-    /// the session's in the same transaction.
-    Stored { seq: i64, chat_mode: ChatMode, companion_paused: bool, flagged: Option<Flagged> },
+    /// Committed now with this seq. `chat_mode`, `companion_paused` and
+    /// `risk` are the session's in the same transaction, after the
+    /// message's own flag if any: the companion's reply reads none of them
+    /// again.
+    Stored {
+        seq: i64,
+        chat_mode: ChatMode,
+        companion_paused: bool,
+        risk: Option<CurrentRisk>,
+        flagged: Option<Flagged>,
+    },
     /// This `client_id` was already stored for this sender; nothing was written.
     Duplicate { seq: i64 },
     /// The session was closed by its therapist; nothing was written.
@@ -283,8 +314,14 @@ pub enum SessionEvent {
         message: Option<Box<ChatMessage>>,
     },
     /// The safety detector flagged a client message; `level` is the
-    /// session's level after it.
-    Flagged { session_id: Uuid, level: RiskLevel, therapist_id: Option<Uuid> },
+    /// session's level after it, raised `at`.
+    Flagged {
+        session_id: Uuid,
+        level: RiskLevel,
+        therapist_id: Option<Uuid>,
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
     /// A therapist acknowledged a session's flag.
     Acknowledged { session_id: Uuid },
     /// A therapist read further in a session: their unread count changed.
@@ -421,8 +458,9 @@ pub enum HandBackOutcome {
 pub enum ResumeOutcome {
     /// The companion may answer again; the `resume` message is among the
     /// write's events. `unanswered`: a client message came after the
-    /// hand-back, and the companion should answer it now.
-    Resumed { unanswered: bool },
+    /// hand-back, and the companion should answer it now; `seq` is the
+    /// `resume` message's, and `risk` the session's flag, for that answer.
+    Resumed { unanswered: bool, seq: i64, risk: Option<CurrentRisk> },
     /// The companion was not waiting for the client's yes; nothing was
     /// written.
     NotPaused,

@@ -44,7 +44,7 @@ use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
     usual_rows,
 };
-use crate::rows::{new_message, parse_mode};
+use crate::rows::{current_risk, new_message, parse_mode};
 use crate::scripts::{Backend, Scripts};
 use crate::{Appended, Committed, Listener, NewMessage, Notification, Result, SessionEvent, StoreError, now};
 
@@ -151,9 +151,10 @@ impl Db {
             return Ok(Committed::nothing(Appended::Closed));
         }
         let at = now();
-        let (seq, mode, paused): (i64, String, bool) = sqlx::query_as(
+        type Row = (i64, String, bool, Option<String>, Option<OffsetDateTime>);
+        let (seq, mode, paused, risk_level, risk_at): Row = sqlx::query_as(
             "UPDATE chat_sessions SET last_seq = last_seq + 1, updated_at = $1, last_message_at = $1
-             WHERE id = $2 RETURNING last_seq, chat_mode, companion_paused",
+             WHERE id = $2 RETURNING last_seq, chat_mode, companion_paused, risk_level, risk_last_at",
         )
         .bind(at)
         .bind(session_id)
@@ -169,7 +170,8 @@ impl Db {
             at,
         );
         Scripts::<PgStore>::insert_message(tx, session_id, &message).await?;
-        Scripts::<PgStore>::stored(tx, session_id, message, &mode, paused, new.risk.as_ref()).await
+        let session = (mode.as_str(), paused, current_risk(risk_level, risk_at)?);
+        Scripts::<PgStore>::stored(tx, session_id, message, session, new.risk.as_ref()).await
     }
 
     /// The batch's usual writes ([`usual_rows`]) in one statement, bound as
@@ -193,14 +195,15 @@ impl Db {
         let kinds: Vec<&str> = rows.iter().map(|row| row.kind.as_str()).collect();
         let contents: Vec<&str> = rows.iter().map(|row| row.content).collect();
         let client_ids: Vec<Option<&str>> = rows.iter().map(|row| row.client_id).collect();
-        let stored: Vec<(i64, i64, String, bool)> = sqlx::query_as(
+        type Report = (i64, i64, String, bool, Option<String>, Option<OffsetDateTime>);
+        let stored: Vec<Report> = sqlx::query_as(
             "WITH batch AS (
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                                       $8::text[])
                      AS b (place, id, session_id, sender, content, client_id, kind)
              ),
              fresh AS (
-                 SELECT b.*, s.chat_mode, s.companion_paused,
+                 SELECT b.*, s.chat_mode, s.companion_paused, s.risk_level, s.risk_last_at,
                         s.last_seq + row_number() OVER (PARTITION BY b.session_id ORDER BY b.place) AS seq
                  FROM batch AS b JOIN chat_sessions AS s ON s.id = b.session_id
                  WHERE s.closed_at IS NULL AND CASE WHEN b.client_id IS NULL
@@ -220,7 +223,7 @@ impl Db {
                  FROM (SELECT session_id, max(seq) AS seq FROM fresh GROUP BY session_id) AS f
                  WHERE s.id = f.session_id
              )
-             SELECT place, seq, chat_mode, companion_paused FROM fresh ORDER BY place",
+             SELECT place, seq, chat_mode, companion_paused, risk_level, risk_last_at FROM fresh ORDER BY place",
         )
         .bind(&places)
         .bind(&ids)
@@ -232,12 +235,13 @@ impl Db {
         .bind(&kinds)
         .fetch_all(&mut *tx)
         .await?;
-        for (place, seq, mode, paused) in stored {
+        for (place, seq, mode, paused, risk_level, risk_at) in stored {
             let Some(row) = usize::try_from(place).ok().and_then(|place| rows.get(place)) else {
                 let unknown = sqlx::Error::Protocol("a batched insert reported an unknown row".into());
                 return Err(StoreError::Unavailable(unknown));
             };
-            settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, paused, at)));
+            let session = (parse_mode(&mode)?, paused, current_risk(risk_level, risk_at)?);
+            settled.insert(row.index, Ok(batch::stored(row, seq, session, at)));
         }
         Ok(settled)
     }
@@ -448,7 +452,8 @@ mod tests {
             })
             .collect();
         let level = haven_protocol::RiskLevel::Imminent;
-        events.push(SessionEvent::Flagged { session_id: id, level, therapist_id: Some(id) });
+        let at = crate::now();
+        events.push(SessionEvent::Flagged { session_id: id, level, therapist_id: Some(id), at });
         for event in events {
             let payload = serde_json::to_string(&Envelope { origin: id, event }).unwrap();
             assert!(payload.len() < 8_000, "{} bytes", payload.len());

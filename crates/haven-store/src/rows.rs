@@ -6,7 +6,9 @@ use sqlx::FromRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{AuditKind, AuditRecord, ChatSession, Result, RiskState, SafetyReport, StoreError, Therapist};
+use crate::{
+    AuditKind, AuditRecord, ChatSession, CurrentRisk, Result, RiskState, SafetyReport, StoreError, Therapist,
+};
 
 #[derive(FromRow)]
 pub(crate) struct TherapistRow {
@@ -143,6 +145,17 @@ pub(crate) fn parse_level(value: &str) -> Result<RiskLevel> {
 /// A session's stored level; `none` when it was never flagged.
 pub(crate) fn stored_level(value: Option<String>) -> Result<RiskLevel> {
     value.map_or(Ok(RiskLevel::None), |value| parse_level(&value))
+}
+
+/// A session's flag from its `risk_level` and `risk_last_at` columns;
+/// `None` when it was never flagged.
+pub(crate) fn current_risk(level: Option<String>, at: Option<OffsetDateTime>) -> Result<Option<CurrentRisk>> {
+    match (level, at) {
+        (Some(level), Some(last_flagged_at)) => {
+            Ok(Some(CurrentRisk { level: parse_level(&level)?, last_flagged_at }))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// A [`SafetyReport`] from its queries' rows: `(level, count)` pairs of

@@ -38,12 +38,12 @@ use uuid::Uuid;
 use crate::batch::Writes;
 use crate::rows::{
     AUDIT_COLUMNS, AuditRow, MESSAGE_COLUMNS, MessageRow, SESSION_COLUMNS, SessionRow, THERAPIST_COLUMNS,
-    TOUCH_INTERVAL, TherapistRow, is_unique_violation, join_rules, new_message, parse_mode, report_from_rows,
-    stored_level,
+    TOUCH_INTERVAL, TherapistRow, current_risk, is_unique_violation, join_rules, new_message, parse_mode,
+    report_from_rows, stored_level,
 };
 use crate::trail::{Action, Actor, Origin, TrailEntry, TrailFilter, TrailRecord};
 use crate::{
-    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed,
+    AcknowledgeOutcome, Appended, AuditRecord, BotMessage, ChatSession, CloseOutcome, Committed, CurrentRisk,
     EraseOutcome, Flagged, Glance, HandBackOutcome, JoinOutcome, Listener, NewMessage, NewTherapist, Result,
     ResumeOutcome, RetentionCutoffs, RetentionReport, RiskFlag, SafetyReport, SessionEvent, SharingOutcome,
     Store, StoreError, Therapist, now,
@@ -721,13 +721,14 @@ where
     ) -> Result<Committed<ResumeOutcome>> {
         let mut tx = self.begin_write().await?;
         let lock = B::LOCK;
-        let current: Option<(bool, Option<OffsetDateTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT companion_paused, closed_at FROM chat_sessions WHERE id = $1{lock}"
+        type Row = (bool, Option<OffsetDateTime>, Option<String>, Option<OffsetDateTime>);
+        let current: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT companion_paused, closed_at, risk_level, risk_last_at FROM chat_sessions WHERE id = $1{lock}"
         )))
         .bind(session_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let (paused, closed_at) = current.ok_or(StoreError::NotFound)?;
+        let (paused, closed_at, risk_level, risk_at) = current.ok_or(StoreError::NotFound)?;
         if !paused || closed_at.is_some() {
             return Ok(Committed::nothing(ResumeOutcome::NotPaused));
         }
@@ -752,7 +753,8 @@ where
         let message =
             new_message(Uuid::now_v7(), seq, Sender::System, MessageKind::Resume, resume_message, None, at);
         let events = Scripts::<B>::commit_messages(self, tx, session_id, vec![message], Vec::new()).await?;
-        Ok(Committed::new(ResumeOutcome::Resumed { unanswered }, events))
+        let risk = current_risk(risk_level, risk_at)?;
+        Ok(Committed::new(ResumeOutcome::Resumed { unanswered, seq, risk }, events))
     }
 
     // Messages.
@@ -1241,28 +1243,30 @@ where
     }
 
     /// A client's or therapist's message just stored in a session of this
-    /// `mode` (its companion paused or not), then its safety flag if any,
-    /// raised in the same transaction: the write's result and events.
+    /// `mode` (its companion paused or not, flagged as `current` says),
+    /// then its safety flag if any, raised in the same transaction: the
+    /// write's result and events.
     pub(crate) async fn stored(
         tx: &mut DB::Connection,
         session_id: Uuid,
         message: ChatMessage,
-        mode: &str,
-        companion_paused: bool,
+        (mode, companion_paused, current): (&str, bool, Option<CurrentRisk>),
         risk: Option<&RiskFlag>,
     ) -> Result<Committed<Appended>> {
         let seq = message.seq;
         let mut events = vec![SessionEvent::message(session_id, message)];
-        let flagged = match risk {
+        let (risk, flagged) = match risk {
             Some(flag) => {
                 let flagged = Self::flag_in_tx(tx, session_id, seq, flag).await?;
                 events.extend(flagged.events);
-                Some(flagged.outcome)
+                let Flagged { level, at, .. } = flagged.outcome;
+                let raised = CurrentRisk { level, last_flagged_at: at };
+                (Some(current.map_or(raised, |current| current.max(raised))), Some(flagged.outcome))
             }
-            None => None,
+            None => (current, None),
         };
         Ok(Committed::new(
-            Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, flagged },
+            Appended::Stored { seq, chat_mode: parse_mode(mode)?, companion_paused, risk, flagged },
             events,
         ))
     }
@@ -1395,9 +1399,9 @@ where
             .session(session_id)
             .detail(format!("level {} at message {seq}", flag.level.as_str()));
         Self::trail_in_tx(tx, vec![record]).await?;
-        events.push(SessionEvent::Flagged { session_id, level, therapist_id });
+        events.push(SessionEvent::Flagged { session_id, level, therapist_id, at });
         // Not counted here: the write it is part of commits it, and
         // counts it then (`Committed::new`).
-        Ok(Committed { outcome: Flagged { level, referred: raised }, events })
+        Ok(Committed { outcome: Flagged { level, referred: raised, at }, events })
     }
 }

@@ -24,13 +24,15 @@ use haven_protocol::MessageKind;
 use serde::Serialize;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::batch::{
     self, Pending, Settled, WriteBatch, Writes, Written, commit_batches, in_batch_order, left_over,
     not_committed, usual_rows,
 };
-use crate::rows::{new_message, parse_mode};
+use crate::rows::{current_risk, new_message, parse_mode};
 use crate::scripts::{Backend, Scripts};
 use crate::{Appended, Committed, NewMessage, Result, SessionEvent, StoreError, now};
 
@@ -270,7 +272,8 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
              updated_at = $2, last_message_at = $2
          WHERE id IN (SELECT m.session_id FROM jsonb_each($1) AS j
                       JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
-         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode, s.companion_paused))
+         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode, s.companion_paused, s.risk_level,
+                                            s.risk_last_at))
          FROM jsonb_each($1) AS j
          JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
          JOIN chat_sessions AS s ON s.id = m.session_id;
@@ -294,16 +297,23 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
     // Committed. A report that cannot be read (which would be a bug) fails
     // every write of the call; a message sent again is then found stored.
     let unreadable = |what: String| StoreError::Unavailable(sqlx::Error::Protocol(what));
-    let stored: Vec<(usize, i64, String, i64)> = match reported.as_slice() {
+    type Report = (usize, i64, String, i64, Option<String>, Option<String>);
+    let stored: Vec<Report> = match reported.as_slice() {
         [stored] => serde_json::from_str(stored)
             .map_err(|error| unreadable(format!("a batched insert reported {error}")))?,
         _ => return Err(unreadable(format!("a batched insert gave {} reports", reported.len()))),
     };
-    for (row, seq, mode, paused) in stored {
+    for (row, seq, mode, paused, risk_level, risk_at) in stored {
         let Some(row) = rows.get(row) else {
             return Err(unreadable("a batched insert reported an unknown row".into()));
         };
-        settled.insert(row.index, Ok(batch::stored(row, seq, parse_mode(&mode)?, paused != 0, at)));
+        // sqlx writes times to SQLite as RFC 3339 text.
+        let risk_at = risk_at
+            .map(|text| OffsetDateTime::parse(&text, &Rfc3339))
+            .transpose()
+            .map_err(|error| unreadable(format!("a batched insert reported a flag time: {error}")))?;
+        let session = (parse_mode(&mode)?, paused != 0, current_risk(risk_level, risk_at)?);
+        settled.insert(row.index, Ok(batch::stored(row, seq, session, at)));
     }
     Ok(settled)
 }
@@ -357,17 +367,19 @@ async fn append_in_tx(
         known.ok_or(StoreError::NotFound)?;
         return Ok(Committed::nothing(Appended::Closed));
     };
-    let (mode, paused): (String, bool) = sqlx::query_as(
-        "UPDATE chat_sessions SET last_seq = $1, updated_at = $2, last_message_at = $2 WHERE id = $3
-         RETURNING chat_mode, companion_paused",
-    )
-    .bind(seq)
-    .bind(at)
-    .bind(session_id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let (mode, paused, risk_level, risk_at): (String, bool, Option<String>, Option<OffsetDateTime>) =
+        sqlx::query_as(
+            "UPDATE chat_sessions SET last_seq = $1, updated_at = $2, last_message_at = $2 WHERE id = $3
+             RETURNING chat_mode, companion_paused, risk_level, risk_last_at",
+        )
+        .bind(seq)
+        .bind(at)
+        .bind(session_id)
+        .fetch_one(&mut *tx)
+        .await?;
     let message = new_message(id, seq, new.sender, MessageKind::Chat, &new.content, Some(&new.client_id), at);
-    Scripts::<SqliteStore>::stored(tx, session_id, message, &mode, paused, new.risk.as_ref()).await
+    let session = (mode.as_str(), paused, current_risk(risk_level, risk_at)?);
+    Scripts::<SqliteStore>::stored(tx, session_id, message, session, new.risk.as_ref()).await
 }
 
 impl Backend for SqliteStore {

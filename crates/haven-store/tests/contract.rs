@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use haven_protocol::{ChatMessage, ChatMode, MessageKind, RiskLevel, Sender};
 use haven_store::{
-    AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, Flagged, HandBackOutcome,
-    JoinOutcome, NewMessage, NewTherapist, Origin, PgStore, ResumeOutcome, RiskFlag, SessionEvent,
-    SqliteStore, Store, StoreError, Therapist,
+    AcknowledgeOutcome, Appended, AuditKind, BotMessage, CloseOutcome, Committed, CurrentRisk, Flagged,
+    HandBackOutcome, JoinOutcome, NewMessage, NewTherapist, Origin, PgStore, ResumeOutcome, RiskFlag,
+    SessionEvent, SqliteStore, Store, StoreError, Therapist,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -129,15 +129,30 @@ async fn flags_only_rise_send_resources_when_they_do_and_are_audited() {
             Some(&SessionEvent::Flagged {
                 session_id: session,
                 level: RiskLevel::Concern,
-                therapist_id: None
+                therapist_id: None,
+                at: first.outcome.at
             }),
             "{name}"
+        );
+        // Every later commit reports the flag as stored, whichever way it is
+        // written: one by one (flagged) or in the batch's shared statement.
+        let concern = CurrentRisk { level: RiskLevel::Concern, last_flagged_at: first.outcome.at };
+        let stored = store.chat_session(session).await.unwrap().unwrap().risk.unwrap();
+        assert_eq!(
+            (stored.level, stored.last_flagged_at),
+            (concern.level, concern.last_flagged_at),
+            "{name}"
+        );
+        let plain = store.append_message(session, user_message("plain")).await.unwrap().outcome;
+        assert!(
+            matches!(plain, Appended::Stored { risk: Some(risk), .. } if risk == concern),
+            "{name}: {plain:?}"
         );
         // The same level again: flagged and audited, no second crisis message.
         let again = flagged(store, session, "b", RiskLevel::Concern).await;
         assert!(!again.outcome.referred && messages(&again.events).len() == 1, "{name}");
         let high = flagged(store, session, "c", RiskLevel::High).await;
-        assert_eq!((high.outcome.level, messages(&high.events)[1].seq), (RiskLevel::High, 5), "{name}");
+        assert_eq!((high.outcome.level, messages(&high.events)[1].seq), (RiskLevel::High, 6), "{name}");
         // A lower level never lowers the session's.
         let lower = flagged(store, session, "d", RiskLevel::Concern).await;
         assert_eq!((lower.outcome.level, lower.outcome.referred), (RiskLevel::High, false), "{name}");
@@ -198,13 +213,14 @@ async fn only_the_assigned_therapist_acknowledges_and_only_a_flag() {
             matches!(not_flagged.outcome, AcknowledgeOutcome::NotFlagged) && not_flagged.events.is_empty()
         );
         store.join_as_therapist(session, tess.id, "joined", None).await.unwrap();
-        let alert = flagged(store, session, "a", RiskLevel::Imminent).await.events.pop();
+        let mut imminent = flagged(store, session, "a", RiskLevel::Imminent).await;
         assert_eq!(
-            alert,
+            imminent.events.pop(),
             Some(SessionEvent::Flagged {
                 session_id: session,
                 level: RiskLevel::Imminent,
-                therapist_id: Some(tess.id)
+                therapist_id: Some(tess.id),
+                at: imminent.outcome.at
             }),
             "{name}: the alert names the assigned therapist"
         );
@@ -340,8 +356,13 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
 
         // The client's yes, once; the message that waited is to be answered.
         let resumed = store.resume_companion(session, "resumed").await.unwrap();
-        assert!(matches!(resumed.outcome, ResumeOutcome::Resumed { unanswered: true }), "{name}");
-        assert_eq!(messages(&resumed.events)[0].kind, MessageKind::Resume, "{name}");
+        let resume = &messages(&resumed.events)[0];
+        assert_eq!(resume.kind, MessageKind::Resume, "{name}");
+        assert!(
+            matches!(resumed.outcome, ResumeOutcome::Resumed { unanswered: true, seq, risk: None } if seq == resume.seq),
+            "{name}: {:?}",
+            resumed.outcome
+        );
         let twice = store.resume_companion(session, "resumed").await.unwrap();
         assert!(matches!(twice.outcome, ResumeOutcome::NotPaused) && twice.events.is_empty(), "{name}");
         let answered = store.append_if_bot_only(session, reply()).await.unwrap().outcome;
@@ -361,7 +382,7 @@ async fn a_hand_back_pauses_the_companion_until_the_client_says_yes_and_a_later_
         // A hand-back with nothing said after it: nothing waits for an answer.
         store.hand_back(session, tess.id, None, "handed back", Origin::OPERATOR).await.unwrap();
         let quiet = store.resume_companion(session, "resumed").await.unwrap();
-        assert!(matches!(quiet.outcome, ResumeOutcome::Resumed { unanswered: false }), "{name}");
+        assert!(matches!(quiet.outcome, ResumeOutcome::Resumed { unanswered: false, .. }), "{name}");
         let kinds: Vec<_> =
             store.messages_after(session, 0, 20).await.unwrap().iter().map(|m| m.kind).collect();
         use MessageKind::{Chat, Handback, Join, Resume};
