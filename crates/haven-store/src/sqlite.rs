@@ -9,15 +9,18 @@
 //! separate pool and see every committed write.
 //!
 //! Messages, the hot path, are written by group commit ([`crate::batch`]):
-//! the commit task runs on a thread of its own, and the batch's usual
-//! writes are one call. A second connection on the same thread checkpoints
-//! the WAL in the background, so commits seldom do.
+//! the commit task runs on a thread of its own, and writes the batch's
+//! usual writes through a SQLite connection of that thread's own
+//! (`rusqlite`), with no hand-off to another thread. A second connection on
+//! the same thread checkpoints the WAL in the background, so commits seldom
+//! do.
 //!
 //! Every other operation is a transaction script written once for both
 //! stores ([`crate::scripts`]); this module is SQLite's [`Backend`]: its two
 //! pools, `BEGIN IMMEDIATE`, no row lock and no notifications.
 
 use std::str::FromStr;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use haven_protocol::MessageKind;
@@ -98,12 +101,17 @@ impl SqliteStore {
             // WAL is checkpointed.
             .pragma("secure_delete", "ON")
             .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
+        // The commit thread's connection opens the same file: an in-memory
+        // database would be a different one for each connection, and could
+        // not keep what it acknowledged anyway.
         let in_memory = options.get_filename().as_os_str().is_empty()
             || url.contains(":memory:")
             || url.contains("mode=memory");
-        if !in_memory {
-            owner_only(options.get_filename())?;
+        if in_memory {
+            let refused = "an in-memory SQLite database is not supported: give a file".to_owned();
+            return Err(StoreError::Unavailable(sqlx::Error::Configuration(refused.into())));
         }
+        owner_only(options.get_filename())?;
         // Neither pool pings a connection before lending it: a connection to
         // a file cannot drop like a network link, and each ping is a round
         // trip to the connection's thread (one more per batch of messages).
@@ -113,16 +121,12 @@ impl SqliteStore {
             .connect_with(options.clone().pragma("cache_size", "-65536"))
             .await?;
         MIGRATOR.run(&writer).await.map_err(|error| StoreError::Unavailable(error.into()))?;
-        // An in-memory database exists only inside its one connection.
-        let reader = if in_memory {
-            writer.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(4)
-                .test_before_acquire(false)
-                .connect_with(options.clone().read_only(true))
-                .await?
-        };
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .test_before_acquire(false)
+            .connect_with(options.clone().read_only(true))
+            .await?;
+        let direct = direct_connection(options.get_filename())?;
         let (writes, queue) = Writes::new();
         // The group-commit loop has a thread and a runtime of its own: each
         // statement is a hand-off to SQLite's thread and back, and on the
@@ -132,9 +136,8 @@ impl SqliteStore {
         let unavailable = |error| StoreError::Unavailable(sqlx::Error::Io(error));
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(unavailable)?;
-        let batches = commit_batches(queue, Writer(writer.clone()));
-        let checkpointer =
-            if in_memory { None } else { Some(sqlx::ConnectOptions::connect(&options).await?) };
+        let batches = commit_batches(queue, Writer { pool: writer.clone(), direct: Mutex::new(direct) });
+        let checkpointer = sqlx::ConnectOptions::connect(&options).await?;
         std::thread::Builder::new()
             .name("haven-commit".into())
             .spawn(move || {
@@ -163,8 +166,7 @@ impl SqliteStore {
 /// that crosses the threshold, and holds every write behind it). A
 /// passive checkpoint never waits for the writer or readers; what it cannot
 /// copy yet, the next one does.
-async fn checkpoints(connection: Option<sqlx::SqliteConnection>) {
-    let Some(mut connection) = connection else { return std::future::pending().await };
+async fn checkpoints(mut connection: sqlx::SqliteConnection) {
     let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,17 +177,29 @@ async fn checkpoints(connection: Option<sqlx::SqliteConnection>) {
     }
 }
 
-/// The group-commit task's connection.
-struct Writer(SqlitePool);
+/// The group-commit task's connections.
+struct Writer {
+    /// The writer pool, whose one connection is the process's write lock:
+    /// a batch holds it, so that no other write of this process waits on
+    /// SQLite's busy handler behind it.
+    pool: SqlitePool,
+    /// The commit thread's own connection to the same file, for the
+    /// batch's usual writes (only this thread uses it; the lock satisfies
+    /// `Sync`).
+    direct: Mutex<rusqlite::Connection>,
+}
 
 impl WriteBatch for Writer {
-    /// The batch's usual writes in a transaction begun and committed in one
-    /// call ([`write_together`]); what that call left (flagged messages,
+    /// The batch's usual writes in a transaction of their own, on this
+    /// thread ([`write_together`]); what it left (flagged messages,
     /// re-sent `client_id`s, unknown sessions) in a second transaction.
     /// `NotFound` for one write is its own result: it wrote nothing.
     async fn write_batch(&self, batch: &[Pending]) -> Result<Vec<Result<Written>>> {
-        let mut connection = self.0.acquire().await?;
-        let mut settled = write_together(&mut connection, batch).await?;
+        let mut connection = self.pool.acquire().await?;
+        let mut settled = {
+            let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+            write_together(&mut direct, batch)?
+        };
         let left = left_over(batch, &settled);
         if !left.is_empty() {
             match write_one_by_one(&mut connection, &left).await {
@@ -218,23 +232,22 @@ async fn write_one_by_one(
     Ok(results)
 }
 
-/// The batch's usual writes ([`usual_rows`]) in one call, bound to the
-/// batch as one JSON array: `BEGIN IMMEDIATE`; an insert that numbers them
-/// after each session's `last_seq` in batch order; an update that moves
-/// those sessions' `last_seq`; a select that reports, as one JSON value,
-/// the seq and session mode of every row stored; `COMMIT`. The insert
+/// The batch's usual writes ([`usual_rows`]) in one transaction, bound to
+/// the batch as one JSON array: `BEGIN IMMEDIATE`; an insert that numbers
+/// them after each session's `last_seq` in batch order; an update that
+/// moves those sessions' `last_seq`; a select that reports the seq, the
+/// session's mode and its flag for every row stored; `COMMIT`. The insert
 /// skips a key (session, sender, `client_id`) stored already and an unknown
 /// session, a closed session, and stores a companion's write only if the
-/// session is `BOT_ONLY`. That mode check is part of the insert, in the transaction: a
-/// join that commits first makes it store nothing.
+/// session is `BOT_ONLY`. That mode check is part of the insert, in the
+/// transaction: a join that commits first makes it store nothing.
 ///
-/// One call is one hand-off to SQLite's thread and back, where a
-/// transaction driven from here would be three (begin, statements, commit),
-/// and rows returned one by one (`RETURNING`) a hand-off each. The array is
-/// read with `jsonb_each`, whose rows stay in SQLite's binary form:
-/// `json_each` would turn each row back into text for every field read.
-/// Returns the results it settled, by index in the batch.
-async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pending]) -> Result<Settled> {
+/// The statements run on the commit thread's own connection, so none is a
+/// hand-off to another thread. The array is read with `jsonb_each`, whose
+/// rows stay in SQLite's binary form: `json_each` would turn each row back
+/// into text for every field read. Returns the results it settled, by
+/// index in the batch.
+fn write_together(connection: &mut rusqlite::Connection, batch: &[Pending]) -> Result<Settled> {
     let (rows, mut settled) = usual_rows(batch);
     if rows.is_empty() {
         return Ok(settled);
@@ -252,13 +265,18 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
         .collect();
     let json = serde_json::to_string(&json).map_err(|error| StoreError::Corrupt(error.to_string()))?;
     let at = now();
-    let reported: std::result::Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
-        "BEGIN IMMEDIATE;
-         INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
+    // As sqlx writes times to SQLite: RFC 3339 text.
+    let at_text = at.format(&Rfc3339).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    // Dropped without its commit (an error below), the transaction rolls
+    // back, and the connection is ready for the next batch.
+    let tx =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(direct)?;
+    tx.prepare_cached(
+        "INSERT INTO messages (id, session_id, seq, sender, kind, content, client_id, created_at)
          SELECT unhex(j.value ->> 'id'), s.id,
                 s.last_seq + row_number() OVER (PARTITION BY s.id ORDER BY j.key),
-                j.value ->> 'sender', j.value ->> 'kind', j.value ->> 'content', j.value ->> 'client_id', $2
-         FROM jsonb_each($1) AS j
+                j.value ->> 'sender', j.value ->> 'kind', j.value ->> 'content', j.value ->> 'client_id', ?2
+         FROM jsonb_each(?1) AS j
          JOIN chat_sessions AS s ON s.id = unhex(j.value ->> 'session_id')
          WHERE s.closed_at IS NULL AND CASE WHEN j.value ->> 'client_id' IS NULL
                     THEN s.chat_mode = 'BOT_ONLY' AND NOT s.companion_paused
@@ -266,56 +284,81 @@ async fn write_together(connection: &mut sqlx::SqliteConnection, batch: &[Pendin
                         SELECT 1 FROM messages AS m
                         WHERE m.session_id = s.id AND m.sender = j.value ->> 'sender'
                           AND m.client_id = j.value ->> 'client_id')
-               END;
-         UPDATE chat_sessions
-         SET last_seq = (SELECT max(m.seq) FROM messages AS m WHERE m.session_id = chat_sessions.id),
-             updated_at = $2, last_message_at = $2
-         WHERE id IN (SELECT m.session_id FROM jsonb_each($1) AS j
-                      JOIN messages AS m ON m.id = unhex(j.value ->> 'id'));
-         SELECT json_group_array(json_array(j.key, m.seq, s.chat_mode, s.companion_paused, s.risk_level,
-                                            s.risk_last_at))
-         FROM jsonb_each($1) AS j
-         JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
-         JOIN chat_sessions AS s ON s.id = m.session_id;
-         COMMIT",
+               END",
     )
-    .bind(json)
-    .bind(at)
-    // Every statement runs: `fetch_one` would stop after the select.
-    .fetch_all(&mut *connection)
-    .await;
-    let reported = match reported {
-        Ok(reported) => reported,
-        Err(error) => {
-            // A statement failed, and the transaction may still be open:
-            // end it, so the connection goes back to the pool clean. (When
-            // none is open, ROLLBACK fails, harmlessly.)
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *connection).await;
-            return Err(error.into());
-        }
-    };
+    .and_then(|mut insert| insert.execute((&json, &at_text)))
+    .map_err(direct)?;
+    tx.prepare_cached(
+        "UPDATE chat_sessions
+         SET last_seq = (SELECT max(m.seq) FROM messages AS m WHERE m.session_id = chat_sessions.id),
+             updated_at = ?2, last_message_at = ?2
+         WHERE id IN (SELECT m.session_id FROM jsonb_each(?1) AS j
+                      JOIN messages AS m ON m.id = unhex(j.value ->> 'id'))",
+    )
+    .and_then(|mut update| update.execute((&json, &at_text)))
+    .map_err(direct)?;
+    type Report = (i64, i64, String, bool, Option<String>, Option<String>);
+    let stored: Vec<Report> = tx
+        .prepare_cached(
+            "SELECT j.key, m.seq, s.chat_mode, s.companion_paused, s.risk_level, s.risk_last_at
+             FROM jsonb_each(?1) AS j
+             JOIN messages AS m ON m.id = unhex(j.value ->> 'id')
+             JOIN chat_sessions AS s ON s.id = m.session_id",
+        )
+        .and_then(|mut select| {
+            let reports = select.query_map([&json], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+            })?;
+            reports.collect()
+        })
+        .map_err(direct)?;
+    tx.commit().map_err(direct)?;
     // Committed. A report that cannot be read (which would be a bug) fails
-    // every write of the call; a message sent again is then found stored.
+    // every write of the batch; a message sent again is then found stored.
     let unreadable = |what: String| StoreError::Unavailable(sqlx::Error::Protocol(what));
-    type Report = (usize, i64, String, i64, Option<String>, Option<String>);
-    let stored: Vec<Report> = match reported.as_slice() {
-        [stored] => serde_json::from_str(stored)
-            .map_err(|error| unreadable(format!("a batched insert reported {error}")))?,
-        _ => return Err(unreadable(format!("a batched insert gave {} reports", reported.len()))),
-    };
     for (row, seq, mode, paused, risk_level, risk_at) in stored {
-        let Some(row) = rows.get(row) else {
+        let Some(row) = usize::try_from(row).ok().and_then(|row| rows.get(row)) else {
             return Err(unreadable("a batched insert reported an unknown row".into()));
         };
-        // sqlx writes times to SQLite as RFC 3339 text.
         let risk_at = risk_at
             .map(|text| OffsetDateTime::parse(&text, &Rfc3339))
             .transpose()
             .map_err(|error| unreadable(format!("a batched insert reported a flag time: {error}")))?;
-        let session = (parse_mode(&mode)?, paused != 0, current_risk(risk_level, risk_at)?);
+        let session = (parse_mode(&mode)?, paused, current_risk(risk_level, risk_at)?);
         settled.insert(row.index, Ok(batch::stored(row, seq, session, at)));
     }
     Ok(settled)
+}
+
+/// A failure of the commit thread's own connection: the transaction rolled
+/// back, and the writes may be sent again.
+fn direct(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(format!("sqlite: {error}")))
+}
+
+/// The commit thread's own connection to the database file, set up as the
+/// pools' are (`SqliteStore::connect`): WAL (already the file's mode), every
+/// commit on disk before it returns (`synchronous = FULL`), foreign keys,
+/// freed bytes zeroed, and the same automatic checkpoint threshold.
+fn direct_connection(path: &std::path::Path) -> Result<rusqlite::Connection> {
+    let connection = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(direct)?;
+    connection.busy_timeout(Duration::from_secs(5)).map_err(direct)?;
+    connection
+        .execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = memory;
+             PRAGMA secure_delete = ON; PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES};
+             PRAGMA cache_size = -65536;"
+        ))
+        .map_err(direct)?;
+    let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).map_err(direct)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!("the database is in {mode} mode, not WAL")));
+    }
+    Ok(connection)
 }
 
 /// A row of the batch's insert as the statement reads it (ids in hex).
@@ -456,6 +499,36 @@ mod tests {
 
     fn user_message(client_id: &str) -> NewMessage {
         NewMessage { sender: Sender::User, content: "hi".into(), client_id: client_id.into(), risk: None }
+    }
+
+    /// The commit thread's connection is set up as durably as the pools':
+    /// an ack still means the message is on disk.
+    #[tokio::test]
+    async fn the_commit_threads_connection_commits_to_disk_and_an_in_memory_database_is_refused() {
+        let (_store, dir) = store().await;
+        let direct = direct_connection(&dir.path().join("test.db")).unwrap();
+        let pragma = |name: &str| -> i64 {
+            direct.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0)).unwrap()
+        };
+        // synchronous = FULL is 2; secure_delete and foreign_keys are on.
+        let settings = [pragma("synchronous"), pragma("foreign_keys"), pragma("secure_delete")];
+        assert_eq!(settings, [2, 1, 1]);
+        assert_eq!(pragma("wal_autocheckpoint"), i64::from(WRITER_CHECKPOINT_PAGES));
+
+        let refused = SqliteStore::connect("sqlite::memory:").await.map(|_| ()).unwrap_err();
+        let said = anyhow_like(&refused);
+        assert!(said.contains("in-memory SQLite database is not supported"), "{said}");
+    }
+
+    /// An error with its sources, as the server prints it.
+    fn anyhow_like(error: &dyn std::error::Error) -> String {
+        let mut said = error.to_string();
+        let mut source = error.source();
+        while let Some(error) = source {
+            said.push_str(&format!(": {error}"));
+            source = error.source();
+        }
+        said
     }
 
     #[tokio::test]
