@@ -14,6 +14,8 @@
 #   HAVEN_BIN, HAVEN_LOAD_BIN   use these binaries instead of building them
 #   BENCH_OUT                   where results go (default target/bench/DATE)
 #   BENCH_RUST_LOG              RUST_LOG for the servers (default: Haven's own)
+#   BENCH_RATE                  the rate of the `baseline` and `direct` groups' runs
+#                               below saturation, in msg/s (default 10000)
 #   BENCH_POSTGRES_URL          the PostgreSQL server for the `postgres` group, as a
 #                               superuser (default postgres://postgres@127.0.0.1:5432)
 #   BENCH_POSTGRES_SOCKET       its Unix socket directory (default /var/run/postgresql)
@@ -222,7 +224,7 @@ if [[ $QUICK == 1 ]]; then
     SCALE_SESSIONS=(); SIZES=()
 else
     D=(--duration 10 --warmup 3 --drain 15)
-    SAT_SESSIONS=4000; RATE_SESSIONS=2000; RATE=10000
+    SAT_SESSIONS=4000; RATE_SESSIONS=2000; RATE=${BENCH_RATE:-10000}
     # The largest idle test both processes' open-file limits allow.
     MAX_IDLE=$(( (FILES - 1000) / 1000 * 1000 ))
     IDLE=($(( MAX_IDLE < 50000 ? MAX_IDLE : 50000 )))

@@ -319,7 +319,8 @@ pub enum SessionEvent {
         session_id: Uuid,
         level: RiskLevel,
         therapist_id: Option<Uuid>,
-        #[serde(with = "time::serde::rfc3339")]
+        /// From an instance of a release before this field: when it arrived.
+        #[serde(with = "time::serde::rfc3339", default = "now")]
         at: OffsetDateTime,
     },
     /// A therapist acknowledged a session's flag.

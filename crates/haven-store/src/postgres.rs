@@ -434,6 +434,29 @@ mod tests {
         assert_eq!(parse(&payload, Uuid::now_v7()), Some(Notification::Event(received)));
     }
 
+    /// A flag's time travels exactly (the replies elsewhere compare it with
+    /// their messages' times); an instance of an earlier release sends
+    /// none, and the flag still counts, as raised when it arrives.
+    #[test]
+    fn a_flag_travels_with_its_time_and_one_without_is_still_read() {
+        let (me, session) = (Uuid::now_v7(), Uuid::now_v7());
+        let level = haven_protocol::RiskLevel::High;
+        let event = SessionEvent::Flagged { session_id: session, level, therapist_id: None, at: now() };
+        let payload = serde_json::to_string(&Envelope { origin: me, event: &event }).unwrap();
+        assert_eq!(parse(&payload, Uuid::now_v7()), Some(Notification::Event(event)));
+
+        let before = now();
+        let older = format!(
+            r#"{{"origin":"{me}","event":{{"event":"flagged","session_id":"{session}","level":"high","therapist_id":null}}}}"#
+        );
+        let Some(Notification::Event(SessionEvent::Flagged { at, level: read, .. })) =
+            parse(&older, Uuid::now_v7())
+        else {
+            panic!("a flag without its time was not read");
+        };
+        assert!(at >= before && read == level);
+    }
+
     #[test]
     fn every_notification_fits_in_a_payload() {
         let id = Uuid::now_v7();
