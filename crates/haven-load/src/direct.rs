@@ -128,6 +128,46 @@ struct Shared {
     wake: Notify,
 }
 
+/// Sockets stay open until every session's traffic is settled: thousands
+/// closing at once keep the server busy, and would delay the last measured
+/// messages of the sessions still sending. Counts the tasks not yet settled.
+#[derive(Debug)]
+struct Finish(watch::Sender<usize>);
+
+impl Finish {
+    fn new() -> Arc<Self> {
+        Arc::new(Finish(watch::Sender::new(0)))
+    }
+
+    /// A task that will settle; its [`Arrival`] says so, or dropping it.
+    fn join(self: &Arc<Self>) -> Arrival {
+        self.0.send_modify(|tasks| *tasks += 1);
+        Arrival(self.clone())
+    }
+}
+
+/// One task of [`Finish`], not yet settled.
+#[derive(Debug)]
+struct Arrival(Arc<Finish>);
+
+impl Arrival {
+    /// This task is settled: waits until every task is, or `until`.
+    async fn wait_for_all(self, until: Instant) {
+        let mut unsettled = self.0.0.subscribe();
+        drop(self);
+        tokio::select! {
+            _ = unsettled.wait_for(|tasks| *tasks == 0) => {}
+            () = sleep_until(until.into()) => {}
+        }
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|tasks| *tasks = tasks.saturating_sub(1));
+    }
+}
+
 #[derive(Debug, Default)]
 struct ClientOutcome {
     sent: u64,
@@ -220,7 +260,8 @@ pub async fn run(args: Args) -> Result<()> {
     let setup_started = Instant::now();
     // Each session's tasks start at once, reading (and so answering the
     // server's pings) while the other sessions are set up.
-    let (tasks, connect_failures) = setup(&args, start, content).await?;
+    let finish = Finish::new();
+    let (tasks, connect_failures) = setup(&args, start, content, &finish).await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
     if tasks.is_empty() {
         return Err("no session could be set up".into());
@@ -268,6 +309,7 @@ async fn setup(
     args: &Args,
     start: watch::Receiver<Option<Start>>,
     content: Arc<str>,
+    finish: &Arc<Finish>,
 ) -> Result<(Vec<Tasks>, usize)> {
     let target = args.target.target;
     let sources = Sources::new(args.target.source_net);
@@ -297,6 +339,7 @@ async fn setup(
             let therapist_token = logins.get(login).cloned();
             let start = start.clone();
             let content = content.clone();
+            let finish = finish.clone();
             async move {
                 let path = format!("/api/chat/ws/{session_id}");
                 // The relay learns the role from the query; Haven from the token.
@@ -313,9 +356,16 @@ async fn setup(
                     return Err(Error::from("the session is not in THERAPIST_JOINED mode"));
                 }
                 let shared = Arc::new(Shared::default());
-                let client =
-                    tokio::spawn(run_client(client, index, pacing, shared.clone(), content, start.clone()));
-                let therapist = tokio::spawn(run_therapist(therapist, shared, start));
+                let (client_settled, therapist_settled) = (finish.join(), finish.join());
+                let client = tokio::spawn(run_client(
+                    client,
+                    index,
+                    pacing,
+                    (shared.clone(), client_settled),
+                    content,
+                    start.clone(),
+                ));
+                let therapist = tokio::spawn(run_therapist(therapist, (shared, therapist_settled), start));
                 Ok((client, therapist))
             }
         })
@@ -340,7 +390,7 @@ async fn run_client(
     mut ws: Ws,
     index: usize,
     pacing: Pacing,
-    shared: Arc<Shared>,
+    (shared, settled_here): (Arc<Shared>, Arrival),
     content: Arc<str>,
     mut start: watch::Receiver<Option<Start>>,
 ) -> ClientOutcome {
@@ -466,13 +516,14 @@ async fn run_client(
     outcome.sent = sent.load(Ordering::SeqCst);
     outcome.send_lags = send_lags;
     outcome.crisis_sent = crisis_sent_at.load(Ordering::SeqCst) != 0;
+    settled_here.wait_for_all(times.hard_end).await;
     net::close_sink(&mut sink).await;
     outcome
 }
 
 async fn run_therapist(
     mut ws: Ws,
-    shared: Arc<Shared>,
+    (shared, settled_here): (Arc<Shared>, Arrival),
     mut start: watch::Receiver<Option<Start>>,
 ) -> TherapistOutcome {
     let mut outcome = TherapistOutcome::default();
@@ -536,6 +587,7 @@ async fn run_therapist(
             }
         }
     }
+    settled_here.wait_for_all(times.hard_end).await;
     net::close(ws).await;
     outcome
 }
