@@ -39,7 +39,7 @@ fuzz_target!(|steps: &[u8]| {
     for step in steps.iter().take(256) {
         match step % 7 {
             0 => {
-                let started = room.start_generation();
+                let started = room.start_generation(seq, None);
                 assert!(started.is_none() || current.is_none(), "two replies at once");
                 current = current.or(started);
             }
