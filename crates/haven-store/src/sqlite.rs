@@ -128,11 +128,12 @@ impl SqliteStore {
             .await?;
         let direct = direct_connection(options.get_filename())?;
         let (writes, queue) = Writes::new();
-        // The group-commit loop has a thread and a runtime of its own: each
-        // statement is a hand-off to SQLite's thread and back, and on the
-        // server's runtime the loop would wait behind every socket's task
-        // for each one (milliseconds under load, for every batch). The
-        // thread ends when the last clone of this store is dropped.
+        // The group-commit loop has a thread and a runtime of its own: it
+        // runs each batch's shared statements on its own connection
+        // (`direct`), with no hand-off, and on the server's runtime it would
+        // wait behind every socket's task (milliseconds under load, for
+        // every batch). The thread ends when the last clone of this store
+        // is dropped.
         let unavailable = |error| StoreError::Unavailable(sqlx::Error::Io(error));
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(unavailable)?;
