@@ -151,7 +151,7 @@ async fn chat_socket(
         .max_frame_size(TRANSPORT_LIMIT_BYTES)
         // Allocated up front for every socket: small, because most sockets
         // are idle and a chat message is far smaller (docs/benchmarks.md).
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);
     match admit(&state, &session_id, &query, &headers, peer.ip()).await {
