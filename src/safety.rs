@@ -147,9 +147,10 @@ impl Escalation {
     }
 
     /// Screens a client message, read with the client's `earlier` messages
-    /// in the session (oldest first).
-    pub fn screen(&self, text: &str, earlier: &[&Earlier]) -> (Assessment, Option<RiskFlag>) {
-        let assessment = self.classifier.classify_in_context(text, earlier);
+    /// in the session (oldest first); what the detector read of it is kept
+    /// in `message` for the windows after it.
+    pub fn screen(&self, message: &Earlier, earlier: &[&Earlier]) -> (Assessment, Option<RiskFlag>) {
+        let assessment = self.classifier.classify_in_context(message, earlier);
         let flag = self.flag(&assessment);
         (assessment, flag)
     }

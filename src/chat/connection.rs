@@ -624,7 +624,12 @@ impl Connection {
         // the same window for its second opinion.
         let earlier = if role == Role::User { self.guard.room().client_window() } else { Vec::new() };
         let earlier: Vec<&Earlier> = earlier.iter().map(|message| &**message).collect();
-        let assessment = (role == Role::User).then(|| self.state.escalation.screen(&new.content, &earlier));
+        let assessment = (role == Role::User).then(|| {
+            let screened = Arc::new(Earlier::new(new.content.clone()));
+            let assessment = self.state.escalation.screen(&screened, &earlier);
+            self.guard.room().screened(screened);
+            assessment
+        });
         let detected = assessment.as_ref().map_or(RiskLevel::None, |(assessment, _)| assessment.level);
         let risk = assessment.and_then(|(_, flag)| flag);
         let second_opinion = (role == Role::User && self.state.settings.safety_second_opinion)

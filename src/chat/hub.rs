@@ -609,15 +609,25 @@ pub struct Room {
     /// The companion's replies and history, one lock: a delta is sent,
     /// and the takeover or close happens, under it.
     companion: Mutex<Companion>,
-    /// The client's latest messages seen here, oldest first, at most
-    /// [`haven_safety::WINDOW`]: the crisis detector reads a new client
-    /// message with them.
-    client_window: Mutex<VecDeque<Arc<Earlier>>>,
+    /// The client's latest messages seen here: the crisis detector reads a
+    /// new client message with them.
+    client_window: Mutex<ClientWindow>,
     connections: AtomicUsize,
     presence: Mutex<Presence>,
     /// When this process opened the room.
     opened: Instant,
     rooms: Weak<Rooms>,
+}
+
+/// The client's latest messages seen here, oldest first, at most
+/// [`haven_safety::WINDOW`], and the latest message screened here before
+/// its commit: the window keeps what the detector read of it then, rather
+/// than reading it again (an [`Earlier`] is the same for the same text,
+/// whichever is kept).
+#[derive(Default)]
+struct ClientWindow {
+    latest: VecDeque<Arc<Earlier>>,
+    screened: Option<Arc<Earlier>>,
 }
 
 /// Who of each side of a chat has a socket open, here and on other
@@ -690,17 +700,27 @@ impl Room {
         self.companion().remember(message);
         if message.sender == haven_protocol::Sender::User {
             let mut window = self.client_window.lock().unwrap_or_else(PoisonError::into_inner);
-            if window.len() == haven_safety::WINDOW {
-                window.pop_front();
+            let earlier = match window.screened.take_if(|screened| screened.text() == message.content) {
+                Some(screened) => screened,
+                None => Arc::new(Earlier::new(message.content.clone())),
+            };
+            if window.latest.len() == haven_safety::WINDOW {
+                window.latest.pop_front();
             }
-            window.push_back(Arc::new(Earlier::new(message.content.clone())));
+            window.latest.push_back(earlier);
         }
     }
 
     /// The client's latest messages seen by this process, oldest first
     /// (each read by the detector once, then kept: [`Earlier`]).
     pub fn client_window(&self) -> Vec<Arc<Earlier>> {
-        self.client_window.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+        self.client_window.lock().unwrap_or_else(PoisonError::into_inner).latest.iter().cloned().collect()
+    }
+
+    /// A client message the detector has just screened, before its commit:
+    /// once published, the window keeps it as read.
+    pub fn screened(&self, message: Arc<Earlier>) {
+        self.client_window.lock().unwrap_or_else(PoisonError::into_inner).screened = Some(message);
     }
 
     /// The latest kept messages in seq order, reaching at least `last_seq`,

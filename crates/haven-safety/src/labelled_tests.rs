@@ -392,9 +392,9 @@ fn classification_speed() {
                     let _ = match run {
                         0 => detector.classify(text),
                         1 => classifier.classify(text),
-                        2 => classifier.classify_in_context(text, &short),
-                        3 => classifier.classify_in_context(text, &long),
-                        _ => classifier.classify_in_context(text, &unread),
+                        2 => classifier.classify_in_context(&crate::Earlier::new(text.clone()), &short),
+                        3 => classifier.classify_in_context(&crate::Earlier::new(text.clone()), &long),
+                        _ => classifier.classify_in_context(&crate::Earlier::new(text.clone()), &unread),
                     };
                     started.elapsed()
                 })

@@ -194,30 +194,40 @@ impl Classifier {
     /// the message alone and the conversation without it: the message added
     /// the risk ("tonight" after ideation), rather than repeating an
     /// earlier flag. Such a raise is reported as a [`CONTEXT_RULE`] hit
-    /// first in `rules`. Each earlier message is normalised and read by the
-    /// model once, however many windows it is part of ([`Earlier`]).
-    pub fn classify_in_context(&self, text: &str, earlier: &[&Earlier]) -> Assessment {
-        let normalised = normalise(text);
-        let reading = self.model.read(&normalised);
-        let mut own = self.assess(&normalised, &reading);
+    /// first in `rules`. Each message is normalised and read by the model
+    /// once, however many windows it is part of ([`Earlier`]): what this
+    /// call reads of `message` is kept in it, for the windows of the
+    /// messages after it.
+    pub fn classify_in_context(&self, message: &Earlier, earlier: &[&Earlier]) -> Assessment {
+        let whole = message.whole(self.model);
+        let (normalised, reading) = (&whole.normalised, &whole.reading);
         let earlier = &earlier[earlier.len().saturating_sub(WINDOW)..];
+        let mut own = self.rules.assess_normalised(normalised);
         if earlier.is_empty() || own.level == RiskLevel::Imminent {
+            let verdict = self.model.assess_readings(&[reading]);
+            own.level = own.level.max(verdict.level);
+            own.model = Some(verdict);
             return own;
         }
         let kept: Vec<Cow<'_, Kept>> = earlier.iter().map(|message| message.kept(self.model)).collect();
+        let mut conversation: Vec<&Reading> = kept.iter().map(|kept| &kept.reading).collect();
+        conversation.push(reading);
+        // The message alone and the conversation with it: one pass of the
+        // model's hidden layer for both.
+        let [alone, with_model] = self.model.assess_each([&[reading], &conversation]);
+        own.level = own.level.max(alone.level);
+        own.model = Some(alone);
+        if own.level == RiskLevel::Imminent {
+            return own;
+        }
         let mut window = String::new();
         for kept in &kept {
             window.push_str(&kept.normalised);
             window.push('\n');
         }
         let before_len = window.len();
-        window.push_str(&normalised);
-        let mut conversation: Vec<&Reading> = kept.iter().map(|kept| &kept.reading).collect();
-        conversation.push(&reading);
-        let level = |text: &str, readings: &[&Reading]| {
-            self.rules.assess_normalised(text).level.max(self.model.assess_readings(readings).level)
-        };
-        let with = level(&window, &conversation);
+        window.push_str(normalised);
+        let with = self.rules.assess_normalised(&window).level.max(with_model.level);
         // The conversation without the message matters only when the one
         // with it would raise the message's level. It raises it only when
         // something said is a signal apart from this conjunction (the
@@ -225,7 +235,9 @@ impl Classifier {
         // words that are nothing alone and nothing before ("one", "two",
         // "three") are not made risk by their order.
         let before = if with > own.level {
-            level(&window[..before_len], &conversation[..kept.len()])
+            let readings = &conversation[..kept.len()];
+            let model = self.model.assess_readings(readings).level;
+            self.rules.assess_normalised(&window[..before_len]).level.max(model)
         } else {
             RiskLevel::Imminent
         };
@@ -262,6 +274,17 @@ impl Earlier {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The whole message normalised, and what `model` reads of it: kept for
+    /// the windows after it when they keep all of it (at most
+    /// [`WINDOW_BYTES`]), else read for this once.
+    fn whole(&self, model: &Model) -> Cow<'_, Kept> {
+        if self.text.len() <= WINDOW_BYTES {
+            return self.kept(model);
+        }
+        let normalised = normalise(&self.text);
+        Cow::Owned(Kept { reading: model.read(&normalised), normalised })
     }
 
     /// What the window reads of the message with `model`: kept the first

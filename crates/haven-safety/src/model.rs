@@ -253,22 +253,32 @@ impl Model {
     /// conversation's earlier messages are not read again. The level needs
     /// [`MIN_WORDS`] words in all.
     pub(crate) fn assess_readings(&self, readings: &[&Reading]) -> ModelVerdict {
-        let [at_least_concern, at_least_high, imminent] = self.probabilities(readings);
-        let thresholds = self.thresholds;
-        let words: usize = readings.iter().map(|reading| reading.words).sum();
-        let level = if words < MIN_WORDS {
-            RiskLevel::None
-        } else if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
-            RiskLevel::Imminent
-        } else if at_least_high >= thresholds.high {
-            RiskLevel::High
-        } else if at_least_concern >= thresholds.concern {
-            RiskLevel::Concern
-        } else {
-            RiskLevel::None
-        };
-        let score = (at_least_concern * 10_000.0).round() / 10_000.0;
-        ModelVerdict { version: self.version.clone(), level, score }
+        let [verdict] = self.assess_each([readings]);
+        verdict
+    }
+
+    /// The verdicts on `N` texts, each read as [`Model::assess_readings`]
+    /// reads it, with one pass over the hidden layer's weights for all.
+    pub(crate) fn assess_each<const N: usize>(&self, texts: [&[&Reading]; N]) -> [ModelVerdict; N] {
+        let probabilities = self.probabilities_each(texts);
+        std::array::from_fn(|at| {
+            let [at_least_concern, at_least_high, imminent] = probabilities[at];
+            let thresholds = self.thresholds;
+            let words: usize = texts[at].iter().map(|reading| reading.words).sum();
+            let level = if words < MIN_WORDS {
+                RiskLevel::None
+            } else if at_least_high >= thresholds.high && imminent >= thresholds.imminent {
+                RiskLevel::Imminent
+            } else if at_least_high >= thresholds.high {
+                RiskLevel::High
+            } else if at_least_concern >= thresholds.concern {
+                RiskLevel::Concern
+            } else {
+                RiskLevel::None
+            };
+            let score = (at_least_concern * 10_000.0).round() / 10_000.0;
+            ModelVerdict { version: self.version.clone(), level, score }
+        })
     }
 
     /// The probabilities that texts read one after the other are at
@@ -276,19 +286,29 @@ impl Model {
     /// fitted apart, so a row above may exceed the one below it (a sentence
     /// repeated four times once had 0.9 for `high` or above and 0.07 for
     /// `concern` or above): each is capped by the one below.
+    #[cfg(test)]
     pub(crate) fn probabilities(&self, readings: &[&Reading]) -> [f32; ROWS] {
-        let [concern, high, imminent] = self.row_probabilities(readings);
-        let high = high.min(concern);
-        [concern, high, imminent.min(high)]
+        let [probabilities] = self.probabilities_each([readings]);
+        probabilities
     }
 
-    /// Each row's own probability.
-    fn row_probabilities(&self, readings: &[&Reading]) -> [f32; ROWS] {
+    /// [`Model::probabilities`] of `N` texts.
+    fn probabilities_each<const N: usize>(&self, texts: [&[&Reading]; N]) -> [[f32; ROWS]; N] {
+        let mut linear = texts.map(|readings| self.linear(readings));
+        self.hidden.add_to_each(linear.each_mut().map(|(dense, logits)| (&**dense, logits)));
+        linear.map(|(_, logits)| {
+            let [concern, high, imminent] = logits.map(sigmoid);
+            let high = high.min(concern);
+            [concern, high, imminent.min(high)]
+        })
+    }
+
+    /// The dense features of texts read one after the other (at least
+    /// one), and the logits of the head's linear part.
+    fn linear(&self, readings: &[&Reading]) -> (Box<[f32]>, [f32; ROWS]) {
         assert!(readings.iter().all(|reading| reading.model == self.id), "read by another model");
         let dims = self.encoder.dims;
-        let Some((first, rest)) = readings.split_first() else {
-            return self.bias.map(sigmoid);
-        };
+        let (first, rest) = readings.split_first().expect("a text is read from at least one reading");
         let mut dense = first.dense.clone();
         let mut sparse = first.sparse;
         let (mut tokens, mut occurrences) = (first.tokens, first.occurrences);
@@ -327,8 +347,7 @@ impl Model {
         {
             *logit += dot(row, &dense) + sparse * scale;
         }
-        self.hidden.add_to(&dense, &mut logits);
-        logits.map(sigmoid)
+        (dense, logits)
     }
 }
 
@@ -369,16 +388,17 @@ impl Reading {
 /// features into integers of at most [`FEATURE_STEPS`] in magnitude, in
 /// steps of their largest magnitude over `FEATURE_STEPS`. The products are
 /// then summed exactly, in 32-bit integers that cannot overflow (at most
-/// 127 × 8,191 × 512 < 2³¹), sixteen at a time: about three times as fast
-/// as float32 here, with a quarter of the weights' memory. `train.py`
+/// 127 × 8,191 × 512 < 2³¹), thirty-two at a time: about three times as
+/// fast as float32 here, with half the weights' memory. One pass over the
+/// weights serves every text judged together (a message and its
+/// conversation, [`Hidden::add_to_each`]). `train.py`
 /// computes the same sums when it chooses the thresholds. A unit whose
 /// output weights are all zero adds nothing and is left out: the logits
 /// are the same floats as with every unit computed, bit for bit
 /// (`model_tests.rs`).
 pub(crate) struct Hidden {
-    /// The kept units' input weights, widened to 16 bits for the integer
-    /// products, one row of `width` per unit: `dense`, padded with zeros to
-    /// a multiple of [`LANES`].
+    /// The kept units' input weights, one row of `width` per unit: `dense`,
+    /// padded with zeros to a multiple of [`LANES`].
     rows: Vec<i16>,
     width: usize,
     pub(crate) units: Vec<Unit>,
@@ -420,25 +440,32 @@ impl Hidden {
     }
 
     /// Adds the layer's output to `logits`.
+    #[cfg(test)]
     pub(crate) fn add_to(&self, features: &[f32], logits: &mut [f32; ROWS]) {
-        let (mut input, step) = quantise(features);
-        input.resize(self.width, 0);
-        for (unit, row) in self.units.iter().zip(self.rows.chunks_exact(self.width)) {
-            let activation = unit.activation(row, &input, step);
-            if activation > 0.0 {
-                for (logit, weight) in logits.iter_mut().zip(unit.output) {
-                    *logit += weight * activation;
+        self.add_to_each([(features, logits)]);
+    }
+
+    /// Adds the layer's output for each of `N` texts' dense features to
+    /// that text's logits, in one pass over the weights.
+    pub(crate) fn add_to_each<const N: usize>(&self, mut texts: [(&[f32], &mut [f32; ROWS]); N]) {
+        let inputs = texts.each_ref().map(|(features, _)| {
+            let (mut input, step) = quantise(features);
+            input.resize(self.width, 0);
+            (input, step)
+        });
+        let lanes = inputs.each_ref().map(|(input, _)| input.as_chunks::<LANES>().0);
+        let mut all_sums = vec![[0i32; N]; self.units.len()];
+        unit_sums(self.rows.as_chunks::<LANES>().0, self.width / LANES, lanes, &mut all_sums);
+        for (unit, sums) in self.units.iter().zip(all_sums) {
+            for ((sum, (_, step)), (_, logits)) in sums.into_iter().zip(&inputs).zip(texts.iter_mut()) {
+                let activation = (unit.bias + (unit.scale * step) * sum as f32).max(0.0);
+                if activation > 0.0 {
+                    for (logit, weight) in logits.iter_mut().zip(unit.output) {
+                        *logit += weight * activation;
+                    }
                 }
             }
         }
-    }
-}
-
-impl Unit {
-    /// The unit's rectified output for quantised features, both padded
-    /// alike.
-    fn activation(&self, row: &[i16], input: &[i16], step: f32) -> f32 {
-        (self.bias + (self.scale * step) * dot_i16(row, input) as f32).max(0.0)
     }
 }
 
@@ -461,25 +488,49 @@ fn round_ties_even(x: f32) -> f32 {
     (x + SHIFT) - SHIFT
 }
 
-/// The exact sum of products of two vectors of small integers whose
-/// lengths are a multiple of [`LANES`], in lanes side by side (SIMD
+/// Each unit's input sums for `N` inputs: `rows` holds one row of `chunks`
+/// chunks per unit. Compiled three times, for the baseline x86-64
+/// instructions, for AVX2 and for AVX2 with AVX-VNNI, and run as the
+/// processor allows (`multiversion`): AVX2's multiply-and-add instructions
+/// take sixteen pairs at once, not eight, and AVX-VNNI's add the products
+/// to the sums in the same instruction.
+#[multiversion::multiversion(targets("x86_64+avx2+avxvnni", "x86_64+avx2"))]
+fn unit_sums<const N: usize>(
+    rows: &[[i16; LANES]],
+    chunks: usize,
+    inputs: [&[[i16; LANES]]; N],
+    sums: &mut [[i32; N]],
+) {
+    for (row, sums) in rows.chunks_exact(chunks).zip(sums) {
+        *sums = dot_each(row, inputs);
+    }
+}
+
+/// The exact sums of products of one row of weights with each of `N`
+/// inputs of small integers, as long, in lanes side by side (SIMD
 /// registers; with no remainder to handle, the compiler turns the loop
-/// into multiply-and-add instructions of eight pairs each).
-fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
-    let (a_lanes, _) = a.as_chunks::<LANES>();
-    let (b_lanes, _) = b.as_chunks::<LANES>();
-    let mut sums = [0i32; LANES];
-    for (x, y) in a_lanes.iter().zip(b_lanes) {
-        for lane in 0..LANES {
-            sums[lane] += i32::from(x[lane]) * i32::from(y[lane]);
+/// into multiply-and-add instructions). Plain loops, not closures: a
+/// closure that is not inlined would lose the caller's AVX2.
+#[inline(always)]
+fn dot_each<const N: usize>(row: &[[i16; LANES]], inputs: [&[[i16; LANES]]; N]) -> [i32; N] {
+    let mut out = [0i32; N];
+    for (out, input) in out.iter_mut().zip(inputs) {
+        let mut sums = [0i32; LANES];
+        for (weights, input) in row.iter().zip(input) {
+            for lane in 0..LANES {
+                sums[lane] += i32::from(weights[lane]) * i32::from(input[lane]);
+            }
+        }
+        for sum in sums {
+            *out += sum;
         }
     }
-    sums.iter().sum()
+    out
 }
 
 /// The hidden layer's rows and inputs are padded with zeros to a multiple
 /// of this many integers.
-const LANES: usize = 16;
+const LANES: usize = 32;
 
 impl Encoder {
     /// Reads the token vectors and vocabulary (a `distill.py` output, or a

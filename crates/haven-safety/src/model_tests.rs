@@ -333,7 +333,9 @@ fn conversations(name: &str, source: &str) -> usize {
     let mut sufficient = 0;
     for item in &items {
         let earlier: Vec<Earlier> = item.context.iter().cloned().map(Earlier::new).collect();
-        let got = classifier.classify_in_context(&item.text, &earlier.iter().collect::<Vec<_>>()).level;
+        let got = classifier
+            .classify_in_context(&Earlier::new(item.text.clone()), &earlier.iter().collect::<Vec<_>>())
+            .level;
         with_window.add(item.level, got);
         alone.add(item.level, classifier.classify(&item.text).level);
         sufficient += usize::from(match item.level {
@@ -408,7 +410,7 @@ fn with_header(edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
 /// The hidden layer as it runs (silent units left out, see `Hidden`) adds
 /// the same floats, bit for bit, as every unit of the shipped file
 /// computed from its own weights, on every unseen message and
-/// conversation; and its integer sums stay close to the float32 products
+/// conversation, alone or two in one pass; and its integer sums stay close to the float32 products
 /// of the weights they stand for.
 #[test]
 fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
@@ -442,6 +444,7 @@ fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
     }
     let mut features = vec![0.0f32; dense];
     let (mut checked, mut largest_error) = (0, 0.0f32);
+    let mut previous: Option<(Vec<f32>, [f32; 3])> = None;
     for text in &texts {
         encoder.features(&crate::normalise(text), &mut features, |_| {});
         let start = [0.25f32, -1.5, 2.0];
@@ -462,6 +465,15 @@ fn the_hidden_layer_as_it_runs_adds_exactly_what_the_whole_file_adds() {
         }
         assert_eq!(running.map(f32::to_bits), whole.map(f32::to_bits), "{text:?}");
         checked += usize::from(whole != start);
+        // Two texts in one pass (a message and its conversation) get what
+        // each gets alone.
+        if let Some((previous_features, previous_whole)) = &previous {
+            let (mut first, mut second) = (start, start);
+            hidden.add_to_each([(&previous_features[..], &mut first), (&features[..], &mut second)]);
+            assert_eq!(first.map(f32::to_bits), previous_whole.map(f32::to_bits), "{text:?}");
+            assert_eq!(second.map(f32::to_bits), whole.map(f32::to_bits), "{text:?}");
+        }
+        previous = Some((features.clone(), whole));
     }
     assert!(checked > texts.len() / 2, "the layer moved the logits of only {checked} texts");
     assert!(largest_error < 1e-2, "a unit's sum is {largest_error} off its float32 value");
@@ -476,7 +488,10 @@ fn a_row_above_never_exceeds_the_one_below() {
     let filler: String = "steady breathing helps ".chars().cycle().take(100).collect();
     let earlier: Vec<Earlier> = (0..3).map(|_| Earlier::new(filler.clone())).collect();
     let earlier: Vec<&Earlier> = earlier.iter().collect();
-    assert_eq!(classifier.classify_in_context(&filler, &earlier).level, RiskLevel::None);
+    assert_eq!(
+        classifier.classify_in_context(&Earlier::new(filler.clone()), &earlier).level,
+        RiskLevel::None
+    );
     let model = Model::builtin().unwrap();
     let mut texts: Vec<String> = vec![[filler.as_str(); 4].join("\n")];
     texts.extend(parse(ROUND_5).into_iter().map(|item| item.text));
@@ -569,7 +584,7 @@ fn words_that_are_nothing_alone_are_not_made_risk_by_their_order() {
     // it, alone or before the last word, says anything.
     let classifier = Classifier::builtin();
     let (one, two) = (Earlier::new("one".to_owned()), Earlier::new("two".to_owned()));
-    let counted = classifier.classify_in_context("three", &[&one, &two]);
+    let counted = classifier.classify_in_context(&Earlier::new("three".to_owned()), &[&one, &two]);
     assert_eq!(counted.level, RiskLevel::None, "{counted:?}");
 }
 
@@ -582,10 +597,44 @@ fn a_time_after_earlier_ideation_escalates_and_a_calm_reply_does_not() {
     // Alone, the model reads it as `concern` at most; the window
     // makes it imminent.
     assert!(classifier.classify(when).level < RiskLevel::High);
-    let tonight = classifier.classify_in_context(when, &earlier);
+    let tonight = classifier.classify_in_context(&Earlier::new(when.to_owned()), &earlier);
     assert_eq!(tonight.level, RiskLevel::Imminent, "{tonight:?}");
     assert_eq!(tonight.rules[0].id, CONTEXT_RULE);
-    let calm = classifier.classify_in_context("ok thank you for listening", &earlier);
+    let calm =
+        classifier.classify_in_context(&Earlier::new("ok thank you for listening".to_owned()), &earlier);
     assert_eq!(calm.level, RiskLevel::None, "{calm:?}");
     assert!(calm.rules.is_empty());
+}
+
+/// What screening a message reads of it is kept for the windows after it,
+/// and gives the verdicts a fresh reading gives; a message longer than a
+/// window keeps is not kept whole.
+#[test]
+fn a_screened_message_is_read_once_and_judged_the_same_later() {
+    let classifier = Classifier::builtin();
+    let rounds = [ROUND_11_CONVERSATIONS, ROUND_12_CONVERSATIONS, ROUND_13_CONVERSATIONS];
+    let items: Vec<Unseen> = rounds.into_iter().flat_map(parse).collect();
+    let mut raised = 0;
+    for item in &items {
+        let (last, before) = item.context.split_last().expect("a conversation has earlier messages");
+        let before: Vec<Earlier> = before.iter().cloned().map(Earlier::new).collect();
+        let before: Vec<&Earlier> = before.iter().collect();
+        let screened = Earlier::new(last.clone());
+        let first = classifier.classify_in_context(&screened, &before);
+        assert_eq!(screened.kept.get().is_some(), last.len() <= crate::WINDOW_BYTES, "{last:?}");
+        assert_eq!(first, classifier.classify_in_context(&Earlier::new(last.clone()), &before));
+        let mut with_read = before.clone();
+        with_read.push(&screened);
+        let fresh = Earlier::new(last.clone());
+        let mut with_fresh = before.clone();
+        with_fresh.push(&fresh);
+        let message = Earlier::new(item.text.clone());
+        let got = classifier.classify_in_context(&message, &with_read);
+        assert_eq!(got, classifier.classify_in_context(&Earlier::new(item.text.clone()), &with_fresh));
+        raised += usize::from(got.rules.first().is_some_and(|hit| hit.id == CONTEXT_RULE));
+    }
+    assert!(raised > 0, "no conversation of the rounds was raised by its window");
+    let long = Earlier::new("i keep thinking about it. ".repeat(60));
+    let _ = classifier.classify_in_context(&long, &[]);
+    assert!(long.kept.get().is_none());
 }
