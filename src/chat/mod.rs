@@ -150,7 +150,8 @@ async fn chat_socket(
         .max_message_size(TRANSPORT_LIMIT_BYTES)
         .max_frame_size(TRANSPORT_LIMIT_BYTES)
         // Allocated up front for every socket: small, because most sockets
-        // are idle and a chat message is far smaller (docs/benchmarks.md).
+        // are idle and most chat frames fit; it grows for a larger frame
+        // (docs/benchmarks.md).
         .read_buffer_size(512)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);

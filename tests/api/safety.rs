@@ -402,3 +402,34 @@ async fn a_flag_raised_between_the_commit_and_the_reply_shapes_the_reply() {
     let streamed = mock.requests().iter().filter(|request| request.body["stream"] == json!(true)).count();
     assert_eq!(streamed, 1, "only the first reply asked the model");
 }
+
+/// A client message is read with the client's earlier ones, through the
+/// socket: the window keeps each message as the detector read it before
+/// its commit, and a time after earlier ideation raises the level, with
+/// `context.window` first in the flag's rules.
+#[tokio::test]
+async fn a_time_after_earlier_ideation_is_flagged_through_the_window() {
+    let app = TestApp::spawn().await;
+    let tess = app.therapist("Tess").await;
+    let session = app.create_session().await;
+    let mut client = app.connect(session.session_id, &session.client_token).await;
+    client.mode().await;
+    let path = format!("/api/sessions/{}/risk", session.session_id);
+
+    let ideation = say(&mut client, "i keep thinking i want to kill myself").await;
+    let (status, risk) = get(&app, &path, &tess.token).await;
+    assert_eq!(status, 200, "{risk}");
+    let first = risk["level"].as_str().map(str::to_owned);
+    assert!(matches!(first.as_deref(), Some("concern" | "high")), "{risk}");
+
+    let when = say(&mut client, "after everyone is asleep").await;
+    let (_, risk) = get(&app, &path, &tess.token).await;
+    assert_eq!(risk["level"].as_str(), Some("imminent"), "{risk}");
+    let flags: Vec<&Value> =
+        risk["audit"].as_array().unwrap().iter().filter(|r| r["kind"] == "flagged").collect();
+    assert_eq!(
+        flags.iter().map(|flag| flag["seq"].as_i64()).collect::<Vec<_>>(),
+        [Some(ideation), Some(when)]
+    );
+    assert_eq!(flags[1]["rules"][0].as_str(), Some("context.window"), "{risk}");
+}
