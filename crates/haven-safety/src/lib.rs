@@ -91,6 +91,12 @@ pub struct Assessment {
 }
 
 impl Assessment {
+    /// Joins the model's verdict to the rules': the higher level of the two.
+    fn add_model(&mut self, verdict: ModelVerdict) {
+        self.level = self.level.max(verdict.level);
+        self.model = Some(verdict);
+    }
+
     /// The ids stored with a flag: every rule that fired, then [`MODEL_RULE`]
     /// when the model's level is the verdict's and higher than every rule's.
     pub fn rule_ids(&self) -> Vec<String> {
@@ -179,9 +185,7 @@ impl Classifier {
     /// The rules' verdict and the model's on one normalised message.
     fn assess(&self, normalised: &str, reading: &Reading) -> Assessment {
         let mut assessment = self.rules.assess_normalised(normalised);
-        let verdict = self.model.assess_readings(&[reading]);
-        assessment.level = assessment.level.max(verdict.level);
-        assessment.model = Some(verdict);
+        assessment.add_model(self.model.assess_readings(&[reading]));
         assessment
     }
 
@@ -204,9 +208,7 @@ impl Classifier {
         let earlier = &earlier[earlier.len().saturating_sub(WINDOW)..];
         let mut own = self.rules.assess_normalised(normalised);
         if earlier.is_empty() || own.level == RiskLevel::Imminent {
-            let verdict = self.model.assess_readings(&[reading]);
-            own.level = own.level.max(verdict.level);
-            own.model = Some(verdict);
+            own.add_model(self.model.assess_readings(&[reading]));
             return own;
         }
         let kept: Vec<Cow<'_, Kept>> = earlier.iter().map(|message| message.kept(self.model)).collect();
@@ -215,8 +217,7 @@ impl Classifier {
         // The message alone and the conversation with it: one pass of the
         // model's hidden layer for both.
         let [alone, with_model] = self.model.assess_each([&[reading], &conversation]);
-        own.level = own.level.max(alone.level);
-        own.model = Some(alone);
+        own.add_model(alone);
         if own.level == RiskLevel::Imminent {
             return own;
         }
