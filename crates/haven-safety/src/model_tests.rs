@@ -388,8 +388,8 @@ fn unseen_conversations_are_read_with_their_window() {
 fn the_shipped_model_is_the_recorded_one() {
     assert_eq!(hex(&Sha256::digest(BUILTIN)), BUILTIN_SHA256, "retrain with scripts/safety-model/train.sh");
     let model = Model::builtin().expect("the built-in model loads");
-    assert_eq!(model.version(), "2026.12.14");
-    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.14", crate::VERSION));
+    assert_eq!(model.version(), "2026.12.15");
+    assert_eq!(Classifier::builtin().version(), format!("{}+model.2026.12.15", crate::VERSION));
 }
 
 /// A copy of the shipped file with its header rewritten by `edit`.
@@ -537,7 +537,7 @@ fn a_corrupt_or_mismatched_model_is_refused_with_the_reason() {
 #[test]
 fn the_verdict_carries_the_model_and_the_higher_level() {
     let json = serde_json::to_value(classify("i want to kill myself")).unwrap();
-    assert_eq!(json["model"]["version"], "2026.12.14");
+    assert_eq!(json["model"]["version"], "2026.12.15");
     let score = json["model"]["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{json}");
     let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
