@@ -39,6 +39,8 @@ const ROUND_12: &str = include_str!("../data/unseen/round-12.jsonl");
 const ROUND_12_CONVERSATIONS: &str = include_str!("../data/unseen/round-12-conversations.jsonl");
 const ROUND_13: &str = include_str!("../data/unseen/round-13.jsonl");
 const ROUND_13_CONVERSATIONS: &str = include_str!("../data/unseen/round-13-conversations.jsonl");
+const ROUND_14: &str = include_str!("../data/unseen/round-14.jsonl");
+const ROUND_14_CONVERSATIONS: &str = include_str!("../data/unseen/round-14-conversations.jsonl");
 const BUILTIN: &[u8] = include_bytes!("../model/crisis-model.safetensors");
 
 /// Round 2 with the detector it was first scored with (rules 2026.12.1,
@@ -131,19 +133,28 @@ const ROUND_11_FALSE_ALARMS: usize = 12;
 const ROUND_11_CONVERSATIONS_SUFFICIENT: usize = 30;
 
 /// Round 12 with the shipped detector (rules 2026.12.6, model
-/// 2026.12.14). Its first score, once, was with model 2026.12.13, never
-/// shipped: 271, 135 and 17 false alarms, 39 conversations (docs/safety.md).
+/// 2026.12.15). Its first score, once, was with model 2026.12.13, never
+/// shipped: 271, 135 and 17 false alarms, 39 conversations; model
+/// 2026.12.14 gave 270, 134, 16 and 38 (docs/safety.md).
 const ROUND_12_HIGH_DETECTED: usize = 270;
-const ROUND_12_CONCERN_DETECTED: usize = 134;
-const ROUND_12_FALSE_ALARMS: usize = 16;
-const ROUND_12_CONVERSATIONS_SUFFICIENT: usize = 38;
+const ROUND_12_CONCERN_DETECTED: usize = 135;
+const ROUND_12_FALSE_ALARMS: usize = 15;
+const ROUND_12_CONVERSATIONS_SUFFICIENT: usize = 37;
 
-/// Round 13 with the detector it was first scored with, the shipped one
-/// (rules 2026.12.6, model 2026.12.14), scored once.
-const ROUND_13_HIGH_DETECTED: usize = 271;
-const ROUND_13_CONCERN_DETECTED: usize = 137;
+/// Round 13 with the shipped detector (rules 2026.12.6, model
+/// 2026.12.15). Its first score, once, was with model 2026.12.14: 271, 137
+/// and 11 false alarms, 36 conversations (docs/safety.md).
+const ROUND_13_HIGH_DETECTED: usize = 269;
+const ROUND_13_CONCERN_DETECTED: usize = 136;
 const ROUND_13_FALSE_ALARMS: usize = 11;
-const ROUND_13_CONVERSATIONS_SUFFICIENT: usize = 36;
+const ROUND_13_CONVERSATIONS_SUFFICIENT: usize = 37;
+
+/// Round 14 with the detector it was first scored with, the shipped one
+/// (rules 2026.12.6, model 2026.12.15), scored once.
+const ROUND_14_HIGH_DETECTED: usize = 270;
+const ROUND_14_CONCERN_DETECTED: usize = 138;
+const ROUND_14_FALSE_ALARMS: usize = 13;
+const ROUND_14_CONVERSATIONS_SUFFICIENT: usize = 36;
 
 #[derive(Deserialize)]
 struct Unseen {
@@ -306,15 +317,21 @@ fn unseen_round_11_does_not_fall_below_its_first_score() {
 }
 
 #[test]
-fn unseen_round_12_does_not_fall_below_its_first_score() {
+fn unseen_round_12_does_not_fall_below_the_shipped_models_score() {
     let both = score("unseen round 12", ROUND_12);
     holds(&both, ROUND_12_HIGH_DETECTED, ROUND_12_CONCERN_DETECTED, ROUND_12_FALSE_ALARMS);
 }
 
 #[test]
-fn unseen_round_13_does_not_fall_below_its_first_score() {
+fn unseen_round_13_does_not_fall_below_the_shipped_models_score() {
     let both = score("unseen round 13", ROUND_13);
     holds(&both, ROUND_13_HIGH_DETECTED, ROUND_13_CONCERN_DETECTED, ROUND_13_FALSE_ALARMS);
+}
+
+#[test]
+fn unseen_round_14_does_not_fall_below_its_first_score() {
+    let both = score("unseen round 14", ROUND_14);
+    holds(&both, ROUND_14_HIGH_DETECTED, ROUND_14_CONCERN_DETECTED, ROUND_14_FALSE_ALARMS);
 }
 
 #[test]
@@ -364,8 +381,9 @@ fn unseen_conversations_are_read_with_their_window() {
     let round_11 = conversations("unseen round 11", ROUND_11_CONVERSATIONS);
     let round_12 = conversations("unseen round 12", ROUND_12_CONVERSATIONS);
     let round_13 = conversations("unseen round 13", ROUND_13_CONVERSATIONS);
+    let round_14 = conversations("unseen round 14", ROUND_14_CONVERSATIONS);
     println!(
-        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50, round 9 {round_9} / 50, round 10 {round_10} / 50, round 11 {round_11} / 50, round 12 {round_12} / 50, round 13 {round_13} / 50"
+        "sufficient: round 1 {round_1} / 50, round 2 {round_2} / 50, round 3 {round_3} / 50, round 4 {round_4} / 50, round 5 {round_5} / 50, round 6 {round_6} / 50, round 7 {round_7} / 50, round 8 {round_8} / 50, round 9 {round_9} / 50, round 10 {round_10} / 50, round 11 {round_11} / 50, round 12 {round_12} / 50, round 13 {round_13} / 50, round 14 {round_14} / 50"
     );
     assert!(
         round_1 + round_2 >= CONVERSATIONS_SUFFICIENT,
@@ -382,6 +400,7 @@ fn unseen_conversations_are_read_with_their_window() {
     assert!(round_11 >= ROUND_11_CONVERSATIONS_SUFFICIENT, "round 11: {round_11} sufficient");
     assert!(round_12 >= ROUND_12_CONVERSATIONS_SUFFICIENT, "round 12: {round_12} sufficient");
     assert!(round_13 >= ROUND_13_CONVERSATIONS_SUFFICIENT, "round 13: {round_13} sufficient");
+    assert!(round_14 >= ROUND_14_CONVERSATIONS_SUFFICIENT, "round 14: {round_14} sufficient");
 }
 
 #[test]
