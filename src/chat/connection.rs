@@ -53,7 +53,9 @@ const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Runs an admitted connection until either side closes it.
 ///
 /// Not an `async fn`: the returned future, which each socket's task holds
-/// for its whole life, then keeps the arguments once instead of twice.
+/// for its whole life, keeps only the [`Connection`] built here. An async
+/// block keeps room for what it captures in every state, so the arguments
+/// it moved into the connection would be held twice.
 pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Future<Output = ()> + Send {
     // Shutdown waits for this socket to send its close frame.
     let running = state.tasks.token();
@@ -64,47 +66,50 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
         role = admitted.role.as_str(),
         chat_mode = field::Empty,
     );
+    let entered = span.enter();
+    let open = crate::prometheus::OpenSocket::new(admitted.role.as_str());
+    let room = state.hub.room(admitted.session_id);
+    // Subscribe before reading anything, so no event committed from here
+    // on can fall between the backlog and the live stream.
+    let events = room.subscribe();
+    let revocations = state.hub.watch_revocations();
+    // Therapists hear about every session they can see being flagged.
+    let risks = admitted.therapist.is_some().then(|| state.hub.watch_risks());
+    // A reply already streaming is not joined halfway: this connection
+    // gets it as the committed message.
+    let skipped_reply = room.reply_in_flight();
+    let (guard, connections) = room.connect();
+    let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
+    let messages = state.limits.message_limiter();
+    let own = Sender::from(admitted.role);
+    // Before the client arrives: its arrival may change the queue.
+    let queue = (own == Sender::User).then(|| state.hub.watch_queue());
+    let mut connection = Connection {
+        state,
+        admitted,
+        incoming,
+        outbound,
+        guard,
+        events,
+        revocations,
+        risks,
+        queue,
+        told_queue: None,
+        on_duty: None,
+        read_marked: 0,
+        delivery: Delivery::new(own, skipped_reply),
+        messages,
+        typing_since: None,
+        present: false,
+        refusals: VecDeque::new(),
+        last_heard: Instant::now(),
+        spoke: false,
+        storing: None,
+    };
+    drop(entered);
     async move {
         let _running = running;
-        let _open = crate::prometheus::OpenSocket::new(admitted.role.as_str());
-        let room = state.hub.room(admitted.session_id);
-        // Subscribe before reading anything, so no event committed from here
-        // on can fall between the backlog and the live stream.
-        let events = room.subscribe();
-        let revocations = state.hub.watch_revocations();
-        // Therapists hear about every session they can see being flagged.
-        let risks = admitted.therapist.is_some().then(|| state.hub.watch_risks());
-        // A reply already streaming is not joined halfway: this connection
-        // gets it as the committed message.
-        let skipped_reply = room.reply_in_flight();
-        let (guard, connections) = room.connect();
-        let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
-        let messages = state.limits.message_limiter();
-        let own = Sender::from(admitted.role);
-        // Before the client arrives: its arrival may change the queue.
-        let queue = (own == Sender::User).then(|| state.hub.watch_queue());
-        let mut connection = Connection {
-            state,
-            admitted,
-            incoming,
-            outbound,
-            guard,
-            events,
-            revocations,
-            risks,
-            queue,
-            told_queue: None,
-            on_duty: None,
-            read_marked: 0,
-            delivery: Delivery::new(own, skipped_reply),
-            messages,
-            typing_since: None,
-            present: false,
-            refusals: VecDeque::new(),
-            last_heard: Instant::now(),
-            spoke: false,
-            storing: None,
-        };
+        let _open = open;
         // Rare or one-off steps are boxed: each socket's task holds its
         // future for the connection's whole life, sized by its largest step.
         let stop = match Box::pin(connection.open(connections)).await {

@@ -156,7 +156,16 @@ async fn chat_socket(
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES);
     match admit(&state, &session_id, &query, &headers, peer.ip()).await {
-        Ok(admitted) => upgrade.on_upgrade(move |socket| connection::run(state, admitted, socket)),
+        Ok(admitted) => {
+            // The upgrade's task keeps room for its callback's captures for
+            // the socket's whole life, after the callback has run: boxed,
+            // they take a pointer's room there, and are freed once moved.
+            let arguments = Box::new((state, admitted));
+            upgrade.on_upgrade(move |socket| {
+                let (state, admitted) = *arguments;
+                connection::run(state, admitted, socket)
+            })
+        }
         Err(refusal) => {
             let (code, reason) = match refusal {
                 Refusal::Policy(reason) => (close_code::POLICY_VIOLATION, reason),
