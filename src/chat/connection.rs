@@ -2,14 +2,16 @@
 //! the live loop that stores client messages and delivers session events in
 //! seq order.
 //!
-//! Frames to the client go through a bounded queue drained by a writer task,
-//! so a client that stops reading fills only its own queue: it is
-//! disconnected when the queue is full and can resume later with `since`.
+//! Frames to the client go through a bounded queue that the connection's
+//! task writes out between its other steps, so a client that stops reading
+//! fills only its own queue: it is disconnected when the queue is full and
+//! can resume later with `since`.
 //! A heartbeat pings the client, drops a silent one, and re-checks the
 //! credential, so expired, revoked and disabled logins lose their sockets.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -27,13 +29,12 @@ use haven_store::{
     ResumeOutcome, SessionEvent, StoreError, TrailEntry,
 };
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use super::delivery::{Delivery, Live, Mode};
-use super::hub::{ConnectionGuard, Event, Queue, Revocation, RiskAlert, Room, frame_text};
+use super::hub::{ConnectionGuard, Event, Queue, Revocation, RiskAlert, RiskFeed, Room, frame_text};
 use super::queue::OnDuty;
 use super::{Admitted, MAX_MESSAGE_BYTES, companion};
 use crate::startup::AppState;
@@ -74,12 +75,12 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
     let events = room.subscribe();
     let revocations = state.hub.watch_revocations();
     // Therapists hear about every session they can see being flagged.
-    let risks = admitted.therapist.is_some().then(|| state.hub.watch_risks());
+    let risks = admitted.therapist.as_ref().map(|therapist| Box::new(state.hub.watch_risks(therapist.id)));
     // A reply already streaming is not joined halfway: this connection
     // gets it as the committed message.
     let skipped_reply = room.reply_in_flight();
     let (guard, connections) = room.connect();
-    let outbound = Outbound::start(sink, state.limits.settings.outbound_queue);
+    let outbound = Outbound::new(sink, state.limits.settings.outbound_queue);
     let messages = state.limits.message_limiter();
     let own = Sender::from(admitted.role);
     // Before the client arrives: its arrival may change the queue.
@@ -133,10 +134,8 @@ pub fn run(state: AppState, admitted: Admitted, socket: WebSocket) -> impl Futur
                 connection.outbound.close(Some(CloseFrame { code, reason: reason.into() })).await
             }
             Stop::Disconnected => connection.outbound.close(None).await,
-            Stop::SlowConsumer => {
-                tracing::warn!("client is not reading: disconnected");
-                connection.outbound.abort();
-            }
+            // Dropped with the connection, unsent.
+            Stop::SlowConsumer => tracing::warn!("client is not reading: disconnected"),
         }
         tracing::info!("disconnected");
     }
@@ -191,7 +190,7 @@ async fn queue_changed(queue: &mut Option<watch::Receiver<Arc<Queue>>>) {
 }
 
 /// Waits for the next risk alert; never, for a connection without alerts.
-async fn next_alert(risks: &mut Option<broadcast::Receiver<RiskAlert>>) -> Result<RiskAlert, RecvError> {
+async fn next_alert(risks: &mut Option<Box<RiskFeed>>) -> Result<RiskAlert, RecvError> {
     match risks {
         Some(risks) => risks.recv().await,
         None => std::future::pending().await,
@@ -235,77 +234,78 @@ fn ask_second_opinion(state: &AppState, room: &Arc<Room>, seq: i64, detected: Ri
     tasks.spawn(task.in_current_span());
 }
 
-/// The socket's sending half: a bounded queue and the task that drains it.
-/// Frames are queued boxed: the queue allocates its slots 32 at a time, at
-/// once, and a `Message` is about 40 bytes where a box is 8.
+/// The socket's sending half and the frames waiting for it, written by the
+/// connection's own task between its other steps (a task and a queue of
+/// their own per socket cost an idle socket about 1 KiB).
 struct Outbound {
-    queue: mpsc::Sender<Box<Message>>,
-    writer: JoinHandle<()>,
+    sink: SplitSink<WebSocket, Message>,
+    queue: VecDeque<Message>,
+    capacity: usize,
+    /// Frames were handed to the sink and not flushed yet.
+    unflushed: bool,
 }
 
 impl Outbound {
-    fn start(mut sink: SplitSink<WebSocket, Message>, capacity: usize) -> Self {
-        let (queue, mut frames) = mpsc::channel::<Box<Message>>(capacity.max(1));
-        let writer = tokio::spawn(async move {
-            // Everything queued goes out with one flush: under load, fewer
-            // system calls; when idle, each frame at once.
-            'frames: while let Some(mut frame) = frames.recv().await {
-                let closing = loop {
-                    let closing = matches!(*frame, Message::Close(_));
-                    if sink.feed(*frame).await.is_err() {
-                        break 'frames;
-                    }
-                    match frames.try_recv() {
-                        Ok(next) if !closing => frame = next,
-                        _ => break closing,
-                    }
-                };
-                if sink.flush().await.is_err() || closing {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        Self { queue, writer }
+    fn new(sink: SplitSink<WebSocket, Message>, capacity: usize) -> Self {
+        Self { sink, queue: VecDeque::new(), capacity: capacity.max(1), unflushed: false }
     }
 
     /// Queues a frame without waiting: a full queue means the client stopped
     /// reading.
-    fn push(&self, frame: Message) -> Result<(), Stop> {
-        self.queue.try_send(Box::new(frame)).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => Stop::SlowConsumer,
-            mpsc::error::TrySendError::Closed(_) => Stop::Disconnected,
-        })
+    fn push(&mut self, frame: Message) -> Result<(), Stop> {
+        if self.queue.len() >= self.capacity {
+            return Err(Stop::SlowConsumer);
+        }
+        self.queue.push_back(frame);
+        Ok(())
     }
 
     /// Queues a frame of a replay, waiting a while for room.
-    async fn push_patiently(&self, frame: Message) -> Result<(), Stop> {
-        match tokio::time::timeout(REPLAY_PATIENCE, self.queue.send(Box::new(frame))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Stop::Disconnected),
-            Err(_) => Err(Stop::SlowConsumer),
+    async fn push_patiently(&mut self, frame: Message) -> Result<(), Stop> {
+        if self.queue.len() >= self.capacity {
+            tokio::time::timeout(REPLAY_PATIENCE, self.write()).await.map_err(|_| Stop::SlowConsumer)??;
         }
+        self.push(frame)
+    }
+
+    /// Nothing is waiting to be written.
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty() && !self.unflushed
+    }
+
+    /// Writes everything queued, with one flush: under load, fewer system
+    /// calls; when idle, each frame at once. Pending while the socket takes
+    /// no more. Safe to drop at any await: a frame leaves the queue only as
+    /// the sink takes it.
+    fn write(&mut self) -> impl Future<Output = Result<(), Stop>> + '_ {
+        std::future::poll_fn(|cx| {
+            while !self.queue.is_empty() {
+                ready!(self.sink.poll_ready_unpin(cx)).map_err(|_| Stop::Disconnected)?;
+                let Some(frame) = self.queue.pop_front() else { break };
+                self.sink.start_send_unpin(frame).map_err(|_| Stop::Disconnected)?;
+                self.unflushed = true;
+            }
+            if self.unflushed {
+                ready!(self.sink.poll_flush_unpin(cx)).map_err(|_| Stop::Disconnected)?;
+                self.unflushed = false;
+            }
+            // A burst's slots are not kept by an idle socket.
+            self.queue = VecDeque::new();
+            Poll::Ready(Ok(()))
+        })
     }
 
     /// Sends what is queued, then the close frame if any, within a bound.
-    async fn close(self, frame: Option<CloseFrame>) {
-        // The close frame waits its turn behind what is queued, briefly.
+    async fn close(mut self, frame: Option<CloseFrame>) {
         if let Some(frame) = frame {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.queue.send(Box::new(Message::Close(Some(frame)))),
-            )
-            .await;
+            self.queue.push_back(Message::Close(Some(frame)));
         }
-        drop(self.queue);
-        let mut writer = self.writer;
-        if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
-            writer.abort();
-        }
-    }
-
-    fn abort(self) {
-        self.writer.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if self.write().await.is_ok() {
+                let _ = self.sink.close().await;
+            }
+        })
+        .await;
     }
 }
 
@@ -319,7 +319,7 @@ struct Connection {
     events: broadcast::Receiver<Arc<Event>>,
     revocations: broadcast::Receiver<Revocation>,
     /// Flagged sessions, for therapist connections only.
-    risks: Option<broadcast::Receiver<RiskAlert>>,
+    risks: Option<Box<RiskFeed>>,
     /// The waiting queue, for client connections until a therapist joins.
     queue: Option<watch::Receiver<Arc<Queue>>>,
     /// The client's last `queue` frame: therapists online, chats ahead.
@@ -444,6 +444,7 @@ impl Connection {
                     Some(storing) => self.on_stored(storing, stored),
                     None => Ok(()),
                 },
+                written = self.outbound.write(), if !self.outbound.is_idle() => written,
                 incoming = self.incoming.next(), if self.storing.is_none() => {
                     self.last_heard = Instant::now();
                     match incoming {
@@ -520,11 +521,6 @@ impl Connection {
 
     /// Tells a therapist about a flagged session they can see.
     fn alert(&mut self, alert: RiskAlert) -> Result<(), Stop> {
-        let visible =
-            self.admitted.therapist.as_ref().is_some_and(|therapist| alert.visible_to(therapist.id));
-        if !visible {
-            return Ok(());
-        }
         self.send(ServerFrame::Risk { session_id: alert.session_id, level: alert.level })
     }
 
@@ -986,7 +982,7 @@ impl Connection {
         Ok(())
     }
 
-    fn send(&self, frame: ServerFrame) -> Result<(), Stop> {
+    fn send(&mut self, frame: ServerFrame) -> Result<(), Stop> {
         self.outbound.push(Message::Text(frame_text(&frame)))
     }
 }

@@ -71,7 +71,7 @@ pub struct Hub {
     revocations: broadcast::Sender<Revocation>,
     /// Sessions the crisis detector just flagged: therapists' sockets and
     /// dashboards alert at once.
-    risks: broadcast::Sender<RiskAlert>,
+    risks: Risks,
     /// This process among the instances sharing the database, in the
     /// presence it announces.
     instance: Uuid,
@@ -150,10 +150,38 @@ pub struct RiskAlert {
     pub therapist_id: Option<Uuid>,
 }
 
-impl RiskAlert {
-    /// Whether this therapist sees the session in their appointments.
-    pub fn visible_to(&self, therapist_id: Uuid) -> bool {
-        self.therapist_id.is_none_or(|holder| holder == therapist_id)
+/// Flag alerts by who can see them: one channel for sessions open to every
+/// therapist, and one per therapist with a socket or list open here for the
+/// sessions assigned to them. A flag wakes only the connections that show
+/// it: with one channel for all, each flag woke every therapist's sockets.
+struct Risks {
+    open: broadcast::Sender<RiskAlert>,
+    assigned: Mutex<HashMap<Uuid, broadcast::Sender<RiskAlert>>>,
+}
+
+/// Alerts a therapist's own channel holds: flags of their sessions are rare.
+const OWN_ALERTS: usize = 64;
+
+impl Risks {
+    fn assigned(&self) -> MutexGuard<'_, HashMap<Uuid, broadcast::Sender<RiskAlert>>> {
+        self.assigned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What one therapist's socket or list hears of flags: the sessions open to
+/// all, and their own.
+pub struct RiskFeed {
+    open: broadcast::Receiver<RiskAlert>,
+    own: broadcast::Receiver<RiskAlert>,
+}
+
+impl RiskFeed {
+    /// The next alert of either channel (cancel-safe, as each is).
+    pub async fn recv(&mut self) -> Result<RiskAlert, broadcast::error::RecvError> {
+        tokio::select! {
+            alert = self.open.recv() => alert,
+            alert = self.own.recv() => alert,
+        }
     }
 }
 
@@ -180,7 +208,7 @@ impl Hub {
             rooms: Arc::default(),
             appointments: broadcast::channel(16).0,
             revocations: broadcast::channel(64).0,
-            risks: broadcast::channel(256).0,
+            risks: Risks { open: broadcast::channel(256).0, assigned: Mutex::default() },
             instance: Uuid::now_v7(),
             clients_online: Mutex::default(),
             staff: Mutex::default(),
@@ -459,14 +487,30 @@ impl Hub {
         self.appointments.subscribe()
     }
 
-    /// Alerts therapists' sockets and dashboards to a flagged session.
+    /// Alerts to a flagged session the sockets and dashboards of the
+    /// therapists who see it in their appointments: all of them while it is
+    /// open, else the one it is assigned to.
     fn risk_flagged(&self, alert: RiskAlert) {
-        let _ = self.risks.send(alert);
+        match alert.therapist_id {
+            None => drop(self.risks.open.send(alert)),
+            Some(therapist_id) => {
+                let mut assigned = self.risks.assigned();
+                // No receiver left: the therapist has nothing open here.
+                if assigned.get(&therapist_id).is_some_and(|own| own.send(alert).is_err()) {
+                    assigned.remove(&therapist_id);
+                }
+            }
+        }
         self.appointments_changed();
     }
 
-    pub fn watch_risks(&self) -> broadcast::Receiver<RiskAlert> {
-        self.risks.subscribe()
+    /// The flags a therapist's socket or list is to show.
+    pub fn watch_risks(&self, therapist_id: Uuid) -> RiskFeed {
+        let mut assigned = self.risks.assigned();
+        // The channels of therapists with nothing open here any more go.
+        assigned.retain(|_, own| own.receiver_count() > 0);
+        let own = assigned.entry(therapist_id).or_insert_with(|| broadcast::channel(OWN_ALERTS).0);
+        RiskFeed { open: self.risks.open.subscribe(), own: own.subscribe() }
     }
 
     /// The room of a session, if this process has one (a connection or a
@@ -1132,6 +1176,28 @@ mod tests {
             kind: MessageKind::Chat,
             private: false,
         }
+    }
+
+    #[tokio::test]
+    async fn a_flag_wakes_only_the_feeds_of_therapists_who_see_it_and_a_closed_feeds_channel_goes() {
+        let hub = Hub::default();
+        let (tess, omar) = (Uuid::now_v7(), Uuid::now_v7());
+        let (mut tesss, mut omars) = (hub.watch_risks(tess), hub.watch_risks(omar));
+        let flag =
+            |therapist_id| RiskAlert { session_id: Uuid::now_v7(), level: RiskLevel::High, therapist_id };
+        let (of_tess, open) = (flag(Some(tess)), flag(None));
+        hub.risk_flagged(of_tess);
+        hub.risk_flagged(open);
+        assert_eq!(omars.open.try_recv(), Ok(open));
+        assert!(omars.own.try_recv().is_err(), "Tess's session is not Omar's to see");
+        assert_eq!((tesss.own.try_recv(), tesss.open.try_recv()), (Ok(of_tess), Ok(open)));
+
+        drop(tesss);
+        hub.risk_flagged(flag(Some(tess)));
+        assert!(!hub.risks.assigned().contains_key(&tess), "nothing of Tess's is open here");
+        drop(omars);
+        hub.watch_risks(tess);
+        assert!(!hub.risks.assigned().contains_key(&omar), "pruned when another subscribes");
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ pub mod fanout;
 mod hub;
 pub mod queue;
 
-pub use hub::{Finished, Hub, Revocation, RiskAlert, Room};
+pub use hub::{Finished, Hub, Revocation, RiskAlert, RiskFeed, Room};
 
 /// Passes on a signal that is not stored (typing, presence) to the
 /// connections and dashboards here and on the other instances sharing the

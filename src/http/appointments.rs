@@ -22,7 +22,7 @@ use super::openapi::ErrorBody;
 use super::{ApiError, Json, Query};
 use crate::auth::{self, AuthTherapist};
 use crate::chat::queue::OnDuty;
-use crate::chat::{Revocation, RiskAlert};
+use crate::chat::{Revocation, RiskFeed};
 use crate::limits::Slot;
 use crate::startup::AppState;
 
@@ -336,7 +336,7 @@ async fn appointment_events(
     /// What the stream waits on.
     struct Feed {
         changes: broadcast::Receiver<()>,
-        risks: broadcast::Receiver<RiskAlert>,
+        risks: RiskFeed,
         revocations: broadcast::Receiver<Revocation>,
         recheck: tokio::time::Interval,
         state: AppState,
@@ -352,7 +352,7 @@ async fn appointment_events(
         state.limits.open_event_stream(login).ok_or(ApiError::TooManyRequests { retry_after: period })?;
     let feed = Feed {
         changes: state.hub.watch_appointments(),
-        risks: state.hub.watch_risks(),
+        risks: state.hub.watch_risks(caller.therapist.id),
         revocations: state.hub.watch_revocations(),
         recheck: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
         state: state.clone(),
@@ -389,12 +389,12 @@ async fn appointment_events(
                     _ => continue,
                 },
                 alert = feed.risks.recv() => match alert {
-                    Ok(alert) if alert.visible_to(feed.therapist_id) => {
+                    Ok(alert) => {
                         let risk = RiskEvent { session_id: alert.session_id, level: alert.level };
                         return Some((Ok(AppointmentEvent::Risk(risk).to_sse()), feed));
                     }
                     // Missed alerts still show in the list the next `changed` brings.
-                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return None,
                 },
                 next = feed.changes.recv() => match next {

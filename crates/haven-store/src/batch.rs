@@ -97,6 +97,11 @@ pub(crate) trait WriteBatch {
     /// One result per write, in order; `Err` when the batch failed as a
     /// whole (normally: nothing was committed).
     fn write_batch(&self, batch: &[Pending]) -> impl Future<Output = Result<Vec<Result<Written>>>> + Send;
+
+    /// Upkeep between batches, once the last one's callers have their
+    /// results and no write is waiting; nothing, unless the store needs
+    /// some. Under a steady backlog it waits for a gap.
+    fn between_batches(&self) {}
 }
 
 /// The group-commit loop: every write waiting when the previous batch
@@ -138,6 +143,9 @@ pub(crate) async fn commit_batches(mut queue: mpsc::Receiver<Pending>, writer: i
                     let _ = pending.done.send(Err(not_committed(&error)));
                 }
             }
+        }
+        if queue.is_empty() {
+            writer.between_batches();
         }
     }
 }
