@@ -14,7 +14,8 @@ use std::io::{BufWriter, IsTerminal};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -45,19 +46,44 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("haven-log")
         .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let transports =
-        TRANSPORTS.iter().fold(Targets::new().with_default(LevelFilter::TRACE), |cap, target| {
-            cap.with_target(*target, LevelFilter::INFO)
-        });
     let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let layer = match format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().flatten_event(true).with_current_span(true).boxed(),
     };
-    // Both filters apply to the whole subscriber, not as a filter of the
-    // one layer: `EnvFilter` combined into a per-layer filter lost every
-    // event's span (its `session_id`) under a filter such as
-    // `info,haven=debug` on PostgreSQL (`privacy.rs` checks it).
-    let _ = tracing_subscriber::registry().with(filter).with(transports).with(layer).try_init();
+    let _ = filtered(filter).with(layer).try_init();
     guard
+}
+
+/// The registry with both filters: `RUST_LOG`'s, and the transports' cap.
+/// Both apply to the whole subscriber, not as a filter of the one layer:
+/// `EnvFilter` combined into a per-layer filter lost every event's span
+/// (its `session_id`) under a filter such as `info,haven=debug` on
+/// PostgreSQL (`privacy.rs` checks it).
+///
+/// The cap's default is the most `RUST_LOG` asks for, not `TRACE`: the
+/// subscriber's most verbose level is the most of its filters', and `log`
+/// records below it (tungstenite's, several per frame) are skipped at the
+/// macro rather than turned into events and then dropped.
+fn filtered(filter: EnvFilter) -> Layered<Targets, Layered<EnvFilter, Registry>> {
+    let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let transports = TRANSPORTS.iter().fold(Targets::new().with_default(most), |cap, target| {
+        cap.with_target(*target, LevelFilter::INFO.min(most))
+    });
+    tracing_subscriber::registry().with(filter).with(transports)
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Subscriber;
+
+    use super::*;
+
+    #[test]
+    fn the_most_verbose_level_is_the_most_rust_log_asks_for() {
+        let most = |directives: &str| filtered(EnvFilter::new(directives)).max_level_hint();
+        assert_eq!(most("info,genai=off"), Some(LevelFilter::INFO));
+        assert_eq!(most("warn,haven=debug"), Some(LevelFilter::DEBUG));
+        assert_eq!(most("off"), Some(LevelFilter::OFF));
+    }
 }
